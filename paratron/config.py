@@ -1,0 +1,779 @@
+"""The configuration tree, and the one place that maps Megatron-LM's flags onto it.
+
+A run is described by `Config`, a tree of dataclasses (model, parallel, training,
+optimizer, data, checkpoint, logging). Every field that a user can set carries its
+command-line spelling, help text and argparse group in its metadata, so the parser
+is generated from the tree and cannot drift from it. Field names are Megatron-LM's
+`args.<dest>` names, so `--disable-bias-linear` lands in `add_bias_linear` exactly
+as in Megatron.
+
+Precedence: built-in defaults < `--model-size` preset < `--config file.yaml` <
+command line. Derived values (ffn size, kv channels, warm-up steps, ...) are filled
+in by `finalize`, and `validate` refuses inconsistent combinations with one line
+each, before any process group or tensor exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A refused configuration; the message is one line naming the flag and the fix."""
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, type=None, choices=None,
+        action: str | None = None, nargs=None, group: str | None = None, metavar=None):
+    """A config field with its command-line flag.
+
+    `flag` defaults to `--` + the field name with dashes; booleans become switches
+    (store_true, or store_false when the default is True and the flag negates it).
+    """
+    meta = dict(help=help, flag=flag, type=type, choices=choices, action=action,
+                nargs=nargs, group=group, metavar=metavar)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TransformerConfig:
+    """The model architecture (Megatron-Core's TransformerConfig, flag names as Megatron)."""
+
+    GROUP: ClassVar[str] = "network size"
+
+    num_layers: int | None = opt(None, "Number of transformer layers.", type=int)
+    hidden_size: int | None = opt(None, "Transformer hidden size.", type=int)
+    ffn_hidden_size: int | None = opt(None, "MLP hidden size; default 4 x hidden-size "
+                                      "(x 2/3, down to a multiple of 64, with --swiglu).", type=int)
+    num_attention_heads: int | None = opt(None, "Number of attention heads.", type=int)
+    group_query_attention: bool = opt(False, "Use grouped-query attention.")
+    num_query_groups: int = opt(1, "Number of key/value head groups with "
+                                "--group-query-attention.", type=int)
+    kv_channels: int | None = opt(None, "Head dimension; default hidden-size / "
+                                  "num-attention-heads.", type=int)
+    max_position_embeddings: int | None = opt(None, "Maximum sequence length the position "
+                                              "embeddings cover.", type=int)
+    position_embedding_type: str = opt("learned_absolute", "Position embedding type.",
+                                       choices=["learned_absolute", "rope", "yarn", "none"])
+    use_rotary_position_embeddings: bool = opt(False, "Deprecated spelling of "
+                                               "--position-embedding-type rope.")
+    rotary_base: float = opt(10000.0, "RoPE base (theta).", type=float)
+    rotary_percent: float = opt(1.0, "Fraction of the head dimension that is rotated.",
+                                type=float)
+    rotary_interleaved: bool = opt(False, "Rotate interleaved pairs (GPT-J style) instead "
+                                   "of halves.")
+    rotary_seq_len_interpolation_factor: float | None = opt(
+        None, "Linear position interpolation factor for RoPE.", type=float)
+    use_rope_scaling: bool = opt(False, "Llama-3.x style RoPE frequency scaling.")
+    rope_scaling_factor: float = opt(8.0, "Factor for --use-rope-scaling.", type=float)
+    rotary_scaling_factor: float = opt(1.0, "YaRN scaling factor (DeepSeek-V2 uses 40).",
+                                       type=float)
+    original_max_position_embeddings: int | None = opt(
+        None, "Context length the model was trained for before YaRN / Llama-3 scaling.",
+        type=int)
+    beta_fast: float = opt(32.0, "YaRN beta_fast.", type=float)
+    beta_slow: float = opt(1.0, "YaRN beta_slow.", type=float)
+    mscale: float = opt(1.0, "YaRN mscale.", type=float)
+    mscale_all_dim: float = opt(0.0, "YaRN mscale_all_dim.", type=float)
+    normalization: str = opt("LayerNorm", "Normalisation layer.", choices=["LayerNorm", "RMSNorm"])
+    norm_epsilon: float = opt(1e-5, "Epsilon of the normalisation layers.", type=float)
+    swiglu: bool = opt(False, "SwiGLU MLP (gated linear unit with SiLU).")
+    openai_gelu: bool = opt(False, "tanh-approximated GeLU, as the original GPT-2.")
+    squared_relu: bool = opt(False, "Squared ReLU activation.")
+    add_bias_linear: bool = opt(True, "Drop the biases of all linear layers.",
+                                flag="--disable-bias-linear")
+    add_qkv_bias: bool = opt(False, "Keep a bias on the QKV projection (Qwen2.5) even with "
+                             "--disable-bias-linear.")
+    qk_layernorm: bool = opt(False, "Normalise queries and keys per head (Qwen3).")
+    untie_embeddings_and_output_weights: bool = opt(False, "Separate output layer weights.")
+    make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this "
+                                            "(times TP).", type=int)
+    padded_vocab_size: int | None = opt(None, "Use exactly this vocabulary size.", type=int)
+    vocab_size: int | None = opt(None, "Vocabulary size of the NullTokenizer or of "
+                                 "mock data without a tokenizer.", type=int)
+    extra_vocab_size: int = opt(0, "Extra tokens added to the tokenizer's vocabulary "
+                                "(Pai-Megatron-Patch).", type=int)
+    attention_dropout: float = opt(0.1, "Dropout on attention probabilities.", type=float,
+                                   group="regularization")
+    hidden_dropout: float = opt(0.1, "Dropout on the residual branches and embeddings.",
+                                type=float, group="regularization")
+    init_method_std: float = opt(0.02, "Standard deviation of the normal initialisation.",
+                                 type=float, group="initialization")
+    recompute_activations: bool = opt(False, "Shorthand for --recompute-granularity "
+                                      "selective.", group="training")
+    recompute_granularity: str | None = opt(None, "Activation recompute granularity.",
+                                            choices=["full", "selective"], group="training")
+    recompute_method: str | None = opt(None, "Which layers full recompute covers.",
+                                       choices=["uniform", "block"], group="training")
+    recompute_num_layers: int | None = opt(None, "Layers per recompute chunk (uniform) or "
+                                           "recomputed layers (block).", type=int,
+                                           group="training")
+    recompute_modules: list[str] | None = opt(None, "Submodules selective recompute covers.",
+                                              nargs="*", group="training")
+    # Mixture of experts
+    num_experts: int | None = opt(None, "Number of routed experts.", type=int, group="moe")
+    moe_ffn_hidden_size: int | None = opt(None, "Hidden size of each routed expert.",
+                                          type=int, group="moe")
+    moe_router_topk: int = opt(2, "Experts each token is routed to.", type=int, group="moe")
+    moe_layer_freq: str = opt("1", "MoE every N layers, or a pattern list like "
+                              "([0]+[1]*26).", group="moe")
+    moe_shared_expert_intermediate_size: int | None = opt(
+        None, "Hidden size of the shared experts.", type=int, group="moe")
+    moe_router_load_balancing_type: str = opt("aux_loss", "Load-balancing loss.",
+                                              choices=["aux_loss", "seq_aux_loss", "sinkhorn",
+                                                       "none"], group="moe")
+    moe_aux_loss_coeff: float = opt(0.0, "Aux loss coefficient.", type=float, group="moe")
+    moe_z_loss_coeff: float | None = opt(None, "Router z-loss coefficient.", type=float,
+                                         group="moe")
+    moe_router_pre_softmax: bool = opt(False, "Softmax before top-k.", group="moe")
+    moe_router_score_function: str = opt("softmax", "Router score function.",
+                                         choices=["softmax", "sigmoid"], group="moe")
+    moe_router_topk_scaling_factor: float | None = opt(None, "Scale of routed weights.",
+                                                       type=float, group="moe")
+    moe_router_num_groups: int | None = opt(None, "Expert groups for group-limited routing.",
+                                            type=int, group="moe")
+    moe_router_group_topk: int | None = opt(None, "Groups selected per token.", type=int,
+                                            group="moe")
+    moe_router_enable_expert_bias: bool = opt(False, "Aux-loss-free balancing bias.",
+                                              group="moe")
+    moe_expert_capacity_factor: float | None = opt(None, "Expert capacity factor "
+                                                   "(dropless when unset).", type=float,
+                                                   group="moe")
+    moe_pad_expert_input_to_capacity: bool = opt(False, "Pad expert inputs to capacity.",
+                                                 group="moe")
+    moe_token_drop_policy: str = opt("probs", "Which tokens are dropped over capacity.",
+                                     choices=["probs", "position"], group="moe")
+    moe_grouped_gemm: bool = opt(False, "Run all local experts as one grouped GEMM.",
+                                 group="moe")
+    moe_token_dispatcher_type: str = opt("allgather", "Token dispatcher.",
+                                         choices=["allgather", "alltoall"], group="moe")
+    # Multi-latent attention
+    multi_latent_attention: bool = opt(False, "Multi-latent attention (DeepSeek-V2).",
+                                       group="mla")
+    q_lora_rank: int | None = opt(None, "Query low-rank dimension.", type=int, group="mla")
+    kv_lora_rank: int = opt(32, "Key/value low-rank dimension.", type=int, group="mla")
+    qk_head_dim: int = opt(128, "Query/key head dimension without rope.", type=int,
+                           group="mla")
+    qk_pos_emb_head_dim: int = opt(64, "Query/key rope head dimension.", type=int, group="mla")
+    v_head_dim: int = opt(128, "Value head dimension.", type=int, group="mla")
+
+    def mlp_activation(self) -> str:
+        if self.swiglu:
+            return "swiglu"
+        if self.squared_relu:
+            return "squared_relu"
+        return "gelu_tanh" if self.openai_gelu else "gelu"
+
+
+@dataclass
+class ParallelConfig:
+    """How the run is laid out over processes."""
+
+    GROUP: ClassVar[str] = "distributed"
+
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size.", type=int)
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.", type=int)
+    context_parallel_size: int = opt(1, "Context-parallel size.", type=int)
+    cp_comm_type: str = opt("p2p", "Context-parallel communication.",
+                            choices=["p2p", "all_gather", "a2a"])
+    expert_model_parallel_size: int = opt(1, "Expert-parallel size.", type=int)
+    expert_tensor_parallel_size: int | None = opt(None, "Tensor-parallel size of experts.",
+                                                  type=int)
+    sequence_parallel: bool = opt(False, "Sequence parallelism inside TP regions.")
+    num_layers_per_virtual_pipeline_stage: int | None = opt(
+        None, "Layers per virtual pipeline stage (interleaved 1F1B).", type=int)
+    num_virtual_stages_per_pipeline_rank: int | None = opt(
+        None, "Virtual stages per pipeline rank (interleaved 1F1B).", type=int)
+    decoder_first_pipeline_num_layers: int | None = opt(None, "Layers on the first stage.",
+                                                        type=int)
+    decoder_last_pipeline_num_layers: int | None = opt(None, "Layers on the last stage.",
+                                                       type=int)
+    account_for_embedding_in_pipeline_split: bool = opt(
+        False, "Count the embedding as a layer when splitting stages.")
+    account_for_loss_in_pipeline_split: bool = opt(
+        False, "Count the loss as a layer when splitting stages.")
+    use_distributed_optimizer: bool = opt(False, "Shard optimizer state over data parallel.")
+    overlap_grad_reduce: bool = opt(False, "Overlap gradient reduction with backward.")
+    overlap_param_gather: bool = opt(False, "Overlap parameter all-gather with forward.")
+    ddp_bucket_size: int | None = opt(None, "Gradient bucket size in elements.", type=int)
+    distributed_backend: str = opt("nccl", "Collective backend (gloo is used on CPU).",
+                                   choices=["nccl", "gloo"])
+    distributed_timeout_minutes: int = opt(10, "Timeout for collectives.", type=int)
+    world_size: int | None = opt(None, "World size when not launched by torchrun.", type=int)
+    rank: int | None = opt(None, "Rank when not launched by torchrun.", type=int)
+    local_rank: int | None = opt(None, "Local rank (set by older launchers).", type=int,
+                                 flag="--local-rank")
+    init_method: str | None = opt(None, "torch.distributed init method, e.g. "
+                                  "tcp://host:port.")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
+
+
+@dataclass
+class TrainingConfig:
+    """Batches, iterations, precision and evaluation."""
+
+    GROUP: ClassVar[str] = "training"
+
+    micro_batch_size: int = opt(1, "Samples per micro-batch per data-parallel rank.", type=int)
+    global_batch_size: int | None = opt(None, "Samples per optimizer step; default "
+                                        "micro-batch-size x data-parallel size.", type=int)
+    rampup_batch_size: list[str] | None = opt(None, "Batch-size ramp-up (start increment "
+                                              "samples).", nargs="*")
+    train_iters: int | None = opt(None, "Training iterations.", type=int)
+    train_samples: int | None = opt(None, "Training samples (instead of --train-iters).",
+                                    type=int)
+    exit_interval: int | None = opt(None, "Exit after an iteration divisible by this.",
+                                    type=int)
+    exit_duration_in_mins: int | None = opt(None, "Exit after this many minutes.", type=int)
+    exit_signal_handler: bool = opt(False, "Save and exit on SIGTERM/SIGINT.")
+    skip_train: bool = opt(False, "Only evaluate.")
+    seed: int = opt(1234, "Random seed.", type=int, group="initialization")
+    device: str = opt("auto", "Where to train: CUDA when present, else CPU.",
+                      choices=["auto", "cuda", "cpu"])
+    train_mode: str = opt("pretrain", "Pai-Megatron-Patch train mode.",
+                          choices=["pretrain", "finetune"])
+    check_for_nan_in_loss_and_grad: bool = opt(False, "Stop on NaN/Inf loss or gradients.")
+    calculate_per_token_loss: bool = opt(False, "Normalise the loss by tokens over the whole "
+                                         "global batch (always the case in Paratron).")
+    bf16: bool = opt(False, "bf16 weights and compute, fp32 main weights and gradients.",
+                     group="mixed precision")
+    fp16: bool = opt(False, "fp16 weights and compute with dynamic loss scaling.",
+                     group="mixed precision")
+    loss_scale: float | None = opt(None, "Static loss scale (dynamic when unset).",
+                                   type=float, group="mixed precision")
+    initial_loss_scale: float = opt(2.0 ** 32, "Initial dynamic loss scale.", type=float,
+                                    group="mixed precision")
+    min_loss_scale: float = opt(1.0, "Minimum dynamic loss scale.", type=float,
+                                group="mixed precision")
+    loss_scale_window: int = opt(1000, "Clean steps before the loss scale doubles.", type=int,
+                                 group="mixed precision")
+    hysteresis: int = opt(2, "Overflows tolerated before the loss scale halves.", type=int,
+                          group="mixed precision")
+    fp8: str | None = opt(None, "FP8 format.", flag="--fp8-format", choices=["e4m3", "hybrid"],
+                          group="mixed precision")
+    fp8_recipe: str = opt("delayed", "FP8 scaling recipe.",
+                          choices=["tensorwise", "delayed", "mxfp8", "blockwise"],
+                          group="mixed precision")
+    eval_interval: int = opt(1000, "Iterations between evaluations.", type=int,
+                             group="validation")
+    eval_iters: int = opt(100, "Batches per evaluation.", type=int, group="validation")
+    cpu_offloading: bool = opt(False, "Offload activations to CPU.")
+    cpu_offloading_num_layers: int = opt(0, "Layers whose activations are offloaded.",
+                                         type=int)
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer, learning-rate schedule and regularisation."""
+
+    GROUP: ClassVar[str] = "learning rate"
+
+    optimizer: str = opt("adam", "Optimizer (adam is AdamW: decoupled weight decay).",
+                         choices=["adam", "sgd"], group="optimizer")
+    lr: float | None = opt(None, "Peak learning rate.", type=float)
+    min_lr: float = opt(0.0, "Floor of the decayed learning rate.", type=float)
+    lr_decay_style: str = opt("linear", "Decay after warm-up.",
+                              choices=["constant", "linear", "cosine", "inverse-square-root",
+                                       "WSD"])
+    lr_decay_iters: int | None = opt(None, "Iterations to decay over (default train-iters).",
+                                     type=int)
+    lr_decay_samples: int | None = opt(None, "Samples to decay over.", type=int)
+    lr_warmup_iters: int = opt(0, "Warm-up iterations.", type=int)
+    lr_warmup_samples: int = opt(0, "Warm-up samples.", type=int)
+    lr_warmup_fraction: float | None = opt(None, "Warm-up as a fraction of the decay "
+                                           "iterations.", type=float)
+    lr_warmup_init: float = opt(0.0, "Learning rate at the start of warm-up.", type=float)
+    lr_wsd_decay_style: str = opt("exponential", "Annealing shape of WSD.",
+                                  choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    lr_wsd_decay_iters: int | None = opt(None, "Annealing iterations of WSD.", type=int)
+    lr_wsd_decay_samples: int | None = opt(None, "Annealing samples of WSD.", type=int)
+    weight_decay: float = opt(0.01, "Weight decay (not on biases and norm weights).",
+                              type=float, group="regularization")
+    clip_grad: float = opt(1.0, "Clip gradients to this global norm (0 disables).",
+                           type=float, group="regularization")
+    adam_beta1: float = opt(0.9, "Adam beta1.", type=float, group="regularization")
+    adam_beta2: float = opt(0.999, "Adam beta2.", type=float, group="regularization")
+    adam_eps: float = opt(1e-8, "Adam epsilon.", type=float, group="regularization")
+    sgd_momentum: float = opt(0.9, "SGD momentum.", type=float, group="regularization")
+    optimizer_cpu_offload: bool = opt(False, "Keep optimizer state on the CPU.",
+                                      group="optimizer")
+    optimizer_offload_fraction: float = opt(1.0, "Fraction of the optimizer offloaded.",
+                                            type=float, group="optimizer")
+
+
+@dataclass
+class DataConfig:
+    """Data files, tokenizer and data loading."""
+
+    GROUP: ClassVar[str] = "data and dataloader"
+
+    data_path: list[str] | None = opt(None, "Dataset prefix, or weight-prefix pairs to "
+                                      "blend.", nargs="*")
+    data_path_config: str | None = opt(None, "YAML file describing the data blend.")
+    train_data_path: list[str] | None = opt(None, "Separate training data.", nargs="*")
+    valid_data_path: list[str] | None = opt(None, "Separate validation data.", nargs="*")
+    test_data_path: list[str] | None = opt(None, "Separate test data.", nargs="*")
+    split: str = opt("969, 30, 1", "Train, validation, test proportions.")
+    seq_length: int | None = opt(None, "Sequence length of a sample.", type=int)
+    mock_data: bool = opt(False, "Deterministic synthetic tokens (no files needed).")
+    num_workers: int = opt(2, "Data-loader worker processes.", type=int)
+    data_cache_path: str | None = opt(None, "Where sample indices are cached.")
+    eod_mask_loss: bool = opt(False, "No loss on end-of-document tokens.")
+    reset_position_ids: bool = opt(False, "Restart position ids after each end of document.")
+    reset_attention_mask: bool = opt(False, "No attention across documents.")
+    dataloader_type: str = opt("single", "How samples are drawn.", choices=["single", "cyclic"])
+    dataset: str = opt("MMAP", "Dataset kind (Pai-Megatron-Patch).",
+                       choices=["MMAP", "JSON-SFT", "MMAP-SFT", "RAW"])
+    sft: bool = opt(False, "Supervised fine-tuning data: loss only on responses.")
+    max_padding_length: int | None = opt(None, "Pad SFT samples to this length.", type=int)
+    sequence_packing: bool = opt(False, "Pack SFT samples into seq-length.")
+    tokenizer_type: str | None = opt(None, "Tokenizer kind.", group="tokenizer",
+                                     choices=["GPT2BPETokenizer", "HuggingFaceTokenizer",
+                                              "SentencePieceTokenizer", "Llama2Tokenizer",
+                                              "NullTokenizer"])
+    patch_tokenizer_type: str | None = opt(None, "Pai-Megatron-Patch tokenizer name; read as "
+                                           "HuggingFaceTokenizer.", group="tokenizer")
+    vocab_file: str | None = opt(None, "GPT-2 vocab.json.", group="tokenizer")
+    merge_file: str | None = opt(None, "GPT-2 merges.txt.", group="tokenizer")
+    tokenizer_model: str | None = opt(None, "SentencePiece model or Hugging Face tokenizer "
+                                      "folder.", group="tokenizer")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and loading."""
+
+    GROUP: ClassVar[str] = "checkpointing"
+
+    save: str | None = opt(None, "Directory to save checkpoints to.")
+    save_interval: int | None = opt(None, "Iterations between checkpoints.", type=int)
+    no_save_optim: bool = opt(False, "Do not save the optimizer state.")
+    no_save_rng: bool = opt(False, "Do not save RNG states.")
+    load: str | None = opt(None, "Directory to load a checkpoint from.")
+    no_load_optim: bool = opt(False, "Do not load the optimizer state.")
+    no_load_rng: bool = opt(False, "Do not load RNG states.")
+    finetune: bool = opt(False, "Load weights only and start from iteration 0.")
+    ckpt_format: str = opt("torch_dist", "Checkpoint format.",
+                           choices=["torch", "torch_dist", "zarr"])
+    async_save: bool = opt(False, "Save in the background.")
+    use_checkpoint_args: bool = opt(False, "Take the model configuration from the checkpoint.")
+    exit_on_missing_checkpoint: bool = opt(False, "Exit if --load finds no checkpoint.")
+
+
+@dataclass
+class LoggingConfig:
+    """Console, TensorBoard and W&B logging."""
+
+    GROUP: ClassVar[str] = "logging"
+
+    log_interval: int = opt(100, "Iterations between log lines.", type=int)
+    log_throughput: bool = opt(False, "Log TFLOP/s per GPU and tokens/s.")
+    log_params_norm: bool = opt(False, "Log the norm of the parameters.")
+    log_num_zeros_in_grad: bool = opt(False, "Log the count of zero gradients (Paratron "
+                                      "always does).")
+    timing_log_level: int = opt(0, "Detail of the timers.", type=int, choices=[0, 1, 2])
+    tensorboard_dir: str | None = opt(None, "TensorBoard event directory.")
+    log_timers_to_tensorboard: bool = opt(False, "Write timers to TensorBoard.")
+    log_validation_ppl_to_tensorboard: bool = opt(False, "Write validation PPL to TensorBoard.")
+    log_memory_to_tensorboard: bool = opt(False, "Write memory use to TensorBoard.")
+    log_loss_scale_to_tensorboard: bool = opt(True, "Write the loss scale to TensorBoard.",
+                                              flag="--no-log-loss-scale-to-tensorboard")
+    wandb_project: str | None = opt(None, "Weights & Biases project.")
+    wandb_exp_name: str | None = opt(None, "Weights & Biases run name.")
+    wandb_save_dir: str | None = opt(None, "Weights & Biases directory.")
+
+
+@dataclass
+class Config:
+    """One run: the whole tree."""
+
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model_size: str | None = None
+
+    # Filled in by the trainer once the process layout is known (world size 1 here).
+    data_parallel_size: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "parallel", "training", "optimizer", "data", "checkpoint", "logging")
+
+# Flags that only steer Megatron's own kernels or launch machinery. Accepted so that
+# existing scripts run unchanged; they change nothing in Paratron: (flag, takes a value).
+NO_EFFECT_FLAGS = [
+    ("--use-mcore-models", False), ("--use-legacy-models", False),
+    ("--transformer-impl", True), ("--attention-backend", True),
+    ("--no-masked-softmax-fusion", False), ("--no-bias-swiglu-fusion", False),
+    ("--no-bias-gelu-fusion", False), ("--no-bias-dropout-fusion", False),
+    ("--no-rope-fusion", False), ("--no-gradient-accumulation-fusion", False),
+    ("--no-persist-layer-norm", False), ("--no-async-tensor-model-parallel-allreduce", False),
+    ("--attention-softmax-in-fp32", False), ("--apply-query-key-layer-scaling", False),
+    ("--use-flash-attn", False), ("--tensorboard-queue-size", True),
+    ("--tensorboard-log-interval", True), ("--accumulate-allreduce-grads-in-fp32", False),
+    ("--cross-entropy-loss-fusion", False), ("--moe-permute-fusion", False),
+    ("--create-attention-mask-in-dataloader", False), ("--no-create-attention-mask-in-dataloader", False),
+    ("--empty-unused-memory-level", True), ("--num-dataset-builder-threads", True),
+    ("--distributed-timeout-seconds-after-init", True), ("--manual-gc", False),
+    ("--log-world-size-to-tensorboard", False), ("--use-cpu-initialization", False),
+]
+
+
+def _fields_with_flags(section_cls):
+    for f in fields(section_cls):
+        if "help" in f.metadata:
+            yield f
+
+
+def _flag_of(f) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line and names the closest known flag."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def build_parser(prog: str = "paratron train") -> argparse.ArgumentParser:
+    """The Megatron-compatible parser, generated from the config tree."""
+    parser = _Parser(prog=prog, allow_abbrev=False,
+                     description="Train a GPT-style model. Flags follow Megatron-LM.")
+    top = parser.add_argument_group("configuration")
+    top.add_argument("--config", metavar="FILE.yaml",
+                     help="YAML file keyed by flag names; the command line overrides it.")
+    top.add_argument("--model-size", metavar="NAME",
+                     help="Preset of published hyper-parameters (e.g. gpt2-124m, llama3-8b, "
+                          "qwen2.5-7b, qwen3-8b); any flag overrides it.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section in SECTIONS:
+        cls = Config.__dataclass_fields__[section].default_factory
+        for f in _fields_with_flags(cls):
+            m = f.metadata
+            name = m["group"] or cls.GROUP
+            group = groups.get(name) or groups.setdefault(name, parser.add_argument_group(name))
+            kwargs = dict(dest=f.name, help=m["help"], default=argparse.SUPPRESS)
+            if f.type in ("bool", bool) or isinstance(f.default, bool):
+                kwargs["action"] = "store_false" if f.default is True else "store_true"
+            else:
+                for key in ("type", "choices", "nargs", "metavar"):
+                    if m[key] is not None:
+                        kwargs[key] = m[key]
+            group.add_argument(_flag_of(f), **kwargs)
+    compat = parser.add_argument_group(
+        "accepted for compatibility with Megatron-LM scripts (no effect in Paratron)")
+    for flag, takes_value in NO_EFFECT_FLAGS:
+        compat.add_argument(flag, dest="_ignored_" + flag[2:].replace("-", "_"),
+                            default=argparse.SUPPRESS,
+                            **({"nargs": "?"} if takes_value else {"action": "store_true"}),
+                            help="no effect")
+    return parser
+
+
+def _dest_to_section() -> dict[str, str]:
+    out = {}
+    for section in SECTIONS:
+        cls = Config.__dataclass_fields__[section].default_factory
+        for f in _fields_with_flags(cls):
+            out[f.name] = section
+    return out
+
+
+def _known_flags(parser) -> list[str]:
+    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+
+
+def _reject_unknown(unknown: list[str], parser, where: str = "") -> None:
+    for token in unknown:
+        if token.startswith("-"):
+            name = token.split("=", 1)[0]
+            close = difflib.get_close_matches(name, _known_flags(parser), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else "; see 'paratron train --help'"
+            raise ConfigError(f"unknown flag {name}{where}{hint}")
+    if unknown:
+        raise ConfigError(f"unexpected argument {unknown[0]!r}{where}; values follow their flag")
+
+
+def _yaml_defaults(path: str, parser) -> dict[str, Any]:
+    """Read a YAML file keyed by flag names (dashes or underscores, with or without --)."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            doc = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"--config {path}{line}: not valid YAML") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    by_flag = {s: a for a in parser._actions for s in a.option_strings}
+    out = {}
+    for key, value in doc.items():
+        flag = "--" + str(key).lstrip("-").replace("_", "-")
+        action = by_flag.get(flag)
+        if action is None:
+            close = difflib.get_close_matches(flag, list(by_flag), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0].lstrip('-')}?" if close else ""
+            raise ConfigError(f"--config {path}: unknown key {key!r}{hint}")
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {path}: {key} is a switch; give true or false")
+            # A switch set to true in YAML behaves like passing the flag.
+            if value:
+                out[action.dest] = action.const
+            continue
+        if action.nargs in ("*", "+") and not isinstance(value, list):
+            value = str(value).split()
+        elif action.type is not None and value is not None:
+            try:
+                value = ([action.type(v) for v in value] if isinstance(value, list)
+                         else action.type(value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"--config {path}: {key} expects "
+                                  f"{action.type.__name__}, got {value!r}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"--config {path}: {key} must be one of "
+                              f"{', '.join(map(str, action.choices))}")
+        out[action.dest] = value
+    return out
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "paratron train") -> Config:
+    """Parse Megatron-style flags (plus preset and YAML) into a finalized, validated Config."""
+    from paratron.model.presets import PRESETS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    ns, unknown = parser.parse_known_args(argv)
+    _reject_unknown(unknown, parser)
+    values: dict[str, Any] = {}
+    if getattr(ns, "model_size", None):
+        if ns.model_size not in PRESETS:
+            close = difflib.get_close_matches(ns.model_size, list(PRESETS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"--model-size {ns.model_size}: unknown preset{hint} "
+                              f"(known: {', '.join(PRESETS)})")
+        values.update(PRESETS[ns.model_size])
+    if getattr(ns, "config", None):
+        values.update(_yaml_defaults(ns.config, parser))
+    values.update({k: v for k, v in vars(ns).items()
+                   if k not in ("config", "model_size") and not k.startswith("_ignored_")})
+    cfg = Config(model_size=getattr(ns, "model_size", None))
+    where = _dest_to_section()
+    for dest, value in values.items():
+        setattr(getattr(cfg, where[dest]), dest, value)
+    finalize(cfg)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A Config from Megatron dest names (for tests and library use); finalized and validated."""
+    cfg = Config()
+    where = _dest_to_section()
+    for dest, value in values.items():
+        if dest not in where:
+            raise ConfigError(f"unknown setting {dest!r}")
+        setattr(getattr(cfg, where[dest]), dest, value)
+    finalize(cfg)
+    validate(cfg)
+    return cfg
+
+
+def finalize(cfg: Config) -> None:
+    """Fill in the values Megatron derives from others."""
+    m, t, o, p = cfg.model, cfg.training, cfg.optimizer, cfg.parallel
+    if m.use_rotary_position_embeddings:
+        m.position_embedding_type = "rope"
+    if m.recompute_activations:
+        m.recompute_granularity = "selective"
+    if m.recompute_granularity == "selective" and not m.recompute_modules:
+        m.recompute_modules = ["core_attn"]
+    if m.num_attention_heads and m.hidden_size and m.kv_channels is None:
+        if m.hidden_size % m.num_attention_heads == 0:
+            m.kv_channels = m.hidden_size // m.num_attention_heads
+    if not m.group_query_attention and m.num_attention_heads:
+        m.num_query_groups = m.num_attention_heads
+    if m.ffn_hidden_size is None and m.hidden_size:
+        if m.swiglu:
+            # Megatron: two thirds of 4h (same parameter count), down to a multiple of 64.
+            m.ffn_hidden_size = int((4 * m.hidden_size * 2 / 3) / 64) * 64
+        else:
+            m.ffn_hidden_size = 4 * m.hidden_size
+    if m.max_position_embeddings is None and cfg.data.seq_length is not None:
+        m.max_position_embeddings = cfg.data.seq_length
+    if p.tensor_model_parallel_size == 1:
+        p.sequence_parallel = False
+    world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
+    model_parallel = p.model_parallel_size
+    cfg.data_parallel_size = max(world // model_parallel, 1) if world % model_parallel == 0 else 0
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * max(cfg.data_parallel_size, 1)
+    if t.train_iters is None and t.train_samples is not None and t.global_batch_size:
+        t.train_iters = t.train_samples // t.global_batch_size
+    if o.lr_decay_iters is None:
+        o.lr_decay_iters = t.train_iters
+    if o.lr_warmup_fraction is not None and o.lr_decay_iters:
+        o.lr_warmup_iters = int(o.lr_warmup_fraction * o.lr_decay_iters)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse inconsistent or not-yet-available settings, one line each."""
+    m, p, t, o, d = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.data
+    required = [("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
+                ("--num-attention-heads", m.num_attention_heads),
+                ("--seq-length", d.seq_length)]
+    for flag, value in required:
+        if value is None:
+            raise ConfigError(f"{flag} is required (or pick a preset with --model-size)")
+    positive = [("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
+                ("--num-attention-heads", m.num_attention_heads),
+                ("--seq-length", d.seq_length), ("--micro-batch-size", t.micro_batch_size),
+                ("--global-batch-size", t.global_batch_size),
+                ("--tensor-model-parallel-size", p.tensor_model_parallel_size),
+                ("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),
+                ("--context-parallel-size", p.context_parallel_size),
+                ("--expert-model-parallel-size", p.expert_model_parallel_size),
+                ("--eval-interval", t.eval_interval), ("--log-interval", cfg.logging.log_interval)]
+    for flag, value in positive:
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    if t.fp16 and t.bf16:
+        raise ConfigError("--fp16 and --bf16 are both set; choose one")
+    if m.kv_channels is None:
+        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by "
+                          f"--num-attention-heads {m.num_attention_heads}; change one or "
+                          f"give --kv-channels")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                          f"--num-query-groups {m.num_query_groups}; pick a divisor")
+    if m.position_embedding_type == "learned_absolute" and m.max_position_embeddings \
+            and d.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"--seq-length {d.seq_length} exceeds --max-position-embeddings "
+                          f"{m.max_position_embeddings} with learned positions; raise "
+                          f"--max-position-embeddings or use --position-embedding-type rope")
+    if not 0 < m.rotary_percent <= 1:
+        raise ConfigError(f"--rotary-percent must be in (0, 1], got {m.rotary_percent}")
+    if m.recompute_granularity == "full" and m.recompute_method is None:
+        raise ConfigError("--recompute-granularity full needs --recompute-method "
+                          "uniform or block")
+    if m.recompute_method is not None and m.recompute_granularity != "full":
+        raise ConfigError("--recompute-method applies only with --recompute-granularity full")
+    if m.recompute_granularity == "full" and m.recompute_method == "block" \
+            and m.recompute_num_layers is None:
+        raise ConfigError("--recompute-method block needs --recompute-num-layers")
+    if m.recompute_granularity == "selective":
+        bad = set(m.recompute_modules) - {"core_attn", "mlp", "layernorm"}
+        if bad:
+            raise ConfigError(f"--recompute-modules: unsupported {', '.join(sorted(bad))}; "
+                              f"choose from core_attn, mlp, layernorm")
+    if not 0 <= m.attention_dropout < 1 or not 0 <= m.hidden_dropout < 1:
+        raise ConfigError("--attention-dropout and --hidden-dropout must be in [0, 1)")
+    if t.train_iters is None:
+        raise ConfigError("give --train-iters or --train-samples")
+    if t.train_iters is not None and t.train_samples is not None \
+            and t.train_iters != t.train_samples // t.global_batch_size:
+        raise ConfigError("--train-iters and --train-samples are both set; give only one")
+    if o.lr is None:
+        raise ConfigError("--lr is required")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
+    if o.lr_decay_iters is not None and o.lr_warmup_iters > o.lr_decay_iters:
+        raise ConfigError(f"--lr-warmup-iters {o.lr_warmup_iters} exceeds --lr-decay-iters "
+                          f"{o.lr_decay_iters}; shorten the warm-up or lengthen the decay")
+    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
+        raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if o.lr_wsd_decay_iters is not None and o.lr_decay_iters is not None \
+            and o.lr_wsd_decay_iters > o.lr_decay_iters:
+        raise ConfigError("--lr-wsd-decay-iters exceeds --lr-decay-iters")
+    if cfg.data_parallel_size == 0:
+        raise ConfigError(f"world size is not divisible by tensor x pipeline x context "
+                          f"parallel size ({p.model_parallel_size}); change the sizes or "
+                          f"the number of processes")
+    micro_dp = t.micro_batch_size * cfg.data_parallel_size
+    if t.global_batch_size % micro_dp:
+        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by "
+                          f"--micro-batch-size {t.micro_batch_size} x data-parallel size "
+                          f"{cfg.data_parallel_size}; make it a multiple of {micro_dp}")
+    if m.padded_vocab_size is not None and m.padded_vocab_size <= 0:
+        raise ConfigError("--padded-vocab-size must be positive")
+    if m.make_vocab_size_divisible_by <= 0:
+        raise ConfigError("--make-vocab-size-divisible-by must be positive")
+    _refuse_unavailable(cfg)
+
+
+# Features whose flags parse today but whose implementation arrives later. Each entry
+# is (is the feature requested?, the one-line refusal). Entries leave this table as
+# the features land.
+def _unavailable(cfg: Config):
+    m, p, t, o, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.checkpoint
+    world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
+    return [
+        (p.tensor_model_parallel_size > 1, "--tensor-model-parallel-size > 1"),
+        (p.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size > 1"),
+        (p.context_parallel_size > 1, "--context-parallel-size > 1"),
+        (p.expert_model_parallel_size > 1, "--expert-model-parallel-size > 1"),
+        (world > 1, "data parallelism (more than one process)"),
+        (p.num_layers_per_virtual_pipeline_stage is not None
+         or p.num_virtual_stages_per_pipeline_rank is not None, "virtual pipeline stages"),
+        (m.num_experts is not None, "--num-experts (mixture of experts)"),
+        (m.multi_latent_attention, "--multi-latent-attention"),
+        (t.fp8 is not None, "--fp8-format"),
+        (t.rampup_batch_size is not None, "--rampup-batch-size"),
+        (c.save is not None, "--save (checkpointing)"),
+        (c.load is not None, "--load (checkpointing)"),
+        (t.cpu_offloading, "--cpu-offloading"),
+        (o.optimizer_cpu_offload, "--optimizer-cpu-offload"),
+        (t.exit_signal_handler, "--exit-signal-handler"),
+        (cfg.data.train_data_path is not None or cfg.data.valid_data_path is not None
+         or cfg.data.test_data_path is not None, "--train/valid/test-data-path"),
+    ]
+
+
+def _refuse_unavailable(cfg: Config) -> None:
+    for requested, what in _unavailable(cfg):
+        if requested:
+            raise ConfigError(f"{what} is not supported yet in this version of Paratron; "
+                              f"remove it to run")
+
+
+def format_config(cfg: Config) -> str:
+    """Megatron's 'arguments' block: every setting, one per line, sorted."""
+    rows = []
+    for section in SECTIONS:
+        for k, v in vars(getattr(cfg, section)).items():
+            rows.append((k, v))
+    rows.sort()
+    width = max(len(k) for k, _ in rows) + 2
+    lines = ["------------------------ arguments ------------------------"]
+    lines += [f"  {k} {'.' * (width - len(k))} {v}" for k, v in rows]
+    lines.append("-------------------- end of arguments ---------------------")
+    return "\n".join(lines)
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Megatron's padding: up to a multiple of divisible_by x TP."""
+    multiple = divisible_by * tp_size
+    return int(math.ceil(vocab_size / multiple) * multiple)

@@ -1,0 +1,302 @@
+"""Megatron-LM's indexed dataset: the ``.bin`` / ``.idx`` file pair, read and written.
+
+Users arrive with corpora that Megatron-LM's ``tools/preprocess_data.py`` has
+already tokenized, so Paratron reads and writes exactly the same bytes.
+
+Layout of ``<prefix>.idx`` (all integers little-endian)::
+
+    9 bytes   magic b"MMIDIDX\\x00\\x00"
+    uint64    version, always 1
+    uint8     dtype code of the tokens in the .bin (see DTYPE_CODES)
+    uint64    S, the number of sequences
+    uint64    D, the number of document-index entries (= documents + 1)
+    int32[S]  length of each sequence, in tokens
+    int64[S]  byte offset of each sequence in the .bin (the first is 0)
+    int64[D]  document index: entry 0 is 0, entry d+1 is the exclusive end
+              sequence of document d (an empty document repeats the previous
+              entry)
+
+``<prefix>.bin`` holds the token ids of all sequences back to back, no header.
+A "sequence" is a whole document, or one sentence with ``--split-sentences``.
+
+Reading memory-maps both files, so opening a corpus of any size costs O(1)
+memory and every rank of a job can share the pages.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from paratron.data.errors import DataError
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+# Offset of the int32 sequence lengths: magic + version + dtype code + the two counts.
+HEADER_SIZE = 9 + 8 + 1 + 8 + 8
+
+#: Megatron's numeric codes for the token dtype stored in the .idx header.
+DTYPE_CODES: dict[int, type[np.number]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+_CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+
+
+def dtype_code(dtype) -> int:
+    """Megatron's header code for a numpy dtype (uint16 -> 8, int32 -> 4, ...)."""
+    try:
+        return _CODE_OF_DTYPE[np.dtype(dtype)]
+    except KeyError:
+        raise DataError(f"dtype {np.dtype(dtype)} cannot be stored in an indexed dataset") from None
+
+
+def optimal_dtype(vocab_size: int | None) -> type[np.number]:
+    """The token dtype Megatron picks for a vocabulary: uint16 below 65500 ids, else int32."""
+    if vocab_size is not None and vocab_size < 65500:
+        return np.uint16
+    return np.int32
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def dataset_exists(prefix: str) -> bool:
+    """True when both ``<prefix>.idx`` and ``<prefix>.bin`` are files."""
+    return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def sequence_pointers(sequence_lengths: np.ndarray, itemsize: int) -> np.ndarray:
+    """Byte offset of every sequence in the .bin: an exclusive running sum of lengths."""
+    pointers = np.zeros(len(sequence_lengths), dtype=np.int64)
+    if len(sequence_lengths) > 1:
+        np.cumsum(np.asarray(sequence_lengths[:-1], dtype=np.int64) * itemsize, out=pointers[1:])
+    return pointers
+
+
+def write_index(
+    path: str,
+    dtype,
+    sequence_lengths: Sequence[int] | np.ndarray,
+    document_indices: Sequence[int] | np.ndarray,
+) -> None:
+    """Write a complete .idx file for the given sequence lengths and document index."""
+    lengths = np.asarray(sequence_lengths, dtype=np.int32)
+    docs = np.asarray(document_indices, dtype=np.int64)
+    with open(path, "wb") as f:
+        f.write(INDEX_MAGIC)
+        f.write(struct.pack("<Q", INDEX_VERSION))
+        f.write(struct.pack("<B", dtype_code(dtype)))
+        f.write(struct.pack("<Q", len(lengths)))
+        f.write(struct.pack("<Q", len(docs)))
+        f.write(lengths.astype("<i4", copy=False).tobytes(order="C"))
+        f.write(sequence_pointers(lengths, np.dtype(dtype).itemsize).astype("<i8").tobytes())
+        f.write(docs.astype("<i8", copy=False).tobytes(order="C"))
+
+
+class IndexedDatasetWriter:
+    """Append documents to a ``.bin`` file and write the matching ``.idx`` at the end.
+
+    The writer keeps only the per-sequence lengths in memory (4 bytes each);
+    token ids go straight to disk. ``add_document`` takes one document;
+    ``add_batch`` takes many at once as flat arrays, which is what the
+    preprocessing workers produce and avoids per-document Python work.
+    """
+
+    def __init__(self, bin_file: str, dtype=np.int32) -> None:
+        self.bin_file = bin_file
+        self.dtype = np.dtype(dtype)
+        self._file = open(bin_file, "wb")
+        self._lengths: list[np.ndarray] = []
+        self._doc_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        self._num_sequences = 0
+
+    def add_document(self, token_ids: Iterable[int], sequence_lengths: Sequence[int] | None = None) -> None:
+        """Add one document. ``sequence_lengths`` splits it into sentences; default: one sequence.
+
+        An empty document (no tokens) adds no sequence, and its document-index
+        entry repeats the previous one, as Megatron's writer does.
+        """
+        ids = np.asarray(token_ids, dtype=self.dtype)
+        if sequence_lengths is None:
+            sequence_lengths = [ids.size] if ids.size else []
+        lengths = np.asarray(sequence_lengths, dtype=np.int32)
+        if int(lengths.sum()) != ids.size:
+            raise ValueError(f"sentence lengths sum to {int(lengths.sum())}, document has {ids.size} tokens")
+        self._file.write(ids.tobytes(order="C"))
+        self._lengths.append(lengths)
+        self._num_sequences += len(lengths)
+        self._doc_ends.append(np.array([self._num_sequences], dtype=np.int64))
+
+    def add_batch(self, flat_ids: np.ndarray, sequence_lengths: np.ndarray, sequences_per_document: np.ndarray) -> None:
+        """Add many documents at once.
+
+        ``flat_ids`` are all their tokens back to back, ``sequence_lengths`` the
+        length of every sequence (no zeros), ``sequences_per_document`` how many
+        sequences each document has (0 for an empty document).
+        """
+        flat_ids = np.asarray(flat_ids)
+        if flat_ids.dtype != self.dtype:
+            flat_ids = flat_ids.astype(self.dtype)
+        self._file.write(flat_ids.tobytes(order="C"))
+        lengths = np.asarray(sequence_lengths, dtype=np.int32)
+        self._lengths.append(lengths)
+        ends = self._num_sequences + np.cumsum(np.asarray(sequences_per_document, dtype=np.int64))
+        self._doc_ends.append(ends)
+        self._num_sequences += len(lengths)
+
+    def add_index(self, prefix: str) -> None:
+        """Append a whole existing indexed dataset (its documents keep their boundaries)."""
+        other = IndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise DataError(f"{idx_path(prefix)}: tokens are {other.dtype}, expected {self.dtype}")
+        self._lengths.append(np.array(other.sequence_lengths, dtype=np.int32))
+        self._doc_ends.append(self._num_sequences + np.array(other.document_indices[1:], dtype=np.int64))
+        self._num_sequences += len(other)
+        with open(bin_path(prefix), "rb") as f:
+            while chunk := f.read(1 << 24):
+                self._file.write(chunk)
+
+    def finalize(self, idx_file: str) -> None:
+        """Close the .bin and write the .idx."""
+        self._file.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
+        write_index(idx_file, self.dtype, lengths, np.concatenate(self._doc_ends))
+
+    def close(self) -> None:
+        """Close the .bin without writing an index (used when aborting)."""
+        if not self._file.closed:
+            self._file.close()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class IndexedDataset:
+    """Read-only view of a Megatron ``.bin/.idx`` pair, memory-mapped.
+
+    ``ds[i]`` is sequence ``i`` as a numpy array (a view into the mapped
+    file); ``ds.get(i, offset, length)`` a slice of it. ``sequence_lengths``,
+    ``sequence_pointers`` and ``document_indices`` are the arrays from the
+    .idx, also memory-mapped.
+
+    The constructor validates the files and raises :class:`DataError` naming
+    the file for a missing prefix, a wrong magic or version, an unknown dtype,
+    an inconsistent or truncated .idx, or a .bin shorter than the .idx says.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._open()
+
+    def _open(self) -> None:
+        prefix = self.prefix
+        ipath, bpath = idx_path(prefix), bin_path(prefix)
+        for path in (ipath, bpath):
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such file (data prefix '{prefix}' needs {prefix}.bin and {prefix}.idx)")
+        idx_size = os.path.getsize(ipath)
+        with open(ipath, "rb") as f:
+            header = f.read(HEADER_SIZE)
+        if len(header) < 9 or header[:9] != INDEX_MAGIC:
+            raise DataError(f"{ipath}: not a Megatron indexed dataset index (bad magic {header[:9]!r})")
+        if len(header) < HEADER_SIZE:
+            raise DataError(f"{ipath}: truncated header ({idx_size} bytes)")
+        (version,) = struct.unpack("<Q", header[9:17])
+        if version != INDEX_VERSION:
+            raise DataError(f"{ipath}: unsupported index version {version} (expected {INDEX_VERSION})")
+        code = header[17]
+        if code not in DTYPE_CODES:
+            raise DataError(f"{ipath}: unknown token dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        self.sequence_count, self.document_count = struct.unpack("<QQ", header[18:34])
+        needed = HEADER_SIZE + self.sequence_count * (4 + 8) + self.document_count * 8
+        # Megatron's multimodal datasets append one int8 mode per sequence; allow that.
+        if idx_size < needed:
+            raise DataError(
+                f"{ipath}: truncated index ({idx_size} bytes, header announces "
+                f"{self.sequence_count} sequences and {self.document_count} document entries = {needed} bytes)"
+            )
+        if self.document_count < 1:
+            raise DataError(f"{ipath}: document index is empty")
+
+        n = self.sequence_count
+        self._idx_map = np.memmap(ipath, mode="r", dtype=np.uint8)
+        buf = self._idx_map
+        self.sequence_lengths = np.frombuffer(buf, dtype="<i4", count=n, offset=HEADER_SIZE)
+        self.sequence_pointers = np.frombuffer(buf, dtype="<i8", count=n, offset=HEADER_SIZE + 4 * n)
+        self.document_indices = np.frombuffer(
+            buf, dtype="<i8", count=self.document_count, offset=HEADER_SIZE + 12 * n
+        )
+        if int(self.document_indices[-1]) != n or int(self.document_indices[0]) != 0:
+            raise DataError(
+                f"{ipath}: inconsistent index (document index runs from {int(self.document_indices[0])} "
+                f"to {int(self.document_indices[-1])}, but there are {n} sequences)"
+            )
+
+        bin_size = os.path.getsize(bpath)
+        if n:
+            expected = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+        else:
+            expected = 0
+        if bin_size < expected:
+            raise DataError(f"{bpath}: truncated data file ({bin_size} bytes, the index needs {expected})")
+        # numpy cannot map an empty file; an empty dataset needs no mapping anyway.
+        self._bin_map = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+
+    # Pickling (DataLoader workers started with spawn) reopens the files by name.
+    def __getstate__(self):
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.prefix = state["prefix"]
+        self._open()
+
+    def __len__(self) -> int:
+        return self.sequence_count
+
+    @property
+    def num_documents(self) -> int:
+        return self.document_count - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(np.sum(self.sequence_lengths, dtype=np.int64))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(int(i))
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of sequence ``i`` (to its end when length is None)."""
+        if not 0 <= i < self.sequence_count:
+            raise IndexError(f"sequence {i} out of range for {self.prefix} ({self.sequence_count} sequences)")
+        if length is None:
+            length = int(self.sequence_lengths[i]) - offset
+        start = int(self.sequence_pointers[i]) + int(offset) * self.dtype.itemsize
+        return np.frombuffer(self._bin_map, dtype=self.dtype, count=int(length), offset=start)
+
+    def document(self, d: int) -> np.ndarray:
+        """All tokens of document ``d`` (its sequences joined)."""
+        first, last = int(self.document_indices[d]), int(self.document_indices[d + 1])
+        if first == last:
+            return np.zeros(0, dtype=self.dtype)
+        start = int(self.sequence_pointers[first])
+        count = int(np.sum(self.sequence_lengths[first:last], dtype=np.int64))
+        return np.frombuffer(self._bin_map, dtype=self.dtype, count=count, offset=start)

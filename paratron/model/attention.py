@@ -1,0 +1,83 @@
+"""Self-attention (MHA / GQA) with Megatron-Core's fused QKV layout.
+
+`linear_qkv` produces, for each query group, its query heads followed by one key and
+one value head: [groups, (heads_per_group + 2) x head_dim]. A tensor-parallel rank thus
+holds whole query groups. The core attention is `scaled_dot_product_attention`, causal,
+with grouped heads broadcast by SDPA itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from paratron.model.norms import build_norm
+from paratron.model.rotary import apply_rotary
+from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+def core_attention(q, k, v, attention_mask, dropout_p: float, scale: float) -> torch.Tensor:
+    """q [s, b, n, d], k/v [s, b, g, d] -> [s, b, n*d]; causal unless a mask is given.
+
+    attention_mask, when given, is boolean [b, 1, s, s] with True where attention is
+    allowed (packed documents, --reset-attention-mask); it already includes causality.
+    """
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attention_mask, dropout_p=dropout_p,
+        is_causal=attention_mask is None, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1])
+    s, b = out.shape[2], out.shape[0]
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, layer_number: int, pg: ProcessGroups | None = None):
+        super().__init__()
+        pg = pg or ProcessGroups.single()
+        c = config
+        self.config = c
+        self.head_dim = c.kv_channels
+        self.heads = c.num_attention_heads // pg.tp_size
+        self.groups = c.num_query_groups // pg.tp_size
+        qkv_out = (c.num_attention_heads + 2 * c.num_query_groups) * c.kv_channels
+        out_std = c.init_method_std / math.sqrt(2.0 * c.num_layers)
+        self.linear_qkv = ColumnParallelLinear(c.hidden_size, qkv_out, pg=pg,
+                                               bias=c.add_bias_linear or c.add_qkv_bias,
+                                               init_std=c.init_method_std)
+        if c.qk_layernorm:
+            self.q_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
+            self.k_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+        self.linear_proj = RowParallelLinear(c.num_attention_heads * c.kv_channels,
+                                             c.hidden_size, bias=c.add_bias_linear, pg=pg,
+                                             init_std=out_std)
+        self.softmax_scale = 1.0 / math.sqrt(c.kv_channels)
+        self.recompute_core = "core_attn" in (c.recompute_modules or []) \
+            and c.recompute_granularity == "selective"
+
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask=None) -> torch.Tensor:
+        s, b, _ = x.shape
+        per_group = self.heads // self.groups
+        qkv = self.linear_qkv(x).view(s, b, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = q.reshape(s, b, self.heads, self.head_dim)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if rotary is not None:
+            cos, sin = rotary
+            q = apply_rotary(q, cos, sin, self.config.rotary_interleaved)
+            k = apply_rotary(k, cos, sin, self.config.rotary_interleaved)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if self.recompute_core and self.training:
+            out = checkpoint(core_attention, q, k, v, attention_mask, dropout,
+                             self.softmax_scale, use_reentrant=False)
+        else:
+            out = core_attention(q, k, v, attention_mask, dropout, self.softmax_scale)
+        return self.linear_proj(out)

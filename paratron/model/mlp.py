@@ -1,0 +1,43 @@
+"""The feed-forward block: linear_fc1 -> activation -> linear_fc2.
+
+With --swiglu, linear_fc1 produces [gate; up] and the activation is silu(gate) * up;
+a tensor-parallel rank holds its own slice of gate and of up, side by side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "swiglu":
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if kind == "squared_relu":
+        return F.relu(x).square()
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+class MLP(nn.Module):
+    def __init__(self, config, pg: ProcessGroups | None = None,
+                 ffn_hidden_size: int | None = None):
+        super().__init__()
+        c = config
+        ffn = ffn_hidden_size or c.ffn_hidden_size
+        self.activation = c.mlp_activation()
+        fc1_out = 2 * ffn if self.activation == "swiglu" else ffn
+        self.linear_fc1 = ColumnParallelLinear(c.hidden_size, fc1_out, bias=c.add_bias_linear,
+                                               pg=pg, init_std=c.init_method_std)
+        self.linear_fc2 = RowParallelLinear(ffn, c.hidden_size, bias=c.add_bias_linear, pg=pg,
+                                            init_std=c.init_method_std
+                                            / math.sqrt(2.0 * c.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(activate(self.linear_fc1(x), self.activation))

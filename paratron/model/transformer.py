@@ -1,0 +1,99 @@
+"""Pre-norm transformer layers and the block that stacks them (with recompute).
+
+Activations are sequence-first, [s, b, h], as in Megatron, so sequence and context
+parallelism later shard dimension 0 without copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from paratron.model.attention import SelfAttention
+from paratron.model.mlp import MLP
+from paratron.model.norms import build_norm
+from paratron.parallel.process_groups import ProcessGroups
+
+
+def _maybe_checkpoint(enabled: bool, fn, *args):
+    if enabled:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class TransformerLayer(nn.Module):
+    """x + drop(attn(norm(x))), then h + drop(mlp(norm(h)))."""
+
+    def __init__(self, config, layer_number: int, pg: ProcessGroups | None = None):
+        super().__init__()
+        c = config
+        self.layer_number = layer_number
+        self.hidden_dropout = c.hidden_dropout
+        self.input_layernorm = build_norm(c.normalization, c.hidden_size, c.norm_epsilon)
+        self.self_attention = SelfAttention(c, layer_number, pg)
+        self.pre_mlp_layernorm = build_norm(c.normalization, c.hidden_size, c.norm_epsilon)
+        self.mlp = MLP(c, pg)
+        selective = (c.recompute_modules or []) if c.recompute_granularity == "selective" else []
+        self.recompute_norm = "layernorm" in selective
+        self.recompute_mlp = "mlp" in selective
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.hidden_dropout, self.training)
+
+    def forward(self, x, rotary=None, attention_mask=None):
+        recompute_norm = self.recompute_norm and self.training
+        h = _maybe_checkpoint(recompute_norm, self.input_layernorm, x)
+        x = x + self._dropout(self.self_attention(h, rotary, attention_mask))
+        h = _maybe_checkpoint(recompute_norm, self.pre_mlp_layernorm, x)
+        h = _maybe_checkpoint(self.recompute_mlp and self.training, self.mlp, h)
+        return x + self._dropout(h)
+
+
+class TransformerBlock(nn.Module):
+    """The layers a pipeline stage owns, and the final norm on the last stage.
+
+    `layers` keeps its local index (0..n-1) in parameter names; `layer_offset` says which
+    global layer the first one is, for initialisation and conversion.
+    """
+
+    def __init__(self, config, layer_numbers: range, post_process: bool,
+                 pg: ProcessGroups | None = None):
+        super().__init__()
+        c = config
+        self.config = c
+        self.layer_offset = layer_numbers.start
+        self.layers = nn.ModuleList(TransformerLayer(c, n, pg)
+                                    for n in layer_numbers)
+        self.final_layernorm = build_norm(c.normalization, c.hidden_size, c.norm_epsilon) \
+            if post_process else None
+
+    def _recompute_plan(self) -> list[list[int]]:
+        """Chunks of local layer indices, each run under one checkpoint when full."""
+        c, n = self.config, len(self.layers)
+        if c.recompute_granularity != "full":
+            return [[i] for i in range(n)]
+        if c.recompute_method == "uniform":
+            size = c.recompute_num_layers or 1
+            return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        return [[i] for i in range(n)]
+
+    def _is_recomputed(self, chunk: list[int]) -> bool:
+        c = self.config
+        if not self.training or c.recompute_granularity != "full":
+            return False
+        if c.recompute_method == "block":
+            return chunk[0] < c.recompute_num_layers
+        return True
+
+    def forward(self, x, rotary=None, attention_mask=None):
+        for chunk in self._recompute_plan():
+            def run(h, chunk=chunk):
+                for i in chunk:
+                    h = self.layers[i](h, rotary, attention_mask)
+                return h
+            x = _maybe_checkpoint(self._is_recomputed(chunk), run, x)
+        if self.final_layernorm is not None:
+            x = self.final_layernorm(x)
+        return x
