@@ -340,7 +340,7 @@ class DataConfig:
     max_padding_length: int | None = opt(None, "Pad SFT samples to this length.", type=int)
     sequence_packing: bool = opt(False, "Pack SFT samples into seq-length.")
     tokenizer_type: str | None = opt(None, "Tokenizer kind.", group="tokenizer",
-                                     choices=["GPT2BPETokenizer", "HuggingFaceTokenizer",
+                                     choices=["GPT2BPETokenizer", "HuggingFaceTokenizer", "GPTSentencePieceTokenizer",
                                               "SentencePieceTokenizer", "Llama2Tokenizer",
                                               "NullTokenizer"])
     patch_tokenizer_type: str | None = opt(None, "Pai-Megatron-Patch tokenizer name; read as "

@@ -1,0 +1,256 @@
+"""The training loop, with Megatron-LM's semantics and log line.
+
+One iteration: take this rank's micro-batches of the next global batch, count the
+loss tokens of the whole global batch, run the schedule (forward + backward per
+micro-batch into fp32 gradient buffers), then one optimizer step. Evaluation runs
+`--eval-iters` global batches forward-only every `--eval-interval` iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+import numpy as np
+import torch
+
+from paratron.config import Config, ConfigError, pad_vocab_size
+from paratron.model.gpt import GPTModel
+from paratron.parallel.data_parallel import DataParallel
+from paratron.parallel.process_groups import ProcessGroups
+from paratron.training.flops import flops_per_iteration
+from paratron.training.loss_scaler import build_loss_scaler
+from paratron.training.lr_schedule import LRSchedule
+from paratron.training.optimizer import MixedPrecisionOptimizer
+from paratron.training.schedules import forward_backward_no_pipelining
+
+
+def select_device(choice: str) -> torch.device:
+    """CUDA when present (one GPU per local rank), else the CPU; `cpu` forces the CPU."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def params_dtype(training_config) -> torch.dtype:
+    if training_config.bf16:
+        return torch.bfloat16
+    if training_config.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_vocab_size(cfg: Config, tokenizer_vocab_size: int | None) -> int:
+    """Megatron's padded vocabulary: tokenizer size (+ extra) up to a multiple of
+    make-vocab-size-divisible-by x TP, unless --padded-vocab-size says otherwise."""
+    m = cfg.model
+    base = tokenizer_vocab_size if tokenizer_vocab_size is not None else m.vocab_size
+    if m.padded_vocab_size is not None:
+        if base is not None and base + m.extra_vocab_size > m.padded_vocab_size:
+            raise ConfigError(f"--padded-vocab-size {m.padded_vocab_size} is smaller than the "
+                              f"tokenizer's vocabulary {base + m.extra_vocab_size}")
+        return m.padded_vocab_size
+    if base is None:
+        raise ConfigError("the vocabulary size is unknown: give --tokenizer-type with its "
+                          "files, or --vocab-size, or --padded-vocab-size")
+    return pad_vocab_size(base + m.extra_vocab_size, m.make_vocab_size_divisible_by,
+                          cfg.parallel.tensor_model_parallel_size)
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack per-sample arrays into a micro-batch."""
+    return {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples])
+            for k in samples[0]}
+
+
+def forward_step(batch: dict[str, torch.Tensor], model) -> tuple[torch.Tensor, Callable]:
+    """GPT forward: per-token loss, and a loss_fn that masks and sums it."""
+    per_token_loss = model(batch["tokens"], batch.get("position_ids"),
+                           batch.get("attention_mask"), labels=batch["labels"])
+    loss_mask = batch["loss_mask"].float()
+
+    def loss_fn(loss: torch.Tensor):
+        return (loss.float() * loss_mask).sum(), loss_mask.sum()
+
+    return per_token_loss, loss_fn
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Owns the model, optimizer and data of one run."""
+
+    def __init__(self, cfg: Config, datasets: tuple, *, tokenizer_vocab_size: int | None = None,
+                 log: Callable[[str], None] = print, pg: ProcessGroups | None = None):
+        self.cfg, self.log = cfg, log
+        self.pg = pg or ProcessGroups.single()
+        self.device = select_device(cfg.training.device)
+        self.dtype = params_dtype(cfg.training)
+        cfg.model.padded_vocab_size = resolve_vocab_size(cfg, tokenizer_vocab_size)
+        set_seed(cfg.training.seed)
+        model = GPTModel(cfg.model, self.pg).to(device=self.device, dtype=self.dtype)
+        self.model = DataParallel(model, self.pg)
+        self.schedule = LRSchedule.from_config(cfg.optimizer, cfg.training.train_iters)
+        self.optimizer = MixedPrecisionOptimizer(model, cfg.optimizer, self.schedule,
+                                                 build_loss_scaler(cfg.training))
+        self.train_ds, self.valid_ds, self.test_ds = datasets
+        self.state = TrainState()
+        t = cfg.training
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.pg.dp_size)
+        self.flops = flops_per_iteration(cfg.model, cfg.data.seq_length, t.global_batch_size)
+
+    # ----------------------------------------------------------------- data
+    def _global_batch(self, dataset, first_sample: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the global batch starting at `first_sample`.
+
+        Like Megatron's sampler, each micro-batch step takes micro x DP consecutive
+        samples and rank r keeps its slice, so samples do not depend on the layout.
+        """
+        t, dp = self.cfg.training, self.pg
+        mbs = t.micro_batch_size
+        batches = []
+        for m in range(self.num_microbatches):
+            start = first_sample + m * mbs * dp.dp_size + dp.dp_rank * mbs
+            samples = [dataset[(start + i) % len(dataset)] for i in range(mbs)]
+            batch = collate(samples)
+            batches.append({k: v.to(self.device) for k, v in batch.items()})
+        return batches
+
+    def _total_tokens(self, batches) -> float:
+        total = sum(float(b["loss_mask"].sum()) for b in batches)
+        return max(total, 1.0)
+
+    # ----------------------------------------------------------------- steps
+    def train_step(self) -> tuple[float | None, bool, float | None, int | None]:
+        """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
+        batches = self._global_batch(self.train_ds, self.state.consumed_train_samples)
+        total_tokens = self._total_tokens(batches)
+        self.model.train()
+        self.model.zero_grad_buffer()
+        results = forward_backward_no_pipelining(
+            forward_step, batches, self.model, total_tokens=total_tokens,
+            loss_scale=self.optimizer.loss_scaler.scale)
+        self.model.finish_grad_sync()
+        stepped, grad_norm, num_zeros = self.optimizer.step()
+        loss = float(sum(r[0] for r in results)) / total_tokens
+        self.state.consumed_train_samples += self.cfg.training.global_batch_size
+        return loss, stepped, grad_norm, num_zeros
+
+    @torch.no_grad()
+    def evaluate(self, dataset, first_sample: int) -> float:
+        """Mean per-token loss over --eval-iters global batches starting at first_sample."""
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0.0
+        for i in range(self.cfg.training.eval_iters):
+            start = first_sample + i * self.cfg.training.global_batch_size
+            batches = self._global_batch(dataset, start)
+            results = forward_backward_no_pipelining(
+                forward_step, batches, self.model, total_tokens=1.0, forward_only=True)
+            loss_sum += float(sum(r[0] for r in results))
+            tokens += float(sum(r[1] for r in results))
+        self.model.train()
+        return loss_sum / max(tokens, 1.0)
+
+    def _report_eval(self, prefix: str, loss: float) -> None:
+        ppl = math.exp(min(20.0, loss))
+        line = (f" validation loss at {prefix} | lm loss value: {loss:.6E} | "
+                f"lm loss PPL: {ppl:.6E} | ")
+        self.log("-" * (len(line) + 1))
+        self.log(line)
+        self.log("-" * (len(line) + 1))
+
+    def run_validation(self, prefix: str) -> float | None:
+        if self.valid_ds is None or len(self.valid_ds) == 0 or self.cfg.training.eval_iters == 0:
+            return None
+        loss = self.evaluate(self.valid_ds, self.state.consumed_valid_samples)
+        self.state.consumed_valid_samples += (self.cfg.training.eval_iters
+                                              * self.cfg.training.global_batch_size)
+        self._report_eval(prefix, loss)
+        return loss
+
+    # ----------------------------------------------------------------- loop
+    def train(self) -> TrainState:
+        t, lg = self.cfg.training, self.cfg.logging
+        interval_losses: list[float] = []
+        interval_skipped = 0
+        grad_norm = num_zeros = None
+        tick = time.perf_counter()
+        while self.state.iteration < t.train_iters:
+            loss, stepped, step_norm, step_zeros = self.train_step()
+            self.state.iteration += 1
+            if stepped:
+                interval_losses.append(loss)
+                grad_norm, num_zeros = step_norm, step_zeros
+            else:
+                interval_skipped += 1
+                self.state.skipped_iterations += 1
+            if not math.isfinite(loss):
+                self.state.nan_iterations += 1
+            self.state.losses.append(loss)
+            if self.state.iteration % lg.log_interval == 0:
+                elapsed = (time.perf_counter() - tick) / lg.log_interval
+                self.log(self._log_line(elapsed, interval_losses, interval_skipped,
+                                        grad_norm, num_zeros))
+                interval_losses, interval_skipped = [], 0
+                grad_norm = num_zeros = None
+                tick = time.perf_counter()
+            if t.eval_interval and self.state.iteration % t.eval_interval == 0:
+                self.run_validation(f"iteration {self.state.iteration}")
+                tick = time.perf_counter()
+        if t.eval_interval and self.state.iteration % t.eval_interval != 0:
+            self.run_validation(f"iteration {self.state.iteration} on validation set")
+        if self.test_ds is not None and len(self.test_ds) and t.eval_iters:
+            loss = self.evaluate(self.test_ds, 0)
+            self._report_eval(f"iteration {self.state.iteration} on test set", loss)
+        return self.state
+
+    def _log_line(self, elapsed: float, losses: list[float], skipped: int,
+                  grad_norm: float | None, num_zeros: int | None) -> str:
+        """Megatron's training log line."""
+        t, s = self.cfg.training, self.state
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        parts = [f" [{stamp}] iteration {s.iteration:8d}/{t.train_iters:8d}",
+                 f" consumed samples: {s.consumed_train_samples:12d}",
+                 f" elapsed time per iteration (ms): {elapsed * 1000.0:.1f}"]
+        if self.cfg.logging.log_throughput:
+            world = self.pg.dp_size * self.pg.tp_size * self.pg.pp_size
+            tflops = self.flops / (elapsed * world * 1e12)
+            tokens = t.global_batch_size * self.cfg.data.seq_length / (elapsed * world)
+            parts.append(f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+            parts.append(f" tokens per second per GPU: {tokens:.1f}")
+        parts.append(f" learning rate: {self.optimizer.lr:.6E}")
+        parts.append(f" global batch size: {t.global_batch_size:5d}")
+        if losses:
+            parts.append(f" lm loss: {sum(losses) / len(losses):.6E}")
+        parts.append(f" loss scale: {self.optimizer.loss_scaler.scale:.1f}")
+        if grad_norm is not None:
+            parts.append(f" grad norm: {grad_norm:.3f}")
+        if num_zeros is not None:
+            parts.append(f" num zeros: {float(num_zeros):.1f}")
+        parts.append(f" number of skipped iterations: {skipped:3d}")
+        parts.append(f" number of nan iterations: {s.nan_iterations:3d}")
+        return " |".join(parts) + " |"
