@@ -261,7 +261,8 @@ class TrainingConfig:
                                  group="mixed precision")
     hysteresis: int = opt(2, "Overflows tolerated before the loss scale halves.", type=int,
                           group="mixed precision")
-    fp8: str | None = opt(None, "FP8 format.", flag="--fp8-format", choices=["e4m3", "hybrid"],
+    fp8: str | None = opt(None, "FP8 format.", flag=("--fp8-format", "--fp8"),
+                          choices=["e4m3", "hybrid"],
                           group="mixed precision")
     fp8_recipe: str = opt("delayed", "FP8 scaling recipe.",
                           choices=["tensorwise", "delayed", "mxfp8", "blockwise"],
@@ -443,8 +444,10 @@ def _fields_with_flags(section_cls):
             yield f
 
 
-def _flag_of(f) -> str:
-    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+def _flags_of(f) -> tuple[str, ...]:
+    """A field's spellings on the command line (the first is the documented one)."""
+    flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+    return (flag,) if isinstance(flag, str) else tuple(flag)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -478,7 +481,7 @@ def build_parser(prog: str = "paratron train") -> argparse.ArgumentParser:
                 for key in ("type", "choices", "nargs", "metavar"):
                     if m[key] is not None:
                         kwargs[key] = m[key]
-            group.add_argument(_flag_of(f), **kwargs)
+            group.add_argument(*_flags_of(f), **kwargs)
     compat = parser.add_argument_group(
         "accepted for compatibility with Megatron-LM scripts (no effect in Paratron)")
     for flag, takes_value in NO_EFFECT_FLAGS:
@@ -560,8 +563,10 @@ def _yaml_defaults(path: str, parser) -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "paratron train") -> Config:
-    """Parse Megatron-style flags (plus preset and YAML) into a finalized, validated Config."""
+def parse_args(argv: list[str] | None = None, prog: str = "paratron train",
+               check: bool = True) -> Config:
+    """Parse Megatron-style flags (plus preset and YAML) into a finalized Config,
+    validated unless `check` is False (parsing alone, as the flag-compatibility test does)."""
     from paratron.model.presets import PRESETS
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -585,7 +590,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "paratron train") -> C
     for dest, value in values.items():
         setattr(getattr(cfg, where[dest]), dest, value)
     finalize(cfg)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

@@ -1,0 +1,42 @@
+"""`paratron <command> ...`: dispatch to the command modules.
+
+Every command reports a refused input as one line on stderr and a non-zero exit code,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("paratron.cli.train", "train a model (Megatron-LM flags)"),
+    "preprocess": ("paratron.cli.preprocess", "tokenize JSONL/text into .bin/.idx files"),
+    "inspect-data": ("paratron.cli.inspect_data", "print the token ids of training samples"),
+    "demo": ("paratron.cli.demo", "train a small model on text every machine has"),
+}
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<14}{desc}" for name, (_, desc) in COMMANDS.items())
+    return f"usage: paratron <command> [flags]\n\ncommands:\n{rows}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        sys.stderr.write(f"paratron: error: unknown command '{name}'{hint}\n")
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
