@@ -113,7 +113,7 @@ INVALID = [
     (["--recompute-method", "uniform"], "applies only with --recompute-granularity full"),
     (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr"),
     (["--lr-decay-style", "WSD"], "needs --lr-wsd-decay-iters"),
-    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size > 1 is not supported yet"),
+    (["--tensor-model-parallel-size", "2"], "world size is not divisible by tensor x pipeline"),
     (["--num-experts", "4"], "--num-experts (mixture of experts) is not supported yet"),
     (["--hidden-dropout", "1.5"], "--attention-dropout and --hidden-dropout must be in [0, 1)"),
     (["--rotary-percent", "0"], "--rotary-percent must be in (0, 1]"),
@@ -137,3 +137,11 @@ def test_refusal_from_the_command_line_exits_nonzero_without_traceback():
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
         "paratron train: error: --fp16 and --bf16 are both set; choose one"]
+
+
+def test_feature_of_a_later_release_is_refused_not_ignored(monkeypatch):
+    with pytest.raises(ConfigError, match="--multi-latent-attention is not supported yet"):
+        parse_args(TINY + ["--multi-latent-attention"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--tensor-model-parallel-size > 1 is not supported yet"):
+        parse_args(TINY + ["--tensor-model-parallel-size", "2"])
