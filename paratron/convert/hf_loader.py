@@ -1,0 +1,178 @@
+"""Load a Hugging Face checkpoint folder into a Paratron GPTModel.
+
+`config.json` gives the architecture; the weights come from safetensors (one
+`model.safetensors`, or shards listed in `model.safetensors.index.json`), read tensor
+by tensor with `safe_open`, so no pickle is ever read and only one Paratron tensor's
+sources are in memory at a time besides the model.
+
+Loading is strict both ways: every Paratron tensor must be filled and every stored
+tensor used (buffers such as rotary `inv_freq` excepted), so a mapping mistake fails
+with one line naming the file and tensor instead of leaving random weights behind.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from paratron.config import TransformerConfig
+from paratron.convert.errors import ConversionError
+from paratron.convert.hf_config import config_from_hf, read_hf_config
+from paratron.convert.hf_mapping import EMBEDDING, OUTPUT, Architecture, architecture
+from paratron.model.gpt import GPTModel
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class SafetensorsFolder:
+    """The stored tensors of a checkpoint folder: which file holds each, opened lazily.
+
+    Use as a context manager; files are opened on first use and closed on exit.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._stack = ExitStack()
+        self._handles: dict[str, object] = {}
+        index, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
+        if index.exists():
+            self.source = INDEX_FILE
+            self.location = self._read_index(index)
+        elif single.exists():
+            self.source = SINGLE_FILE
+            self.location = dict.fromkeys(self._open(SINGLE_FILE).keys(), SINGLE_FILE)
+        else:
+            pickles = sorted(p.name for p in self.folder.glob("*.bin"))
+            hint = (f"; found only {pickles[0]} (pickle), which Paratron does not read: "
+                    f"re-save it as safetensors") if pickles else ""
+            raise ConversionError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConversionError(f"{index}: not a safetensors index (needs a "
+                                  f"'weight_map' object)") from None
+        for shard in sorted(set(weight_map.values())):
+            if not (self.folder / shard).exists():
+                raise ConversionError(f"{index}: shard {shard} is missing from {self.folder}")
+        return dict(weight_map)
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = self._stack.enter_context(
+                    safe_open(str(self.folder / file), framework="pt", device="cpu"))
+            except (SafetensorError, OSError) as exc:
+                raise ConversionError(f"{self.folder / file}: not a readable safetensors "
+                                      f"file ({exc})") from None
+        return self._handles[file]
+
+    def __enter__(self) -> "SafetensorsFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def names(self) -> list[str]:
+        return sorted(self.location)
+
+    def find(self, hf_name: str, arch: Architecture, needed_for: str) -> str:
+        """The stored spelling of a Hugging Face tensor name, or a one-line refusal."""
+        for spelling in arch.spellings(hf_name):
+            if spelling in self.location:
+                return spelling
+        raise ConversionError(f"{self.folder}: tensor {hf_name} (for Paratron {needed_for}) "
+                              f"is not in {self.source}")
+
+    def _handle_with(self, name: str):
+        file = self.location[name]
+        handle = self._open(file)
+        if name not in handle.keys():
+            raise ConversionError(f"{self.folder / file}: lacks tensor {name}, which "
+                                  f"{INDEX_FILE} places there")
+        return handle
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle_with(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle_with(name).get_tensor(name)
+
+    def where(self, name: str) -> Path:
+        return self.folder / self.location[name]
+
+
+def _read_sources(files: SafetensorsFolder, arch: Architecture, name: str,
+                  target: torch.Tensor, config, offset: int) -> tuple[list[str], torch.Tensor]:
+    """The stored tensors that make Paratron tensor `name`, shape-checked, transformed."""
+    stored = [files.find(h, arch, name) for h in arch.hf_names(name, offset)]
+    # The shapes the sources must have: the inverse transform of the target's shape.
+    expected = arch.to_hf(name, torch.empty(target.shape, device="meta"), config, offset)
+    for stored_name, want in zip(stored, expected.values()):
+        got = files.shape(stored_name)
+        if got != tuple(want.shape):
+            raise ConversionError(f"{files.where(stored_name)}: {stored_name} has shape "
+                                  f"{list(got)}, but config.json implies {list(want.shape)}")
+    return stored, arch.to_paratron(name, [files.get(s) for s in stored], config)
+
+
+def load_hf_weights(model: GPTModel, folder: str | Path, model_type: str,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Fill every tensor of `model` (one stage, TP=1) from a Hugging Face folder.
+
+    Floating-point parameters become `dtype`; non-persistent buffers (rotary
+    frequencies) are left as the model computed them, in fp32.
+    """
+    arch, config = architecture(model_type), model.config
+    offset = model.decoder.layer_offset
+    state = model.state_dict(keep_vars=True)
+    used: set[str] = set()
+    with SafetensorsFolder(folder) as files:
+        for name, target in state.items():
+            stored, value = _read_sources(files, arch, name, target, config, offset)
+            used.update(stored)
+            with torch.no_grad():
+                target.data = value.to(dtype if target.is_floating_point() else target.dtype
+                                       ).contiguous()
+        if OUTPUT not in state and model.output_layer is not None:
+            used.update(_check_tied_copy(files, arch, state, config, dtype))
+        unused = [n for n in files.names() if n not in used and not arch.is_ignored(n)]
+        if unused:
+            raise ConversionError(f"{files.where(unused[0])}: tensor {unused[0]} is not used "
+                                  f"by the {arch.name} mapping ({len(unused)} unused in all)")
+
+
+def _check_tied_copy(files: SafetensorsFolder, arch: Architecture, state: dict,
+                     config, dtype: torch.dtype) -> list[str]:
+    """A tied model's checkpoint may still store the output layer; it must then equal
+    the embeddings, since Paratron will use the embeddings in its place."""
+    names = arch.hf_names(OUTPUT)
+    present = [next((s for s in arch.spellings(h) if s in files.location), None)
+               for h in names]
+    if None in present:
+        return []
+    embedding = state.get(EMBEDDING)
+    if embedding is None:  # a later pipeline stage; the first stage checks the copy
+        return present
+    _, value = _read_sources(files, arch, OUTPUT, embedding, config, 0)
+    if not torch.equal(value.to(dtype), embedding.detach()):
+        raise ConversionError(f"{files.where(present[0])}: {present[0]} differs from the "
+                              f"embeddings although config.json sets tie_word_embeddings")
+    return present
+
+
+def load_hf_model(folder: str | Path, dtype: torch.dtype = torch.float32
+                  ) -> tuple[TransformerConfig, GPTModel]:
+    """The TransformerConfig and a GPTModel (single process, eval mode) holding the
+    weights of the Hugging Face checkpoint in `folder`."""
+    hf = read_hf_config(folder)
+    config = config_from_hf(hf)
+    model = GPTModel(config)
+    load_hf_weights(model, folder, hf["model_type"], dtype)
+    return config, model.eval()
