@@ -1,0 +1,106 @@
+"""Blending several datasets into one stream, as Megatron-LM's BlendedDataset does.
+
+Position s of the blend draws from the dataset that is furthest behind its
+share (largest ``w_i * max(s, 1) - drawn_i``), so every prefix of the stream
+follows the weights as closely as possible; within a dataset, samples are
+taken in order 0, 1, 2, ... (each dataset is already shuffled). The two index
+arrays are cached next to the GPT indices when a cache folder is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from paratron.data.errors import DataError
+from paratron.data.indices import build_blending_indices, build_exhaustive_blending_indices
+
+
+class BlendedDataset(torch.utils.data.Dataset):
+    """A weighted mixture of datasets of the same split.
+
+    ``weights`` are normalised when ``size`` is given (Megatron normalises
+    them here even if the caller already did, and so must we to draw the
+    same positions). With ``size=None`` the weights must be whole numbers and
+    exactly ``weights[i]`` samples are drawn from dataset i.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[torch.utils.data.Dataset],
+        weights: Sequence[float],
+        size: int | None,
+        split_name: str,
+        cache_path: str | None = None,
+    ) -> None:
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError("need one weight per dataset")
+        if len(datasets) >= 32767:
+            raise DataError(f"cannot blend {len(datasets)} datasets (at most 32766)")
+        if any(w <= 0 for w in weights):
+            raise DataError(f"blend weights must be positive, got {list(weights)}")
+        if size is not None:
+            w = np.array(weights, dtype=np.float64)
+            weights = (w / np.sum(w)).tolist()
+        self.datasets = list(datasets)
+        self.weights = list(weights)
+        self.size = size
+        self.split_name = split_name
+        self.description = {
+            "class": "BlendedDataset",
+            "datasets": [getattr(d, "description", repr(d)) for d in self.datasets],
+            "split": split_name,
+            "weights": self.weights,
+            "size": size,
+        }
+        text = json.dumps(self.description, indent=4, sort_keys=True)
+        self.description_hash = hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+        self.dataset_index, self.dataset_sample_index = self._indices(cache_path)
+
+    def _indices(self, cache_path: str | None):
+        from paratron.data.gpt_dataset import _atomic_save, _atomic_write_text
+
+        if cache_path:
+            base = os.path.join(cache_path, f"{self.description_hash}-BlendedDataset-{self.split_name}")
+            paths = [f"{base}-dataset_index.npy", f"{base}-dataset_sample_index.npy"]
+            if all(os.path.isfile(p) for p in paths):
+                return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        if self.size is not None:
+            dataset_index, sample_index = build_blending_indices(self.weights, self.size)
+        else:
+            dataset_index, sample_index = build_exhaustive_blending_indices([int(w) for w in self.weights])
+        counts = np.bincount(dataset_index, minlength=len(self.datasets))
+        for i, (needed, ds) in enumerate(zip(counts, self.datasets)):
+            if needed > len(ds):
+                raise DataError(
+                    f"the {self.split_name} blend needs {needed} samples from dataset {i} "
+                    f"but it has only {len(ds)}"
+                )
+        if cache_path:
+            try:
+                os.makedirs(cache_path, exist_ok=True)
+                _atomic_write_text(f"{base}-description.txt", json.dumps(self.description, indent=4))
+                _atomic_save(paths[0], dataset_index)
+                _atomic_save(paths[1], sample_index)
+            except OSError as exc:
+                raise DataError(f"cannot write blend index cache in {cache_path} ({exc.strerror})") from None
+        return dataset_index, sample_index
+
+    def __len__(self) -> int:
+        return int(self.dataset_index.shape[0])
+
+    def sample_tokens(self, idx: int) -> np.ndarray:
+        """The ``seq_length + 1`` token ids of blended sample ``idx``."""
+        d = int(self.dataset_index[idx])
+        return self.datasets[d].sample_tokens(int(self.dataset_sample_index[idx]))
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        d = int(self.dataset_index[idx])
+        sample = self.datasets[d][int(self.dataset_sample_index[idx])]
+        sample["dataset_id"] = torch.tensor(d, dtype=torch.int64)
+        return sample

@@ -1,0 +1,607 @@
+"""GPT pretraining datasets with Megatron-LM's sampling, and the one entry point the trainer calls.
+
+Entry point::
+
+    build_train_valid_test_datasets(
+        data_path: list[str] | None,          # --data-path: "prefix" or "w1 prefix1 w2 prefix2 ..."
+        split: str | None,                    # --split, e.g. "949,50,1" (default "969,30,1")
+        seq_length: int,                      # --seq-length
+        seed: int,                            # --seed (Megatron default 1234)
+        num_samples: tuple[int | None, int | None, int | None],
+                                              # see get_train_valid_test_num_samples
+        tokenizer=None,                       # anything with .eod, .vocab_size and optionally .pad/.bos
+                                              # (None: mock data as NullTokenizer(vocab_size - 1))
+        cache_path: str | None = None,        # --data-cache-path
+        mock: bool = False,                   # --mock-data
+        eod_mask_loss: bool = False,          # --eod-mask-loss
+        reset_position_ids: bool = False,     # --reset-position-ids
+        reset_attention_mask: bool = False,   # --reset-attention-mask
+        create_attention_mask: bool = False,  # also return Megatron's [1, S, S] mask
+        data_path_config: str | None = None,  # --data-path-config YAML
+        train_data_path / valid_data_path / test_data_path: list[str] | None = None,
+        vocab_size: int | None = None,        # only used when tokenizer is None
+    ) -> tuple[Dataset | None, Dataset | None, Dataset | None]
+
+Each dataset maps a sample index to a dict of tensors:
+
+* ``tokens`` int64 [S], ``labels`` int64 [S] (tokens shifted by one),
+* ``loss_mask`` float32 [S] (0 where ``--eod-mask-loss`` hides an input eod),
+* ``position_ids`` int64 [S] (restarting after each eod with
+  ``--reset-position-ids``),
+* with ``--reset-attention-mask``: ``document_ids`` int64 [S], the number of
+  eod tokens before each position, so position i may attend to j only when
+  ``j <= i`` and ``document_ids[i] == document_ids[j]``;
+* with ``create_attention_mask``: ``attention_mask`` bool [1, S, S] in
+  Megatron's convention (True = masked out).
+
+Samples are a pure function of (files, split, seed, seq_length, number of
+samples requested, sample index) — never of the parallel layout. The index
+arrays are built once, saved as ``.npy`` under a name keyed by the MD5 of a
+JSON description of everything they depend on, and memory-mapped afterwards.
+In a multi-process job, build on one rank first (or on all: files are written
+under a temporary name and renamed, so concurrent builders cannot leave a
+partial file) and then call the builder on the other ranks, which hit the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from paratron.data.errors import DataError
+from paratron.data.indexed_dataset import IndexedDataset, dataset_exists, idx_path
+from paratron.data.indices import build_gpt_indices, parse_split, split_matrix, split_range
+
+SPLIT_NAMES = ("train", "valid", "test")
+#: Megatron's --split when none is given.
+DEFAULT_SPLIT = "969,30,1"
+#: Megatron's "pad" id when the tokenizer has no distinct pad token.
+NO_PAD = -1
+
+
+@dataclass(frozen=True)
+class GPTDatasetConfig:
+    """What a GPTDataset needs besides its files: plain numbers and switches."""
+
+    seq_length: int
+    seed: int = 1234
+    eod: int = 0
+    pad: int = NO_PAD
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    create_attention_mask: bool = False
+    cache_path: str | None = None
+    split: str = DEFAULT_SPLIT
+
+
+def pad_id_for(tokenizer) -> int:
+    """The pad id Megatron masks out: the tokenizer's pad, unless missing or equal to eod/eos/bos (then -1)."""
+    pad = getattr(tokenizer, "pad", None)
+    if pad is None or pad < 0:
+        return NO_PAD
+    special = {getattr(tokenizer, name, None) for name in ("eod", "eos", "bos")}
+    return NO_PAD if pad in special else int(pad)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def masks_and_position_ids(
+    tokens: torch.Tensor,
+    eod: int,
+    eod_mask_loss: bool,
+    reset_position_ids: bool,
+    reset_attention_mask: bool,
+    create_attention_mask: bool,
+) -> dict[str, torch.Tensor]:
+    """Megatron's loss mask, position ids and attention mask for one left-to-right sample.
+
+    Vectorised: ``document_ids[i]`` counts the eod tokens strictly before i, so
+    a new document starts right after each eod (the eod itself belongs to the
+    document it ends), as in Megatron's loop.
+    """
+    s = tokens.numel()
+    out: dict[str, torch.Tensor] = {}
+    is_eod = tokens == eod
+    loss_mask = torch.ones(s, dtype=torch.float32)
+    if eod_mask_loss:
+        loss_mask[is_eod] = 0.0
+    out["loss_mask"] = loss_mask
+    positions = torch.arange(s, dtype=torch.int64)
+    document_ids = torch.cumsum(is_eod.to(torch.int64), 0) - is_eod.to(torch.int64)
+    if reset_position_ids:
+        # First position of each document: 0, then one past each eod.
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), positions[is_eod] + 1])
+        positions = positions - starts[document_ids]
+    out["position_ids"] = positions
+    if reset_attention_mask:
+        out["document_ids"] = document_ids
+    if create_attention_mask:
+        allowed = torch.tril(torch.ones(s, s, dtype=torch.bool))
+        if reset_attention_mask:
+            allowed &= document_ids[:, None] == document_ids[None, :]
+        out["attention_mask"] = (~allowed).unsqueeze(0)
+    return out
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """One split of one corpus, sampled as Megatron-LM's GPTDataset samples it.
+
+    ``low_level`` is an :class:`IndexedDataset` (or the mock corpus);
+    ``sequence_ids`` are the corpus sequences in this split; ``num_samples``
+    is how many samples are needed (None: one epoch).
+    """
+
+    def __init__(
+        self,
+        low_level,
+        path_prefix: str | None,
+        sequence_ids: np.ndarray,
+        num_samples: int | None,
+        split_name: str,
+        config: GPTDatasetConfig,
+    ) -> None:
+        self.low_level = low_level
+        self.path_prefix = path_prefix
+        self.sequence_ids = sequence_ids
+        self.num_samples = num_samples
+        self.split_name = split_name
+        self.config = config
+        self.description = {
+            "class": "GPTDataset",
+            "dataset": low_level.describe(),
+            "split_name": split_name,
+            "split": config.split,
+            "split_range": [int(sequence_ids[0]), int(sequence_ids[-1]) + 1] if len(sequence_ids) else [0, 0],
+            "num_samples": num_samples,
+            "seed": config.seed,
+            "seq_length": config.seq_length,
+            "add_extra_token_to_sequence": True,
+        }
+        self.description_hash = _md5(self.description)
+        self.document_index, self.sample_index, self.shuffle_index = self._indices()
+
+    # -- indices -------------------------------------------------------------------
+
+    def _cache_dir(self) -> str | None:
+        if self.config.cache_path:
+            return self.config.cache_path
+        if self.path_prefix is None:  # mock data without --data-cache-path: not cached
+            return None
+        # Megatron's default: a folder next to the data, named after the prefix.
+        return os.path.join(self.path_prefix, "cache", "GPTDataset_indices")
+
+    def _indices(self):
+        cache = self._cache_dir()
+        names = ("document_index", "sample_index", "shuffle_index")
+        if cache:
+            base = os.path.join(cache, f"{self.description_hash}-GPTDataset-{self.split_name}")
+            paths = [f"{base}-{n}.npy" for n in names]
+            if all(os.path.isfile(p) for p in paths):
+                return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        arrays = build_gpt_indices(
+            self.low_level.sequence_lengths,
+            self.sequence_ids,
+            self.config.seq_length,
+            self.num_samples,
+            self.config.seed,
+        )
+        if cache:
+            try:
+                os.makedirs(cache, exist_ok=True)
+                _atomic_write_text(f"{base}-description.txt", json.dumps(self.description, indent=4))
+                for path, array in zip(paths, arrays):
+                    _atomic_save(path, array)
+            except OSError as exc:
+                raise DataError(
+                    f"cannot write dataset index cache in {cache} ({exc.strerror}); "
+                    "pass --data-cache-path <writable folder>"
+                ) from None
+            return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        return arrays
+
+    # -- samples -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.sample_index.shape[0] - 1
+
+    def sample_tokens(self, idx: int) -> np.ndarray:
+        """The ``seq_length + 1`` token ids of sample ``idx`` (after the shuffle), int64."""
+        if not 0 <= idx < len(self):
+            raise IndexError(f"sample {idx} out of range ({len(self)} samples in the {self.split_name} split)")
+        i = int(self.shuffle_index[idx])
+        pos_beg, off_beg = (int(v) for v in self.sample_index[i])
+        pos_end, off_end = (int(v) for v in self.sample_index[i + 1])
+        get = self.low_level.get
+        doc = self.document_index
+        if pos_beg == pos_end:
+            parts = [get(int(doc[pos_beg]), off_beg, off_end - off_beg + 1)]
+        else:
+            parts = [get(int(doc[pos_beg]), off_beg)]
+            parts += [get(int(doc[p])) for p in range(pos_beg + 1, pos_end)]
+            parts.append(get(int(doc[pos_end]), 0, off_end + 1))
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        text = torch.from_numpy(self.sample_tokens(int(idx)))
+        tokens = text[:-1].clone()
+        labels = text[1:].clone()
+        sample = {"tokens": tokens, "labels": labels}
+        sample.update(
+            masks_and_position_ids(
+                tokens, cfg.eod, cfg.eod_mask_loss, cfg.reset_position_ids, cfg.reset_attention_mask,
+                cfg.create_attention_mask,
+            )
+        )
+        if cfg.pad != NO_PAD:
+            # Megatron: a pad label carries no loss, and pad ids are fed as 0.
+            sample["loss_mask"][labels == cfg.pad] = 0.0
+            tokens[tokens == cfg.pad] = 0
+            labels[labels == cfg.pad] = 0
+        return {k: sample[k] for k in _KEY_ORDER if k in sample}
+
+
+_KEY_ORDER = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "attention_mask")
+
+
+# --------------------------------------------------------------------------- cache helpers
+
+
+def _md5(description: dict) -> str:
+    text = json.dumps(description, indent=4, sort_keys=True)
+    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def _atomic_save(path: str, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- low-level corpora
+
+
+class IndexedCorpus(IndexedDataset):
+    """An :class:`IndexedDataset` that also describes itself for the index cache."""
+
+    def describe(self) -> dict:
+        return {
+            "path_prefix": os.path.abspath(self.prefix),
+            "sequences": int(self.sequence_count),
+            "documents": int(self.num_documents),
+            "idx_bytes": os.path.getsize(idx_path(self.prefix)),
+        }
+
+
+def open_corpus(prefix: str) -> IndexedCorpus:
+    """Open ``<prefix>.bin/.idx`` for sampling, with a clear error when it does not exist."""
+    if not dataset_exists(prefix):
+        missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+        raise DataError(
+            f"data prefix '{prefix}' does not exist (missing {', '.join(missing)}); "
+            "--data-path takes the path without .bin/.idx, e.g. my_corpus_text_document"
+        )
+    return IndexedCorpus(prefix)
+
+
+# --------------------------------------------------------------------------- sample counts
+
+
+def get_train_valid_test_num_samples(
+    global_batch_size: int,
+    train_iters: int | None = None,
+    train_samples: int | None = None,
+    eval_interval: int = 1000,
+    eval_iters: int = 100,
+) -> tuple[int, int, int]:
+    """Samples each split must provide, as Megatron computes them.
+
+    train = ``train_samples`` or ``train_iters * global_batch_size``;
+    valid = ``(train_iters // eval_interval + 1) * eval_iters * global_batch_size``
+    (with ``--train-samples``, ``train_iters = train_samples // global_batch_size``);
+    test = ``eval_iters * global_batch_size``.
+    """
+    if train_samples:
+        train = int(train_samples)
+        if not train_iters:
+            train_iters = train // global_batch_size
+    elif train_iters is not None:
+        train = int(train_iters) * global_batch_size
+    else:
+        raise DataError("give --train-iters or --train-samples")
+    if eval_interval <= 0:
+        raise DataError(f"--eval-interval must be positive, got {eval_interval}")
+    valid = (train_iters // eval_interval + 1) * eval_iters * global_batch_size
+    test = eval_iters * global_batch_size
+    return train, valid, test
+
+
+#: The name the trainer uses.
+sample_counts = get_train_valid_test_num_samples
+
+
+# --------------------------------------------------------------------------- blends
+
+
+def parse_blend(data_path: Sequence[str] | str | None) -> tuple[list[str], list[float] | None] | None:
+    """Megatron's ``--data-path`` list -> ``(prefixes, weights or None)``.
+
+    Accepts ``[prefix, ...]`` (unweighted) or ``[w1, prefix1, w2, prefix2, ...]``;
+    entries holding several whitespace-separated words (an unquoted shell
+    variable) are split first.
+    """
+    if data_path is None:
+        return None
+    if isinstance(data_path, str):
+        data_path = [data_path]
+    words = [w for entry in data_path for w in str(entry).split()]
+    if not words:
+        return None
+
+    def number(x: str) -> float | None:
+        try:
+            return float(x)
+        except ValueError:
+            return None
+
+    if len(words) % 2 == 0:
+        weights = [number(w) for w in words[0::2]]
+        if all(w is not None for w in weights):
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise DataError(f"--data-path weights must be non-negative with a positive sum: {words[0::2]}")
+            return list(words[1::2]), weights  # type: ignore[return-value]
+        if any(w is not None for w in weights):
+            raise DataError(
+                "--data-path must be either prefixes only or weight-prefix pairs, got: " + " ".join(words)
+            )
+    if any(number(w) is not None for w in words):
+        raise DataError("--data-path weight without a prefix (expected pairs 'weight prefix'): " + " ".join(words))
+    return words, None
+
+
+def normalize(weights: Sequence[float]) -> list[float]:
+    w = np.array(weights, dtype=np.float64)
+    return (w / np.sum(w)).tolist()
+
+
+def load_data_path_config(path: str) -> dict[str, Any]:
+    """Read a ``--data-path-config`` YAML file.
+
+    Accepted forms (weights may be any non-negative numbers)::
+
+        # the --data-path words as a list (or one string)
+        - 0.7
+        - /data/a_text_document
+        - 0.3
+        - /data/b_text_document
+
+        # or a mapping, optionally with a split or per-split blends
+        data_path: [0.7, /data/a_text_document, 0.3, /data/b_text_document]
+        split: 99,1,0
+        # train: [...]   valid: [...]   test: [...]   (instead of data_path)
+
+        # or a list of {path:, weight:} entries
+        - {path: /data/a_text_document, weight: 0.7}
+
+    Returns ``{"data_path": [...] or None, "split": str or None,
+    "train"/"valid"/"test": [...] or None}`` with ``--data-path``-style word lists.
+    """
+    import yaml
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file (given as --data-path-config)")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+    def words(value, where: str) -> list[str] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, list):
+            out: list[str] = []
+            for item in value:
+                if isinstance(item, dict):
+                    if "path" not in item:
+                        raise DataError(f"{path}: entry {item} in {where} has no 'path'")
+                    out += [str(item.get("weight", 1.0)), str(item["path"])]
+                else:
+                    out.append(str(item))
+            return out
+        raise DataError(f"{path}: {where} must be a list or a string")
+
+    result: dict[str, Any] = {"data_path": None, "split": None, "train": None, "valid": None, "test": None}
+    if isinstance(raw, (list, str)):
+        result["data_path"] = words(raw, "the file")
+    elif isinstance(raw, dict):
+        unknown = set(raw) - {"data_path", "data-path", "split", "train", "valid", "test"}
+        if unknown:
+            raise DataError(f"{path}: unknown keys {sorted(unknown)} (expected data_path, split, train, valid, test)")
+        result["data_path"] = words(raw.get("data_path", raw.get("data-path")), "data_path")
+        result["split"] = str(raw["split"]) if raw.get("split") is not None else None
+        for name in SPLIT_NAMES:
+            result[name] = words(raw.get(name), name)
+    else:
+        raise DataError(f"{path}: expected a list or a mapping at the top level")
+    return result
+
+
+# --------------------------------------------------------------------------- builder
+
+
+def build_train_valid_test_datasets(
+    data_path: Sequence[str] | None,
+    split: str | None,
+    seq_length: int,
+    seed: int,
+    num_samples: Sequence[int | None],
+    tokenizer=None,
+    cache_path: str | None = None,
+    mock: bool = False,
+    eod_mask_loss: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    create_attention_mask: bool = False,
+    data_path_config: str | None = None,
+    train_data_path: Sequence[str] | None = None,
+    valid_data_path: Sequence[str] | None = None,
+    test_data_path: Sequence[str] | None = None,
+    vocab_size: int | None = None,
+):
+    """Build the train, valid and test datasets exactly as Megatron-LM's BlendedMegatronDatasetBuilder.
+
+    See the module docstring for the arguments. A split with zero weight in
+    ``--split`` (or without a per-split path) is ``None``. One prefix without
+    weight gives a :class:`GPTDataset`; weighted prefixes give a
+    :class:`~paratron.data.blended.BlendedDataset` of ``sum_i ceil(N * w_i)``
+    samples over per-corpus datasets of ``ceil(ceil(N * w_i) * 1.005)``.
+    """
+    from paratron.data.blended import BlendedDataset
+    from paratron.data.indices import blend_sizes
+    from paratron.data.mock import MockCorpus
+
+    if tokenizer is None:
+        # Mock data without a tokenizer: behave as NullTokenizer(vocab_size - 1),
+        # whose vocabulary is vocab_size ids with the last one as eod.
+        if vocab_size is None:
+            raise DataError("give a tokenizer (--tokenizer-type ...) or --vocab-size")
+        from paratron.data.tokenizer import NullTokenizer
+
+        tokenizer = NullTokenizer(int(vocab_size) - 1)
+    if seq_length is None or seq_length < 1:
+        raise DataError(f"--seq-length must be a positive number, got {seq_length}")
+    sizes = list(num_samples) + [None] * (3 - len(num_samples))
+
+    per_split: list[Sequence[str] | None] = [train_data_path, valid_data_path, test_data_path]
+    if data_path_config:
+        conf = load_data_path_config(data_path_config)
+        if conf["data_path"] is not None:
+            data_path = conf["data_path"]
+        if conf["split"] is not None:
+            split = conf["split"]
+        for i, name in enumerate(SPLIT_NAMES):
+            if conf[name] is not None:
+                per_split[i] = conf[name]
+
+    blend = parse_blend(data_path)
+    blend_per_split = [parse_blend(p) for p in per_split]
+    if blend is not None and any(b is not None for b in blend_per_split):
+        raise DataError("give either --data-path or --train/valid/test-data-path, not both")
+    if blend is None and all(b is None for b in blend_per_split) and not mock:
+        raise DataError("no training data: give --data-path (or --data-path-config, --train-data-path) or --mock-data")
+
+    if mock and blend is None and all(b is None for b in blend_per_split):
+        split = "1,1,1"  # Megatron's fixed split for mock data
+    elif blend is not None and split is None:
+        split = DEFAULT_SPLIT
+    config = GPTDatasetConfig(
+        seq_length=seq_length,
+        seed=seed,
+        eod=int(tokenizer.eod),
+        pad=pad_id_for(tokenizer),
+        eod_mask_loss=eod_mask_loss,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        create_attention_mask=create_attention_mask,
+        cache_path=cache_path,
+        split=split or "",
+    )
+
+    def splits_of(prefix: str | None, matrix, split_sizes) -> list[GPTDataset | None]:
+        corpus = MockCorpus(tokenizer.vocab_size, tokenizer.eod) if prefix is None else open_corpus(prefix)
+        n = len(corpus)
+        out: list[GPTDataset | None] = []
+        for i, bounds in enumerate(matrix):
+            if bounds is None:
+                out.append(None)
+                continue
+            begin, end = split_range(bounds, n)
+            ids = np.arange(begin, end, dtype=np.int32)
+            tokens = int(np.sum(corpus.sequence_lengths[ids], dtype=np.int64)) if len(ids) else 0
+            if tokens < 2:
+                if split_sizes[i] == 0:
+                    out.append(None)
+                    continue
+                where = "mock data" if prefix is None else prefix
+                raise DataError(
+                    f"the {SPLIT_NAMES[i]} split of {where} holds {end - begin} of {n} sequences "
+                    f"({tokens} tokens) with --split {split}; it needs at least 2 tokens (change --split or add data)"
+                )
+            out.append(GPTDataset(corpus, prefix, ids, split_sizes[i], SPLIT_NAMES[i], config))
+        return out
+
+    def blended(prefixes, weights, matrix, split_sizes) -> list:
+        if weights is not None:
+            weights = normalize(weights)
+        if len(prefixes) == 1 and weights is None:
+            return splits_of(prefixes[0], matrix, split_sizes)
+        if weights is None:
+            per_prefix_sizes = [[None, None, None] for _ in prefixes]
+        else:
+            targets = [[None if n is None else blend_sizes([w], n, 0.0)[0] for n in split_sizes] for w in weights]
+            per_prefix_sizes = [[None if n is None else blend_sizes([w], n)[0] for n in split_sizes] for w in weights]
+        mids = [splits_of(p, matrix, s) for p, s in zip(prefixes, per_prefix_sizes)]
+        result: list = [None, None, None]
+        for i in range(3):
+            if matrix[i] is None:
+                continue
+            datasets = [m[i] for m in mids]
+            if any(d is None for d in datasets):
+                continue
+            if weights is not None:
+                if split_sizes[i] is None:
+                    raise DataError("weighted --data-path needs a number of samples for every split")
+                size = sum(t[i] for t in targets)
+                result[i] = BlendedDataset(datasets, weights, size, SPLIT_NAMES[i], cache_path)
+            else:
+                lengths = [len(d) for d in datasets]
+                size = None if split_sizes[i] is None else min(split_sizes[i], sum(lengths))
+                result[i] = BlendedDataset(datasets, lengths, size, SPLIT_NAMES[i], cache_path)
+        return result
+
+    if blend is not None or mock and all(b is None for b in blend_per_split):
+        matrix = split_matrix(parse_split(split))
+        if blend is None:
+            return tuple(splits_of(None, matrix, sizes))
+        return tuple(blended(blend[0], blend[1], matrix, sizes))
+
+    result: list = [None, None, None]
+    for i, b in enumerate(blend_per_split):
+        if b is None:
+            continue
+        matrix: list = [None, None, None]
+        matrix[i] = (0.0, 1.0)
+        split_sizes: list = [0, 0, 0]
+        split_sizes[i] = sizes[i]
+        result[i] = blended(b[0], b[1], matrix, split_sizes)[i]
+    return tuple(result)

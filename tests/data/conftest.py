@@ -1,0 +1,40 @@
+"""Shared fixtures for the data tests: the real corpora in ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+# The project's sibling folder shared/ holds real public data; users may not have it.
+SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+def shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real data not available: {relative} (looked in {SHARED_DATA})")
+    return path
+
+
+@pytest.fixture
+def gpt2_files():
+    """(vocab.json, merges.txt) of the original GPT-2 tokenizer."""
+    return shared_file("gpt2/gpt2-vocab.json"), shared_file("gpt2/gpt2-merges.txt")
+
+
+@pytest.fixture
+def gpt2_folder(tmp_path, gpt2_files):
+    """A folder holding the GPT-2 files under the names transformers expects."""
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    shutil.copy(gpt2_files[0], folder / "vocab.json")
+    shutil.copy(gpt2_files[1], folder / "merges.txt")
+    return folder
+
+
+@pytest.fixture
+def gpt2_args(gpt2_files):
+    return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(gpt2_files[0]),
+            "--merge-file", str(gpt2_files[1])]
