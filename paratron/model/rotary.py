@@ -76,7 +76,8 @@ class RotaryEmbedding(nn.Module):
             if llama3_factor is not None:
                 inv_freq = _llama3_scaled(inv_freq, llama3_factor,
                                           original_max_position_embeddings or 8192)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # A plain attribute, not a buffer: model.to(bf16) must not round the frequencies.
+        self.inv_freq = inv_freq.float()
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [b, s] -> (cos, sin), each [s, b, 1, rot_dim] in fp32."""

@@ -19,34 +19,38 @@ def build_tokenizer_for(cfg: Config):
     d = cfg.data
     kind = d.tokenizer_type or d.patch_tokenizer_type
     if kind is None:
-        return None
+        if d.mock_data and cfg.model.vocab_size is not None:
+            kind = "NullTokenizer"  # mock tokens only need a vocabulary size and an eod
+        else:
+            return None
     return build_tokenizer(kind, vocab_file=d.vocab_file, merge_file=d.merge_file,
                            tokenizer_model=d.tokenizer_model, vocab_size=cfg.model.vocab_size)
 
 
-def build_datasets(cfg: Config, tokenizer, vocab_size: int):
+def build_datasets(cfg: Config, tokenizer):
     """Train/valid/test datasets with Megatron's sample counts."""
-    from paratron.data.gpt_dataset import build_train_valid_test_datasets, sample_counts
+    from paratron.data.gpt_dataset import (build_train_valid_test_datasets,
+                                           get_train_valid_test_num_samples)
 
     t, d = cfg.training, cfg.data
-    counts = sample_counts(train_iters=t.train_iters, train_samples=t.train_samples,
-                           global_batch_size=t.global_batch_size,
-                           eval_interval=t.eval_interval, eval_iters=t.eval_iters)
+    counts = get_train_valid_test_num_samples(
+        t.global_batch_size, train_iters=t.train_iters, train_samples=t.train_samples,
+        eval_interval=t.eval_interval, eval_iters=t.eval_iters)
     return build_train_valid_test_datasets(
-        data_path=d.data_path, data_path_config=d.data_path_config, split=d.split,
-        seq_length=d.seq_length, seed=t.seed, num_samples=counts, tokenizer=tokenizer,
-        vocab_size=vocab_size, cache_path=d.data_cache_path, mock=d.mock_data,
-        eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
-        reset_attention_mask=d.reset_attention_mask)
+        d.data_path, d.split, d.seq_length, t.seed, counts, tokenizer,
+        cache_path=d.data_cache_path, mock=d.mock_data, eod_mask_loss=d.eod_mask_loss,
+        reset_position_ids=d.reset_position_ids, reset_attention_mask=d.reset_attention_mask,
+        data_path_config=d.data_path_config, train_data_path=d.train_data_path,
+        valid_data_path=d.valid_data_path, test_data_path=d.test_data_path)
 
 
 def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     log(format_config(cfg))
     tokenizer = build_tokenizer_for(cfg)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
-    if not cfg.data.mock_data and not cfg.data.data_path and not cfg.data.data_path_config:
-        raise ConfigError("no training data: give --data-path (or --data-path-config), "
-                          "or --mock-data")
+    if tokenizer is None:
+        raise ConfigError("no tokenizer: give --tokenizer-type with its files (or, with "
+                          "--mock-data, --vocab-size)")
     cfg.model.padded_vocab_size = resolve_vocab_size(cfg, vocab)
-    datasets = build_datasets(cfg, tokenizer, vocab or cfg.model.padded_vocab_size)
+    datasets = build_datasets(cfg, tokenizer)
     return Trainer(cfg, datasets, tokenizer_vocab_size=vocab, log=log).train()

@@ -79,10 +79,22 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
             for k in samples[0]}
 
 
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> boolean [b, 1, s, s], True where attention is allowed:
+    causal, and only within a document (packed samples, --reset-attention-mask)."""
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
+    return (same & causal).unsqueeze(1)
+
+
 def forward_step(batch: dict[str, torch.Tensor], model) -> tuple[torch.Tensor, Callable]:
     """GPT forward: per-token loss, and a loss_fn that masks and sums it."""
-    per_token_loss = model(batch["tokens"], batch.get("position_ids"),
-                           batch.get("attention_mask"), labels=batch["labels"])
+    mask = None
+    if "document_ids" in batch:
+        mask = document_attention_mask(batch["document_ids"])
+    per_token_loss = model(batch["tokens"], batch.get("position_ids"), mask,
+                           labels=batch["labels"])
     loss_mask = batch["loss_mask"].float()
 
     def loss_fn(loss: torch.Tensor):
@@ -135,7 +147,7 @@ class Trainer:
         batches = []
         for m in range(self.num_microbatches):
             start = first_sample + m * mbs * dp.dp_size + dp.dp_rank * mbs
-            samples = [dataset[(start + i) % len(dataset)] for i in range(mbs)]
+            samples = [dataset[start + i] for i in range(mbs)]
             batch = collate(samples)
             batches.append({k: v.to(self.device) for k, v in batch.items()})
         return batches
