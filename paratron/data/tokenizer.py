@@ -104,6 +104,13 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Encode without any special token the tokenizer adds on its own (a BOS, say).
+
+        SFT builds prompts from pieces and must not get a BOS in front of each.
+        """
+        return self.encode(text)
+
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
@@ -307,6 +314,9 @@ class Llama2Tokenizer(GPTSentencePieceTokenizer):
     def encode(self, text: str) -> list[int]:
         return [self._sp.bos_id()] + self._sp.encode(text)
 
+    def encode_plain(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         bos = self._sp.bos_id()
         return [[bos] + ids for ids in self._sp.encode(list(texts))] if texts else []
@@ -484,6 +494,7 @@ def train_bpe_tokenizer(
     vocab_size: int = 8192,
     min_frequency: int = 2,
     eod_token: str = "<|endoftext|>",
+    special_tokens: Sequence[str] = (),
 ) -> str:
     """Train a byte-level BPE on text files and save it as a Hugging Face tokenizer folder.
 
@@ -491,7 +502,8 @@ def train_bpe_tokenizer(
     downloaded: any text will do. The folder holds ``tokenizer.json`` and a
     ``tokenizer_config.json`` naming ``eod_token`` as eos (and bos/unk), so
     ``build_tokenizer("HuggingFaceTokenizer", tokenizer_model=output_dir)``
-    loads it. Training is deterministic for the same files and settings.
+    loads it. ``special_tokens`` are extra whole tokens (e.g. chat markers).
+    Training is deterministic for the same files and settings.
     Returns ``output_dir``.
     """
     from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
@@ -505,7 +517,7 @@ def train_bpe_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[eod_token],
+        special_tokens=[eod_token, *special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -1,0 +1,377 @@
+"""Supervised fine-tuning data: conversations in, samples with a loss only on the answers out.
+
+Input records (JSON list or JSONL, one record per conversation):
+
+* Alpaca: ``{"instruction", "input", "output"}`` (``input`` may be empty;
+  an optional ``system``), or ``{"query", "response"}``;
+* chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
+
+Each record becomes a list of messages (Alpaca's user message is the
+instruction, plus a blank line and the input when there is one) and is
+rendered to token ids with a 0/1 mask marking the assistant's tokens:
+
+* with the tokenizer's chat template (Hugging Face tokenizers that have one):
+  the text the template adds for each assistant turn, after the prompt the
+  template ends with ``add_generation_prompt=True``, is the response (its
+  trailing whitespace counts as prompt);
+* otherwise the default template (Stanford Alpaca's layout)::
+
+      {system}\\n\\n                      (only when there is a system message)
+      ### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}<eod>
+      ### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}<eod>   (further turns)
+
+  preceded by the tokenizer's BOS when it has one distinct from eod.
+
+The loss covers exactly the response tokens plus one eod after each
+response (added when the response does not already end with eod). A
+conversation longer than the sample is cut at the end.
+
+Samples have the keys of the GPT dataset (``tokens``, ``labels``,
+``loss_mask``, ``position_ids``) for ``S`` positions:
+
+* padding: one conversation per sample, padded to ``max_padding_length`` (or
+  the sequence length) with loss 0 on the padding;
+* ``sequence_packing``: conversations packed in order into samples of
+  ``seq_length`` positions; ``position_ids`` restart at 0 for each
+  conversation and ``document_ids`` number them (padding at the end is one
+  more "document"), so attention must stay within a document:
+  :func:`packed_attention_mask` builds the block-diagonal causal mask.
+
+Conversations can be read straight from JSON, or written once to indexed
+files with :func:`write_sft_indexed` (``<prefix>_input_ids_document`` and
+``<prefix>_loss_mask_document``) and read from there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from paratron.data.errors import DataError
+from paratron.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter, dataset_exists, optimal_dtype
+from paratron.data.indices import parse_split, split_matrix, split_range
+from paratron.data.readers import expand_inputs, iter_records
+
+DEFAULT_INSTRUCTION = "### Instruction:\n"
+DEFAULT_RESPONSE = "\n\n### Response:\n"
+ROLES = ("system", "user", "assistant")
+
+
+# --------------------------------------------------------------------------- records -> messages
+
+
+def record_to_messages(record: dict, where: str) -> list[dict]:
+    """One input record as a list of ``{"role", "content"}`` messages."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        out = []
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: each message needs a role ({'/'.join(ROLES)}) and a string content")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise DataError(f"{where}: conversation has no assistant message to learn from")
+        return out
+    if "instruction" in record or "query" in record:
+        prompt = record.get("instruction", record.get("query"))
+        answer = record.get("output", record.get("response"))
+        if not isinstance(prompt, str) or not isinstance(answer, str):
+            raise DataError(f"{where}: needs string 'instruction' and 'output' (or 'query' and 'response')")
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(f"{where}: 'input' must be a string")
+        user = f"{prompt}\n\n{extra}" if extra else prompt
+        out = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        return out + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    keys = ", ".join(sorted(record)[:8])
+    raise DataError(f"{where}: not an SFT record (needs instruction/output, query/response or messages; has {keys})")
+
+
+def load_conversations(path: str, skip_bad_lines: bool = False) -> list[list[dict]]:
+    """All conversations in a JSON / JSONL file (or glob), in file order."""
+    conversations = []
+    for file in expand_inputs(path):
+        count = 0
+        for number, record in iter_records(file, skip_bad_lines=skip_bad_lines, skipped=[]):
+            conversations.append(record_to_messages(record, f"{file}:{number}"))
+            count += 1
+        if count == 0:
+            raise DataError(f"{file}: empty input file (no conversations)")
+    return conversations
+
+
+# --------------------------------------------------------------------------- messages -> ids
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, use_chat_template: bool | None = None):
+    """``(ids, mask)`` int64 arrays: the rendered conversation and 1 on response tokens (+ eod)."""
+    if use_chat_template is None:
+        use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+    pieces = _template_pieces(messages, tokenizer) if use_chat_template else _default_pieces(messages)
+    eod = int(tokenizer.eod)
+    ids: list[int] = []
+    mask: list[int] = []
+    bos = getattr(tokenizer, "bos", None)
+    if not use_chat_template and bos is not None and bos != eod:
+        ids.append(int(bos))
+        mask.append(0)
+    for text, is_response in pieces:
+        piece = tokenizer.encode_plain(text) if text else []
+        if is_response and (not piece or piece[-1] != eod):
+            piece = piece + [eod]
+        ids.extend(piece)
+        mask.extend([int(is_response)] * len(piece))
+    return np.array(ids, dtype=np.int64), np.array(mask, dtype=np.int64)
+
+
+def _default_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
+    pieces: list[tuple[str, bool]] = []
+    prompt = ""
+    for m in messages:
+        if m["role"] == "system":
+            prompt += m["content"] + "\n\n"
+        elif m["role"] == "user":
+            prompt += DEFAULT_INSTRUCTION + m["content"] + DEFAULT_RESPONSE
+        else:
+            pieces.append((prompt, False))
+            pieces.append((m["content"], True))
+            prompt = ""
+    return pieces
+
+
+def _template_pieces(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    pieces: list[tuple[str, bool]] = []
+    done = ""  # text of the conversation rendered so far
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        after = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise DataError("the tokenizer's chat template does not render conversations incrementally; "
+                            "SFT cannot tell prompt from response with it")
+        response = after[len(before):]
+        stripped = response.rstrip()
+        pieces.append((before[len(done):], False))
+        pieces.append((stripped, True))
+        done = before + stripped
+    return pieces
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask ``[S, S]``, True where attention is *not* allowed (Megatron's convention)."""
+    s = document_ids.shape[-1]
+    causal = torch.tril(torch.ones(s, s, dtype=torch.bool, device=document_ids.device))
+    same = document_ids[..., :, None] == document_ids[..., None, :]
+    return ~(causal & same)
+
+
+@dataclass(frozen=True)
+class _Bin:
+    """Which conversations make up one packed sample (indices into the conversation list)."""
+
+    members: tuple[int, ...]
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """SFT samples from tokenized conversations; see the module docstring.
+
+    ``conversations`` is a list of ``(ids, mask)``; ``num_samples`` is how
+    many samples the trainer needs (the conversations, or packed samples,
+    are repeated over as many epochs as that takes, each epoch shuffled with
+    ``numpy.random.RandomState(seed)``); ``None`` means one epoch.
+    """
+
+    def __init__(
+        self,
+        conversations: Sequence[tuple[np.ndarray, np.ndarray]],
+        seq_length: int,
+        pad: int,
+        num_samples: int | None = None,
+        seed: int = 1234,
+        max_padding_length: int | None = None,
+        sequence_packing: bool = False,
+        create_attention_mask: bool = False,
+    ) -> None:
+        if not conversations:
+            raise DataError("no SFT conversations")
+        self.conversations = conversations
+        self.packing = sequence_packing
+        self.length = seq_length if sequence_packing or not max_padding_length else max_padding_length
+        self.pad = int(pad)
+        self.create_attention_mask = create_attention_mask
+        if sequence_packing:
+            self.units = self._pack()
+        else:
+            self.units = [_Bin((i,)) for i in range(len(conversations))]
+        epochs = 1 if num_samples is None else max(1, -(-num_samples // len(self.units)))
+        rng = np.random.RandomState(seed)
+        order = []
+        for _ in range(epochs):
+            perm = np.arange(len(self.units))
+            rng.shuffle(perm)
+            order.append(perm)
+        self.order = np.concatenate(order)
+
+    def _pack(self) -> list[_Bin]:
+        """Greedy, in order: start a new sample when the next conversation no longer fits."""
+        bins, current, used = [], [], 0
+        for i, (ids, _) in enumerate(self.conversations):
+            n = min(len(ids), self.length + 1) - 1  # positions the conversation fills
+            if n <= 0:
+                continue
+            if current and used + n > self.length:
+                bins.append(_Bin(tuple(current)))
+                current, used = [], 0
+            current.append(i)
+            used += n
+        if current:
+            bins.append(_Bin(tuple(current)))
+        return bins
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        s = self.length
+        tokens = torch.full((s,), self.pad, dtype=torch.int64)
+        labels = torch.full((s,), self.pad, dtype=torch.int64)
+        loss_mask = torch.zeros(s, dtype=torch.float32)
+        position_ids = torch.arange(s, dtype=torch.int64)
+        document_ids = torch.zeros(s, dtype=torch.int64)
+        at = 0
+        members = self.units[int(self.order[idx])].members
+        for d, i in enumerate(members):
+            ids, mask = self.conversations[i]
+            keep = s + 1 if not self.packing else s - at + 1  # a conversation longer than that is cut
+            ids = torch.from_numpy(np.array(ids[:keep], dtype=np.int64))
+            mask = torch.from_numpy(np.array(mask[: len(ids)], dtype=np.float32))
+            n = len(ids) - 1
+            tokens[at : at + n] = ids[:-1]
+            labels[at : at + n] = ids[1:]
+            loss_mask[at : at + n] = mask[1:]  # a position is trained when its label is a response token
+            document_ids[at : at + n] = d
+            if self.packing:
+                position_ids[at : at + n] = torch.arange(n)
+            at += n
+        if self.packing and at < s:  # padding: its own document, no loss
+            position_ids[at:] = torch.arange(s - at)
+            document_ids[at:] = len(members)
+        sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+        if self.packing:
+            sample["document_ids"] = document_ids
+            if self.create_attention_mask:
+                sample["attention_mask"] = packed_attention_mask(document_ids).unsqueeze(0)
+        return sample
+
+
+# --------------------------------------------------------------------------- indexed form
+
+
+def write_sft_indexed(conversations: Sequence[tuple[np.ndarray, np.ndarray]], output_prefix: str, vocab_size: int):
+    """Write tokenized conversations as ``<prefix>_input_ids_document`` and ``<prefix>_loss_mask_document``."""
+    ids_prefix, mask_prefix = f"{output_prefix}_input_ids_document", f"{output_prefix}_loss_mask_document"
+    tag = f".tmp-{os.getpid()}"
+    ids_writer = IndexedDatasetWriter(ids_prefix + ".bin" + tag, optimal_dtype(vocab_size))
+    mask_writer = IndexedDatasetWriter(mask_prefix + ".bin" + tag, np.uint8)
+    try:
+        for ids, mask in conversations:
+            ids_writer.add_document(ids)
+            mask_writer.add_document(mask)
+        ids_writer.finalize(ids_prefix + ".idx" + tag)
+        mask_writer.finalize(mask_prefix + ".idx" + tag)
+        for prefix in (ids_prefix, mask_prefix):
+            for ext in (".bin", ".idx"):
+                os.replace(prefix + ext + tag, prefix + ext)
+    except BaseException:
+        for w in (ids_writer, mask_writer):
+            w.close()
+        for prefix in (ids_prefix, mask_prefix):
+            for ext in (".bin", ".idx"):
+                if os.path.exists(prefix + ext + tag):
+                    os.unlink(prefix + ext + tag)
+        raise
+    return ids_prefix, mask_prefix
+
+
+def read_sft_indexed(prefix: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Conversations written by :func:`write_sft_indexed` (``prefix`` with or without the suffix)."""
+    base = prefix.removesuffix("_input_ids_document")
+    ids_ds = IndexedDataset(f"{base}_input_ids_document")
+    mask_ds = IndexedDataset(f"{base}_loss_mask_document")
+    if ids_ds.num_documents != mask_ds.num_documents:
+        raise DataError(f"{base}: {ids_ds.num_documents} conversations but {mask_ds.num_documents} loss masks")
+    return [(ids_ds.document(d), mask_ds.document(d)) for d in range(ids_ds.num_documents)]
+
+
+def _load(path: str, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    base = path.removesuffix("_input_ids_document")
+    if dataset_exists(f"{base}_input_ids_document"):
+        return read_sft_indexed(base)
+    return [tokenize_conversation(m, tokenizer) for m in load_conversations(path)]
+
+
+def build_sft_datasets(
+    data_path: Sequence[str] | str | None,
+    split: str | None,
+    seq_length: int,
+    seed: int,
+    num_samples: Sequence[int | None],
+    tokenizer,
+    max_padding_length: int | None = None,
+    sequence_packing: bool = False,
+    create_attention_mask: bool = False,
+    train_data_path: Sequence[str] | str | None = None,
+    valid_data_path: Sequence[str] | str | None = None,
+    test_data_path: Sequence[str] | str | None = None,
+):
+    """Train/valid/test SFT datasets from JSON/JSONL files or their indexed form.
+
+    One ``data_path`` is divided into splits by ``split`` (conversation
+    counts rounded as for pretraining); per-split paths are used whole.
+    A split with no conversations is None.
+    """
+    pad = getattr(tokenizer, "pad", None)
+    pad = int(pad) if pad is not None and pad >= 0 else int(tokenizer.eod)
+
+    def first(p):
+        if p is None:
+            return None
+        if isinstance(p, str):
+            return p
+        words = [w for entry in p for w in str(entry).split()]
+        if len(words) != 1:
+            raise DataError(f"SFT data takes one file (or glob) per split, got: {' '.join(words)}")
+        return words[0]
+
+    def make(convs, i):
+        if not convs:
+            return None
+        return SFTDataset(convs, seq_length, pad, num_samples[i], seed, max_padding_length, sequence_packing,
+                          create_attention_mask)
+
+    per_split = [first(train_data_path), first(valid_data_path), first(test_data_path)]
+    if any(p is not None for p in per_split):
+        return tuple(make(_load(p, tokenizer), i) if p else None for i, p in enumerate(per_split))
+    path = first(data_path)
+    if path is None:
+        raise DataError("SFT needs --data-path (or --train-data-path) with a JSON/JSONL file")
+    conversations = _load(path, tokenizer)
+    matrix = split_matrix(parse_split(split or "969,30,1"))
+    out = []
+    for i, bounds in enumerate(matrix):
+        if bounds is None:
+            out.append(None)
+            continue
+        begin, end = split_range(bounds, len(conversations))
+        out.append(make(conversations[begin:end], i))
+    return tuple(out)
