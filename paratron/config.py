@@ -741,7 +741,6 @@ def _unavailable(cfg: Config):
         (p.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size > 1"),
         (p.context_parallel_size > 1, "--context-parallel-size > 1"),
         (p.expert_model_parallel_size > 1, "--expert-model-parallel-size > 1"),
-        (world > 1, "data parallelism (more than one process)"),
         (p.num_layers_per_virtual_pipeline_stage is not None
          or p.num_virtual_stages_per_pipeline_rank is not None, "virtual pipeline stages"),
         (m.num_experts is not None, "--num-experts (mixture of experts)"),

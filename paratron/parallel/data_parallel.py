@@ -1,67 +1,218 @@
-"""Data parallelism: gradients accumulate into contiguous fp32 buffers, reduced in buckets.
+"""Data parallelism: fp32 gradient buffers reduced in buckets across data-parallel ranks.
 
 Every parameter's gradient is added into `param.main_grad`, a view of one contiguous
 fp32 buffer per parameter dtype, by a hook that runs as soon as autograd has the
 gradient; `param.grad` is then released. This holds at data-parallel size 1 too, so
-the optimizer always reads the same place, and accumulating over micro-batches in
-fp32 costs nothing extra for half-precision weights.
+the optimizer always reads the same place and accumulating micro-batches in fp32
+costs nothing extra for half-precision weights.
 
-At size 1 `finish_grad_sync` has nothing to reduce; the multi-rank reduction (all-reduce
-or reduce-scatter of buckets) plugs in here.
+The buffer is cut into buckets (`--ddp-bucket-size` elements, parameters in reverse
+order, which is roughly the order backward produces them). On the last micro-batch
+of a step each bucket is reduced across DP — all-reduce, or reduce-scatter with the
+distributed optimizer, where rank r then owns the r-th slice of every bucket. With
+`--overlap-grad-reduce` a bucket's reduction starts during backward as soon as all
+its gradients are in. Gradients are summed, not averaged: the loss is already
+normalised by the token count of the whole global batch.
+
+With the distributed optimizer the model's weights also live in one contiguous buffer
+per dtype, with the same bucket layout, so updated slices are all-gathered in place
+(overlapped with the next forward under `--overlap-param-gather`).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from paratron.parallel.process_groups import ProcessGroups
 
+DEFAULT_BUCKET_SIZE = 40_000_000
+
+
+def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: bool):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def _all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+class Bucket:
+    """A contiguous range of a buffer holding whole parameters, padded to a multiple
+    of the data-parallel size so it splits into equal shards."""
+
+    def __init__(self, params: list[nn.Parameter], offset: int, numel: int, dp_size: int,
+                 dp_rank: int):
+        self.params, self.offset, self.numel = params, offset, numel
+        self.shard_size = numel // dp_size
+        self.shard_start = offset + dp_rank * self.shard_size  # in buffer coordinates
+        self.pending: set[int] = set()
+        self.grad_handle = None
+        self.grad_shard_out: torch.Tensor | None = None
+        self.param_handle = None
+
+    def reset(self) -> None:
+        self.pending = {id(p) for p in self.params}
+        self.grad_handle, self.grad_shard_out = None, None
+
 
 class GradBuffer:
-    """One contiguous fp32 gradient buffer for a list of parameters of one dtype."""
+    """fp32 gradients (and, sharded, the weights) of the parameters of one dtype."""
 
-    def __init__(self, params: list[nn.Parameter], device):
-        self.params = params
-        self.numel = sum(p.numel() for p in params)
-        self.data = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        offset = 0
-        # Reverse order: roughly the order in which backward produces gradients.
-        for p in reversed(params):
-            p.main_grad = self.data[offset:offset + p.numel()].view_as(p)
+    def __init__(self, params: list[nn.Parameter], bucket_size: int, dp_size: int,
+                 dp_rank: int, device, keep_params_contiguous: bool):
+        self.buckets: list[Bucket] = []
+        layout: list[tuple[nn.Parameter, int]] = []
+        offset, bucket_start, bucket_params = 0, 0, []
+        ordered = list(reversed(params))
+        for i, p in enumerate(ordered):
+            layout.append((p, offset))
             offset += p.numel()
+            bucket_params.append(p)
+            if offset - bucket_start >= bucket_size or i == len(ordered) - 1:
+                padded = -(-(offset - bucket_start) // dp_size) * dp_size
+                self.buckets.append(Bucket(bucket_params, bucket_start, padded, dp_size,
+                                           dp_rank))
+                offset = bucket_start = bucket_start + padded
+                bucket_params = []
+        self.numel = offset
+        self.data = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        self.param_data = None
+        if keep_params_contiguous:
+            self.param_data = torch.zeros(self.numel, dtype=params[0].dtype, device=device)
+        self.offsets = {}
+        for p, start in layout:
+            self.offsets[id(p)] = start
+            p.main_grad = self.data[start:start + p.numel()].view_as(p)
+            if self.param_data is not None:
+                view = self.param_data[start:start + p.numel()].view_as(p)
+                view.copy_(p.data)
+                p.data = view
 
 
 class DataParallel(nn.Module):
-    """Wraps a model so that its gradients land in fp32 buffers (and, over DP, get reduced)."""
+    """Wraps one model chunk; its gradients land in fp32 buffers and get reduced over DP."""
 
-    def __init__(self, module: nn.Module, pg: ProcessGroups | None = None):
+    def __init__(self, module: nn.Module, pg: ProcessGroups | None = None, *,
+                 bucket_size: int | None = None, overlap_grad_reduce: bool = False,
+                 use_distributed_optimizer: bool = False, overlap_param_gather: bool = False):
         super().__init__()
         self.module = module
         self.pg = pg or ProcessGroups.single()
+        dp = self.pg.dp_size
+        self.sharded = use_distributed_optimizer and dp > 1
+        self.overlap_grad_reduce = overlap_grad_reduce and dp > 1
+        self.overlap_param_gather = overlap_param_gather and self.sharded
+        self._sync = True
         params = [p for p in module.parameters() if p.requires_grad]
         device = params[0].device
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
-        self.buffers = [GradBuffer(ps, device) for ps in by_dtype.values()]
+        size = bucket_size or max(DEFAULT_BUCKET_SIZE, 1_000_000 * dp)
+        self.buffers = [GradBuffer(ps, size, dp, self.pg.dp_rank, device, self.sharded)
+                        for ps in by_dtype.values()]
+        self._bucket_of = {id(p): b for buf in self.buffers for b in buf.buckets
+                           for p in b.params}
+        for bucket in self.buckets:
+            bucket.reset()
         for p in params:
-            p.register_post_accumulate_grad_hook(self._accumulate)
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        if self.overlap_param_gather:
+            for m in module.modules():
+                if any(True for _ in m.parameters(recurse=False)):
+                    m.register_forward_pre_hook(self._wait_for_params)
 
-    @staticmethod
-    def _accumulate(param: nn.Parameter) -> None:
-        param.main_grad.add_(param.grad)
-        param.grad = None
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [b for buf in self.buffers for b in buf.buckets]
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    # ------------------------------------------------------------ gradients
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate without reducing: every micro-batch of a step but the last."""
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if self.overlap_grad_reduce and self._sync:
+            bucket = self._bucket_of[id(param)]
+            bucket.pending.discard(id(param))
+            if not bucket.pending:
+                self._start_grad_reduce(bucket)
+
+    def _bucket_grad(self, bucket: Bucket) -> torch.Tensor:
+        buf = next(b for b in self.buffers if bucket in b.buckets)
+        return buf.data[bucket.offset:bucket.offset + bucket.numel]
+
+    def _start_grad_reduce(self, bucket: Bucket) -> None:
+        grads = self._bucket_grad(bucket)
+        group, async_op = self.pg.dp_group, self.overlap_grad_reduce
+        if self.sharded:
+            bucket.grad_shard_out = torch.empty(bucket.shard_size, dtype=grads.dtype,
+                                                device=grads.device)
+            bucket.grad_handle = _reduce_scatter(bucket.grad_shard_out, grads, group,
+                                                 async_op)
+        else:
+            bucket.grad_handle = dist.all_reduce(grads, group=group, async_op=async_op)
+        bucket.pending = set()
+
     def zero_grad_buffer(self) -> None:
         for buffer in self.buffers:
             buffer.data.zero_()
+        for bucket in self.buckets:
+            bucket.reset()
 
     def finish_grad_sync(self) -> None:
-        """Reduce gradients across data-parallel ranks (nothing to do at size 1)."""
-        if self.pg.dp_size > 1:
-            raise RuntimeError("data-parallel gradient reduction needs the multi-process "
-                               "data-parallel layer")
+        """Complete every bucket's reduction (start those backward did not start)."""
+        if self.pg.dp_size == 1:
+            return
+        for bucket in self.buckets:
+            if bucket.grad_handle is None:
+                self._start_grad_reduce(bucket)
+        for bucket in self.buckets:
+            if bucket.grad_handle is not None and hasattr(bucket.grad_handle, "wait"):
+                bucket.grad_handle.wait()
+            if bucket.grad_shard_out is not None:
+                start = bucket.shard_start - bucket.offset
+                self._bucket_grad(bucket)[start:start + bucket.shard_size].copy_(
+                    bucket.grad_shard_out)
+            bucket.grad_handle, bucket.grad_shard_out = None, None
+
+    # ------------------------------------------------------------ weights
+    def start_param_gather(self) -> None:
+        """All-gather every bucket's updated weight shards (async with overlap)."""
+        for buf in self.buffers:
+            for bucket in buf.buckets:
+                full = buf.param_data[bucket.offset:bucket.offset + bucket.numel]
+                mine = full[bucket.shard_start - bucket.offset:][:bucket.shard_size].clone()
+                bucket.param_handle = _all_gather(full, mine, self.pg.dp_group,
+                                                  self.overlap_param_gather)
+                if not self.overlap_param_gather:
+                    bucket.param_handle = None
+
+    def _wait_for_params(self, module, args) -> None:
+        for p in module.parameters(recurse=False):
+            bucket = self._bucket_of.get(id(p))
+            if bucket is not None and bucket.param_handle is not None:
+                bucket.param_handle.wait()
+                bucket.param_handle = None
+
+    def finish_param_gather(self) -> None:
+        for bucket in self.buckets:
+            if bucket.param_handle is not None:
+                bucket.param_handle.wait()
+                bucket.param_handle = None

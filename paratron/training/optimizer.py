@@ -1,88 +1,134 @@
 """The optimizer wrapper: fp32 main weights, loss-scale unscaling, clipping, step.
 
-Model weights may be bf16/fp16; the optimizer updates fp32 main copies and writes the
-result back. Gradients come from `param.main_grad` (fp32, accumulated over
-micro-batches by the data-parallel layer). Weight decay skips biases and norm weights
-(every 1-D parameter), as Megatron does.
+The optimizer works on *segments*: the part of each parameter this rank updates. Without
+the distributed optimizer a segment is a whole parameter; with it (ZeRO-1) it is the
+intersection of the parameter with this rank's shard of its gradient bucket, so fp32
+main weights and Adam moments exist once across the data-parallel group. Model weights
+may be bf16/fp16; their segments get fp32 main copies, fp32 weights are updated in
+place. Gradients are read from the fp32 gradient buffers. Weight decay skips biases
+and norm weights (every 1-D parameter), as Megatron does.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from paratron.parallel.data_parallel import DataParallel
 from paratron.training.lr_schedule import LRSchedule
+
+
+@dataclass
+class Segment:
+    model_view: torch.Tensor  # flat slice of the model weight (model dtype)
+    main: torch.Tensor        # fp32 weights the optimizer updates (may alias model_view)
+    grad: torch.Tensor        # fp32 slice of the gradient buffer
+    decays: bool
+    in_norm: bool             # counted once in the global gradient norm
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
     return param.dim() > 1 and not name.endswith(".bias")
 
 
+def build_segments(model: DataParallel) -> list[Segment]:
+    """This rank's segments of every parameter, in buffer order."""
+    names = {id(p): n for n, p in model.module.named_parameters()}
+    pg = model.pg
+    segments = []
+    for buffer in model.buffers:
+        for bucket in buffer.buckets:
+            if model.sharded:
+                lo, hi = bucket.shard_start, bucket.shard_start + bucket.shard_size
+            else:
+                lo, hi = bucket.offset, bucket.offset + bucket.numel
+            for p in bucket.params:
+                start = buffer.offsets[id(p)]
+                a, b = max(lo, start), min(hi, start + p.numel())
+                if a >= b:
+                    continue
+                view = p.data.view(-1)[a - start:b - start]
+                main = view if p.dtype == torch.float32 else view.detach().float().clone()
+                # A weight replicated over TP (norms, row biases) is counted on TP rank 0.
+                replicated = getattr(p, "tensor_parallel_dim", None) is None
+                segments.append(Segment(view, main, buffer.data[a:b],
+                                        _decays(names[id(p)], p),
+                                        in_norm=not replicated or pg.tp_rank == 0))
+    return segments
+
+
 class MixedPrecisionOptimizer:
-    def __init__(self, model: nn.Module, optimizer_config, schedule: LRSchedule, loss_scaler):
+    def __init__(self, model: DataParallel, optimizer_config, schedule: LRSchedule,
+                 loss_scaler):
         o = optimizer_config
-        self.config = o
+        self.config, self.model = o, model
         self.schedule, self.loss_scaler = schedule, loss_scaler
-        self.model_params: list[nn.Parameter] = []
-        self.main_params: list[torch.Tensor] = []
-        groups = {True: [], False: []}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            main = p if p.dtype == torch.float32 else p.detach().float().clone()
-            self.model_params.append(p)
-            self.main_params.append(main)
-            groups[_decays(name, p)].append(main)
-        param_groups = [{"params": groups[True], "weight_decay": o.weight_decay},
-                        {"params": groups[False], "weight_decay": 0.0}]
-        param_groups = [g for g in param_groups if g["params"]]
+        self.segments = build_segments(model)
+        groups = [{"params": [s.main for s in self.segments if s.decays],
+                   "weight_decay": o.weight_decay},
+                  {"params": [s.main for s in self.segments if not s.decays],
+                   "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
         lr = schedule.lr_at(0)
         if o.optimizer == "adam":
-            self.optimizer = torch.optim.AdamW(param_groups, lr=lr,
-                                               betas=(o.adam_beta1, o.adam_beta2),
+            self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(o.adam_beta1, o.adam_beta2),
                                                eps=o.adam_eps)
         else:
-            self.optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=o.sgd_momentum)
+            self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.sgd_momentum)
         self.steps = 0  # successful optimizer steps, what the lr schedule counts
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def _main_grads(self) -> list[torch.Tensor]:
-        return [p.main_grad for p in self.model_params]
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that hold different segments (DP shards, TP shards)."""
+        pg = self.model.pg
+        if self.model.sharded:
+            dist.all_reduce(value, group=pg.dp_group)
+        if pg.tp_size > 1:
+            dist.all_reduce(value, group=pg.tp_group)
+        return value
 
     @torch.no_grad()
     def step(self) -> tuple[bool, float | None, int | None]:
-        """Unscale, check overflow, clip, update, copy back.
+        """Unscale, check overflow, clip, update, copy back (and all-gather shards).
 
         Returns (stepped, grad norm, number of zero gradient entries); the norm and
         zero count are None when the step was skipped for an overflow.
         """
-        grads = self._main_grads()
+        grads = [s.grad for s in self.segments]
         scale = self.loss_scaler.scale
         if scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / scale)
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        counted = [s.grad for s in self.segments if s.in_norm]
+        stats = torch.zeros(2, dtype=torch.float64, device=grads[0].device)
+        if counted:
+            norms = torch._foreach_norm(counted)
+            stats[0] = torch.stack(norms).double().square().sum()
+            stats[1] = sum((g == 0).sum() for g in counted)
+        self._global_sum(stats)
+        norm = math.sqrt(stats[0].item()) if math.isfinite(stats[0].item()) else math.inf
         found_inf = not math.isfinite(norm)
         self.loss_scaler.update(found_inf)
         if found_inf:
             return False, None, None
         if self.config.clip_grad > 0 and norm > self.config.clip_grad:
             torch._foreach_mul_(grads, self.config.clip_grad / (norm + 1e-6))
-        num_zeros = int(sum((g == 0).sum().item() for g in grads))
-        for main, grad in zip(self.main_params, grads):
-            main.grad = grad
+        for s in self.segments:
+            s.main.grad = s.grad
         self.optimizer.step()
-        for main in self.main_params:
-            main.grad = None
-        for model_param, main in zip(self.model_params, self.main_params):
-            if model_param is not main:
-                model_param.copy_(main)
+        for s in self.segments:
+            s.main.grad = None
+            if s.main is not s.model_view:
+                s.model_view.copy_(s.main)
+        if self.model.sharded:
+            self.model.start_param_gather()
         self.steps += 1
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.lr_at(self.steps)
-        return True, norm, num_zeros
+        return True, norm, int(stats[1].item())

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import contextlib
+
 import torch
 
 
@@ -22,12 +24,16 @@ def forward_backward_no_pipelining(forward_step: Callable, batches: Iterable[dic
                                    forward_only: bool = False
                                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run every micro-batch forward (and backward); returns (loss sum, tokens) each."""
+    batches = list(batches)
     results = []
-    for batch in batches:
-        with torch.set_grad_enabled(not forward_only):
+    for i, batch in enumerate(batches):
+        # Gradients are reduced across data-parallel ranks on the last micro-batch only.
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or forward_only else model.no_sync()
+        with sync, torch.set_grad_enabled(not forward_only):
             output, loss_fn = forward_step(batch, model)
             loss_sum, num_tokens = loss_fn(output)
-        if not forward_only:
-            (loss_sum * (loss_scale / total_tokens)).backward()
+            if not forward_only:
+                (loss_sum * (loss_scale / total_tokens)).backward()
         results.append((loss_sum.detach(), num_tokens))
     return results

@@ -125,9 +125,13 @@ class Trainer:
         cfg.model.padded_vocab_size = resolve_vocab_size(cfg, tokenizer_vocab_size)
         set_seed(cfg.training.seed)
         model = GPTModel(cfg.model, self.pg).to(device=self.device, dtype=self.dtype)
-        self.model = DataParallel(model, self.pg)
+        p = cfg.parallel
+        self.model = DataParallel(model, self.pg, bucket_size=p.ddp_bucket_size,
+                                  overlap_grad_reduce=p.overlap_grad_reduce,
+                                  use_distributed_optimizer=p.use_distributed_optimizer,
+                                  overlap_param_gather=p.overlap_param_gather)
         self.schedule = LRSchedule.from_config(cfg.optimizer, cfg.training.train_iters)
-        self.optimizer = MixedPrecisionOptimizer(model, cfg.optimizer, self.schedule,
+        self.optimizer = MixedPrecisionOptimizer(self.model, cfg.optimizer, self.schedule,
                                                  build_loss_scaler(cfg.training))
         self.train_ds, self.valid_ds, self.test_ds = datasets
         self.state = TrainState()
@@ -152,9 +156,18 @@ class Trainer:
             batches.append({k: v.to(self.device) for k, v in batch.items()})
         return batches
 
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        """Sum plain numbers over the data-parallel group (loss sums, token counts)."""
+        if self.pg.dp_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, group=self.pg.dp_group)
+        return t.tolist()
+
     def _total_tokens(self, batches) -> float:
+        """Loss tokens of the whole global batch, over every micro-batch and DP rank."""
         total = sum(float(b["loss_mask"].sum()) for b in batches)
-        return max(total, 1.0)
+        return max(self._dp_sum([total])[0], 1.0)
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> tuple[float | None, bool, float | None, int | None]:
@@ -168,7 +181,7 @@ class Trainer:
             loss_scale=self.optimizer.loss_scaler.scale)
         self.model.finish_grad_sync()
         stepped, grad_norm, num_zeros = self.optimizer.step()
-        loss = float(sum(r[0] for r in results)) / total_tokens
+        loss = self._dp_sum([float(sum(r[0] for r in results))])[0] / total_tokens
         self.state.consumed_train_samples += self.cfg.training.global_batch_size
         return loss, stepped, grad_norm, num_zeros
 
@@ -182,8 +195,9 @@ class Trainer:
             batches = self._global_batch(dataset, start)
             results = forward_backward_no_pipelining(
                 forward_step, batches, self.model, total_tokens=1.0, forward_only=True)
-            loss_sum += float(sum(r[0] for r in results))
-            tokens += float(sum(r[1] for r in results))
+            sums = self._dp_sum([float(sum(r[0] for r in results)),
+                                 float(sum(r[1] for r in results))])
+            loss_sum, tokens = loss_sum + sums[0], tokens + sums[1]
         self.model.train()
         return loss_sum / max(tokens, 1.0)
 
