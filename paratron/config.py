@@ -752,8 +752,6 @@ def _unavailable(cfg: Config):
         (t.cpu_offloading, "--cpu-offloading"),
         (o.optimizer_cpu_offload, "--optimizer-cpu-offload"),
         (t.exit_signal_handler, "--exit-signal-handler"),
-        (cfg.data.train_data_path is not None or cfg.data.valid_data_path is not None
-         or cfg.data.test_data_path is not None, "--train/valid/test-data-path"),
     ]
 
 

@@ -36,6 +36,13 @@ def build_datasets(cfg: Config, tokenizer):
     counts = get_train_valid_test_num_samples(
         t.global_batch_size, train_iters=t.train_iters, train_samples=t.train_samples,
         eval_interval=t.eval_interval, eval_iters=t.eval_iters)
+    if d.sft or d.dataset in ("JSON-SFT", "MMAP-SFT"):
+        from paratron.data.sft import build_sft_datasets
+        return build_sft_datasets(
+            d.data_path, d.split, d.seq_length, t.seed, counts, tokenizer,
+            max_padding_length=d.max_padding_length, sequence_packing=d.sequence_packing,
+            train_data_path=d.train_data_path, valid_data_path=d.valid_data_path,
+            test_data_path=d.test_data_path)
     return build_train_valid_test_datasets(
         d.data_path, d.split, d.seq_length, t.seed, counts, tokenizer,
         cache_path=d.data_cache_path, mock=d.mock_data, eod_mask_loss=d.eod_mask_loss,

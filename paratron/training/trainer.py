@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from paratron.config import Config, ConfigError, pad_vocab_size
+from paratron.data.sft import packed_attention_mask
 from paratron.model.gpt import GPTModel
 from paratron.parallel.data_parallel import DataParallel
 from paratron.parallel.process_groups import ProcessGroups
@@ -79,20 +80,12 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
             for k in samples[0]}
 
 
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] document ids -> boolean [b, 1, s, s], True where attention is allowed:
-    causal, and only within a document (packed samples, --reset-attention-mask)."""
-    s = document_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
-    same = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
-    return (same & causal).unsqueeze(1)
-
-
 def forward_step(batch: dict[str, torch.Tensor], model) -> tuple[torch.Tensor, Callable]:
     """GPT forward: per-token loss, and a loss_fn that masks and sums it."""
     mask = None
     if "document_ids" in batch:
-        mask = document_attention_mask(batch["document_ids"])
+        # Packed samples / --reset-attention-mask: causal and within one document only.
+        mask = ~packed_attention_mask(batch["document_ids"]).unsqueeze(1)
     per_token_loss = model(batch["tokens"], batch.get("position_ids"), mask,
                            labels=batch["labels"])
     loss_mask = batch["loss_mask"].float()
