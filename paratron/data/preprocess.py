@@ -130,7 +130,16 @@ class _Encoder:
             else:
                 sentences_of.append([doc])
         flat_sentences = [s for sents in sentences_of for s in sents]
-        ids = self.tokenizer.encode_batch(flat_sentences) if flat_sentences else []
+        try:
+            ids = self.tokenizer.encode_batch(flat_sentences) if flat_sentences else []
+        except DataError as err:
+            # Find the document the tokenizer refused, to name its line.
+            for number, sents in zip(numbers, sentences_of):
+                try:
+                    self.tokenizer.encode_batch(sents)
+                except DataError:
+                    raise DataError(f"{path}:{number}: {err}") from None
+            raise
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
         if flat.size:

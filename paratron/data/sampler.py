@@ -61,6 +61,72 @@ class MegatronPretrainingSampler:
                 yield last
 
 
+class MegatronPretrainingRandomSampler:
+    """``--dataloader-type cyclic``: Megatron's random sampler, epoch after epoch without end.
+
+    Each epoch is a ``torch.randperm`` seeded with the epoch number; the epoch
+    and the position in it follow from ``consumed_samples``, so resuming
+    continues exactly. With ``data_sharding`` (Megatron's default) every
+    data-parallel rank shuffles its own contiguous bucket of the dataset, so,
+    as in Megatron, the samples *do* depend on the data-parallel size; without
+    it one permutation is dealt round-robin over the ranks. Only the
+    ``single`` sampler above gives layout-independent batches.
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        data_sharding: bool = True,
+    ) -> None:
+        if total_samples <= 0:
+            raise ValueError(f"no samples to consume: {total_samples}")
+        if micro_batch_size <= 0 or data_parallel_size <= 0:
+            raise ValueError("micro_batch_size and data_parallel_size must be positive")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.data_sharding = data_sharding
+        self.step = micro_batch_size * data_parallel_size
+        if total_samples < self.step:
+            raise ValueError(f"{total_samples} samples cannot fill one micro-batch on every rank ({self.step})")
+
+    def __len__(self) -> int:
+        return self.total_samples
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield from self._one_epoch()
+
+    def _one_epoch(self) -> Iterator[list[int]]:
+        active = self.total_samples - self.total_samples % self.step
+        epoch = self.consumed_samples // active
+        in_epoch = self.consumed_samples % active
+        if in_epoch % self.step:
+            raise ValueError(f"consumed_samples {self.consumed_samples} is not a multiple of {self.step}")
+        g = torch.Generator()
+        g.manual_seed(epoch)
+        if self.data_sharding:
+            bucket = (self.total_samples // self.step) * self.micro_batch_size
+            start = self.data_parallel_rank * bucket
+            order = torch.randperm(bucket, generator=g).tolist()
+            indices = [start + x for x in order[in_epoch // self.data_parallel_size :]]
+        else:
+            full = (self.total_samples // self.micro_batch_size) * self.micro_batch_size
+            order = torch.randperm(full, generator=g).tolist()[in_epoch:]
+            indices = order[self.data_parallel_rank :: self.data_parallel_size]
+        for i in range(0, len(indices) - self.micro_batch_size + 1, self.micro_batch_size):
+            self.consumed_samples += self.step
+            yield indices[i : i + self.micro_batch_size]
+
+
 def build_pretraining_data_loader(
     dataset,
     consumed_samples: int,
@@ -68,20 +134,37 @@ def build_pretraining_data_loader(
     data_parallel_rank: int,
     data_parallel_size: int,
     num_workers: int = 0,
+    dataloader_type: str = "single",
+    data_sharding: bool = True,
 ) -> torch.utils.data.DataLoader | None:
     """A DataLoader over ``dataset`` that yields this rank's micro-batches (``--num-workers`` workers).
 
-    Returns None for a missing or empty dataset (e.g. a split with zero weight).
+    ``dataloader_type`` is Megatron's ``--dataloader-type``: ``single`` (one
+    ordered pass, :class:`MegatronPretrainingSampler`) or ``cyclic``
+    (:class:`MegatronPretrainingRandomSampler`, endless). Returns None for a
+    missing or empty dataset (e.g. a split with zero weight).
     """
     if dataset is None or len(dataset) == 0:
         return None
-    sampler = MegatronPretrainingSampler(
-        total_samples=len(dataset),
-        consumed_samples=consumed_samples,
-        micro_batch_size=micro_batch_size,
-        data_parallel_rank=data_parallel_rank,
-        data_parallel_size=data_parallel_size,
-    )
+    if dataloader_type == "single":
+        sampler = MegatronPretrainingSampler(
+            total_samples=len(dataset),
+            consumed_samples=consumed_samples,
+            micro_batch_size=micro_batch_size,
+            data_parallel_rank=data_parallel_rank,
+            data_parallel_size=data_parallel_size,
+        )
+    elif dataloader_type == "cyclic":
+        sampler = MegatronPretrainingRandomSampler(
+            total_samples=len(dataset),
+            consumed_samples=consumed_samples,
+            micro_batch_size=micro_batch_size,
+            data_parallel_rank=data_parallel_rank,
+            data_parallel_size=data_parallel_size,
+            data_sharding=data_sharding,
+        )
+    else:
+        raise ValueError(f"unknown dataloader type {dataloader_type!r} (single or cyclic)")
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

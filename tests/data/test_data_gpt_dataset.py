@@ -362,3 +362,19 @@ def test_sampler_global_batches_do_not_depend_on_data_parallel_size():
     assert global_batches(2, consumed=16)[0] == one[2]
     # Megatron's layout: rank r takes the r-th micro-batch slice of each group.
     assert list(MegatronPretrainingSampler(total, 0, mbs, 1, 2))[:2] == [[2, 3], [6, 7]]
+
+
+def test_cyclic_sampler_resumes_and_covers_each_epoch():
+    from itertools import islice
+
+    from paratron.data.sampler import MegatronPretrainingRandomSampler
+
+    for sharding in (True, False):
+        ranks = [MegatronPretrainingRandomSampler(50, 0, 2, r, 2, data_sharding=sharding) for r in range(2)]
+        streams = [list(islice(iter(s), 36)) for s in ranks]  # three epochs of 12 micro-batches per rank
+        for epoch in range(3):
+            seen = sorted(i for st in streams for b in st[12 * epoch : 12 * (epoch + 1)] for i in b)
+            assert seen == sorted(set(seen)) and len(seen) == 48  # no repeats within an epoch
+        # Resuming from consumed_samples gives the same continuation.
+        resumed = list(islice(iter(MegatronPretrainingRandomSampler(50, 20, 2, 1, 2, data_sharding=sharding)), 10))
+        assert resumed == streams[1][5:15]
