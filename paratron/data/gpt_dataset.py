@@ -513,6 +513,8 @@ def build_train_valid_test_datasets(
             if conf[name] is not None:
                 per_split[i] = conf[name]
 
+    if mock:  # --mock-data wins over any data path: Megatron's synthetic corpus, its 1,1,1 split
+        data_path, per_split = None, [None, None, None]
     blend = parse_blend(data_path)
     blend_per_split = [parse_blend(p) for p in per_split]
     if blend is not None and any(b is not None for b in blend_per_split):
@@ -520,8 +522,8 @@ def build_train_valid_test_datasets(
     if blend is None and all(b is None for b in blend_per_split) and not mock:
         raise DataError("no training data: give --data-path (or --data-path-config, --train-data-path) or --mock-data")
 
-    if mock and blend is None and all(b is None for b in blend_per_split):
-        split = "1,1,1"  # Megatron's fixed split for mock data
+    if mock:
+        split = "1,1,1"
     elif blend is not None and split is None:
         split = DEFAULT_SPLIT
     config = GPTDatasetConfig(
@@ -589,7 +591,7 @@ def build_train_valid_test_datasets(
                 result[i] = BlendedDataset(datasets, lengths, size, SPLIT_NAMES[i], cache_path)
         return result
 
-    if blend is not None or mock and all(b is None for b in blend_per_split):
+    if blend is not None or mock:
         matrix = split_matrix(parse_split(split))
         if blend is None:
             return tuple(splits_of(None, matrix, sizes))

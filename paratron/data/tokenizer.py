@@ -178,7 +178,9 @@ class GPT2BPETokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast skips character offsets, which nothing here needs: about twice as fast.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -232,6 +234,11 @@ class HuggingFaceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
             return []
+        # A fast tokenizer's Rust backend gives the same ids (special tokens come
+        # from its post-processor) without offsets or Python-side objects.
+        backend = getattr(self._tok, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=True)]
         return [list(ids) for ids in self._tok(list(texts))["input_ids"]]
 
     def encode_plain(self, text: str) -> list[int]:

@@ -38,3 +38,15 @@ def gpt2_folder(tmp_path, gpt2_files):
 def gpt2_args(gpt2_files):
     return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(gpt2_files[0]),
             "--merge-file", str(gpt2_files[1])]
+
+
+@pytest.fixture(scope="session")
+def bpe_folder(tmp_path_factory):
+    """A byte-level BPE (500 ids, chat markers included) trained on the spot on Shakespeare."""
+    from paratron.data.tokenizer import train_bpe_tokenizer
+
+    text = shared_file("tinyshakespeare/input.txt").read_text()[:300_000]
+    folder = tmp_path_factory.mktemp("bpe")
+    (folder / "corpus.txt").write_text(text)
+    return train_bpe_tokenizer([str(folder / "corpus.txt")], str(folder / "tokenizer"), vocab_size=500,
+                               special_tokens=["<|im_start|>", "<|im_end|>"])

@@ -155,3 +155,18 @@ def test_null_tokenizer_round_trip_int32(tmp_path):
     assert ds.dtype == np.int32
     assert [ds.document(d).tolist() for d in range(2)] == [[1, 2, 3, 100000], [70000, 5, 100000]]
     assert not any(".tmp" in name for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_patch_tokenizer_type_reads_the_load_folder(tmp_path, bpe_folder, workers):
+    """--patch-tokenizer-type Qwen2Tokenizer --load <folder>, as in the Pai-Megatron-Patch commands."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(bpe_folder, local_files_only=True)
+    texts = ["O Romeo, Romeo! wherefore art thou Romeo?", "Deny thy father and refuse thy name."]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess(["--input", str(tmp_path / "r.jsonl"), "--output-prefix", str(tmp_path / "r"), "--append-eod",
+                "--patch-tokenizer-type", "Qwen2Tokenizer", "--load", bpe_folder, "--workers", str(workers)])
+    ds = IndexedDataset(str(tmp_path / "r_text_document"))
+    eod = reference.eos_token_id
+    assert [ds.document(d).tolist() for d in range(2)] == [reference(t)["input_ids"] + [eod] for t in texts]

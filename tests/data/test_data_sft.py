@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from paratron.data.sft import (
     tokenize_conversation,
     write_sft_indexed,
 )
-from paratron.data.tokenizer import build_tokenizer, train_bpe_tokenizer
+from paratron.data.tokenizer import build_tokenizer
 
 
 @pytest.fixture
@@ -60,10 +61,9 @@ def test_loss_mask_is_exactly_the_response(tmp_path, gpt2, name):
         assert torch.equal(sample["position_ids"], torch.arange(1024))
 
 
-def test_chat_template_and_messages(tmp_path):
-    corpus = shared_file("tinyshakespeare/input.txt")
-    folder = train_bpe_tokenizer([str(corpus)], str(tmp_path / "tok"), vocab_size=400,
-                                 special_tokens=["<|im_start|>", "<|im_end|>"])
+def test_chat_template_and_messages(tmp_path, bpe_folder):
+    folder = str(tmp_path / "tok")
+    shutil.copytree(bpe_folder, folder)
     config_path = tmp_path / "tok" / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["eos_token"] = "<|im_end|>"

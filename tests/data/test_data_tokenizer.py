@@ -29,18 +29,17 @@ def test_gpt2_bpe_matches_transformers(gpt2_files, gpt2_folder):
     assert tok.decode(tok.encode(texts[1])) == texts[1]
 
 
-def test_huggingface_folder_trained_on_the_spot(tmp_path):
-    corpus = shared_file("tinyshakespeare/input.txt")
-    folder = train_bpe_tokenizer([str(corpus)], str(tmp_path / "bpe"), vocab_size=500)
-    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=folder)
+def test_huggingface_folder_trained_on_the_spot(bpe_folder):
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=bpe_folder)
     assert tok.vocab_size == 500
-    assert tok.eod == 0  # <|endoftext|> is the first (only) special token
+    assert tok.eod == 0  # <|endoftext|> is the first special token
     text = "First Citizen:\nBefore we proceed any further, hear me speak."
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    assert tok.encode_batch([text, "All:"]) == [ids, tok.encode("All:")]
+    assert tok.encode_batch([text, "All:", ""]) == [ids, tok.encode("All:"), []]
+    assert tok.encode("<|im_start|>user") [0] == 1  # special tokens stay whole
     # Pai-Megatron-Patch names load the same folder.
-    assert build_tokenizer("Qwen2Tokenizer", tokenizer_model=folder).encode(text) == ids
+    assert build_tokenizer("Qwen2Tokenizer", tokenizer_model=bpe_folder).encode(text) == ids
 
 
 def test_sentencepiece_flavours(tmp_path):
