@@ -1,14 +1,31 @@
-"""Tensor parallelism: column/row-parallel linears, vocab-parallel embedding and loss.
+"""Tensor and sequence parallelism: column/row-parallel linears, vocab-parallel embedding
+and loss, and the collectives between them.
 
 Collectives are autograd functions named for what they do in forward and backward, and
 each is called where it is used. With a TP group of one rank every collective is the
 identity, so these layers are `nn.Linear`, `nn.Embedding` and `F.cross_entropy`.
+
+Tensor parallelism (Shoeybi et al. 2019). A column-parallel linear holds a slice of the
+output features, a row-parallel one a slice of the input features; the pair
+column -> elementwise -> row needs one all-reduce in forward (of the row layer's partial
+sums) and one in backward (of the column layer's input gradient).
+
+Sequence parallelism (Korthikanti et al. 2022). Outside the TP regions (norms, dropout,
+residual adds) activations [s, b, h] are split along the sequence instead of being
+replicated: the column layer all-gathers its input along dim 0 and the row layer
+reduce-scatters its output along dim 0. That moves the same bytes as the all-reduce it
+replaces and keeps 1/TP of those activations. A replicated weight applied to a sequence
+shard (norm weights, the row layer's bias) then gets only this shard's part of its
+gradient; it carries `sequence_parallel = True` and `all_reduce_sequence_parallel_grads`
+sums it over TP once per step.
 
 Each parameter carries `tensor_parallel_dim` (the dimension it is split along, or None
 when replicated) so clipping, checkpoints and conversion read one description.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -18,27 +35,58 @@ from torch import nn
 from paratron.parallel.process_groups import ProcessGroups
 
 
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
+    """Sum over the group, out of place (the input may be another branch's gradient)."""
+    if _size(group) == 1:
         return x
-    x = x.contiguous()
+    x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
 
 
-def _gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Concatenate every rank's x along `dim`, in group-rank order."""
+    size = _size(group)
+    if size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    x = x.contiguous()
+    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    # all_gather_single is the newer name of all_gather_into_tensor.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+    return out if dim == 0 else torch.cat(out.chunk(size), dim=dim)
 
 
-def _split_last_dim(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
+def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group and keep this rank's 1/size of dim 0."""
+    size = _size(group)
+    if size == 1:
         return x
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    return x.chunk(size, dim=-1)[rank].contiguous()
+    _check_divisible(x, size, 0)
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, x, group=group)
+    return out
+
+
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's 1/size of `dim`."""
+    size = _size(group)
+    if size == 1:
+        return x
+    _check_divisible(x, size, dim)
+    return x.chunk(size, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _check_divisible(x: torch.Tensor, size: int, dim: int) -> None:
+    if x.shape[dim] % size:
+        what = "sequence length" if dim == 0 else f"dimension {dim}"
+        raise ValueError(f"{what} {x.shape[dim]} is not divisible by TP {size}")
 
 
 class CopyToTensorParallelRegion(torch.autograd.Function):
@@ -59,11 +107,24 @@ class ReduceFromTensorParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+        return _all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class ScatterToTensorParallelRegion(torch.autograd.Function):
+    """Forward: keep this rank's slice of the last dim. Backward: all-gather it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, -1), None
 
 
 class GatherFromTensorParallelRegion(torch.autograd.Function):
@@ -72,11 +133,59 @@ class GatherFromTensorParallelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather_last_dim(x, group)
+        return _all_gather(x, group, -1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split_last_dim(grad, ctx.group), None
+        return _split(grad, ctx.group, -1), None
+
+
+class ScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Forward: keep this rank's sequence shard (dim 0). Backward: all-gather dim 0."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, group, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, 0), None
+
+
+class GatherFromSequenceParallelRegion(torch.autograd.Function):
+    """Forward: all-gather the sequence shards along dim 0.
+
+    Backward: reduce-scatter along dim 0 when the consumer is TP-sharded (each rank's
+    gradient is a partial sum over its slice of the weights), else keep this rank's shard
+    (`grad_is_partial=False`: the consumer is replicated and every rank has the whole
+    gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, grad_is_partial=True):
+        ctx.group, ctx.grad_is_partial = group, grad_is_partial
+        return _all_gather(x, group, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grad_is_partial:
+            return _reduce_scatter(grad, ctx.group), None, None
+        return _split(grad, ctx.group, 0), None, None
+
+
+class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Forward: sum partial results and keep this rank's sequence shard (dim 0).
+    Backward: all-gather along dim 0."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, 0), None
 
 
 def _mark(param: nn.Parameter, dim: int | None) -> nn.Parameter:
@@ -84,19 +193,58 @@ def _mark(param: nn.Parameter, dim: int | None) -> nn.Parameter:
     return param
 
 
+def mark_sequence_parallel(param: nn.Parameter) -> nn.Parameter:
+    """Mark a replicated weight that is applied to sequence shards (a norm weight under
+    sequence parallelism): its gradient is summed over TP by
+    `all_reduce_sequence_parallel_grads`."""
+    param.sequence_parallel = True
+    return param
+
+
+def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter],
+                                       pg: ProcessGroups) -> None:
+    """Sum over TP the gradients of the parameters marked `sequence_parallel`.
+
+    Reads `main_grad` (the fp32 buffer of `DataParallel`) where a parameter has one,
+    else `grad`; one all-reduce per dtype. Call once per step after backward.
+    """
+    if pg.tp_size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if getattr(p, "sequence_parallel", False):
+            grad = getattr(p, "main_grad", None)
+            grad = p.grad if grad is None else grad
+            if grad is not None:
+                by_dtype.setdefault(grad.dtype, []).append(grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=pg.tp_group)
+        for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(summed.view_as(g))
+
+
 class ColumnParallelLinear(nn.Module):
-    """y = x A^T + b with A split by output rows across the TP group."""
+    """y = x A^T + b with A split by output rows across the TP group.
+
+    gather_output: all-gather y's last dim so every rank has the whole output.
+    sequence_parallel: x is this rank's sequence shard [s/TP, b, h]; it is all-gathered
+    along the sequence instead of copied.
+    skip_weight_param_allocation: the weight is borrowed (tied output layer) and passed
+    to forward.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  gather_output: bool = False, pg: ProcessGroups | None = None,
-                 init_std: float = 0.02, dtype=None, skip_weight_param_allocation: bool = False):
+                 init_std: float = 0.02, dtype=None, skip_weight_param_allocation: bool = False,
+                 sequence_parallel: bool = False):
         super().__init__()
         pg = pg or ProcessGroups.single()
         if out_features % pg.tp_size:
             raise ValueError(f"output size {out_features} is not divisible by TP {pg.tp_size}")
         self.group, self.gather_output = pg.tp_group, gather_output
+        self.sequence_parallel = sequence_parallel
         self.out_per_rank = out_features // pg.tp_size
-        # A layer that borrows its weight (tied output layer) gets it in forward.
         self.weight = None if skip_weight_param_allocation else _mark(
             nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype)), 0)
         self.bias = _mark(nn.Parameter(torch.zeros(self.out_per_rank, dtype=dtype)), 0) \
@@ -104,42 +252,69 @@ class ColumnParallelLinear(nn.Module):
         self.init_std = init_std
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        x = CopyToTensorParallelRegion.apply(x, self.group)
-        y = F.linear(x, self.weight if weight is None else weight, self.bias)
+        weight = self.weight if weight is None else weight
+        if weight is None:
+            raise ValueError("this layer borrows its weight: pass weight= to forward")
+        if self.sequence_parallel:
+            x = GatherFromSequenceParallelRegion.apply(x, self.group)
+        else:
+            x = CopyToTensorParallelRegion.apply(x, self.group)
+        y = F.linear(x, weight, self.bias)
         return GatherFromTensorParallelRegion.apply(y, self.group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
-    """y = x A^T + b with A split by input columns; partial sums reduced across TP."""
+    """y = x A^T + b with A split by input columns; partial sums reduced across TP.
+
+    x is TP-split along its last dim (a column-parallel layer's output).
+    sequence_parallel: the partial sums are reduce-scattered along the sequence, giving
+    this rank's shard [s/TP, b, h]; the bias, added to that shard, is marked
+    `sequence_parallel`.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 pg: ProcessGroups | None = None, init_std: float = 0.02, dtype=None):
+                 pg: ProcessGroups | None = None, init_std: float = 0.02, dtype=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         pg = pg or ProcessGroups.single()
         if in_features % pg.tp_size:
             raise ValueError(f"input size {in_features} is not divisible by TP {pg.tp_size}")
-        self.group = pg.tp_group
+        self.group, self.sequence_parallel = pg.tp_group, sequence_parallel
         self.weight = _mark(nn.Parameter(torch.empty(out_features, in_features // pg.tp_size,
                                                      dtype=dtype)), 1)
-        self.bias = _mark(nn.Parameter(torch.zeros(out_features, dtype=dtype)), None) \
-            if bias else None
+        self.bias = None
+        if bias:
+            self.bias = _mark(nn.Parameter(torch.zeros(out_features, dtype=dtype)), None)
+            if sequence_parallel:
+                mark_sequence_parallel(self.bias)
         self.init_std = init_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ReduceFromTensorParallelRegion.apply(F.linear(x, self.weight), self.group)
+        partial = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = ReduceScatterToSequenceParallelRegion.apply(partial, self.group)
+        else:
+            y = ReduceFromTensorParallelRegion.apply(partial, self.group)
         return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; each rank looks up the ids it owns."""
+    """Embedding table split by vocabulary rows; each rank looks up the ids it owns.
+
+    Output [b, s, h]; with reduce_scatter_embeddings (sequence parallelism) it is
+    [s/TP, b, h] instead: the partial lookups are reduce-scattered along the sequence,
+    which costs no more than the all-reduce.
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *,
-                 pg: ProcessGroups | None = None, init_std: float = 0.02, dtype=None):
+                 pg: ProcessGroups | None = None, init_std: float = 0.02, dtype=None,
+                 reduce_scatter_embeddings: bool = False):
         super().__init__()
         pg = pg or ProcessGroups.single()
         if num_embeddings % pg.tp_size:
             raise ValueError(f"vocabulary {num_embeddings} is not divisible by TP {pg.tp_size}")
         self.group = pg.tp_group
+        self.reduce_scatter_embeddings = reduce_scatter_embeddings
         self.per_rank = num_embeddings // pg.tp_size
         self.vocab_start = pg.tp_rank * self.per_rank
         self.weight = _mark(nn.Parameter(torch.empty(self.per_rank, embedding_dim,
@@ -147,17 +322,24 @@ class VocabParallelEmbedding(nn.Module):
         self.init_std = init_std
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.group is None or dist.get_world_size(self.group) == 1:
-            return F.embedding(ids, self.weight)
-        local = ids - self.vocab_start
-        outside = (local < 0) | (local >= self.per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if _size(self.group) == 1:
+            out = F.embedding(ids, self.weight)
+        else:
+            local = ids - self.vocab_start
+            outside = (local < 0) | (local >= self.per_rank)
+            out = F.embedding(local.masked_fill(outside, 0), self.weight)
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.reduce_scatter_embeddings:
+            return ReduceScatterToSequenceParallelRegion.apply(out.transpose(0, 1), self.group)
         return ReduceFromTensorParallelRegion.apply(out, self.group)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross entropy over logits split by vocabulary, never gathering them whole."""
+    """Cross entropy over logits split by vocabulary, never gathering them whole.
+
+    Three all-reduces of one number per token (max logit, target logit, sum of exps).
+    Backward overwrites the saved softmax in place, so it runs once per forward.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, group, vocab_start, ignore_index):

@@ -1,0 +1,65 @@
+"""Joining the job: one call that turns "I am process k of n" into torch.distributed.
+
+The launcher says who this process is: torchrun (and the `pretrain_gpt.py` shim) through
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; other launchers through
+--world-size, --rank and --init-method, which win over the environment. With CUDA each
+process drives the GPU of its local rank and talks NCCL; without it, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
+                     world_size: int | None = None, rank: int | None = None,
+                     init_method: str | None = None,
+                     local_rank: int | None = None) -> torch.device:
+    """Initialise torch.distributed for this process and return its compute device.
+
+    `backend` is honoured on GPUs; on a machine without CUDA the collectives run on gloo.
+    One process with no job to join (no WORLD_SIZE, MASTER_ADDR or init_method)
+    initialises nothing: the single-process layout needs no groups. Calling it again
+    once initialised only returns the device.
+    """
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    rank = int(env.get("RANK", 0)) if rank is None else rank
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    device = _device(rank, local_rank)
+    if dist.is_initialized():
+        return device
+    if init_method is None:
+        if world_size == 1 and "MASTER_ADDR" not in env:
+            return device
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise ValueError("set MASTER_ADDR and MASTER_PORT (torchrun does) or pass "
+                             "--init-method tcp://host:port to join a job of "
+                             f"{world_size} processes")
+        init_method = "env://"
+    use_cuda = device.type == "cuda"
+    dist.init_process_group(backend if use_cuda else "gloo", init_method=init_method,
+                            world_size=world_size, rank=rank,
+                            timeout=timedelta(minutes=timeout_minutes),
+                            device_id=device if use_cuda and backend == "nccl" else None)
+    return device
+
+
+def _device(rank: int, local_rank: int | None) -> torch.device:
+    """The GPU of this process's local rank (LOCAL_RANK, else rank modulo the GPUs of
+    this machine), made current; the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % count))
+    if local_rank >= count:
+        raise ValueError(f"local rank {local_rank} has no GPU: this machine has {count}")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device

@@ -1,0 +1,173 @@
+"""Random streams for dropout under tensor parallelism.
+
+Dropout on activations that every TP rank holds whole (the residual stream without
+sequence parallelism) must draw the same mask on every TP rank, or the replicas drift
+apart. Dropout on activations that are split over TP (one rank's attention heads, a
+sequence shard) must draw a different mask on each rank, or every shard repeats the
+same pattern. So each rank keeps two streams per device:
+
+- the default generator, seeded `seed + 100 * pp_rank`: equal across the TP and DP ranks
+  of a pipeline stage; everything outside TP regions draws from it;
+- the tracked "model-parallel-rng" stream, seeded `seed + 100 * pp_rank + 2718 + tp_rank`
+  (Megatron-LM's model-parallel seed), swapped in by `with pg.rng.fork(): ...` around
+  dropout inside TP regions. Expert layers have "expert-parallel-rng",
+  `seed + 100 * pp_rank + 1024 + 100 * ep_rank + etp_rank`.
+
+Under sequence parallelism the hidden states outside the TP regions are sequence shards
+too, so their dropout belongs inside `fork` as well (Megatron-LM forks around the whole
+layer stack then); a fork nested in another of the same stream just continues it.
+
+`fork` swaps the device's default generator state, so any random op inside it (dropout,
+`torch.rand`) uses the tracked stream, on CPU and on accelerators alike, and the default
+stream continues afterwards as if the fork had not happened.
+
+Recompute. `torch.utils.checkpoint(use_reentrant=False)` saves and restores the default
+generators around the recomputation, but not the tracked streams: by backward time they
+have moved on, and a recomputed dropout inside `fork` would draw a new mask. Pass
+`context_fn=pg.rng.checkpoint_contexts` so the recompute starts from the tracked states
+the original forward started from:
+
+    checkpoint(fn, *args, use_reentrant=False, context_fn=pg.rng.checkpoint_contexts)
+
+The tracker belongs to the process-group object (`pg.rng`): its seeds are a function of
+this rank's place in the grid, and every layer already receives that object.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+MODEL_PARALLEL_RNG = "model-parallel-rng"
+EXPERT_PARALLEL_RNG = "expert-parallel-rng"
+
+
+def data_parallel_seed(seed: int, pp_rank: int = 0) -> int:
+    """Seed of the default generators: the same on all TP and DP ranks of a stage."""
+    return seed + 100 * pp_rank
+
+
+def model_parallel_seed(seed: int, tp_rank: int, pp_rank: int = 0) -> int:
+    """Seed of the stream used inside TP regions: different on each TP rank."""
+    return data_parallel_seed(seed, pp_rank) + 2718 + tp_rank
+
+
+def expert_parallel_seed(seed: int, ep_rank: int, etp_rank: int, pp_rank: int = 0) -> int:
+    """Seed of the stream used inside expert layers: different on each EP x ETP rank."""
+    return data_parallel_seed(seed, pp_rank) + 1024 + 100 * ep_rank + etp_rank
+
+
+def get_rng_state(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The state of the default generator of `device` (CPU or an accelerator)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device).get_rng_state(device)
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device | str = "cpu") -> None:
+    device = torch.device(device)
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device).set_rng_state(state, device)
+
+
+class RNGStatesTracker:
+    """Named generator states that `fork` swaps in for the device's default generator."""
+
+    def __init__(self):
+        self._states: dict[str, tuple[torch.device, torch.Tensor]] = {}
+        self._active: set[str] = set()  # streams forked into right now
+
+    def reset(self) -> None:
+        self._states, self._active = {}, set()
+
+    def add(self, name: str, seed: int, device: torch.device | str = "cpu") -> None:
+        """A new stream `name` for `device`, seeded without touching the default one."""
+        if name in self._states:
+            raise ValueError(f"RNG stream {name!r} already exists")
+        device = torch.device(device)
+        generator = torch.Generator(device)
+        generator.manual_seed(seed)
+        self._states[name] = (device, generator.get_state())
+
+    def get_states(self) -> dict[str, tuple[torch.device, torch.Tensor]]:
+        """A copy of every stream's stored state (for checkpoints, taken outside forks)."""
+        return {name: (device, state.clone()) for name, (device, state) in self._states.items()}
+
+    def set_states(self, states: dict[str, tuple[torch.device, torch.Tensor]]) -> None:
+        self._states = {name: (device, state.clone())
+                        for name, (device, state) in states.items()}
+
+    @contextmanager
+    def fork(self, name: str = MODEL_PARALLEL_RNG):
+        """Draw from stream `name` inside the block; the default stream is left as it was.
+
+        Inside a fork of the same stream (a whole sequence-parallel block forked, with
+        attention dropout forking again) this is a no-op: the stream is already drawn
+        from, and swapping in its stored state would repeat numbers.
+        """
+        if name not in self._states:
+            raise RuntimeError(f"RNG stream {name!r} is not seeded: call "
+                               f"paratron.parallel.random.seed_everything(seed, pg) first")
+        if name in self._active:
+            yield
+            return
+        device, state = self._states[name]
+        outside = get_rng_state(device)
+        set_rng_state(state, device)
+        self._active.add(name)
+        try:
+            yield
+        finally:
+            self._active.discard(name)
+            self._states[name] = (device, get_rng_state(device))
+            set_rng_state(outside, device)
+
+    def checkpoint_contexts(self):
+        """`context_fn` for `torch.utils.checkpoint(use_reentrant=False)`.
+
+        The first context notes the tracked states (and which streams are forked into)
+        as the forward starts; the second puts them back for the recomputation and
+        restores the current ones after it. A stream forked into around the checkpoint
+        lives in the default generator, which checkpoint itself restores.
+        """
+        at_forward = {}
+
+        @contextmanager
+        def forward():
+            at_forward.update(states=self.get_states(), active=set(self._active))
+            yield
+
+        @contextmanager
+        def recompute():
+            current, active = self.get_states(), self._active
+            self.set_states(at_forward["states"])
+            self._active = set(at_forward["active"])
+            try:
+                yield
+            finally:
+                self.set_states(current)
+                self._active = active
+
+        return forward(), recompute()
+
+
+def seed_everything(seed: int, pg, device: torch.device | str = "cpu") -> None:
+    """Seed Python, NumPy, the default generators and `pg.rng`'s streams for this rank.
+
+    `pg` is the `ProcessGroups` object; `device` is where activations (and so dropout)
+    live, whose default generator the tracked streams stand in for.
+    """
+    base = data_parallel_seed(seed, pg.pp_rank)
+    random.seed(base)
+    np.random.seed(base)
+    torch.manual_seed(base)  # every device's default generator
+    pg.rng.reset()
+    pg.rng.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, pg.tp_rank, pg.pp_rank), device)
+    pg.rng.add(EXPERT_PARALLEL_RNG,
+               expert_parallel_seed(seed, pg.ep_rank, pg.etp_rank, pg.pp_rank), device)
