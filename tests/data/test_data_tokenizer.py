@@ -8,7 +8,7 @@ import pytest
 
 from conftest import shared_file
 from paratron.data.errors import DataError
-from paratron.data.tokenizer import build_tokenizer, train_bpe_tokenizer
+from paratron.data.tokenizer import build_tokenizer
 
 
 def c4_texts(n):
