@@ -165,6 +165,10 @@ class TransformerConfig:
     qk_pos_emb_head_dim: int = opt(64, "Query/key rope head dimension.", type=int, group="mla")
     v_head_dim: int = opt(128, "Value head dimension.", type=int, group="mla")
 
+    # Set from the parallel layout by `finalize` (as Megatron's TransformerConfig
+    # inherits ModelParallelConfig): the model builds sequence-parallel layers.
+    sequence_parallel: bool = False
+
     def mlp_activation(self) -> str:
         if self.swiglu:
             return "swiglu"
@@ -632,6 +636,7 @@ def finalize(cfg: Config) -> None:
         m.max_position_embeddings = cfg.data.seq_length
     if p.tensor_model_parallel_size == 1:
         p.sequence_parallel = False
+    m.sequence_parallel = p.sequence_parallel
     world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
     model_parallel = p.model_parallel_size
     cfg.data_parallel_size = max(world // model_parallel, 1) if world % model_parallel == 0 else 0
@@ -718,11 +723,37 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"world size is not divisible by tensor x pipeline x context "
                           f"parallel size ({p.model_parallel_size}); change the sizes or "
                           f"the number of processes")
+    from paratron.parallel.process_groups import check_layout
+    try:
+        check_layout(int(os.environ.get("WORLD_SIZE", p.world_size or 1)),
+                     p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                     p.context_parallel_size, p.expert_model_parallel_size,
+                     p.expert_tensor_parallel_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     micro_dp = t.micro_batch_size * cfg.data_parallel_size
     if t.global_batch_size % micro_dp:
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by "
                           f"--micro-batch-size {t.micro_batch_size} x data-parallel size "
                           f"{cfg.data_parallel_size}; make it a multiple of {micro_dp}")
+    tp = p.tensor_model_parallel_size
+    if tp > 1:
+        checks = [(m.num_attention_heads, "--num-attention-heads"),
+                  (m.ffn_hidden_size, "--ffn-hidden-size")]
+        if m.padded_vocab_size is not None:
+            checks.append((m.padded_vocab_size, "--padded-vocab-size"))
+        for value, flag in checks:
+            if value % tp:
+                raise ConfigError(f"{flag} {value} is not divisible by "
+                                  f"--tensor-model-parallel-size {tp}; pick sizes TP divides")
+        if m.num_query_groups % tp:
+            raise ConfigError(f"--num-query-groups {m.num_query_groups} is not divisible by "
+                              f"--tensor-model-parallel-size {tp}; replicating key/value "
+                              f"heads over TP is not supported yet")
+        if p.sequence_parallel and d.seq_length % tp:
+            raise ConfigError(f"--seq-length {d.seq_length} is not divisible by "
+                              f"--tensor-model-parallel-size {tp}, as --sequence-parallel "
+                              f"needs")
     if m.padded_vocab_size is not None and m.padded_vocab_size <= 0:
         raise ConfigError("--padded-vocab-size must be positive")
     if m.make_vocab_size_divisible_by <= 0:
@@ -737,7 +768,6 @@ def _unavailable(cfg: Config):
     m, p, t, o, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.checkpoint
     world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
     return [
-        (p.tensor_model_parallel_size > 1, "--tensor-model-parallel-size > 1"),
         (p.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size > 1"),
         (p.context_parallel_size > 1, "--context-parallel-size > 1"),
         (p.expert_model_parallel_size > 1, "--expert-model-parallel-size > 1"),

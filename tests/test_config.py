@@ -143,5 +143,5 @@ def test_feature_of_a_later_release_is_refused_not_ignored(monkeypatch):
     with pytest.raises(ConfigError, match="--multi-latent-attention is not supported yet"):
         parse_args(TINY + ["--multi-latent-attention"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="--tensor-model-parallel-size > 1 is not supported yet"):
-        parse_args(TINY + ["--tensor-model-parallel-size", "2"])
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size > 1 is not supported"):
+        parse_args(TINY + ["--pipeline-model-parallel-size", "2"])

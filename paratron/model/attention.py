@@ -8,6 +8,7 @@ with grouped heads broadcast by SDPA itself.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from paratron.model.norms import build_norm
 from paratron.model.rotary import apply_rotary
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from paratron.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                               mark_sequence_parallel)
 
 
 def core_attention(q, k, v, attention_mask, dropout_p: float, scale: float) -> torch.Tensor:
@@ -47,17 +49,25 @@ class SelfAttention(nn.Module):
         self.groups = c.num_query_groups // pg.tp_size
         qkv_out = (c.num_attention_heads + 2 * c.num_query_groups) * c.kv_channels
         out_std = c.init_method_std / math.sqrt(2.0 * c.num_layers)
+        self.pg = pg
         self.linear_qkv = ColumnParallelLinear(c.hidden_size, qkv_out, pg=pg,
                                                bias=c.add_bias_linear or c.add_qkv_bias,
-                                               init_std=c.init_method_std)
+                                               init_std=c.init_method_std,
+                                               sequence_parallel=c.sequence_parallel)
         if c.qk_layernorm:
             self.q_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
             self.k_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
+            if pg.tp_size > 1:
+                # Replicated, but each TP rank applies it to its own heads only: the
+                # gradient is the sum over TP, like a norm under sequence parallelism.
+                for p in (*self.q_layernorm.parameters(), *self.k_layernorm.parameters()):
+                    mark_sequence_parallel(p)
         else:
             self.q_layernorm = self.k_layernorm = None
         self.linear_proj = RowParallelLinear(c.num_attention_heads * c.kv_channels,
                                              c.hidden_size, bias=c.add_bias_linear, pg=pg,
-                                             init_std=out_std)
+                                             init_std=out_std,
+                                             sequence_parallel=c.sequence_parallel)
         self.softmax_scale = 1.0 / math.sqrt(c.kv_channels)
         self.recompute_core = "core_attn" in (c.recompute_modules or []) \
             and c.recompute_granularity == "selective"
@@ -75,9 +85,12 @@ class SelfAttention(nn.Module):
             q = apply_rotary(q, cos, sin, self.config.rotary_interleaved)
             k = apply_rotary(k, cos, sin, self.config.rotary_interleaved)
         dropout = self.config.attention_dropout if self.training else 0.0
-        if self.recompute_core and self.training:
-            out = checkpoint(core_attention, q, k, v, attention_mask, dropout,
-                             self.softmax_scale, use_reentrant=False)
-        else:
-            out = core_attention(q, k, v, attention_mask, dropout, self.softmax_scale)
+        # Heads are split over TP: each rank draws its own dropout masks.
+        with self.pg.rng.fork() if dropout > 0 else contextlib.nullcontext():
+            if self.recompute_core and self.training:
+                out = checkpoint(core_attention, q, k, v, attention_mask, dropout,
+                                 self.softmax_scale, use_reentrant=False,
+                                 context_fn=self.pg.rng.checkpoint_contexts)
+            else:
+                out = core_attention(q, k, v, attention_mask, dropout, self.softmax_scale)
         return self.linear_proj(out)

@@ -14,29 +14,47 @@ from torch import nn
 from paratron.model.rotary import build_rotary
 from paratron.model.transformer import TransformerBlock
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+from paratron.parallel.sharding import shard_tensor
+from paratron.parallel.tensor_parallel import (ColumnParallelLinear,
+                                               ScatterToSequenceParallelRegion,
+                                               VocabParallelEmbedding,
                                                vocab_parallel_cross_entropy)
 
 
 class LanguageModelEmbedding(nn.Module):
-    """Word embeddings (+ learned absolute positions), dropout; output [s, b, h]."""
+    """Word embeddings (+ learned absolute positions), dropout; output [s, b, h], or
+    this rank's sequence shard [s/TP, b, h] under sequence parallelism."""
 
     def __init__(self, config, pg: ProcessGroups | None = None):
         super().__init__()
         c = config
-        self.word_embeddings = VocabParallelEmbedding(c.padded_vocab_size, c.hidden_size, pg=pg,
-                                                      init_std=c.init_method_std)
+        self.pg = pg or ProcessGroups.single()
+        self.sequence_parallel = c.sequence_parallel
+        learned = c.position_embedding_type == "learned_absolute"
+        # Without positions to add, the partial lookups go straight to sequence shards.
+        self.reduce_scatter = c.sequence_parallel and not learned
+        self.word_embeddings = VocabParallelEmbedding(
+            c.padded_vocab_size, c.hidden_size, pg=self.pg, init_std=c.init_method_std,
+            reduce_scatter_embeddings=self.reduce_scatter)
         self.position_embeddings = None
-        if c.position_embedding_type == "learned_absolute":
+        if learned:
             self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.dropout = c.hidden_dropout
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(input_ids)
-        if self.position_embeddings is not None:
-            x = x + self.position_embeddings(position_ids)
-        x = x.transpose(0, 1).contiguous()
-        return F.dropout(x, self.dropout, self.training)
+        if self.reduce_scatter:
+            x = x.contiguous()
+        else:
+            if self.position_embeddings is not None:
+                x = x + self.position_embeddings(position_ids)
+            x = x.transpose(0, 1).contiguous()
+            if self.sequence_parallel:
+                x = ScatterToSequenceParallelRegion.apply(x, self.pg.tp_group)
+        if not self.sequence_parallel or not self.training or self.dropout == 0:
+            return F.dropout(x, self.dropout, self.training)
+        with self.pg.rng.fork():  # each rank holds different tokens: its own masks
+            return F.dropout(x, self.dropout, self.training)
 
 
 class GPTModel(nn.Module):
@@ -59,19 +77,30 @@ class GPTModel(nn.Module):
             # Tied embeddings on a single stage: the output layer borrows the embedding.
             self.output_layer = ColumnParallelLinear(
                 c.hidden_size, c.padded_vocab_size, bias=False, pg=self.pg,
-                init_std=c.init_method_std,
+                init_std=c.init_method_std, sequence_parallel=c.sequence_parallel,
                 skip_weight_param_allocation=self.share_embeddings and pre_process)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Megatron's initialisation: normal(0, std) everywhere, std/sqrt(2L) for the
-        output projections of each layer, zero biases, unit norm weights."""
+        output projections of each layer, zero biases, unit norm weights.
+
+        Each TP rank draws the whole tensor and keeps its shard, so a sharded model
+        starts from exactly the weights of the single-process one.
+        """
+        tp, rank = self.pg.tp_size, self.pg.tp_rank
         for module in self.modules():
             std = getattr(module, "init_std", None)
             if std is not None:
-                if module.weight is not None:
-                    module.weight.normal_(0.0, std)
+                weight = module.weight
+                if weight is not None:
+                    shape = list(weight.shape)
+                    dim = getattr(weight, "tensor_parallel_dim", None)
+                    if dim is not None:
+                        shape[dim] *= tp
+                    full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std)
+                    weight.copy_(shard_tensor(full, weight, tp, rank))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):

@@ -34,13 +34,15 @@ class MLP(nn.Module):
         self.activation = c.mlp_activation()
         fc1_out = 2 * ffn if self.activation == "swiglu" else ffn
         self.linear_fc1 = ColumnParallelLinear(c.hidden_size, fc1_out, bias=c.add_bias_linear,
-                                               pg=pg, init_std=c.init_method_std)
+                                               pg=pg, init_std=c.init_method_std,
+                                               sequence_parallel=c.sequence_parallel)
         if self.activation == "swiglu":
             for p in self.linear_fc1.parameters():
                 p.tensor_parallel_layout = "gate_up"
         self.linear_fc2 = RowParallelLinear(ffn, c.hidden_size, bias=c.add_bias_linear, pg=pg,
                                             init_std=c.init_method_std
-                                            / math.sqrt(2.0 * c.num_layers))
+                                            / math.sqrt(2.0 * c.num_layers),
+                                            sequence_parallel=c.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(activate(self.linear_fc1(x), self.activation))

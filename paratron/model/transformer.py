@@ -15,12 +15,25 @@ from paratron.model.attention import SelfAttention
 from paratron.model.mlp import MLP
 from paratron.model.norms import build_norm
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.tensor_parallel import mark_sequence_parallel
 
 
-def _maybe_checkpoint(enabled: bool, fn, *args):
+def _maybe_checkpoint(enabled: bool, pg: ProcessGroups, fn, *args):
+    """Run fn, recomputing it in backward when enabled; RNG streams replay exactly."""
     if enabled:
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False,
+                          context_fn=pg.rng.checkpoint_contexts)
     return fn(*args)
+
+
+def build_layer_norm(config) -> nn.Module:
+    """A norm of the residual stream; on sequence shards its weights see only this
+    rank's tokens, so under sequence parallelism their gradients are summed over TP."""
+    norm = build_norm(config.normalization, config.hidden_size, config.norm_epsilon)
+    if config.sequence_parallel:
+        for p in norm.parameters():
+            mark_sequence_parallel(p)
+    return norm
 
 
 class TransformerLayer(nn.Module):
@@ -29,25 +42,30 @@ class TransformerLayer(nn.Module):
     def __init__(self, config, layer_number: int, pg: ProcessGroups | None = None):
         super().__init__()
         c = config
+        self.pg = pg or ProcessGroups.single()
         self.layer_number = layer_number
         self.hidden_dropout = c.hidden_dropout
-        self.input_layernorm = build_norm(c.normalization, c.hidden_size, c.norm_epsilon)
-        self.self_attention = SelfAttention(c, layer_number, pg)
-        self.pre_mlp_layernorm = build_norm(c.normalization, c.hidden_size, c.norm_epsilon)
-        self.mlp = MLP(c, pg)
+        self.sequence_parallel = c.sequence_parallel
+        self.input_layernorm = build_layer_norm(c)
+        self.self_attention = SelfAttention(c, layer_number, self.pg)
+        self.pre_mlp_layernorm = build_layer_norm(c)
+        self.mlp = MLP(c, self.pg)
         selective = (c.recompute_modules or []) if c.recompute_granularity == "selective" else []
         self.recompute_norm = "layernorm" in selective
         self.recompute_mlp = "mlp" in selective
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.hidden_dropout, self.training)
+        if not self.sequence_parallel or not self.training or self.hidden_dropout == 0:
+            return F.dropout(x, self.hidden_dropout, self.training)
+        with self.pg.rng.fork():  # sequence shards differ across TP ranks: own masks
+            return F.dropout(x, self.hidden_dropout, self.training)
 
     def forward(self, x, rotary=None, attention_mask=None):
         recompute_norm = self.recompute_norm and self.training
-        h = _maybe_checkpoint(recompute_norm, self.input_layernorm, x)
+        h = _maybe_checkpoint(recompute_norm, self.pg, self.input_layernorm, x)
         x = x + self._dropout(self.self_attention(h, rotary, attention_mask))
-        h = _maybe_checkpoint(recompute_norm, self.pre_mlp_layernorm, x)
-        h = _maybe_checkpoint(self.recompute_mlp and self.training, self.mlp, h)
+        h = _maybe_checkpoint(recompute_norm, self.pg, self.pre_mlp_layernorm, x)
+        h = _maybe_checkpoint(self.recompute_mlp and self.training, self.pg, self.mlp, h)
         return x + self._dropout(h)
 
 
@@ -62,12 +80,11 @@ class TransformerBlock(nn.Module):
                  pg: ProcessGroups | None = None):
         super().__init__()
         c = config
-        self.config = c
+        self.config, self.pg = c, pg or ProcessGroups.single()
         self.layer_offset = layer_numbers.start
-        self.layers = nn.ModuleList(TransformerLayer(c, n, pg)
+        self.layers = nn.ModuleList(TransformerLayer(c, n, self.pg)
                                     for n in layer_numbers)
-        self.final_layernorm = build_norm(c.normalization, c.hidden_size, c.norm_epsilon) \
-            if post_process else None
+        self.final_layernorm = build_layer_norm(c) if post_process else None
 
     def _recompute_plan(self) -> list[list[int]]:
         """Chunks of local layer indices, each run under one checkpoint when full."""
@@ -93,7 +110,7 @@ class TransformerBlock(nn.Module):
                 for i in chunk:
                     h = self.layers[i](h, rotary, attention_mask)
                 return h
-            x = _maybe_checkpoint(self._is_recomputed(chunk), run, x)
+            x = _maybe_checkpoint(self._is_recomputed(chunk), self.pg, run, x)
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
         return x

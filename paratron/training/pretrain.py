@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from paratron.config import Config, ConfigError, format_config
+from paratron.parallel.launch import init_distributed
+from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer, TrainState, resolve_vocab_size
 
 
@@ -51,7 +55,23 @@ def build_datasets(cfg: Config, tokenizer):
         valid_data_path=d.valid_data_path, test_data_path=d.test_data_path)
 
 
+def setup_process_groups(cfg: Config) -> ProcessGroups:
+    """Join the job (torchrun's environment or --world-size/--rank/--init-method) and
+    build every parallel group; a single process needs neither."""
+    p = cfg.parallel
+    backend = p.distributed_backend if torch.cuda.is_available() else "gloo"
+    init_distributed(backend, p.distributed_timeout_minutes, world_size=p.world_size,
+                     rank=p.rank, init_method=p.init_method, local_rank=p.local_rank)
+    return ProcessGroups.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                               p.context_parallel_size, p.expert_model_parallel_size,
+                               p.expert_tensor_parallel_size,
+                               timeout_minutes=p.distributed_timeout_minutes)
+
+
 def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
+    pg = setup_process_groups(cfg)
+    if pg.rank != 0:
+        log = lambda line: None  # noqa: E731 - one rank reports, as Megatron's last rank
     log(format_config(cfg))
     tokenizer = build_tokenizer_for(cfg)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
@@ -59,5 +79,11 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
         raise ConfigError("no tokenizer: give --tokenizer-type with its files (or, with "
                           "--mock-data, --vocab-size)")
     cfg.model.padded_vocab_size = resolve_vocab_size(cfg, vocab)
-    datasets = build_datasets(cfg, tokenizer)
-    return Trainer(cfg, datasets, tokenizer_vocab_size=vocab, log=log).train()
+    # Rank 0 builds (and caches) the sample indices first; the others then read them.
+    if pg.rank == 0:
+        datasets = build_datasets(cfg, tokenizer)
+    if pg.world_size > 1:
+        torch.distributed.barrier()
+    if pg.rank != 0:
+        datasets = build_datasets(cfg, tokenizer)
+    return Trainer(cfg, datasets, tokenizer_vocab_size=vocab, log=log, pg=pg).train()

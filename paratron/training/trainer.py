@@ -9,7 +9,6 @@ micro-batch into fp32 gradient buffers), then one optimizer step. Evaluation run
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +22,8 @@ from paratron.data.sft import packed_attention_mask
 from paratron.model.gpt import GPTModel
 from paratron.parallel.data_parallel import DataParallel
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.random import seed_everything
+from paratron.parallel.tensor_parallel import all_reduce_sequence_parallel_grads
 from paratron.training.flops import flops_per_iteration
 from paratron.training.loss_scaler import build_loss_scaler
 from paratron.training.lr_schedule import LRSchedule
@@ -47,14 +48,6 @@ def params_dtype(training_config) -> torch.dtype:
     if training_config.fp16:
         return torch.float16
     return torch.float32
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 def resolve_vocab_size(cfg: Config, tokenizer_vocab_size: int | None) -> int:
@@ -116,7 +109,7 @@ class Trainer:
         self.device = select_device(cfg.training.device)
         self.dtype = params_dtype(cfg.training)
         cfg.model.padded_vocab_size = resolve_vocab_size(cfg, tokenizer_vocab_size)
-        set_seed(cfg.training.seed)
+        seed_everything(cfg.training.seed, self.pg, self.device)
         model = GPTModel(cfg.model, self.pg).to(device=self.device, dtype=self.dtype)
         p = cfg.parallel
         self.model = DataParallel(model, self.pg, bucket_size=p.ddp_bucket_size,
@@ -173,6 +166,7 @@ class Trainer:
             forward_step, batches, self.model, total_tokens=total_tokens,
             loss_scale=self.optimizer.loss_scaler.scale)
         self.model.finish_grad_sync()
+        all_reduce_sequence_parallel_grads(self.model.module.parameters(), self.pg)
         stepped, grad_norm, num_zeros = self.optimizer.step()
         loss = self._dp_sum([float(sum(r[0] for r in results))])[0] / total_tokens
         self.state.consumed_train_samples += self.cfg.training.global_batch_size
@@ -256,7 +250,7 @@ class Trainer:
                  f" consumed samples: {s.consumed_train_samples:12d}",
                  f" elapsed time per iteration (ms): {elapsed * 1000.0:.1f}"]
         if self.cfg.logging.log_throughput:
-            world = self.pg.dp_size * self.pg.tp_size * self.pg.pp_size
+            world = self.pg.world_size
             tflops = self.flops / (elapsed * world * 1e12)
             tokens = t.global_batch_size * self.cfg.data.seq_length / (elapsed * world)
             parts.append(f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
