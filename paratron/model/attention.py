@@ -73,9 +73,10 @@ class SelfAttention(nn.Module):
             and c.recompute_granularity == "selective"
 
     def forward(self, x: torch.Tensor, rotary=None, attention_mask=None) -> torch.Tensor:
-        s, b, _ = x.shape
         per_group = self.heads // self.groups
-        qkv = self.linear_qkv(x).view(s, b, self.groups, (per_group + 2) * self.head_dim)
+        qkv = self.linear_qkv(x)  # the whole sequence, also under sequence parallelism
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.groups, (per_group + 2) * self.head_dim)
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q = q.reshape(s, b, self.heads, self.head_dim)
         if self.q_layernorm is not None:
