@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
-import numpy as np
 import torch
 
 from paratron.config import Config, ConfigError, pad_vocab_size
+from paratron.data.sampler import build_pretraining_data_loader
 from paratron.data.sft import packed_attention_mask
 from paratron.model.gpt import GPTModel
 from paratron.parallel.data_parallel import DataParallel
@@ -65,12 +65,6 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab_size: int | None) -> int:
                           "files, or --vocab-size, or --padded-vocab-size")
     return pad_vocab_size(base + m.extra_vocab_size, m.make_vocab_size_divisible_by,
                           cfg.parallel.tensor_model_parallel_size)
-
-
-def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack per-sample arrays into a micro-batch."""
-    return {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples])
-            for k in samples[0]}
 
 
 def forward_step(batch: dict[str, torch.Tensor], model) -> tuple[torch.Tensor, Callable]:
@@ -121,26 +115,26 @@ class Trainer:
                                                  build_loss_scaler(cfg.training))
         self.train_ds, self.valid_ds, self.test_ds = datasets
         self.state = TrainState()
+        self._train_iter = self._valid_iter = None
         t = cfg.training
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.pg.dp_size)
         self.flops = flops_per_iteration(cfg.model, cfg.data.seq_length, t.global_batch_size)
 
     # ----------------------------------------------------------------- data
-    def _global_batch(self, dataset, first_sample: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the global batch starting at `first_sample`.
+    def _loader(self, dataset, consumed_samples: int):
+        """This rank's micro-batches from `consumed_samples` on (Megatron's sampler: each
+        micro-batch step takes micro x DP consecutive samples, rank r keeps its slice,
+        so samples do not depend on the layout and a resumed run continues exactly)."""
+        loader = build_pretraining_data_loader(
+            dataset, consumed_samples, self.cfg.training.micro_batch_size, self.pg.dp_rank,
+            self.pg.dp_size, num_workers=self.cfg.data.num_workers,
+            dataloader_type=self.cfg.data.dataloader_type)
+        return iter(loader) if loader is not None else None
 
-        Like Megatron's sampler, each micro-batch step takes micro x DP consecutive
-        samples and rank r keeps its slice, so samples do not depend on the layout.
-        """
-        t, dp = self.cfg.training, self.pg
-        mbs = t.micro_batch_size
-        batches = []
-        for m in range(self.num_microbatches):
-            start = first_sample + m * mbs * dp.dp_size + dp.dp_rank * mbs
-            samples = [dataset[start + i] for i in range(mbs)]
-            batch = collate(samples)
-            batches.append({k: v.to(self.device) for k, v in batch.items()})
-        return batches
+    def _global_batch(self, iterator) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next global batch, on the device."""
+        return [{k: v.to(self.device) for k, v in next(iterator).items()}
+                for _ in range(self.num_microbatches)]
 
     def _dp_sum(self, values: list[float]) -> list[float]:
         """Sum plain numbers over the data-parallel group (loss sums, token counts)."""
@@ -158,7 +152,9 @@ class Trainer:
     # ----------------------------------------------------------------- steps
     def train_step(self) -> tuple[float | None, bool, float | None, int | None]:
         """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
-        batches = self._global_batch(self.train_ds, self.state.consumed_train_samples)
+        if self._train_iter is None:
+            self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
+        batches = self._global_batch(self._train_iter)
         total_tokens = self._total_tokens(batches)
         self.model.train()
         self.model.zero_grad_buffer()
@@ -173,13 +169,12 @@ class Trainer:
         return loss, stepped, grad_norm, num_zeros
 
     @torch.no_grad()
-    def evaluate(self, dataset, first_sample: int) -> float:
-        """Mean per-token loss over --eval-iters global batches starting at first_sample."""
+    def evaluate(self, iterator) -> float:
+        """Mean per-token loss over the next --eval-iters global batches of `iterator`."""
         self.model.eval()
         loss_sum, tokens = 0.0, 0.0
-        for i in range(self.cfg.training.eval_iters):
-            start = first_sample + i * self.cfg.training.global_batch_size
-            batches = self._global_batch(dataset, start)
+        for _ in range(self.cfg.training.eval_iters):
+            batches = self._global_batch(iterator)
             results = forward_backward_no_pipelining(
                 forward_step, batches, self.model, total_tokens=1.0, forward_only=True)
             sums = self._dp_sum([float(sum(r[0] for r in results)),
@@ -199,7 +194,9 @@ class Trainer:
     def run_validation(self, prefix: str) -> float | None:
         if self.valid_ds is None or len(self.valid_ds) == 0 or self.cfg.training.eval_iters == 0:
             return None
-        loss = self.evaluate(self.valid_ds, self.state.consumed_valid_samples)
+        if self._valid_iter is None:
+            self._valid_iter = self._loader(self.valid_ds, self.state.consumed_valid_samples)
+        loss = self.evaluate(self._valid_iter)
         self.state.consumed_valid_samples += (self.cfg.training.eval_iters
                                               * self.cfg.training.global_batch_size)
         self._report_eval(prefix, loss)
@@ -237,7 +234,7 @@ class Trainer:
         if t.eval_interval and self.state.iteration % t.eval_interval != 0:
             self.run_validation(f"iteration {self.state.iteration} on validation set")
         if self.test_ds is not None and len(self.test_ds) and t.eval_iters:
-            loss = self.evaluate(self.test_ds, 0)
+            loss = self.evaluate(self._loader(self.test_ds, 0))
             self._report_eval(f"iteration {self.state.iteration} on test set", loss)
         return self.state
 
