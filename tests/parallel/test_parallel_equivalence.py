@@ -18,7 +18,7 @@ COMMON = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 
           "--device cpu "
           "--micro-batch-size 2 --global-batch-size 8 --eval-interval 1000 --eval-iters 0 "
           "--log-interval 1000 --hidden-dropout 0 --attention-dropout 0 "
-          "--ddp-bucket-size 2000 --adam-eps 1e-4").split()
+          "--ddp-bucket-size 2000 --adam-eps 1e-4 --num-workers 0").split()
 # Adam's first steps turn any gradient entry far above eps into +-lr, so float noise in
 # near-zero entries (summed in another order across ranks; GPT-2's key bias has an
 # analytically zero gradient) would become lr-sized differences; eps 1e-4 keeps such
