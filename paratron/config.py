@@ -746,10 +746,10 @@ def validate(cfg: Config) -> None:
             if value % tp:
                 raise ConfigError(f"{flag} {value} is not divisible by "
                                   f"--tensor-model-parallel-size {tp}; pick sizes TP divides")
-        if m.num_query_groups % tp:
-            raise ConfigError(f"--num-query-groups {m.num_query_groups} is not divisible by "
-                              f"--tensor-model-parallel-size {tp}; replicating key/value "
-                              f"heads over TP is not supported yet")
+        if m.num_query_groups % tp and tp % m.num_query_groups:
+            raise ConfigError(f"--num-query-groups {m.num_query_groups} and "
+                              f"--tensor-model-parallel-size {tp}: one must divide the "
+                              f"other (fewer groups than TP ranks are replicated)")
         if p.sequence_parallel and d.seq_length % tp:
             raise ConfigError(f"--seq-length {d.seq_length} is not divisible by "
                               f"--tensor-model-parallel-size {tp}, as --sequence-parallel "

@@ -145,3 +145,39 @@ def test_feature_of_a_later_release_is_refused_not_ignored(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="--pipeline-model-parallel-size > 1 is not supported"):
         parse_args(TINY + ["--pipeline-model-parallel-size", "2"])
+
+
+TP_REFUSALS = [
+    (["--tensor-model-parallel-size", "8", "--world-size", "8"],
+     "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8"),
+    (["--tensor-model-parallel-size", "2", "--world-size", "2", "--group-query-attention",
+      "--num-query-groups", "2", "--num-attention-heads", "4", "--ffn-hidden-size", "33"],
+     "--ffn-hidden-size 33 is not divisible by --tensor-model-parallel-size 2"),
+    (["--tensor-model-parallel-size", "2", "--world-size", "2", "--padded-vocab-size", "99"],
+     "--padded-vocab-size 99 is not divisible by --tensor-model-parallel-size 2"),
+    (["--tensor-model-parallel-size", "4", "--world-size", "4", "--num-attention-heads", "4",
+      "--group-query-attention", "--num-query-groups", "4", "--hidden-size", "48",
+      "--num-attention-heads", "12", "--num-query-groups", "3"],
+     "--num-query-groups 3 and --tensor-model-parallel-size 4: one must divide the other"),
+    (["--tensor-model-parallel-size", "2", "--world-size", "3"],
+     "world size is not divisible by tensor x pipeline x context parallel size (2)"),
+    (["--world-size", "2", "--global-batch-size", "6", "--micro-batch-size", "2"],
+     "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (["--tensor-model-parallel-size", "2", "--world-size", "2", "--sequence-parallel",
+      "--seq-length", "15", "--max-position-embeddings", "16"],
+     "--seq-length 15 is not divisible by --tensor-model-parallel-size 2"),
+]
+
+
+@pytest.mark.parametrize("extra,message", TP_REFUSALS)
+def test_parallel_layout_refusals(extra, message, capsys):
+    assert train_main(TINY + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_job_that_cannot_join_is_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert train_main(TINY + ["--world-size", "2", "--rank", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init-method" in err, err

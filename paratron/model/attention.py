@@ -45,15 +45,22 @@ class SelfAttention(nn.Module):
         c = config
         self.config = c
         self.head_dim = c.kv_channels
-        self.heads = c.num_attention_heads // pg.tp_size
-        self.groups = c.num_query_groups // pg.tp_size
-        qkv_out = (c.num_attention_heads + 2 * c.num_query_groups) * c.kv_channels
+        tp = pg.tp_size
+        self.heads = c.num_attention_heads // tp
+        # Fewer key/value groups than TP ranks: each rank keeps its group's k and v.
+        self.replicated_kv = c.num_query_groups < tp
+        self.groups = 1 if self.replicated_kv else c.num_query_groups // tp
+        qkv_out = tp * (self.heads + 2 * self.groups) * c.kv_channels
         out_std = c.init_method_std / math.sqrt(2.0 * c.num_layers)
         self.pg = pg
         self.linear_qkv = ColumnParallelLinear(c.hidden_size, qkv_out, pg=pg,
                                                bias=c.add_bias_linear or c.add_qkv_bias,
                                                init_std=c.init_method_std,
                                                sequence_parallel=c.sequence_parallel)
+        if self.replicated_kv:
+            for p in self.linear_qkv.parameters():
+                p.tensor_parallel_layout = "qkv_replicated_kv"
+                p.qkv_heads = (c.num_attention_heads, c.num_query_groups, c.kv_channels)
         if c.qk_layernorm:
             self.q_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
             self.k_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)

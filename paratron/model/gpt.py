@@ -14,7 +14,7 @@ from torch import nn
 from paratron.model.rotary import build_rotary
 from paratron.model.transformer import TransformerBlock
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.sharding import shard_tensor
+from paratron.parallel.sharding import full_shape, shard_tensor
 from paratron.parallel.tensor_parallel import (ColumnParallelLinear,
                                                ScatterToSequenceParallelRegion,
                                                VocabParallelEmbedding,
@@ -95,11 +95,8 @@ class GPTModel(nn.Module):
             if std is not None:
                 weight = module.weight
                 if weight is not None:
-                    shape = list(weight.shape)
-                    dim = getattr(weight, "tensor_parallel_dim", None)
-                    if dim is not None:
-                        shape[dim] *= tp
-                    full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std)
+                    full = torch.empty(full_shape(weight, tp), dtype=torch.float32)
+                    full.normal_(0.0, std)
                     weight.copy_(shard_tensor(full, weight, tp, rank))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()

@@ -224,6 +224,40 @@ def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter],
             g.copy_(summed.view_as(g))
 
 
+def all_reduce_replicated_kv_grads(params: Iterable[nn.Parameter], pg: ProcessGroups) -> None:
+    """Sum the gradients of key/value rows that several TP ranks share.
+
+    With fewer key/value groups than TP ranks (layout "qkv_replicated_kv"), each rank
+    holds its group's k and v rows and sees only its own query heads' use of them. One
+    all-reduce over TP of a [groups, ...] tensor, each rank writing its group's slot,
+    gives every rank its group's total. Call once per step after backward.
+    """
+    if pg.tp_size == 1:
+        return
+    for p in params:
+        if getattr(p, "tensor_parallel_layout", None) != "qkv_replicated_kv":
+            continue
+        _, groups, head_dim = p.qkv_heads
+        grad = getattr(p, "main_grad", None)
+        grad = p.grad if grad is None else grad
+        if grad is None:
+            continue
+        kv = grad[-2 * head_dim:]
+        slots = kv.new_zeros((groups, *kv.shape))
+        group = pg.tp_rank // (pg.tp_size // groups)
+        slots[group] = kv
+        dist.all_reduce(slots, group=pg.tp_group)
+        kv.copy_(slots[group])
+
+
+def finish_tensor_parallel_grads(params: Iterable[nn.Parameter], pg: ProcessGroups) -> None:
+    """Complete the gradients of weights that TP ranks share: sequence-parallel norms
+    (and q/k norms) and replicated key/value rows."""
+    params = list(params)
+    all_reduce_sequence_parallel_grads(params, pg)
+    all_reduce_replicated_kv_grads(params, pg)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by output rows across the TP group.
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from paratron.parallel.data_parallel import DataParallel
+from paratron.parallel.sharding import duplicate_mask
 from paratron.training.lr_schedule import LRSchedule
 
 
@@ -28,7 +29,7 @@ class Segment:
     main: torch.Tensor        # fp32 weights the optimizer updates (may alias model_view)
     grad: torch.Tensor        # fp32 slice of the gradient buffer
     decays: bool
-    in_norm: bool             # counted once in the global gradient norm
+    duplicate: torch.Tensor | None  # True where another TP rank counts this element
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
@@ -53,11 +54,12 @@ def build_segments(model: DataParallel) -> list[Segment]:
                     continue
                 view = p.data.view(-1)[a - start:b - start]
                 main = view if p.dtype == torch.float32 else view.detach().float().clone()
-                # A weight replicated over TP (norms, row biases) is counted on TP rank 0.
-                replicated = getattr(p, "tensor_parallel_dim", None) is None
+                # Elements replicated over TP (norms, shared k/v rows) count once.
+                mask = duplicate_mask(p, pg.tp_size, pg.tp_rank)
+                if mask is not None:
+                    mask = mask.view(-1)[a - start:b - start].to(view.device)
                 segments.append(Segment(view, main, buffer.data[a:b],
-                                        _decays(names[id(p)], p),
-                                        in_norm=not replicated or pg.tp_rank == 0))
+                                        _decays(names[id(p)], p), mask))
     return segments
 
 
@@ -105,12 +107,15 @@ class MixedPrecisionOptimizer:
         scale = self.loss_scaler.scale
         if scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / scale)
-        counted = [s.grad for s in self.segments if s.in_norm]
+        counted = [s.grad if s.duplicate is None else s.grad.masked_fill(s.duplicate, 0.0)
+                   for s in self.segments]
         stats = torch.zeros(2, dtype=torch.float64, device=grads[0].device)
         if counted:
             norms = torch._foreach_norm(counted)
             stats[0] = torch.stack(norms).double().square().sum()
-            stats[1] = sum((g == 0).sum() for g in counted)
+            stats[1] = sum((g == 0).sum() if s.duplicate is None
+                           else ((g == 0) & ~s.duplicate).sum()
+                           for s, g in zip(self.segments, counted))
         self._global_sum(stats)
         norm = math.sqrt(stats[0].item()) if math.isfinite(stats[0].item()) else math.inf
         found_inf = not math.isfinite(norm)

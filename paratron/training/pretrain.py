@@ -60,8 +60,11 @@ def setup_process_groups(cfg: Config) -> ProcessGroups:
     build every parallel group; a single process needs neither."""
     p = cfg.parallel
     backend = p.distributed_backend if torch.cuda.is_available() else "gloo"
-    init_distributed(backend, p.distributed_timeout_minutes, world_size=p.world_size,
-                     rank=p.rank, init_method=p.init_method, local_rank=p.local_rank)
+    try:
+        init_distributed(backend, p.distributed_timeout_minutes, world_size=p.world_size,
+                         rank=p.rank, init_method=p.init_method, local_rank=p.local_rank)
+    except ValueError as exc:  # a launch that cannot join: say how, in one line
+        raise ConfigError(str(exc)) from None
     return ProcessGroups.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                p.context_parallel_size, p.expert_model_parallel_size,
                                p.expert_tensor_parallel_size,

@@ -23,7 +23,7 @@ from paratron.model.gpt import GPTModel
 from paratron.parallel.data_parallel import DataParallel
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import seed_everything
-from paratron.parallel.tensor_parallel import all_reduce_sequence_parallel_grads
+from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
 from paratron.training.flops import flops_per_iteration
 from paratron.training.loss_scaler import build_loss_scaler
 from paratron.training.lr_schedule import LRSchedule
@@ -162,7 +162,7 @@ class Trainer:
             forward_step, batches, self.model, total_tokens=total_tokens,
             loss_scale=self.optimizer.loss_scaler.scale)
         self.model.finish_grad_sync()
-        all_reduce_sequence_parallel_grads(self.model.module.parameters(), self.pg)
+        finish_tensor_parallel_grads(self.model.module.parameters(), self.pg)
         stepped, grad_norm, num_zeros = self.optimizer.step()
         loss = self._dp_sum([float(sum(r[0] for r in results))])[0] / total_tokens
         self.state.consumed_train_samples += self.cfg.training.global_batch_size

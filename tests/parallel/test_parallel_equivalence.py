@@ -31,6 +31,7 @@ GPT2 = ["--openai-gelu"]
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "tp4_replicated_kv": (4, ["--tensor-model-parallel-size", "4"]),
     "dp2": (2, []),
     "dp2_distopt": (2, ["--use-distributed-optimizer"]),
     "tp2_dp2_sp_distopt_overlap": (4, ["--tensor-model-parallel-size", "2",
@@ -84,7 +85,8 @@ def references():
 def test_fp32_equals_single_process(references, arch, layout):
     flags, ref_losses, ref_weights = references[arch, "fp32"]
     world, extra = LAYOUTS[layout]
-    tp = 2 if "--tensor-model-parallel-size" in extra else 1
+    tp = int(extra[extra.index("--tensor-model-parallel-size") + 1]) \
+        if "--tensor-model-parallel-size" in extra else 1
     results = run_distributed(world, _rank_run, flags + extra, tp, timeout=240)
     for losses, weights in results:
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
