@@ -41,3 +41,18 @@ def test_pretrain_gpt_shim_under_torchrun(reference):
                 "--master_port", "29517", str(ROOT / "pretrain_gpt.py")])
     assert _losses(out) == reference
     assert "validation loss at iteration 4" in out
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                    ["--use-distributed-optimizer"]])
+def test_torchrun_two_processes_train_like_one(reference, layout):
+    """The launch path itself: torchrun's environment, process groups, data on every rank."""
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", "29518", "-m", "paratron", "train", *layout,
+                "--padded-vocab-size", "128", "--hidden-dropout", "0",
+                "--attention-dropout", "0"])
+    single = _losses(_run([sys.executable, "-m", "paratron", "train", "--padded-vocab-size",
+                           "128", "--hidden-dropout", "0", "--attention-dropout", "0"]))
+    assert [float(x) for x in _losses(out)] == pytest.approx([float(x) for x in single],
+                                                             rel=1e-5)
+    assert out.count("validation loss at iteration 4 |") == 1  # one rank reports
