@@ -768,11 +768,8 @@ def _unavailable(cfg: Config):
     m, p, t, o, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.checkpoint
     world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
     return [
-        (p.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size > 1"),
         (p.context_parallel_size > 1, "--context-parallel-size > 1"),
         (p.expert_model_parallel_size > 1, "--expert-model-parallel-size > 1"),
-        (p.num_layers_per_virtual_pipeline_stage is not None
-         or p.num_virtual_stages_per_pipeline_rank is not None, "virtual pipeline stages"),
         (m.num_experts is not None, "--num-experts (mixture of experts)"),
         (m.multi_latent_attention, "--multi-latent-attention"),
         (t.fp8 is not None, "--fp8-format"),

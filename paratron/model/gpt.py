@@ -7,6 +7,8 @@ ids on the first stage or the previous stage's hidden state [s, b, h] otherwise.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,7 @@ class LanguageModelEmbedding(nn.Module):
 class GPTModel(nn.Module):
     def __init__(self, config, pg: ProcessGroups | None = None, *,
                  pre_process: bool = True, post_process: bool = True,
-                 layer_numbers: range | None = None):
+                 layer_numbers: range | None = None, init_seed: int = 0):
         super().__init__()
         c = config
         if c.padded_vocab_size is None:
@@ -79,29 +81,49 @@ class GPTModel(nn.Module):
                 c.hidden_size, c.padded_vocab_size, bias=False, pg=self.pg,
                 init_std=c.init_method_std, sequence_parallel=c.sequence_parallel,
                 skip_weight_param_allocation=self.share_embeddings and pre_process)
-        self.reset_parameters()
+        if self.output_layer is not None and self.share_embeddings and not pre_process:
+            # The last stage's copy of the tied embedding: kept equal to the first
+            # stage's by summing their gradients over the embedding group.
+            self.output_layer.weight.shared_embedding = True
+            self.output_layer.weight.shared_embedding_copy = True  # counted once, there
+        if self.embedding is not None and self.share_embeddings and not post_process:
+            self.embedding.word_embeddings.weight.shared_embedding = True
+        self.reset_parameters(init_seed)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, seed: int = 0) -> None:
         """Megatron's initialisation: normal(0, std) everywhere, std/sqrt(2L) for the
         output projections of each layer, zero biases, unit norm weights.
 
-        Each TP rank draws the whole tensor and keeps its shard, so a sharded model
-        starts from exactly the weights of the single-process one.
+        Each weight is drawn whole from a generator seeded by `seed` and its global
+        name, and each TP rank keeps its shard: every layout (TP, pipeline stages,
+        virtual stages) starts from exactly the single-process weights, and a tied
+        output layer on the last stage starts equal to the first stage's embedding.
         """
         tp, rank = self.pg.tp_size, self.pg.tp_rank
-        for module in self.modules():
+        for name, module in self.named_modules():
             std = getattr(module, "init_std", None)
-            if std is not None:
-                weight = module.weight
-                if weight is not None:
-                    full = torch.empty(full_shape(weight, tp), dtype=torch.float32)
-                    full.normal_(0.0, std)
-                    weight.copy_(shard_tensor(full, weight, tp, rank))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, self.config.init_method_std)
+            if std is None and isinstance(module, nn.Embedding):
+                std = self.config.init_method_std
+            weight = getattr(module, "weight", None)
+            if std is None or weight is None:
+                continue
+            if module is self.output_layer and self.share_embeddings:
+                name = "embedding.word_embeddings"  # the tied copy on the last stage
+            generator = torch.Generator().manual_seed(seed * 1_000_003
+                                                      + zlib.crc32(self._global(name).encode()))
+            full = torch.empty(full_shape(weight, tp), dtype=torch.float32)
+            full.normal_(0.0, std, generator=generator)
+            weight.copy_(shard_tensor(full, weight, tp, rank))
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+
+    def _global(self, name: str) -> str:
+        """A module name with its stage-local layer index made global."""
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"] and len(parts) > 2:
+            parts[2] = str(self.decoder.layer_offset + int(parts[2]))
+        return ".".join(parts)
 
     def shared_output_weight(self) -> torch.Tensor | None:
         """The embedding table when the output layer is tied to it, else None."""

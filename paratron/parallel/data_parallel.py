@@ -21,8 +21,6 @@ per dtype, with the same bucket layout, so updated slices are all-gathered in pl
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -55,6 +53,9 @@ class Bucket:
         self.grad_handle = None
         self.grad_shard_out: torch.Tensor | None = None
         self.param_handle = None
+        # A tied embedding split over pipeline stages is first summed over the embedding
+        # group (after backward), so its bucket waits for finish_grad_sync.
+        self.deferred = any(getattr(p, "shared_embedding", False) for p in params)
 
     def reset(self) -> None:
         self.pending = {id(p) for p in self.params}
@@ -136,14 +137,10 @@ class DataParallel(nn.Module):
         return self.module(*args, **kwargs)
 
     # ------------------------------------------------------------ gradients
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Accumulate without reducing: every micro-batch of a step but the last."""
-        self._sync = False
-        try:
-            yield
-        finally:
-            self._sync = True
+    def sync_gradients(self, enabled: bool) -> None:
+        """Whether the coming backward may start reductions: only on the last micro-batch
+        of a step (the schedules set this before every backward)."""
+        self._sync = enabled
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
@@ -151,7 +148,7 @@ class DataParallel(nn.Module):
         if self.overlap_grad_reduce and self._sync:
             bucket = self._bucket_of[id(param)]
             bucket.pending.discard(id(param))
-            if not bucket.pending:
+            if not bucket.pending and not bucket.deferred:
                 self._start_grad_reduce(bucket)
 
     def _bucket_grad(self, bucket: Bucket) -> torch.Tensor:

@@ -37,7 +37,7 @@ def _decays(name: str, param: nn.Parameter) -> bool:
 
 
 def build_segments(model: DataParallel) -> list[Segment]:
-    """This rank's segments of every parameter, in buffer order."""
+    """This rank's segments of every parameter of one model chunk, in buffer order."""
     names = {id(p): n for n, p in model.module.named_parameters()}
     pg = model.pg
     segments = []
@@ -56,6 +56,8 @@ def build_segments(model: DataParallel) -> list[Segment]:
                 main = view if p.dtype == torch.float32 else view.detach().float().clone()
                 # Elements replicated over TP (norms, shared k/v rows) count once.
                 mask = duplicate_mask(p, pg.tp_size, pg.tp_rank)
+                if getattr(p, "shared_embedding_copy", False):
+                    mask = torch.ones(p.shape, dtype=torch.bool)  # the first stage counts it
                 if mask is not None:
                     mask = mask.view(-1)[a - start:b - start].to(view.device)
                 segments.append(Segment(view, main, buffer.data[a:b],
@@ -64,12 +66,13 @@ def build_segments(model: DataParallel) -> list[Segment]:
 
 
 class MixedPrecisionOptimizer:
-    def __init__(self, model: DataParallel, optimizer_config, schedule: LRSchedule,
+    def __init__(self, models: list[DataParallel], optimizer_config, schedule: LRSchedule,
                  loss_scaler):
         o = optimizer_config
-        self.config, self.model = o, model
+        self.config, self.models = o, list(models)
+        self.pg = self.models[0].pg
         self.schedule, self.loss_scaler = schedule, loss_scaler
-        self.segments = build_segments(model)
+        self.segments = [s for model in self.models for s in build_segments(model)]
         groups = [{"params": [s.main for s in self.segments if s.decays],
                    "weight_decay": o.weight_decay},
                   {"params": [s.main for s in self.segments if not s.decays],
@@ -88,12 +91,13 @@ class MixedPrecisionOptimizer:
         return self.optimizer.param_groups[0]["lr"]
 
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks that hold different segments (DP shards, TP shards)."""
-        pg = self.model.pg
-        if self.model.sharded:
+        """Sum over the ranks that hold different segments: DP shards, and the TP shards
+        and pipeline stages of the model (TP x PP)."""
+        pg = self.pg
+        if self.models[0].sharded:
             dist.all_reduce(value, group=pg.dp_group)
-        if pg.tp_size > 1:
-            dist.all_reduce(value, group=pg.tp_group)
+        if pg.mp_size > 1:
+            dist.all_reduce(value, group=pg.mp_group)
         return value
 
     @torch.no_grad()
@@ -131,8 +135,9 @@ class MixedPrecisionOptimizer:
             s.main.grad = None
             if s.main is not s.model_view:
                 s.model_view.copy_(s.main)
-        if self.model.sharded:
-            self.model.start_param_gather()
+        for model in self.models:
+            if model.sharded:
+                model.start_param_gather()
         self.steps += 1
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.lr_at(self.steps)

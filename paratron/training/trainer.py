@@ -21,6 +21,9 @@ from paratron.data.sampler import build_pretraining_data_loader
 from paratron.data.sft import packed_attention_mask
 from paratron.model.gpt import GPTModel
 from paratron.parallel.data_parallel import DataParallel
+from paratron.parallel.pipeline import (StageIO, all_reduce_embedding_grads,
+                                        forward_only_order, interleaved_order, model_chunks,
+                                        one_f_one_b_order, run_schedule)
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import seed_everything
 from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
@@ -28,7 +31,6 @@ from paratron.training.flops import flops_per_iteration
 from paratron.training.loss_scaler import build_loss_scaler
 from paratron.training.lr_schedule import LRSchedule
 from paratron.training.optimizer import MixedPrecisionOptimizer
-from paratron.training.schedules import forward_backward_no_pipelining
 
 
 def select_device(choice: str) -> torch.device:
@@ -67,20 +69,31 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab_size: int | None) -> int:
                           cfg.parallel.tensor_model_parallel_size)
 
 
-def forward_step(batch: dict[str, torch.Tensor], model) -> tuple[torch.Tensor, Callable]:
-    """GPT forward: per-token loss, and a loss_fn that masks and sums it."""
-    mask = None
-    if "document_ids" in batch:
-        # Packed samples / --reset-attention-mask: causal and within one document only.
-        mask = ~packed_attention_mask(batch["document_ids"]).unsqueeze(1)
-    per_token_loss = model(batch["tokens"], batch.get("position_ids"), mask,
-                           labels=batch["labels"])
-    loss_mask = batch["loss_mask"].float()
+def attention_mask_of(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Packed samples / --reset-attention-mask: causal and within one document only."""
+    if "document_ids" not in batch:
+        return None
+    return ~packed_attention_mask(batch["document_ids"]).unsqueeze(1)
 
-    def loss_fn(loss: torch.Tensor):
-        return (loss.float() * loss_mask).sum(), loss_mask.sum()
 
-    return per_token_loss, loss_fn
+def virtual_stages(cfg: Config) -> int:
+    """Model chunks per pipeline rank (interleaved 1F1B when more than one)."""
+    p = cfg.parallel
+    if p.num_virtual_stages_per_pipeline_rank:
+        return p.num_virtual_stages_per_pipeline_rank
+    if p.num_layers_per_virtual_pipeline_stage:
+        return cfg.model.num_layers // (p.pipeline_model_parallel_size
+                                        * p.num_layers_per_virtual_pipeline_stage)
+    return 1
+
+
+def pipeline_split(cfg: Config) -> dict:
+    """The uneven-stage flags as keyword arguments of `model_chunks`."""
+    p = cfg.parallel
+    return dict(first=p.decoder_first_pipeline_num_layers,
+                last=p.decoder_last_pipeline_num_layers,
+                account_for_embedding=p.account_for_embedding_in_pipeline_split,
+                account_for_loss=p.account_for_loss_in_pipeline_split)
 
 
 @dataclass
@@ -104,15 +117,27 @@ class Trainer:
         self.dtype = params_dtype(cfg.training)
         cfg.model.padded_vocab_size = resolve_vocab_size(cfg, tokenizer_vocab_size)
         seed_everything(cfg.training.seed, self.pg, self.device)
-        model = GPTModel(cfg.model, self.pg).to(device=self.device, dtype=self.dtype)
-        p = cfg.parallel
-        self.model = DataParallel(model, self.pg, bucket_size=p.ddp_bucket_size,
-                                  overlap_grad_reduce=p.overlap_grad_reduce,
-                                  use_distributed_optimizer=p.use_distributed_optimizer,
-                                  overlap_param_gather=p.overlap_param_gather)
-        self.schedule = LRSchedule.from_config(cfg.optimizer, cfg.training.train_iters)
-        self.optimizer = MixedPrecisionOptimizer(self.model, cfg.optimizer, self.schedule,
-                                                 build_loss_scaler(cfg.training))
+        p, t = cfg.parallel, cfg.training
+        self.vpp = virtual_stages(cfg)
+        self.chunks = model_chunks(cfg.model.num_layers, self.pg.pp_size, self.pg.pp_rank,
+                                   self.vpp, **pipeline_split(cfg))
+        self.models = []
+        for chunk in self.chunks:
+            module = GPTModel(cfg.model, self.pg, pre_process=chunk.is_first,
+                              post_process=chunk.is_last, layer_numbers=chunk.layers,
+                              init_seed=t.seed)
+            self.models.append(DataParallel(
+                module.to(device=self.device, dtype=self.dtype), self.pg,
+                bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
+                use_distributed_optimizer=p.use_distributed_optimizer,
+                overlap_param_gather=p.overlap_param_gather))
+        self.model = self.models[0]
+        self.schedule = LRSchedule.from_config(cfg.optimizer, t.train_iters)
+        self.optimizer = MixedPrecisionOptimizer(self.models, cfg.optimizer, self.schedule,
+                                                 build_loss_scaler(t))
+        sequence = cfg.data.seq_length // (self.pg.tp_size if p.sequence_parallel else 1)
+        self.io = StageIO((sequence, t.micro_batch_size, cfg.model.hidden_size), self.dtype,
+                          self.device)
         self.train_ds, self.valid_ds, self.test_ds = datasets
         self.state = TrainState()
         self._train_iter = self._valid_iter = None
@@ -136,18 +161,56 @@ class Trainer:
         return [{k: v.to(self.device) for k, v in next(iterator).items()}
                 for _ in range(self.num_microbatches)]
 
-    def _dp_sum(self, values: list[float]) -> list[float]:
-        """Sum plain numbers over the data-parallel group (loss sums, token counts)."""
-        if self.pg.dp_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t, group=self.pg.dp_group)
-        return t.tolist()
+    def _sum_over(self, values: list[float], *groups: str) -> list[float]:
+        """Sum plain numbers (loss sums, token counts) over the named groups."""
+        t = None
+        for name in groups:
+            if getattr(self.pg, f"{name}_size") > 1:
+                if t is None:
+                    t = torch.tensor(values, dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(t, group=getattr(self.pg, f"{name}_group"))
+        return values if t is None else t.tolist()
 
     def _total_tokens(self, batches) -> float:
         """Loss tokens of the whole global batch, over every micro-batch and DP rank."""
         total = sum(float(b["loss_mask"].sum()) for b in batches)
-        return max(self._dp_sum([total])[0], 1.0)
+        return max(self._sum_over([total], "dp")[0], 1.0)
+
+    def _order(self, forward_only: bool):
+        pp, rank, m = self.pg.pp_size, self.pg.pp_rank, self.num_microbatches
+        if forward_only:
+            return forward_only_order(m, self.vpp)
+        if self.vpp > 1:
+            return interleaved_order(pp, rank, m, self.vpp)
+        return one_f_one_b_order(pp, rank, m)
+
+    def _run(self, batches, total_tokens: float, forward_only: bool) -> tuple[float, float]:
+        """Run the schedule over this rank's micro-batches; returns the loss sum and the
+        number of loss tokens of the whole global batch (summed over PP and DP)."""
+        scale = self.optimizer.loss_scaler.scale / total_tokens
+        loss_sums, token_counts = [], []
+
+        def forward(c, m, hidden):
+            b, chunk = batches[m], self.chunks[c]
+            return self.models[c](b["tokens"] if chunk.is_first else None,
+                                  b.get("position_ids"), attention_mask_of(b),
+                                  labels=b["labels"] if chunk.is_last else None,
+                                  hidden_states=hidden)
+
+        def loss(m, per_token_loss):
+            mask = batches[m]["loss_mask"].float()
+            loss_sum = (per_token_loss.float() * mask).sum()
+            loss_sums.append(float(loss_sum.detach()))
+            token_counts.append(float(mask.sum()))
+            return loss_sum * scale
+
+        def before_backward(c, m):
+            # Reduce a chunk's gradients over DP on its last micro-batch only.
+            self.models[c].sync_gradients(m == self.num_microbatches - 1)
+
+        run_schedule(self._order(forward_only), self.chunks, self.pg, forward, loss, self.io,
+                     forward_only=forward_only, before_backward=before_backward)
+        return tuple(self._sum_over([sum(loss_sums), sum(token_counts)], "pp", "dp"))
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> tuple[float | None, bool, float | None, int | None]:
@@ -156,31 +219,30 @@ class Trainer:
             self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
         batches = self._global_batch(self._train_iter)
         total_tokens = self._total_tokens(batches)
-        self.model.train()
-        self.model.zero_grad_buffer()
-        results = forward_backward_no_pipelining(
-            forward_step, batches, self.model, total_tokens=total_tokens,
-            loss_scale=self.optimizer.loss_scaler.scale)
-        self.model.finish_grad_sync()
-        finish_tensor_parallel_grads(self.model.module.parameters(), self.pg)
+        for model in self.models:
+            model.train()
+            model.zero_grad_buffer()
+        loss_sum, _ = self._run(batches, total_tokens, forward_only=False)
+        all_reduce_embedding_grads(self.models, self.pg)
+        for model in self.models:
+            model.finish_grad_sync()
+            finish_tensor_parallel_grads(model.module.parameters(), self.pg)
         stepped, grad_norm, num_zeros = self.optimizer.step()
-        loss = self._dp_sum([float(sum(r[0] for r in results))])[0] / total_tokens
         self.state.consumed_train_samples += self.cfg.training.global_batch_size
-        return loss, stepped, grad_norm, num_zeros
+        return loss_sum / total_tokens, stepped, grad_norm, num_zeros
 
     @torch.no_grad()
     def evaluate(self, iterator) -> float:
         """Mean per-token loss over the next --eval-iters global batches of `iterator`."""
-        self.model.eval()
+        for model in self.models:
+            model.eval()
         loss_sum, tokens = 0.0, 0.0
         for _ in range(self.cfg.training.eval_iters):
-            batches = self._global_batch(iterator)
-            results = forward_backward_no_pipelining(
-                forward_step, batches, self.model, total_tokens=1.0, forward_only=True)
-            sums = self._dp_sum([float(sum(r[0] for r in results)),
-                                 float(sum(r[1] for r in results))])
-            loss_sum, tokens = loss_sum + sums[0], tokens + sums[1]
-        self.model.train()
+            batch_loss, batch_tokens = self._run(self._global_batch(iterator), 1.0,
+                                                 forward_only=True)
+            loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
+        for model in self.models:
+            model.train()
         return loss_sum / max(tokens, 1.0)
 
     def _report_eval(self, prefix: str, loss: float) -> None:

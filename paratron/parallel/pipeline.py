@@ -1,0 +1,263 @@
+"""Pipeline parallelism: which layers each stage holds, and the 1F1B schedules.
+
+Stages. The layer stack is cut into `pp x vpp` virtual stages; rank r holds chunks
+c = 0..vpp-1, chunk c being virtual stage c x pp + r (Megatron's interleaving). The
+first virtual stage also owns the embedding, the last the final norm, output layer
+and loss. Uneven cuts come from --decoder-first/last-pipeline-num-layers, or from
+counting the embedding / loss as a layer.
+
+Schedules. A schedule is the order in which a rank runs forward (F) and backward (B)
+steps of (chunk, micro-batch). `one_f_one_b_order` and `interleaved_order` write these
+orders down; `run_schedule` executes any such order. Activations go to the next
+stage and gradients to the previous one as soon as they exist (asynchronous sends),
+and a step posts the receive it needs in the same `batch_isend_irecv` call. Every
+message between two ranks is matched in the order both sides post it, which the
+orders guarantee, so there is no per-message synchronisation; shapes are known ahead
+([s/TP with SP, b, h] in the model's dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from paratron.parallel.process_groups import ProcessGroups
+
+
+# ---------------------------------------------------------------------- stages
+def layers_per_stage(num_layers: int, pp: int, *, first: int | None = None,
+                     last: int | None = None, account_for_embedding: bool = False,
+                     account_for_loss: bool = False) -> list[int]:
+    """How many transformer layers each of the pp ranks holds (ValueError if uneven)."""
+    if pp == 1:
+        return [num_layers]
+    counts: list[int | None] = [None] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    rest = num_layers - (first or 0) - (last or 0)
+    free = [i for i, c in enumerate(counts) if c is None]
+    if first is None and last is None and (account_for_embedding or account_for_loss):
+        total = num_layers + int(account_for_embedding) + int(account_for_loss)
+        if total % pp:
+            raise ValueError(f"--num-layers {num_layers} plus the embedding/loss counted as "
+                             f"layers ({total}) is not divisible by "
+                             f"--pipeline-model-parallel-size {pp}")
+        each = total // pp
+        counts = [each] * pp
+        counts[0] -= int(account_for_embedding)
+        counts[-1] -= int(account_for_loss)
+        return counts
+    if rest < 0 or (free and rest % len(free)) or (not free and rest != 0):
+        raise ValueError(
+            f"--num-layers {num_layers} does not split over --pipeline-model-parallel-size "
+            f"{pp} with {first} layers first and {last} last: the remaining {rest} must "
+            f"divide evenly over the {len(free)} other stages")
+    for i in free:
+        counts[i] = rest // len(free)
+    return counts
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One model chunk of this rank: its layers and whether it ends the pipeline."""
+
+    index: int          # chunk (virtual stage) index on this rank
+    layers: range       # global layer numbers
+    is_first: bool      # first virtual stage: owns the embedding
+    is_last: bool       # last virtual stage: owns the output layer and loss
+
+
+def model_chunks(num_layers: int, pp: int, pp_rank: int, vpp: int = 1,
+                 **split) -> list[Chunk]:
+    """This rank's chunks, in Megatron's interleaved assignment."""
+    per_rank = layers_per_stage(num_layers, pp, **split)
+    if any(n % vpp for n in per_rank):
+        raise ValueError(f"virtual pipeline stages: each stage's layers {per_rank} must "
+                         f"divide into {vpp} chunks")
+    if any(n // vpp == 0 for n in per_rank):
+        raise ValueError(f"virtual pipeline stages: {vpp} chunks per rank need at least "
+                         f"{vpp} layers on every stage, got {per_rank}")
+    sizes = [per_rank[r] // vpp for r in range(pp)]
+    chunks, offset = [], 0
+    for c in range(vpp):
+        for r in range(pp):
+            if r == pp_rank:
+                chunks.append(Chunk(c, range(offset, offset + sizes[r]),
+                                    is_first=(c == 0 and r == 0),
+                                    is_last=(c == vpp - 1 and r == pp - 1)))
+            offset += sizes[r]
+    return chunks
+
+
+def all_reduce_embedding_grads(models, pg: ProcessGroups) -> None:
+    """Tied embeddings over several stages: the first stage's embedding and the last
+    stage's output layer are one weight, so their gradients are summed over the
+    embedding group (before the data-parallel reduction; both are sums)."""
+    if pg.pp_size == 1 or len(pg.embedding_ranks) < 2:
+        return
+    for model in models:
+        for p in model.module.parameters():
+            if getattr(p, "shared_embedding", False):
+                dist.all_reduce(p.main_grad, group=pg.embedding_group)
+
+
+# ---------------------------------------------------------------------- orders
+Step = tuple[str, int, int]  # ("F" | "B", chunk, micro-batch)
+
+
+def one_f_one_b_order(pp: int, rank: int, num_microbatches: int) -> list[Step]:
+    """Warm-up forwards, then one forward / one backward, then the remaining backwards.
+
+    A stage holds at most pp - rank micro-batches of activations at once.
+    """
+    warmup = min(pp - rank - 1, num_microbatches)
+    order: list[Step] = [("F", 0, m) for m in range(warmup)]
+    for i in range(num_microbatches - warmup):
+        order += [("F", 0, warmup + i), ("B", 0, i)]
+    order += [("B", 0, m) for m in range(num_microbatches - warmup, num_microbatches)]
+    return order
+
+
+def interleaved_order(pp: int, rank: int, num_microbatches: int, vpp: int) -> list[Step]:
+    """Megatron's interleaved 1F1B over vpp chunks per rank (micro-batches a multiple of pp).
+
+    Virtual micro-batch k runs chunk (k // pp) % vpp on micro-batch
+    (k // (pp vpp)) pp + k % pp; backward walks the chunks in reverse.
+    """
+    total = num_microbatches * vpp
+
+    def forward(k):
+        return ("F", (k // pp) % vpp, (k // (pp * vpp)) * pp + k % pp)
+
+    def backward(k):
+        return ("B", vpp - 1 - (k // pp) % vpp, (k // (pp * vpp)) * pp + k % pp)
+
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    order = [forward(k) for k in range(warmup)]
+    for i in range(total - warmup):
+        order += [forward(warmup + i), backward(i)]
+    order += [backward(k) for k in range(total - warmup, total)]
+    return order
+
+
+def forward_only_order(num_microbatches: int, vpp: int) -> list[Step]:
+    """Evaluation: every chunk forward for every micro-batch, in pipeline order."""
+    return [("F", c, m) for m in range(num_microbatches) for c in range(vpp)]
+
+
+# ---------------------------------------------------------------------- execution
+class _Messages:
+    """Point-to-point traffic of one rank: sends fly asynchronously, receives are posted
+    with the send of the step before in one batch_isend_irecv call."""
+
+    def __init__(self, pg: ProcessGroups):
+        self.pg = pg
+        self.pending_sends: list[dist.P2POp] = []
+        self.in_flight = []
+
+    def _peer(self, offset: int) -> int:
+        ranks, r = self.pg.pp_ranks, self.pg.pp_rank
+        return ranks[(r + offset) % len(ranks)]
+
+    # Activations flow to the next stage and gradients to the previous one; with two
+    # stages both share one pair of ranks, so the tag keeps the two streams apart.
+    ACTIVATION, GRADIENT = 0, 1
+
+    def send(self, tensor: torch.Tensor, to_next: bool) -> None:
+        tag = self.ACTIVATION if to_next else self.GRADIENT
+        self.pending_sends.append(dist.P2POp(dist.isend, tensor.contiguous(),
+                                             self._peer(1 if to_next else -1), tag=tag))
+
+    def exchange(self, recv_shape=None, dtype=None, device=None,
+                 from_prev: bool = True) -> torch.Tensor | None:
+        """Post pending sends (and one receive); wait for the receive only."""
+        ops = self.pending_sends
+        self.pending_sends = []
+        buffer = None
+        if recv_shape is not None:
+            buffer = torch.empty(recv_shape, dtype=dtype, device=device)
+            tag = self.ACTIVATION if from_prev else self.GRADIENT
+            ops = ops + [dist.P2POp(dist.irecv, buffer, self._peer(-1 if from_prev else 1),
+                                    tag=tag)]
+        if not ops:
+            return None
+        works = dist.batch_isend_irecv(ops)
+        if buffer is not None:
+            works[-1].wait()
+            self.in_flight += works[:-1]
+        else:
+            self.in_flight += works
+        return buffer
+
+    def drain(self) -> None:
+        self.exchange()
+        for work in self.in_flight:
+            work.wait()
+        self.in_flight = []
+
+
+@dataclass
+class StageIO:
+    """What the schedule needs to know about activations between stages."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def run_schedule(order: list[Step], chunks: list[Chunk], pg: ProcessGroups,
+                 forward: Callable[[int, int, torch.Tensor | None], torch.Tensor],
+                 loss: Callable[[int, torch.Tensor], torch.Tensor],
+                 io: StageIO, *, forward_only: bool = False,
+                 before_backward: Callable[[int, int], None] | None = None,
+                 record: list | None = None) -> list[torch.Tensor]:
+    """Execute a schedule order on this rank.
+
+    forward(chunk, micro, input) runs a chunk (input is None on the first virtual stage)
+    and returns its output; loss(micro, output) turns the last virtual stage's output
+    into the scalar whose backward starts the step. Returns the losses computed here
+    (on the last stage). `record`, if given, receives ("F"/"B", chunk, micro) as each
+    step runs and the number of activations held, for tests.
+    """
+    messages = _Messages(pg)
+    single = pg.pp_size == 1
+    inputs: dict[tuple[int, int], torch.Tensor | None] = {}
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    losses = []
+    for kind, c, m in order:
+        chunk = chunks[c]
+        if kind == "F":
+            x = None
+            if not chunk.is_first:
+                x = messages.exchange(io.shape, io.dtype, io.device, from_prev=True)
+                if not forward_only:
+                    x.requires_grad_()
+            with torch.set_grad_enabled(not forward_only):
+                y = forward(c, m, x)
+                if chunk.is_last:
+                    y = loss(m, y)
+                    losses.append(y.detach())
+            if not chunk.is_last and not single:
+                messages.send(y.detach(), to_next=True)
+            if not forward_only:
+                inputs[c, m], outputs[c, m] = x, y
+        else:
+            if before_backward is not None:
+                before_backward(c, m)
+            y, x = outputs.pop((c, m)), inputs.pop((c, m))
+            if chunk.is_last:
+                torch.autograd.backward(y)
+            else:
+                grad = messages.exchange(io.shape, io.dtype, io.device, from_prev=False)
+                torch.autograd.backward(y, grad)
+            if x is not None:
+                messages.send(x.grad, to_next=False)
+        if record is not None:
+            record.append((kind, c, m, len(outputs)))
+    messages.drain()
+    return losses
