@@ -758,6 +758,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--padded-vocab-size must be positive")
     if m.make_vocab_size_divisible_by <= 0:
         raise ConfigError("--make-vocab-size-divisible-by must be positive")
+    _validate_pipeline(cfg)
     _refuse_unavailable(cfg)
 
 
@@ -780,6 +781,55 @@ def _unavailable(cfg: Config):
         (o.optimizer_cpu_offload, "--optimizer-cpu-offload"),
         (t.exit_signal_handler, "--exit-signal-handler"),
     ]
+
+
+def virtual_stages(cfg: Config) -> int:
+    """Model chunks per pipeline rank (interleaved 1F1B when more than one)."""
+    p = cfg.parallel
+    if p.num_virtual_stages_per_pipeline_rank:
+        return p.num_virtual_stages_per_pipeline_rank
+    if p.num_layers_per_virtual_pipeline_stage:
+        return cfg.model.num_layers // (p.pipeline_model_parallel_size
+                                        * p.num_layers_per_virtual_pipeline_stage)
+    return 1
+
+
+def pipeline_split(cfg: Config) -> dict:
+    """The uneven-stage flags as keyword arguments of `model_chunks`."""
+    p = cfg.parallel
+    return dict(first=p.decoder_first_pipeline_num_layers,
+                last=p.decoder_last_pipeline_num_layers,
+                account_for_embedding=p.account_for_embedding_in_pipeline_split,
+                account_for_loss=p.account_for_loss_in_pipeline_split)
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    """Stages and virtual stages must split the layers, and interleaving needs whole
+    rounds of micro-batches."""
+    from paratron.parallel.pipeline import model_chunks
+
+    p, t = cfg.parallel, cfg.training
+    pp = p.pipeline_model_parallel_size
+    if p.num_layers_per_virtual_pipeline_stage and p.num_virtual_stages_per_pipeline_rank:
+        raise ConfigError("give --num-layers-per-virtual-pipeline-stage or "
+                          "--num-virtual-stages-per-pipeline-rank, not both")
+    k = p.num_layers_per_virtual_pipeline_stage
+    if k and cfg.model.num_layers % (pp * k):
+        raise ConfigError(f"--num-layers {cfg.model.num_layers} is not divisible by "
+                          f"--pipeline-model-parallel-size {pp} x "
+                          f"--num-layers-per-virtual-pipeline-stage {k}")
+    vpp = virtual_stages(cfg)
+    if vpp > 1 and pp == 1:
+        raise ConfigError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
+    try:
+        model_chunks(cfg.model.num_layers, pp, 0, vpp, **pipeline_split(cfg))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    micro = t.global_batch_size // (t.micro_batch_size * max(cfg.data_parallel_size, 1))
+    if vpp > 1 and micro % pp:
+        raise ConfigError(f"the interleaved schedule needs the micro-batches per step "
+                          f"({micro} = global batch / (micro batch x data-parallel size)) "
+                          f"to be a multiple of --pipeline-model-parallel-size {pp}")
 
 
 def _refuse_unavailable(cfg: Config) -> None:

@@ -143,8 +143,8 @@ def test_feature_of_a_later_release_is_refused_not_ignored(monkeypatch):
     with pytest.raises(ConfigError, match="--multi-latent-attention is not supported yet"):
         parse_args(TINY + ["--multi-latent-attention"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size > 1 is not supported"):
-        parse_args(TINY + ["--pipeline-model-parallel-size", "2"])
+    with pytest.raises(ConfigError, match="--context-parallel-size > 1 is not supported"):
+        parse_args(TINY + ["--context-parallel-size", "2", "--seq-length", "16"])
 
 
 TP_REFUSALS = [
@@ -181,3 +181,30 @@ def test_a_job_that_cannot_join_is_one_line(capsys, monkeypatch):
     assert train_main(TINY + ["--world-size", "2", "--rank", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--init-method" in err, err
+
+
+PIPELINE_REFUSALS = [
+    (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "3"],
+     "--num-layers 3 does not split over --pipeline-model-parallel-size 2"),
+    (["--pipeline-model-parallel-size", "3", "--world-size", "3", "--num-layers", "7",
+      "--decoder-first-pipeline-num-layers", "2"],
+     "the remaining 5 must divide evenly over the 2 other stages"),
+    (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "4",
+      "--num-virtual-stages-per-pipeline-rank", "2", "--global-batch-size", "3"],
+     "needs the micro-batches per step (3 = global batch / (micro batch x data-parallel "
+     "size)) to be a multiple of --pipeline-model-parallel-size 2"),
+    (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "2",
+      "--num-virtual-stages-per-pipeline-rank", "2", "--global-batch-size", "4"],
+     "2 chunks per rank need at least 2 layers on every stage"),
+    (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "6",
+      "--num-layers-per-virtual-pipeline-stage", "2"],
+     "--num-layers 6 is not divisible by --pipeline-model-parallel-size 2 x "
+     "--num-layers-per-virtual-pipeline-stage 2"),
+]
+
+
+@pytest.mark.parametrize("extra,message", PIPELINE_REFUSALS)
+def test_pipeline_refusals(extra, message, capsys):
+    assert train_main(TINY + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -76,12 +76,12 @@ def model_chunks(num_layers: int, pp: int, pp_rank: int, vpp: int = 1,
                  **split) -> list[Chunk]:
     """This rank's chunks, in Megatron's interleaved assignment."""
     per_rank = layers_per_stage(num_layers, pp, **split)
-    if any(n % vpp for n in per_rank):
-        raise ValueError(f"virtual pipeline stages: each stage's layers {per_rank} must "
-                         f"divide into {vpp} chunks")
     if any(n // vpp == 0 for n in per_rank):
         raise ValueError(f"virtual pipeline stages: {vpp} chunks per rank need at least "
                          f"{vpp} layers on every stage, got {per_rank}")
+    if any(n % vpp for n in per_rank):
+        raise ValueError(f"virtual pipeline stages: each stage's layers {per_rank} must "
+                         f"divide into {vpp} chunks")
     sizes = [per_rank[r] // vpp for r in range(pp)]
     chunks, offset = [], 0
     for c in range(vpp):

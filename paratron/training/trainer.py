@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from paratron.config import Config, ConfigError, pad_vocab_size
+from paratron.config import (Config, ConfigError, pad_vocab_size, pipeline_split,
+                             virtual_stages)
 from paratron.data.sampler import build_pretraining_data_loader
 from paratron.data.sft import packed_attention_mask
 from paratron.model.gpt import GPTModel
@@ -74,26 +75,6 @@ def attention_mask_of(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     if "document_ids" not in batch:
         return None
     return ~packed_attention_mask(batch["document_ids"]).unsqueeze(1)
-
-
-def virtual_stages(cfg: Config) -> int:
-    """Model chunks per pipeline rank (interleaved 1F1B when more than one)."""
-    p = cfg.parallel
-    if p.num_virtual_stages_per_pipeline_rank:
-        return p.num_virtual_stages_per_pipeline_rank
-    if p.num_layers_per_virtual_pipeline_stage:
-        return cfg.model.num_layers // (p.pipeline_model_parallel_size
-                                        * p.num_layers_per_virtual_pipeline_stage)
-    return 1
-
-
-def pipeline_split(cfg: Config) -> dict:
-    """The uneven-stage flags as keyword arguments of `model_chunks`."""
-    p = cfg.parallel
-    return dict(first=p.decoder_first_pipeline_num_layers,
-                last=p.decoder_last_pipeline_num_layers,
-                account_for_embedding=p.account_for_embedding_in_pipeline_split,
-                account_for_loss=p.account_for_loss_in_pipeline_split)
 
 
 @dataclass
