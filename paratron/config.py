@@ -210,7 +210,8 @@ class ParallelConfig:
     ddp_bucket_size: int | None = opt(None, "Gradient bucket size in elements.", type=int)
     distributed_backend: str = opt("nccl", "Collective backend (gloo is used on CPU).",
                                    choices=["nccl", "gloo"])
-    distributed_timeout_minutes: int = opt(10, "Timeout for collectives.", type=int)
+    distributed_timeout_minutes: float = opt(10, "Minutes a collective may wait before the "
+                                             "job stops.", type=float)
     world_size: int | None = opt(None, "World size when not launched by torchrun.", type=int)
     rank: int | None = opt(None, "Rank when not launched by torchrun.", type=int)
     local_rank: int | None = opt(None, "Local rank (set by older launchers).", type=int,

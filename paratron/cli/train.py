@@ -6,6 +6,7 @@ import sys
 
 from paratron.config import ConfigError, parse_args
 from paratron.data.errors import DataError
+from paratron.parallel.launch import PeerFailure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         sys.stderr.write(f"paratron train: error: {exc}\n")
         return 2
+    except PeerFailure as exc:
+        sys.stderr.write(f"paratron train: error: {exc}\n")
+        return 1
     return 0
 
 

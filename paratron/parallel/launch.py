@@ -63,3 +63,55 @@ def _device(rank: int, local_rank: int | None) -> torch.device:
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return device
+
+
+# ---------------------------------------------------------------------- failures
+FAILED_KEY = "paratron/failed_rank"
+
+
+class PeerFailure(RuntimeError):
+    """This rank stopped because another one failed; the message names that rank."""
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):
+        return None
+
+
+def report_failure(rank: int, exc: BaseException) -> None:
+    """Write the first failure of the job to the rendezvous store, for the other ranks."""
+    store = _store()
+    if store is None:
+        return
+    message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+    try:
+        store.compare_set(FAILED_KEY, "", f"{rank}|{message}")
+    except RuntimeError:  # the store lived on a rank that is gone
+        pass
+
+
+def failed_rank() -> tuple[int, str] | None:
+    """The rank that reported a failure first, and its error, if any did."""
+    store = _store()
+    try:
+        if store is None or not store.check([FAILED_KEY]):
+            return None
+        rank, message = store.get(FAILED_KEY).decode().split("|", 1)
+        return int(rank), message
+    except (RuntimeError, ValueError):
+        return None
+
+
+def explain_failure(rank: int, exc: BaseException) -> BaseException:
+    """The error to raise on this rank: its own, or a PeerFailure naming the rank whose
+    failure made this one's collectives fail or time out (--distributed-timeout-minutes)."""
+    first = failed_rank()
+    if first is None:
+        report_failure(rank, exc)
+        first = failed_rank()
+    if first is None or first[0] == rank:
+        return exc
+    return PeerFailure(f"rank {first[0]} failed ({first[1]}); rank {rank} stopped "
+                       f"waiting for it")

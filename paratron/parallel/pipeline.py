@@ -171,7 +171,8 @@ class _Messages:
     def send(self, tensor: torch.Tensor, to_next: bool) -> None:
         tag = self.ACTIVATION if to_next else self.GRADIENT
         self.pending_sends.append(dist.P2POp(dist.isend, tensor.contiguous(),
-                                             self._peer(1 if to_next else -1), tag=tag))
+                                             self._peer(1 if to_next else -1),
+                                             group=self.pg.pp_group, tag=tag))
 
     def exchange(self, recv_shape=None, dtype=None, device=None,
                  from_prev: bool = True) -> torch.Tensor | None:
@@ -183,7 +184,7 @@ class _Messages:
             buffer = torch.empty(recv_shape, dtype=dtype, device=device)
             tag = self.ACTIVATION if from_prev else self.GRADIENT
             ops = ops + [dist.P2POp(dist.irecv, buffer, self._peer(-1 if from_prev else 1),
-                                    tag=tag)]
+                                    group=self.pg.pp_group, tag=tag)]
         if not ops:
             return None
         works = dist.batch_isend_irecv(ops)

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from paratron.config import Config, ConfigError, format_config
-from paratron.parallel.launch import init_distributed
+from paratron.parallel.launch import explain_failure, init_distributed
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer, TrainState, resolve_vocab_size
 
@@ -89,4 +89,12 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
         torch.distributed.barrier()
     if pg.rank != 0:
         datasets = build_datasets(cfg, tokenizer)
-    return Trainer(cfg, datasets, tokenizer_vocab_size=vocab, log=log, pg=pg).train()
+    trainer = Trainer(cfg, datasets, tokenizer_vocab_size=vocab, log=log, pg=pg)
+    if pg.world_size == 1:
+        return trainer.train()
+    try:
+        return trainer.train()
+    except Exception as exc:  # noqa: BLE001 - re-raised, naming the rank that failed
+        # A rank that fails tells the others through the rendezvous store; a rank whose
+        # collectives then fail or time out reports that rank instead of its own error.
+        raise explain_failure(pg.rank, exc) from exc
