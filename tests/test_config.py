@@ -185,7 +185,7 @@ def test_a_job_that_cannot_join_is_one_line(capsys, monkeypatch):
 
 PIPELINE_REFUSALS = [
     (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "3"],
-     "--num-layers 3 does not split over --pipeline-model-parallel-size 2"),
+     "--num-layers 3 does not split evenly"),
     (["--pipeline-model-parallel-size", "3", "--world-size", "3", "--num-layers", "7",
       "--decoder-first-pipeline-num-layers", "2"],
      "the remaining 5 must divide evenly over the 2 other stages"),
@@ -195,7 +195,7 @@ PIPELINE_REFUSALS = [
      "size)) to be a multiple of --pipeline-model-parallel-size 2"),
     (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "2",
       "--num-virtual-stages-per-pipeline-rank", "2", "--global-batch-size", "4"],
-     "2 chunks per rank need at least 2 layers on every stage"),
+     "--num-layers 2 does not split evenly: it is not divisible by the 4 pipeline stages"),
     (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "6",
       "--num-layers-per-virtual-pipeline-stage", "2"],
      "--num-layers 6 is not divisible by --pipeline-model-parallel-size 2 x "

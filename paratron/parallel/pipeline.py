@@ -9,11 +9,11 @@ counting the embedding / loss as a layer.
 Schedules. A schedule is the order in which a rank runs forward (F) and backward (B)
 steps of (chunk, micro-batch). `one_f_one_b_order` and `interleaved_order` write these
 orders down; `run_schedule` executes any such order. Activations go to the next
-stage and gradients to the previous one as soon as they exist (asynchronous sends),
-and a step posts the receive it needs in the same `batch_isend_irecv` call. Every
-message between two ranks is matched in the order both sides post it, which the
-orders guarantee, so there is no per-message synchronisation; shapes are known ahead
-([s/TP with SP, b, h] in the model's dtype).
+stage and gradients to the previous one as soon as they exist, through
+`batch_isend_irecv` without waiting for them to arrive; a step waits only for the
+receive it needs. Messages between two ranks are matched in the order both sides post
+them (tagged by direction), which the orders guarantee, so there is no per-message
+synchronisation; shapes are known ahead ([s/TP with SP, b, h] in the model's dtype).
 """
 
 from __future__ import annotations
@@ -28,38 +28,64 @@ from paratron.parallel.process_groups import ProcessGroups
 
 
 # ---------------------------------------------------------------------- stages
-def layers_per_stage(num_layers: int, pp: int, *, first: int | None = None,
-                     last: int | None = None, account_for_embedding: bool = False,
-                     account_for_loss: bool = False) -> list[int]:
-    """How many transformer layers each of the pp ranks holds (ValueError if uneven)."""
-    if pp == 1:
-        return [num_layers]
-    counts: list[int | None] = [None] * pp
-    if first is not None:
-        counts[0] = first
-    if last is not None:
-        counts[-1] = last
-    rest = num_layers - (first or 0) - (last or 0)
-    free = [i for i, c in enumerate(counts) if c is None]
-    if first is None and last is None and (account_for_embedding or account_for_loss):
+def virtual_stage_sizes(num_layers: int, pp: int, vpp: int = 1, *, first: int | None = None,
+                        last: int | None = None, account_for_embedding: bool = False,
+                        account_for_loss: bool = False) -> list[int]:
+    """Layers of each of the pp x vpp virtual stages, in pipeline order (ValueError with
+    the flags to change when they do not split).
+
+    - Even: every virtual stage gets num_layers / (pp vpp).
+    - --decoder-first/last-pipeline-num-layers: those on the first/last rank, the rest
+      evenly over the other ranks; each rank's layers evenly over its vpp chunks.
+    - --account-for-embedding/loss-in-pipeline-split: the embedding / loss counts as a
+      layer, so the first / last virtual stage holds one transformer layer fewer.
+    """
+    accounted = account_for_embedding or account_for_loss
+    if accounted and (first is not None or last is not None):
+        raise ValueError("--account-for-embedding/loss-in-pipeline-split cannot be combined "
+                         "with --decoder-first/last-pipeline-num-layers; give one of them")
+    stages = pp * vpp
+    if accounted:
         total = num_layers + int(account_for_embedding) + int(account_for_loss)
-        if total % pp:
+        if total % stages:
             raise ValueError(f"--num-layers {num_layers} plus the embedding/loss counted as "
-                             f"layers ({total}) is not divisible by "
-                             f"--pipeline-model-parallel-size {pp}")
-        each = total // pp
-        counts = [each] * pp
-        counts[0] -= int(account_for_embedding)
-        counts[-1] -= int(account_for_loss)
-        return counts
-    if rest < 0 or (free and rest % len(free)) or (not free and rest != 0):
-        raise ValueError(
-            f"--num-layers {num_layers} does not split over --pipeline-model-parallel-size "
-            f"{pp} with {first} layers first and {last} last: the remaining {rest} must "
-            f"divide evenly over the {len(free)} other stages")
-    for i in free:
-        counts[i] = rest // len(free)
-    return counts
+                             f"layers ({total}) is not divisible by the {stages} pipeline "
+                             f"stages (pipeline size x virtual stages)")
+        sizes = [total // stages] * stages
+        sizes[0] -= int(account_for_embedding)
+        sizes[-1] -= int(account_for_loss)
+    elif first is None and last is None:
+        if num_layers % stages:
+            raise ValueError(f"--num-layers {num_layers} does not split evenly: it is not "
+                             f"divisible by the {stages} pipeline stages (pipeline size "
+                             f"{pp} x virtual stages {vpp})")
+        sizes = [num_layers // stages] * stages
+    else:
+        per_rank: list[int | None] = [None] * pp
+        if first is not None:
+            per_rank[0] = first
+        if last is not None:
+            per_rank[-1] = last
+        free = [i for i, n in enumerate(per_rank) if n is None]
+        rest = num_layers - sum(n for n in per_rank if n is not None)
+        if rest < 0 or (free and rest % len(free)) or (not free and rest):
+            raise ValueError(
+                f"--num-layers {num_layers} does not split over --pipeline-model-parallel-"
+                f"size {pp} with {first} layers first and {last} last: the remaining "
+                f"{rest} must divide evenly over the {len(free)} other stages")
+        per_rank = [n if n is not None else rest // len(free) for n in per_rank]
+        if any(n % vpp for n in per_rank):
+            raise ValueError(f"virtual pipeline stages: each stage's layers {per_rank} must "
+                             f"divide into {vpp} chunks")
+        sizes = [per_rank[v % pp] // vpp for v in range(stages)]
+    # A virtual stage with no layer is pointless unless it holds the embedding or loss.
+    if any(n < 0 for n in sizes) or any(
+            n == 0 and not (v == 0 and account_for_embedding)
+            and not (v == stages - 1 and account_for_loss) for v, n in enumerate(sizes)):
+        raise ValueError(f"{num_layers} layers leave a pipeline stage without layers "
+                         f"({sizes} over {pp} stages x {vpp} virtual stages); use fewer "
+                         f"stages or virtual stages")
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -74,24 +100,13 @@ class Chunk:
 
 def model_chunks(num_layers: int, pp: int, pp_rank: int, vpp: int = 1,
                  **split) -> list[Chunk]:
-    """This rank's chunks, in Megatron's interleaved assignment."""
-    per_rank = layers_per_stage(num_layers, pp, **split)
-    if any(n // vpp == 0 for n in per_rank):
-        raise ValueError(f"virtual pipeline stages: {vpp} chunks per rank need at least "
-                         f"{vpp} layers on every stage, got {per_rank}")
-    if any(n % vpp for n in per_rank):
-        raise ValueError(f"virtual pipeline stages: each stage's layers {per_rank} must "
-                         f"divide into {vpp} chunks")
-    sizes = [per_rank[r] // vpp for r in range(pp)]
-    chunks, offset = [], 0
-    for c in range(vpp):
-        for r in range(pp):
-            if r == pp_rank:
-                chunks.append(Chunk(c, range(offset, offset + sizes[r]),
-                                    is_first=(c == 0 and r == 0),
-                                    is_last=(c == vpp - 1 and r == pp - 1)))
-            offset += sizes[r]
-    return chunks
+    """This rank's chunks, in Megatron's interleaved assignment: chunk c of rank r is
+    virtual stage c x pp + r."""
+    sizes = virtual_stage_sizes(num_layers, pp, vpp, **split)
+    starts = [sum(sizes[:v]) for v in range(len(sizes))]
+    return [Chunk(c, range(starts[v], starts[v] + sizes[v]), is_first=(v == 0),
+                  is_last=(v == len(sizes) - 1))
+            for c in range(vpp) for v in [c * pp + pp_rank]]
 
 
 def all_reduce_embedding_grads(models, pg: ProcessGroups) -> None:
@@ -152,8 +167,8 @@ def forward_only_order(num_microbatches: int, vpp: int) -> list[Step]:
 
 # ---------------------------------------------------------------------- execution
 class _Messages:
-    """Point-to-point traffic of one rank: sends fly asynchronously, receives are posted
-    with the send of the step before in one batch_isend_irecv call."""
+    """Point-to-point traffic of one rank: sends fly asynchronously (their completion is
+    awaited at the end of the step), a receive is waited for when it is needed."""
 
     def __init__(self, pg: ProcessGroups):
         self.pg = pg
@@ -245,6 +260,7 @@ def run_schedule(order: list[Step], chunks: list[Chunk], pg: ProcessGroups,
                     losses.append(y.detach())
             if not chunk.is_last and not single:
                 messages.send(y.detach(), to_next=True)
+                messages.exchange()  # on its way now, while this rank computes on
             if not forward_only:
                 inputs[c, m], outputs[c, m] = x, y
         else:
@@ -258,6 +274,7 @@ def run_schedule(order: list[Step], chunks: list[Chunk], pg: ProcessGroups,
                 torch.autograd.backward(y, grad)
             if x is not None:
                 messages.send(x.grad, to_next=False)
+                messages.exchange()
         if record is not None:
             record.append((kind, c, m, len(outputs)))
     messages.drain()

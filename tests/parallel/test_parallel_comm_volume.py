@@ -245,7 +245,7 @@ def _dp_expected(tp, dp, ffn, distopt, param_bytes):
     """Collectives over the DP group for one step (group "dp")."""
     buckets = _buckets(_local_param_sizes(ffn, tp), dp)
     out = [("all_reduce", "dp", FP64),   # trainer: loss tokens of the global batch
-           ("all_reduce", "dp", FP64)]   # trainer: summed loss, for the log
+           ("all_reduce", "dp", 2 * FP64)]  # trainer: loss sum and tokens, for the log
     if not distopt:
         out += [("all_reduce", "dp", n * FP32) for n in buckets]  # fp32 gradient buckets
     else:

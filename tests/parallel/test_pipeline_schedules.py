@@ -330,14 +330,23 @@ def test_model_chunks_layout(args, split, expected):
     assert _layout(*args, **split) == expected
 
 
+def test_embedding_only_first_stage_is_allowed():
+    # 3 layers + the embedding over 4 stages: the first stage holds only the embedding.
+    assert [c.layers for r in range(4) for c in model_chunks(3, 4, r,
+                                                             account_for_embedding=True)] == [
+        range(0, 0), range(0, 1), range(1, 2), range(2, 3)]
+
+
 @pytest.mark.parametrize("args, split, match", [
     ((8, 3), {}, "does not split"),                        # 8 over 3
     ((9, 3), dict(first=2), "remaining 7"),                # 7 left for 2 stages
     ((8, 4), dict(first=3, last=2), "remaining 3"),        # 3 left for 2 stages
     ((4, 2), dict(first=5), "remaining -1"),               # more than there is
     ((8, 4), dict(account_for_embedding=True), "not divisible"),   # 9 over 4
-    ((6, 2, 2), {}, "divide into 2 chunks"),               # 3 per rank, 2 chunks
-    ((4, 4, 2), {}, "at least 2 layers"),                  # 1 per rank, 2 chunks
+    ((6, 2, 2), {}, "not divisible by the 4 pipeline stages"),  # 3 per rank, 2 chunks
+    ((4, 4, 2), {}, "not divisible by the 8 pipeline stages"),  # 1 per rank, 2 chunks
+    ((4, 3), dict(first=4), "without layers"),            # nothing left for 2 stages
+
     ((9, 3, 2), dict(first=4), "remaining 5"),             # 5 left for 2 stages
     ((10, 3, 2), dict(first=4), "divide into 2 chunks"),   # 4|3|3: 3 not in 2 chunks
 ])
@@ -347,18 +356,13 @@ def test_model_chunks_refusals(args, split, match):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "Megatron counts the embedding against the first *virtual* stage: (7 + 1) / (2 x 2) "
-    "= 2 layers per chunk, one fewer on the first; model_chunks halves each rank's count "
-    "(3|4) instead and refuses 3 over 2 chunks"))
 def test_model_chunks_embedding_in_split_with_virtual_stages():
+    # Megatron counts the embedding against the first *virtual* stage: (7 + 1) / (2 x 2)
+    # = 2 layers per chunk, one fewer on the first.
     assert _layout(7, 2, 2, account_for_embedding=True) == [
         [range(0, 1), range(3, 5)], [range(1, 3), range(5, 7)]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Megatron refuses first/last-stage layer counts together with "
-    "account-for-embedding/loss; layers_per_stage ignores the account flags silently"))
 def test_model_chunks_refuses_first_with_embedding_in_split():
     with pytest.raises(ValueError):
         model_chunks(7, 3, 0, first=3, account_for_embedding=True)
