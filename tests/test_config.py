@@ -195,7 +195,8 @@ PIPELINE_REFUSALS = [
      "size)) to be a multiple of --pipeline-model-parallel-size 2"),
     (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "2",
       "--num-virtual-stages-per-pipeline-rank", "2", "--global-batch-size", "4"],
-     "--num-layers 2 does not split evenly: it is not divisible by the 4 pipeline stages"),
+     "--num-layers 2 is not enough for 4 pipeline stages (pipeline size 2 x virtual "
+     "stages 2)"),
     (["--pipeline-model-parallel-size", "2", "--world-size", "2", "--num-layers", "6",
       "--num-layers-per-virtual-pipeline-stage", "2"],
      "--num-layers 6 is not divisible by --pipeline-model-parallel-size 2 x "

@@ -55,6 +55,10 @@ def virtual_stage_sizes(num_layers: int, pp: int, vpp: int = 1, *, first: int | 
         sizes[0] -= int(account_for_embedding)
         sizes[-1] -= int(account_for_loss)
     elif first is None and last is None:
+        if num_layers < stages:
+            raise ValueError(f"--num-layers {num_layers} is not enough for {stages} pipeline "
+                             f"stages (pipeline size {pp} x virtual stages {vpp}): every "
+                             f"virtual stage needs a layer")
         if num_layers % stages:
             raise ValueError(f"--num-layers {num_layers} does not split evenly: it is not "
                              f"divisible by the {stages} pipeline stages (pipeline size "

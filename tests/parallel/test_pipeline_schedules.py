@@ -344,7 +344,7 @@ def test_embedding_only_first_stage_is_allowed():
     ((4, 2), dict(first=5), "remaining -1"),               # more than there is
     ((8, 4), dict(account_for_embedding=True), "not divisible"),   # 9 over 4
     ((6, 2, 2), {}, "not divisible by the 4 pipeline stages"),  # 3 per rank, 2 chunks
-    ((4, 4, 2), {}, "not divisible by the 8 pipeline stages"),  # 1 per rank, 2 chunks
+    ((4, 4, 2), {}, "not enough for 8 pipeline stages"),  # 1 per rank, 2 chunks
     ((4, 3), dict(first=4), "without layers"),            # nothing left for 2 stages
 
     ((9, 3, 2), dict(first=4), "remaining 5"),             # 5 left for 2 stages
