@@ -760,6 +760,7 @@ def validate(cfg: Config) -> None:
     if m.make_vocab_size_divisible_by <= 0:
         raise ConfigError("--make-vocab-size-divisible-by must be positive")
     _validate_pipeline(cfg)
+    _validate_moe_mla_cp(cfg)
     _refuse_unavailable(cfg)
 
 
@@ -831,6 +832,85 @@ def _validate_pipeline(cfg: Config) -> None:
         raise ConfigError(f"the interleaved schedule needs the micro-batches per step "
                           f"({micro} = global batch / (micro batch x data-parallel size)) "
                           f"to be a multiple of --pipeline-model-parallel-size {pp}")
+
+
+def moe_layer_pattern(model: TransformerConfig) -> list[bool]:
+    """Which layers are MoE: --moe-layer-freq N (every N-th layer, from layer 0) or a
+    pattern list such as ([0]+[1]*26), read without evaluating code."""
+    import ast
+
+    n = model.num_layers
+    if not model.num_experts:
+        return [False] * n
+    text = str(model.moe_layer_freq).strip()
+    if text.isdigit():
+        freq = int(text)
+        if freq <= 0:
+            raise ConfigError(f"--moe-layer-freq {text} must be positive")
+        return [i % freq == 0 for i in range(n)]
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError
+
+    try:
+        pattern = value(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        raise ConfigError(f"--moe-layer-freq {text!r}: give an integer or a list pattern "
+                          f"like ([0]+[1]*{n - 1})") from None
+    if not isinstance(pattern, list) or len(pattern) != n or set(pattern) - {0, 1}:
+        raise ConfigError(f"--moe-layer-freq {text!r} must list {n} zeros and ones, one per "
+                          f"layer (--num-layers {n})")
+    return [bool(x) for x in pattern]
+
+
+def _validate_moe_mla_cp(cfg: Config) -> None:
+    """Experts, multi-latent attention and context parallelism: sizes that fit."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    if m.num_experts:
+        if m.num_experts % p.expert_model_parallel_size:
+            raise ConfigError(f"--num-experts {m.num_experts} is not divisible by "
+                              f"--expert-model-parallel-size {p.expert_model_parallel_size}")
+        if not 0 < m.moe_router_topk <= m.num_experts:
+            raise ConfigError(f"--moe-router-topk {m.moe_router_topk} must be between 1 and "
+                              f"--num-experts {m.num_experts}")
+        if m.moe_router_num_groups and (m.num_experts % m.moe_router_num_groups or
+                                        not m.moe_router_group_topk or
+                                        m.moe_router_group_topk > m.moe_router_num_groups):
+            raise ConfigError("--moe-router-num-groups must divide --num-experts and "
+                              "--moe-router-group-topk must be between 1 and the groups")
+        moe_layer_pattern(m)
+    elif p.expert_model_parallel_size > 1:
+        raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
+    if m.multi_latent_attention:
+        dims = {"--qk-head-dim": m.qk_head_dim, "--qk-pos-emb-head-dim": m.qk_pos_emb_head_dim,
+                "--v-head-dim": m.v_head_dim, "--kv-lora-rank": m.kv_lora_rank}
+        if m.q_lora_rank is not None:
+            dims["--q-lora-rank"] = m.q_lora_rank
+        for flag, value in dims.items():
+            if value <= 0:
+                raise ConfigError(f"{flag} {value} must be positive with "
+                                  f"--multi-latent-attention")
+        if m.qk_pos_emb_head_dim % 2:
+            raise ConfigError(f"--qk-pos-emb-head-dim {m.qk_pos_emb_head_dim} must be even "
+                              f"(rotary pairs)")
+        if m.position_embedding_type not in ("rope", "yarn"):
+            raise ConfigError("--multi-latent-attention needs --position-embedding-type rope")
+        if m.num_attention_heads % p.tensor_model_parallel_size:
+            raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not "
+                              f"divisible by --tensor-model-parallel-size "
+                              f"{p.tensor_model_parallel_size}")
+    cp = p.context_parallel_size
+    if cp > 1 and d.seq_length % (2 * cp):
+        raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x "
+                          f"--context-parallel-size ({2 * cp}), as the load-balanced "
+                          f"causal layout needs")
 
 
 def _refuse_unavailable(cfg: Config) -> None:

@@ -21,6 +21,18 @@ _QWEN3 = dict(_LLAMA, qk_layernorm=True, group_query_attention=True, rotary_base
               padded_vocab_size=151936, seq_length=4096)
 
 
+_DEEPSEEK_V2 = dict(_LLAMA, multi_latent_attention=True, kv_lora_rank=512, qk_head_dim=128,
+                    qk_pos_emb_head_dim=64, v_head_dim=128, norm_epsilon=1e-6,
+                    rotary_base=10000.0, rotary_scaling_factor=40.0,
+                    original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+                    mscale=0.707, mscale_all_dim=0.707, max_position_embeddings=163840,
+                    padded_vocab_size=102400, seq_length=4096, moe_router_topk=6,
+                    moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.001,
+                    moe_router_pre_softmax=True, moe_token_dispatcher_type="alltoall")
+
+_MOE = dict(moe_router_load_balancing_type="aux_loss", moe_token_dispatcher_type="alltoall")
+
+
 def _shape(layers, hidden, heads, ffn=None, groups=None, **extra):
     shape = dict(num_layers=layers, hidden_size=hidden, num_attention_heads=heads)
     if ffn is not None:
@@ -57,4 +69,27 @@ PRESETS: dict[str, dict] = {
                        untie_embeddings_and_output_weights=False),
     "qwen3-8b": dict(_QWEN3, **_shape(36, 4096, 32, 12288, groups=8)),
     "qwen3-32b": dict(_QWEN3, **_shape(64, 5120, 64, 25600, groups=8)),
+    # Mixtures of experts. DeepSeek-V2: the first layer is dense (ffn_hidden_size), the
+    # others MoE with 2 shared experts; routing is softmax over all experts, top-k, no
+    # renormalisation, times the routed scaling factor (V2 also group-limited).
+    "deepseek-v2-lite": dict(_DEEPSEEK_V2, **_shape(27, 2048, 16, 10944), num_experts=64,
+                             moe_ffn_hidden_size=1408, moe_shared_expert_intermediate_size=2816,
+                             moe_layer_freq="([0]+[1]*26)", moe_router_topk_scaling_factor=1.0),
+    "deepseek-v2": dict(_DEEPSEEK_V2, **_shape(60, 5120, 128, 12288), q_lora_rank=1536,
+                        num_experts=160, moe_ffn_hidden_size=1536,
+                        moe_shared_expert_intermediate_size=3072,
+                        moe_layer_freq="([0]+[1]*59)", moe_router_num_groups=8,
+                        moe_router_group_topk=3, moe_router_topk_scaling_factor=16.0),
+    "mixtral-8x7b": dict(_LLAMA, **_MOE, **_shape(32, 4096, 32, 14336, groups=8), num_experts=8,
+                         moe_ffn_hidden_size=14336, moe_router_topk=2, moe_aux_loss_coeff=0.02,
+                         norm_epsilon=1e-5, rotary_base=1000000.0,
+                         max_position_embeddings=32768, seq_length=4096,
+                         padded_vocab_size=32000),
+    "qwen3-30b-a3b": dict(_QWEN3, **_MOE, **_shape(48, 2048, 32, 6144, groups=4), num_experts=128,
+                          moe_ffn_hidden_size=768, moe_router_topk=8, moe_aux_loss_coeff=0.001),
+    "qwen2-57b-a14b": dict(_QWEN25, **_MOE, **_shape(28, 3584, 28, 18944, groups=4),
+                           num_experts=64, moe_ffn_hidden_size=2560, moe_router_topk=8,
+                           moe_shared_expert_intermediate_size=20480, moe_aux_loss_coeff=0.001,
+                           max_position_embeddings=32768, padded_vocab_size=151936,
+                           moe_router_pre_softmax=True),
 }
