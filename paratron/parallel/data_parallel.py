@@ -63,10 +63,12 @@ class Bucket:
 
 
 class GradBuffer:
-    """fp32 gradients (and, sharded, the weights) of the parameters of one dtype."""
+    """fp32 gradients (and, sharded, the weights) of the parameters of one dtype that
+    are reduced over one group: DP x CP for dense weights, expert-DP for experts."""
 
-    def __init__(self, params: list[nn.Parameter], bucket_size: int, dp_size: int,
+    def __init__(self, params: list[nn.Parameter], bucket_size: int, group, dp_size: int,
                  dp_rank: int, device, keep_params_contiguous: bool):
+        self.group, self.dp_size = group, dp_size
         self.buckets: list[Bucket] = []
         layout: list[tuple[nn.Parameter, int]] = []
         offset, bucket_start, bucket_params = 0, 0, []
@@ -105,19 +107,23 @@ class DataParallel(nn.Module):
         super().__init__()
         self.module = module
         self.pg = pg or ProcessGroups.single()
-        dp = self.pg.dp_size
+        pg = self.pg
+        dp = pg.dp_cp_size
         self.sharded = use_distributed_optimizer and dp > 1
         self.overlap_grad_reduce = overlap_grad_reduce and dp > 1
         self.overlap_param_gather = overlap_param_gather and self.sharded
         self._sync = True
         params = [p for p in module.parameters() if p.requires_grad]
         device = params[0].device
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        # Experts are replicated over the expert-data-parallel group only.
+        groups = {False: (pg.dp_cp_group, pg.dp_cp_size, pg.dp_cp_rank),
+                  True: (pg.edp_group, pg.edp_size, pg.edp_rank)}
+        by_kind: dict[tuple[torch.dtype, bool], list[nn.Parameter]] = {}
         for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
+            by_kind.setdefault((p.dtype, getattr(p, "expert_parallel", False)), []).append(p)
         size = bucket_size or max(DEFAULT_BUCKET_SIZE, 1_000_000 * dp)
-        self.buffers = [GradBuffer(ps, size, dp, self.pg.dp_rank, device, self.sharded)
-                        for ps in by_dtype.values()]
+        self.buffers = [GradBuffer(ps, size, *groups[expert], device, self.sharded)
+                        for (_, expert), ps in by_kind.items()]
         self._bucket_of = {id(p): b for buf in self.buffers for b in buf.buckets
                            for p in b.params}
         for bucket in self.buckets:
@@ -151,13 +157,19 @@ class DataParallel(nn.Module):
             if not bucket.pending and not bucket.deferred:
                 self._start_grad_reduce(bucket)
 
+    def _buffer_of(self, bucket: Bucket) -> GradBuffer:
+        return next(b for b in self.buffers if bucket in b.buckets)
+
     def _bucket_grad(self, bucket: Bucket) -> torch.Tensor:
-        buf = next(b for b in self.buffers if bucket in b.buckets)
+        buf = self._buffer_of(bucket)
         return buf.data[bucket.offset:bucket.offset + bucket.numel]
 
     def _start_grad_reduce(self, bucket: Bucket) -> None:
         grads = self._bucket_grad(bucket)
-        group, async_op = self.pg.dp_group, self.overlap_grad_reduce
+        group, async_op = self._buffer_of(bucket).group, self.overlap_grad_reduce
+        if self._buffer_of(bucket).dp_size == 1:
+            bucket.pending = set()
+            return
         if self.sharded:
             bucket.grad_shard_out = torch.empty(bucket.shard_size, dtype=grads.dtype,
                                                 device=grads.device)
@@ -175,7 +187,7 @@ class DataParallel(nn.Module):
 
     def finish_grad_sync(self) -> None:
         """Complete every bucket's reduction (start those backward did not start)."""
-        if self.pg.dp_size == 1:
+        if all(buf.dp_size == 1 for buf in self.buffers):
             return
         for bucket in self.buckets:
             if bucket.grad_handle is None:
@@ -193,10 +205,12 @@ class DataParallel(nn.Module):
     def start_param_gather(self) -> None:
         """All-gather every bucket's updated weight shards (async with overlap)."""
         for buf in self.buffers:
+            if buf.dp_size == 1:
+                continue
             for bucket in buf.buckets:
                 full = buf.param_data[bucket.offset:bucket.offset + bucket.numel]
                 mine = full[bucket.shard_start - bucket.offset:][:bucket.shard_size].clone()
-                bucket.param_handle = _all_gather(full, mine, self.pg.dp_group,
+                bucket.param_handle = _all_gather(full, mine, buf.group,
                                                   self.overlap_param_gather)
                 if not self.overlap_param_gather:
                     bucket.param_handle = None

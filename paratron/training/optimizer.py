@@ -30,6 +30,7 @@ class Segment:
     grad: torch.Tensor        # fp32 slice of the gradient buffer
     decays: bool
     duplicate: torch.Tensor | None  # True where another TP rank counts this element
+    expert: bool = False            # an expert weight (laid out over EP, not TP x DP)
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
@@ -61,7 +62,8 @@ def build_segments(model: DataParallel) -> list[Segment]:
                 if mask is not None:
                     mask = mask.view(-1)[a - start:b - start].to(view.device)
                 segments.append(Segment(view, main, buffer.data[a:b],
-                                        _decays(names[id(p)], p), mask))
+                                        _decays(names[id(p)], p), mask,
+                                        getattr(p, "expert_parallel", False)))
     return segments
 
 
@@ -73,6 +75,9 @@ class MixedPrecisionOptimizer:
         self.pg = self.models[0].pg
         self.schedule, self.loss_scaler = schedule, loss_scaler
         self.segments = [s for model in self.models for s in build_segments(model)]
+        # From the config, not this rank's weights: every rank must join the same sums,
+        # also a pipeline stage that happens to hold no MoE layer.
+        self.has_experts = bool(self.models[0].module.config.num_experts)
         groups = [{"params": [s.main for s in self.segments if s.decays],
                    "weight_decay": o.weight_decay},
                   {"params": [s.main for s in self.segments if not s.decays],
@@ -90,15 +95,24 @@ class MixedPrecisionOptimizer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks that hold different segments: DP shards, and the TP shards
-        and pipeline stages of the model (TP x PP)."""
-        pg = self.pg
-        if self.models[0].sharded:
-            dist.all_reduce(value, group=pg.dp_group)
-        if pg.mp_size > 1:
-            dist.all_reduce(value, group=pg.mp_group)
-        return value
+    def _global_sum(self, dense: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """Sum per-rank statistics over the ranks holding other parts of the model.
+
+        Dense weights: their DP x CP shards (distributed optimizer), TP shards and
+        pipeline stages (TP x PP). Experts: their expert-DP shards, the other experts
+        (EP), expert-TP shards and pipeline stages.
+        """
+        pg, sharded = self.pg, self.models[0].sharded
+
+        def over(value, names):
+            for name in names:
+                if getattr(pg, f"{name}_size") > 1:
+                    dist.all_reduce(value, group=getattr(pg, f"{name}_group"))
+
+        over(dense, (["dp_cp"] if sharded else []) + ["mp"])
+        if self.has_experts:
+            over(expert, (["edp"] if sharded else []) + ["ep", "etp", "pp"])
+        return dense + expert
 
     @torch.no_grad()
     def step(self) -> tuple[bool, float | None, int | None]:
@@ -111,16 +125,19 @@ class MixedPrecisionOptimizer:
         scale = self.loss_scaler.scale
         if scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / scale)
-        counted = [s.grad if s.duplicate is None else s.grad.masked_fill(s.duplicate, 0.0)
-                   for s in self.segments]
-        stats = torch.zeros(2, dtype=torch.float64, device=grads[0].device)
-        if counted:
-            norms = torch._foreach_norm(counted)
-            stats[0] = torch.stack(norms).double().square().sum()
-            stats[1] = sum((g == 0).sum() if s.duplicate is None
-                           else ((g == 0) & ~s.duplicate).sum()
-                           for s, g in zip(self.segments, counted))
-        self._global_sum(stats)
+        stats = {}
+        for expert in (False, True):
+            segments = [s for s in self.segments if s.expert == expert]
+            counted = [s.grad if s.duplicate is None else s.grad.masked_fill(s.duplicate, 0.0)
+                       for s in segments]
+            stats[expert] = torch.zeros(2, dtype=torch.float64, device=grads[0].device)
+            if counted:
+                norms = torch._foreach_norm(counted)
+                stats[expert][0] = torch.stack(norms).double().square().sum()
+                stats[expert][1] = sum((g == 0).sum() if s.duplicate is None
+                                       else ((g == 0) & ~s.duplicate).sum()
+                                       for s, g in zip(segments, counted))
+        stats = self._global_sum(stats[False], stats[True])
         norm = math.sqrt(stats[0].item()) if math.isfinite(stats[0].item()) else math.inf
         found_inf = not math.isfinite(norm)
         self.loss_scaler.update(found_inf)

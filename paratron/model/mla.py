@@ -1,0 +1,200 @@
+"""Multi-latent attention (DeepSeek-V2), with Megatron-Core's module names.
+
+Keys and values are expanded per head from one low-rank latent per token; the
+positional part of the key is a single rope key per token shared by every head:
+
+    q  = linear_q_proj(x)                                   (no --q-lora-rank)
+       = linear_q_up_proj(q_layernorm(linear_q_down_proj(x)))
+    c, k_pe = split(linear_kv_down_proj(x), [kv_lora_rank, qk_pos_emb_head_dim])
+    k_nope, v = split(linear_kv_up_proj(kv_layernorm(c)), [qk_head_dim, v_head_dim])
+    q = [q_nope, rope(q_pe)],  k = [k_nope, rope(k_pe) for every head]
+    out = linear_proj(softmax(q k^T * scale + causal) v)
+
+Rope. DeepSeek-V2 rotates consecutive pairs (2i, 2i+1) of the rope channels. With the
+usual halves layout of the cos/sin tables (--rotary-interleaved off) the rope channels
+of q and k are first permuted from interleaved to halves order, [0, 2, 4, ..., 1, 3,
+...], as the original DeepSeek-V2 code does; q and k get the same permutation, so the
+logits are those of the pair rotation. With --rotary-interleaved the tables are already
+pairwise and no permutation is needed.
+
+Softmax scale: 1/sqrt(qk_head_dim + qk_pos_emb_head_dim), times
+yarn_mscale(factor, mscale_all_dim)^2 under YaRN (--rotary-scaling-factor > 1). The
+other YaRN term, yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim), is
+already folded into the cos/sin tables by `RotaryEmbedding`.
+
+Tensor parallelism. Heads are split over TP: `linear_q_proj`, `linear_q_up_proj` and
+`linear_kv_up_proj` are column-parallel (their rows are head-major, so a contiguous
+chunk is whole heads) and `linear_proj` is row-parallel. The down projections and the
+latent norms are replicated on every TP rank:
+
+- without sequence parallelism every rank applies them to the whole input. The
+  latents' gradients are summed over TP before reaching them (the up projections'
+  input all-reduce, and an explicit one for the shared rope key, which each rank uses
+  for its own heads only), so their weight gradients are whole and equal on every rank:
+  nothing to mark.
+- with sequence parallelism each rank applies them to its own sequence shard only, and
+  the small latents (not the hidden state) are all-gathered along the sequence: the
+  up projections gather their inputs themselves, the rope key is gathered here. Their
+  weights then hold this shard's part of the gradient and carry `sequence_parallel`,
+  so `finish_tensor_parallel_grads` sums them over TP, as for the layer norms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from paratron.model.attention import core_attention
+from paratron.model.norms import build_norm
+from paratron.model.rotary import apply_rotary, yarn_mscale
+from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.tensor_parallel import (ColumnParallelLinear,
+                                               CopyToTensorParallelRegion,
+                                               GatherFromSequenceParallelRegion,
+                                               RowParallelLinear, mark_sequence_parallel)
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x A^T (+ b) with the whole weight on every TP rank (Megatron's "duplicated").
+
+    sequence_parallel: x is this rank's sequence shard, so the weight's gradient covers
+    this shard's tokens only; the parameters are marked to be summed over TP.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 init_std: float = 0.02, dtype=None, sequence_parallel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.weight.tensor_parallel_dim = None
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype))
+            self.bias.tensor_parallel_dim = None
+        if sequence_parallel:
+            for p in self.parameters():
+                mark_sequence_parallel(p)
+        self.init_std = init_std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _replicated_norm(config, size: int) -> nn.Module:
+    """A latent norm, replicated over TP; summed over TP under sequence parallelism."""
+    norm = build_norm(config.normalization, size, config.norm_epsilon)
+    for p in norm.parameters():
+        p.tensor_parallel_dim = None
+        if config.sequence_parallel:
+            mark_sequence_parallel(p)
+    return norm
+
+
+def apply_mla_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     interleaved: bool) -> torch.Tensor:
+    """DeepSeek-V2's rope on x [s, b, heads, d]: the pairs (2i, 2i+1) are rotated.
+
+    With halves-layout tables the channels are permuted to [evens, odds] first (the
+    same permutation for q and k, so q.k is that of the pair rotation)."""
+    if cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"multi-latent attention rotates all {x.shape[-1]} rope channels, "
+                         f"but the rotary tables cover {cos.shape[-1]}")
+    if not interleaved:
+        x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    return apply_rotary(x, cos, sin, interleaved)
+
+
+def mla_softmax_scale(config) -> float:
+    """1/sqrt(q head dim), times yarn_mscale(factor, mscale_all_dim)^2 under YaRN."""
+    scale = 1.0 / math.sqrt(config.qk_head_dim + config.qk_pos_emb_head_dim)
+    if config.rotary_scaling_factor > 1 and config.mscale_all_dim:
+        scale *= yarn_mscale(config.rotary_scaling_factor, config.mscale_all_dim) ** 2
+    return scale
+
+
+class MLASelfAttention(nn.Module):
+    """forward(x [s, b, h] (or [s/TP, b, h] under SP), rotary=(cos, sin) over
+    qk_pos_emb_head_dim, attention_mask=None) -> same shape as x."""
+
+    def __init__(self, config, layer_number: int, pg: ProcessGroups | None = None):
+        super().__init__()
+        pg = pg or ProcessGroups.single()
+        c = config
+        if c.num_attention_heads % pg.tp_size:
+            raise ValueError(f"--num-attention-heads {c.num_attention_heads} is not divisible "
+                             f"by TP {pg.tp_size}")
+        self.config, self.pg, self.layer_number = c, pg, layer_number
+        self.heads = c.num_attention_heads // pg.tp_size
+        self.q_head_dim = c.qk_head_dim + c.qk_pos_emb_head_dim
+        sp, std = c.sequence_parallel, c.init_method_std
+        q_out = c.num_attention_heads * self.q_head_dim
+        if c.q_lora_rank is None:
+            self.linear_q_proj = ColumnParallelLinear(c.hidden_size, q_out, bias=False, pg=pg,
+                                                      init_std=std, sequence_parallel=sp)
+        else:
+            self.linear_q_down_proj = ReplicatedLinear(c.hidden_size, c.q_lora_rank,
+                                                       init_std=std, sequence_parallel=sp)
+            self.q_layernorm = _replicated_norm(c, c.q_lora_rank)
+            self.linear_q_up_proj = ColumnParallelLinear(c.q_lora_rank, q_out, bias=False,
+                                                         pg=pg, init_std=std,
+                                                         sequence_parallel=sp)
+        self.linear_kv_down_proj = ReplicatedLinear(
+            c.hidden_size, c.kv_lora_rank + c.qk_pos_emb_head_dim, init_std=std,
+            sequence_parallel=sp)
+        self.kv_layernorm = _replicated_norm(c, c.kv_lora_rank)
+        self.linear_kv_up_proj = ColumnParallelLinear(
+            c.kv_lora_rank, c.num_attention_heads * (c.qk_head_dim + c.v_head_dim),
+            bias=False, pg=pg, init_std=std, sequence_parallel=sp)
+        self.linear_proj = RowParallelLinear(
+            c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=c.add_bias_linear,
+            pg=pg, init_std=std / math.sqrt(2.0 * c.num_layers), sequence_parallel=sp)
+        self.softmax_scale = mla_softmax_scale(c)
+        self.recompute_core = "core_attn" in (c.recompute_modules or []) \
+            and c.recompute_granularity == "selective"
+
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask=None) -> torch.Tensor:
+        c, group = self.config, self.pg.tp_group
+        # Queries: this rank's heads for the whole sequence.
+        if c.q_lora_rank is None:
+            q = self.linear_q_proj(x)
+        else:
+            q = self.linear_q_up_proj(self.q_layernorm(self.linear_q_down_proj(x)))
+        s, b = q.shape[:2]
+        q = q.view(s, b, self.heads, self.q_head_dim)
+        q_nope, q_pe = q.split([c.qk_head_dim, c.qk_pos_emb_head_dim], dim=-1)
+
+        # Keys and values from the latent (on this rank's tokens under SP).
+        latent, k_pe = self.linear_kv_down_proj(x).split(
+            [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
+        kv = self.linear_kv_up_proj(self.kv_layernorm(latent))  # whole sequence
+        kv = kv.view(s, b, self.heads, c.qk_head_dim + c.v_head_dim)
+        k_nope, v = kv.split([c.qk_head_dim, c.v_head_dim], dim=-1)
+        # The shared rope key: each rank uses it for its own heads only, so its gradient
+        # is summed over TP (all-reduce, or reduce-scatter back to the shards under SP).
+        if c.sequence_parallel:
+            k_pe = GatherFromSequenceParallelRegion.apply(k_pe, group, True)
+        else:
+            k_pe = CopyToTensorParallelRegion.apply(k_pe, group)
+        k_pe = k_pe.unsqueeze(2)  # [s, b, 1, rope dim]
+
+        if rotary is not None:
+            cos, sin = rotary
+            q_pe = apply_mla_rotary(q_pe, cos, sin, c.rotary_interleaved)
+            k_pe = apply_mla_rotary(k_pe, cos, sin, c.rotary_interleaved)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.heads, -1)], dim=-1)
+
+        dropout = c.attention_dropout if self.training else 0.0
+        # Heads are split over TP: each rank draws its own dropout masks.
+        with self.pg.rng.fork() if dropout > 0 else contextlib.nullcontext():
+            if self.recompute_core and self.training:
+                out = checkpoint(core_attention, q, k, v, attention_mask, dropout,
+                                 self.softmax_scale, use_reentrant=False,
+                                 context_fn=self.pg.rng.checkpoint_contexts)
+            else:
+                out = core_attention(q, k, v, attention_mask, dropout, self.softmax_scale)
+        return self.linear_proj(out)
