@@ -17,6 +17,17 @@ from typing import Iterator
 import torch
 
 
+def _check_sampler_args(total_samples: int, micro_batch_size: int, data_parallel_rank: int,
+                        data_parallel_size: int) -> None:
+    """The arguments both samplers share, refused in one line when they cannot work."""
+    if total_samples <= 0:
+        raise ValueError(f"no samples to consume: {total_samples}")
+    if micro_batch_size <= 0 or data_parallel_size <= 0:
+        raise ValueError("micro_batch_size and data_parallel_size must be positive")
+    if not 0 <= data_parallel_rank < data_parallel_size:
+        raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+
+
 class MegatronPretrainingSampler:
     """Yields this rank's micro-batches (lists of sample indices) from ``consumed_samples`` on."""
 
@@ -29,14 +40,9 @@ class MegatronPretrainingSampler:
         data_parallel_size: int,
         drop_last: bool = True,
     ) -> None:
-        if total_samples <= 0:
-            raise ValueError(f"no samples to consume: {total_samples}")
+        _check_sampler_args(total_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
         if consumed_samples >= total_samples:
             raise ValueError(f"all {total_samples} samples already consumed ({consumed_samples})")
-        if micro_batch_size <= 0 or data_parallel_size <= 0:
-            raise ValueError("micro_batch_size and data_parallel_size must be positive")
-        if not 0 <= data_parallel_rank < data_parallel_size:
-            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
@@ -82,12 +88,7 @@ class MegatronPretrainingRandomSampler:
         data_parallel_size: int,
         data_sharding: bool = True,
     ) -> None:
-        if total_samples <= 0:
-            raise ValueError(f"no samples to consume: {total_samples}")
-        if micro_batch_size <= 0 or data_parallel_size <= 0:
-            raise ValueError("micro_batch_size and data_parallel_size must be positive")
-        if not 0 <= data_parallel_rank < data_parallel_size:
-            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        _check_sampler_args(total_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
