@@ -168,6 +168,7 @@ class TransformerConfig:
     # Set from the parallel layout by `finalize` (as Megatron's TransformerConfig
     # inherits ModelParallelConfig): the model builds sequence-parallel layers.
     sequence_parallel: bool = False
+    cp_comm_type: str = "p2p"
 
     def mlp_activation(self) -> str:
         if self.swiglu:
@@ -638,6 +639,7 @@ def finalize(cfg: Config) -> None:
     if p.tensor_model_parallel_size == 1:
         p.sequence_parallel = False
     m.sequence_parallel = p.sequence_parallel
+    m.cp_comm_type = p.cp_comm_type
     world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
     model_parallel = p.model_parallel_size
     cfg.data_parallel_size = max(world // model_parallel, 1) if world % model_parallel == 0 else 0
@@ -771,10 +773,8 @@ def _unavailable(cfg: Config):
     m, p, t, o, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.checkpoint
     world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
     return [
-        (p.context_parallel_size > 1, "--context-parallel-size > 1"),
         (p.expert_model_parallel_size > 1, "--expert-model-parallel-size > 1"),
         (m.num_experts is not None, "--num-experts (mixture of experts)"),
-        (m.multi_latent_attention, "--multi-latent-attention"),
         (t.fp8 is not None, "--fp8-format"),
         (t.rampup_batch_size is not None, "--rampup-batch-size"),
         (c.save is not None, "--save (checkpointing)"),
@@ -897,6 +897,9 @@ def _validate_moe_mla_cp(cfg: Config) -> None:
             if value <= 0:
                 raise ConfigError(f"{flag} {value} must be positive with "
                                   f"--multi-latent-attention")
+        if m.rotary_percent != 1.0:
+            raise ConfigError("--rotary-percent must be 1 with --multi-latent-attention (the "
+                              "rope part has its own --qk-pos-emb-head-dim)")
         if m.qk_pos_emb_head_dim % 2:
             raise ConfigError(f"--qk-pos-emb-head-dim {m.qk_pos_emb_head_dim} must be even "
                               f"(rotary pairs)")
@@ -907,10 +910,21 @@ def _validate_moe_mla_cp(cfg: Config) -> None:
                               f"divisible by --tensor-model-parallel-size "
                               f"{p.tensor_model_parallel_size}")
     cp = p.context_parallel_size
-    if cp > 1 and d.seq_length % (2 * cp):
-        raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x "
-                          f"--context-parallel-size ({2 * cp}), as the load-balanced "
-                          f"causal layout needs")
+    if cp > 1:
+        if d.seq_length % (2 * cp):
+            raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x "
+                              f"--context-parallel-size ({2 * cp}), as the load-balanced "
+                              f"causal layout needs")
+        if p.cp_comm_type not in ("p2p", "all_gather"):
+            raise ConfigError(f"--cp-comm-type {p.cp_comm_type}: use p2p or all_gather")
+        if d.reset_attention_mask or d.sequence_packing:
+            raise ConfigError("--context-parallel-size > 1 attends causally over the whole "
+                              "sample; --reset-attention-mask and --sequence-packing are "
+                              "not supported with it")
+        if p.sequence_parallel and (d.seq_length // cp) % p.tensor_model_parallel_size:
+            raise ConfigError(f"--seq-length {d.seq_length} / --context-parallel-size {cp} "
+                              f"is not divisible by --tensor-model-parallel-size "
+                              f"{p.tensor_model_parallel_size}, as --sequence-parallel needs")
 
 
 def _refuse_unavailable(cfg: Config) -> None:

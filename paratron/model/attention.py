@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from paratron.model.norms import build_norm
 from paratron.model.rotary import apply_rotary
+from paratron.parallel.context_parallel import context_parallel_attention
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                                mark_sequence_parallel)
@@ -36,6 +37,26 @@ def core_attention(q, k, v, attention_mask, dropout_p: float, scale: float) -> t
         enable_gqa=k.shape[1] != q.shape[1])
     s, b = out.shape[2], out.shape[0]
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def attend(module: nn.Module, q, k, v, attention_mask) -> torch.Tensor:
+    """Core attention of an attention module (`pg`, `config`, `softmax_scale`,
+    `recompute_core`): dropout masks drawn per TP rank (heads are split over TP), and
+    recomputed in backward under selective recompute."""
+    dropout = module.config.attention_dropout if module.training else 0.0
+    pg = module.pg
+
+    def run(q, k, v):
+        if pg.cp_size > 1:  # this rank's two sequence chunks against the whole sequence
+            return context_parallel_attention(q, k, v, pg, module.config.cp_comm_type,
+                                              scale=module.softmax_scale, dropout_p=dropout)
+        return core_attention(q, k, v, attention_mask, dropout, module.softmax_scale)
+
+    with pg.rng.fork() if dropout > 0 else contextlib.nullcontext():
+        if module.recompute_core and module.training:
+            return checkpoint(run, q, k, v, use_reentrant=False,
+                              context_fn=pg.rng.checkpoint_contexts)
+        return run(q, k, v)
 
 
 class SelfAttention(nn.Module):
@@ -92,13 +113,5 @@ class SelfAttention(nn.Module):
             cos, sin = rotary
             q = apply_rotary(q, cos, sin, self.config.rotary_interleaved)
             k = apply_rotary(k, cos, sin, self.config.rotary_interleaved)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        # Heads are split over TP: each rank draws its own dropout masks.
-        with self.pg.rng.fork() if dropout > 0 else contextlib.nullcontext():
-            if self.recompute_core and self.training:
-                out = checkpoint(core_attention, q, k, v, attention_mask, dropout,
-                                 self.softmax_scale, use_reentrant=False,
-                                 context_fn=self.pg.rng.checkpoint_contexts)
-            else:
-                out = core_attention(q, k, v, attention_mask, dropout, self.softmax_scale)
+        out = attend(self, q, k, v, attention_mask)
         return self.linear_proj(out)

@@ -41,15 +41,13 @@ latent norms are replicated on every TP rank:
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from paratron.model.attention import core_attention
+from paratron.model.attention import attend
 from paratron.model.norms import build_norm
 from paratron.model.rotary import apply_rotary, yarn_mscale
 from paratron.parallel.process_groups import ProcessGroups
@@ -188,13 +186,4 @@ class MLASelfAttention(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.heads, -1)], dim=-1)
 
-        dropout = c.attention_dropout if self.training else 0.0
-        # Heads are split over TP: each rank draws its own dropout masks.
-        with self.pg.rng.fork() if dropout > 0 else contextlib.nullcontext():
-            if self.recompute_core and self.training:
-                out = checkpoint(core_attention, q, k, v, attention_mask, dropout,
-                                 self.softmax_scale, use_reentrant=False,
-                                 context_fn=self.pg.rng.checkpoint_contexts)
-            else:
-                out = core_attention(q, k, v, attention_mask, dropout, self.softmax_scale)
-        return self.linear_proj(out)
+        return self.linear_proj(attend(self, q, k, v, attention_mask))

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from paratron.model.attention import SelfAttention
+from paratron.model.mla import MLASelfAttention
 from paratron.model.mlp import MLP
 from paratron.model.norms import build_norm
 from paratron.parallel.process_groups import ProcessGroups
@@ -47,7 +48,8 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = c.hidden_dropout
         self.sequence_parallel = c.sequence_parallel
         self.input_layernorm = build_layer_norm(c)
-        self.self_attention = SelfAttention(c, layer_number, self.pg)
+        attention = MLASelfAttention if c.multi_latent_attention else SelfAttention
+        self.self_attention = attention(c, layer_number, self.pg)
         self.pre_mlp_layernorm = build_layer_norm(c)
         self.mlp = MLP(c, self.pg)
         selective = (c.recompute_modules or []) if c.recompute_granularity == "selective" else []

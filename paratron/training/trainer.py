@@ -21,6 +21,7 @@ from paratron.config import (Config, ConfigError, pad_vocab_size, pipeline_split
 from paratron.data.sampler import build_pretraining_data_loader
 from paratron.data.sft import packed_attention_mask
 from paratron.model.gpt import GPTModel
+from paratron.parallel.context_parallel import split_for_context_parallel
 from paratron.parallel.data_parallel import DataParallel
 from paratron.parallel.pipeline import (StageIO, all_reduce_embedding_grads,
                                         forward_only_order, interleaved_order, model_chunks,
@@ -116,7 +117,8 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.optimizer, t.train_iters)
         self.optimizer = MixedPrecisionOptimizer(self.models, cfg.optimizer, self.schedule,
                                                  build_loss_scaler(t))
-        sequence = cfg.data.seq_length // (self.pg.tp_size if p.sequence_parallel else 1)
+        sequence = (cfg.data.seq_length // self.pg.cp_size
+                    // (self.pg.tp_size if p.sequence_parallel else 1))
         self.io = StageIO((sequence, t.micro_batch_size, cfg.model.hidden_size), self.dtype,
                           self.device)
         self.train_ds, self.valid_ds, self.test_ds = datasets
@@ -138,8 +140,11 @@ class Trainer:
         return iter(loader) if loader is not None else None
 
     def _global_batch(self, iterator) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the next global batch, on the device."""
-        return [{k: v.to(self.device) for k, v in next(iterator).items()}
+        """This rank's micro-batches of the next global batch, on the device; under
+        context parallelism its two chunks of each sequence (load-balanced layout)."""
+        cp, rank = self.pg.cp_size, self.pg.cp_rank
+        return [{k: split_for_context_parallel(v.to(self.device), cp, rank, seq_dim=1)
+                 for k, v in next(iterator).items()}
                 for _ in range(self.num_microbatches)]
 
     def _sum_over(self, values: list[float], *groups: str) -> list[float]:
@@ -155,7 +160,7 @@ class Trainer:
     def _total_tokens(self, batches) -> float:
         """Loss tokens of the whole global batch, over every micro-batch and DP rank."""
         total = sum(float(b["loss_mask"].sum()) for b in batches)
-        return max(self._sum_over([total], "dp")[0], 1.0)
+        return max(self._sum_over([total], "dp", "cp")[0], 1.0)
 
     def _order(self, forward_only: bool):
         pp, rank, m = self.pg.pp_size, self.pg.pp_rank, self.num_microbatches
@@ -191,7 +196,7 @@ class Trainer:
 
         run_schedule(self._order(forward_only), self.chunks, self.pg, forward, loss, self.io,
                      forward_only=forward_only, before_backward=before_backward)
-        return tuple(self._sum_over([sum(loss_sums), sum(token_counts)], "pp", "dp"))
+        return tuple(self._sum_over([sum(loss_sums), sum(token_counts)], "pp", "dp", "cp"))
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> tuple[float | None, bool, float | None, int | None]:

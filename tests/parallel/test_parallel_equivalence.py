@@ -32,6 +32,10 @@ LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "tp4_replicated_kv": (4, ["--tensor-model-parallel-size", "4"]),
+    "cp2_p2p": (2, ["--context-parallel-size", "2", "--cp-comm-type", "p2p"]),
+    "cp2_all_gather": (2, ["--context-parallel-size", "2", "--cp-comm-type", "all_gather"]),
+    "cp2_tp2_sp_dp2": (8, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                           "--sequence-parallel", "--use-distributed-optimizer"]),
     "dp2": (2, []),
     "dp2_distopt": (2, ["--use-distributed-optimizer"]),
     "tp2_dp2_sp_distopt_overlap": (4, ["--tensor-model-parallel-size", "2",
@@ -62,10 +66,17 @@ def _full_weights(module, pg):
     return out
 
 
-def _rank_run(flags, tp):
-    pg = ProcessGroups.build(tp, 1)
+def _rank_run(flags, tp, cp=1):
+    pg = ProcessGroups.build(tp, 1, cp)
     losses, module = _train(flags + ["--world-size", str(dist.get_world_size())], pg)
     return losses, _full_weights(module, pg)
+
+
+def _sizes(extra):
+    """(TP, CP) of a layout's flags."""
+    def size(flag):
+        return int(extra[extra.index(flag) + 1]) if flag in extra else 1
+    return size("--tensor-model-parallel-size"), size("--context-parallel-size")
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +96,7 @@ def references():
 def test_fp32_equals_single_process(references, arch, layout):
     flags, ref_losses, ref_weights = references[arch, "fp32"]
     world, extra = LAYOUTS[layout]
-    tp = int(extra[extra.index("--tensor-model-parallel-size") + 1]) \
-        if "--tensor-model-parallel-size" in extra else 1
-    results = run_distributed(world, _rank_run, flags + extra, tp, timeout=240)
+    results = run_distributed(world, _rank_run, flags + extra, *_sizes(extra), timeout=240)
     for losses, weights in results:
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         for name, ref in ref_weights.items():
@@ -100,6 +109,5 @@ def test_fp32_equals_single_process(references, arch, layout):
 def test_bf16_stays_within_one_percent(references, arch, layout):
     flags, ref_losses, _ = references[arch, "bf16"]
     world, extra = LAYOUTS[layout]
-    tp = 2 if "--tensor-model-parallel-size" in extra else 1
-    losses, _ = run_distributed(world, _rank_run, flags + extra, tp, timeout=300)[0]
+    losses, _ = run_distributed(world, _rank_run, flags + extra, *_sizes(extra), timeout=300)[0]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-2)

@@ -1,0 +1,303 @@
+"""Expert parallelism: routed experts split over ranks, tokens sent to the experts they
+chose and the results sent back.
+
+The layout. Expert layers read the ranks of a pipeline stage as ETP x EP x EDP (see
+`process_groups`): the experts are split into EP equal blocks of `num_experts / EP`
+consecutive experts, each expert's weights are split over ETP (like a column/row
+parallel MLP), and the EDP ranks hold copies. Expert weights carry
+`param.expert_parallel = True` (their gradients are summed over EDP, not DP) and
+`param.num_experts`; `tensor_parallel_dim` of an expert weight refers to the ETP group.
+
+Before dispatch every rank holds tokens no other rank of its stage holds (the MoE layer
+makes sure of that: sequence shards under sequence parallelism, else each TP rank keeps
+its 1/TP of the tokens), and for each token the router's choice: a boolean map
+[tokens, experts] and the matching weights [tokens, experts].
+
+Dispatch "alltoall" (Megatron-LM's MoEAlltoAllTokenDispatcher):
+
+1. permute: one row per (token, chosen expert), sorted by expert (`permute`);
+2. all-to-all over EP with variable split sizes: each rank sends the rows of the experts
+   another rank owns and receives the rows of its own experts from every EP rank;
+3. with ETP > 1, all-gather (variable sizes) over ETP, since the ETP ranks hold slices of
+   the same experts and each computes its slice for all their rows;
+4. sort the received rows by local expert, run the experts, and undo all of it: unsort,
+   reduce-scatter over ETP (summing the slices' partial outputs), all-to-all back over
+   EP, and add each row times its routing weight into its token (`unpermute`).
+
+Dispatch "allgather" (MoEAllGatherTokenDispatcher): all-gather the tokens, maps and
+weights over ETP then EP, run the local experts on the rows routed to them, weight and
+sum per token, and reduce-scatter the partial sums back over EP then ETP.
+
+Every collective is an autograd function whose backward is its transpose: all-to-all
+with the split sizes swapped; variable all-gather <-> variable reduce-scatter (both done
+with `all_to_all_single`, which every backend supports with uneven splits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.sharding import full_shape, gather_tensor, shard_tensor
+from paratron.parallel.tensor_parallel import (GatherFromSequenceParallelRegion,
+                                               ReduceScatterToSequenceParallelRegion)
+
+
+# ----------------------------------------------------------------------- collectives
+def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group) -> torch.Tensor:
+    """Rows x[sum(input_splits[:j]) : ...+input_splits[j]] go to rank j; the result
+    holds output_splits[i] rows from each rank i, in rank order."""
+    x = x.contiguous()
+    out = x.new_empty((sum(output_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """Forward: all-to-all with variable split sizes. Backward: the same with the split
+    sizes swapped (each rank's gradient rows go back where the rows came from)."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        return _all_to_all(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
+
+
+def _all_gather_v(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's rows (rank i has sizes[i] rows), in rank order."""
+    n = len(sizes)
+    return _all_to_all(x.repeat(n, *([1] * (x.dim() - 1))), sizes, [x.shape[0]] * n, group)
+
+
+def _reduce_scatter_v(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """x holds sizes[i] rows for each rank i; rank r gets the sum over ranks of their
+    rows for r."""
+    n, rank = len(sizes), dist.get_rank(group)
+    parts = _all_to_all(x, [sizes[rank]] * n, sizes, group)
+    return parts.view(n, sizes[rank], *x.shape[1:]).sum(0)
+
+
+class AllGatherV(torch.autograd.Function):
+    """Forward: all-gather rows of unequal counts. Backward: reduce-scatter them."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _all_gather_v(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_v(grad, ctx.sizes, ctx.group), None, None
+
+
+class ReduceScatterV(torch.autograd.Function):
+    """Forward: sum partial rows and keep this rank's (unequal counts). Backward:
+    all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _reduce_scatter_v(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_v(grad, ctx.sizes, ctx.group), None, None
+
+
+def _gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Every rank's `counts` (same shape), stacked in rank order: [size, *counts.shape]."""
+    if size == 1:
+        return counts.unsqueeze(0)
+    counts = counts.contiguous()
+    out = counts.new_empty((size * counts.shape[0], *counts.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, counts, group=group)
+    return out.view(size, *counts.shape)
+
+
+# ---------------------------------------------------------------------- permutation
+def permute(x: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+    """One row per routed (token, expert) pair, sorted by expert, then by token.
+
+    Returns rows [n, h], their routing weights [n], their token indices [n] and the row
+    count of each expert [experts].
+    """
+    expert_index, token_index = routing_map.t().nonzero(as_tuple=True)
+    rows = x.index_select(0, token_index)
+    row_probs = probs[token_index, expert_index]
+    return rows, row_probs, token_index, routing_map.sum(0)
+
+
+def unpermute(rows: torch.Tensor, row_probs: torch.Tensor, token_index: torch.Tensor,
+              num_tokens: int) -> torch.Tensor:
+    """Each token's sum of its rows times their routing weights (in fp32, then cast back
+    to the rows' dtype)."""
+    weighted = rows.float() * row_probs.float().unsqueeze(-1)
+    out = weighted.new_zeros((num_tokens, rows.shape[-1]))
+    return out.index_add(0, token_index, weighted).to(rows.dtype)
+
+
+def chunk_transpose_index(counts: torch.Tensor) -> torch.Tensor:
+    """Rows come as chunks in (source, expert) order with `counts[source, expert]` rows
+    each; the index that reorders them to (expert, source) order."""
+    sources, experts = counts.shape
+    flat = counts.reshape(-1)
+    starts = flat.cumsum(0) - flat
+    order = torch.arange(sources * experts, device=counts.device).view(sources, experts)
+    order = order.t().reshape(-1)
+    sizes, starts = flat[order], starts[order]
+    chunk = torch.repeat_interleave(torch.arange(order.numel(), device=counts.device), sizes)
+    within = torch.arange(int(sizes.sum()), device=counts.device) - (sizes.cumsum(0) - sizes)[chunk]
+    return starts[chunk] + within
+
+
+# ------------------------------------------------------------------------ dispatchers
+@dataclass
+class _AllToAllPlan:
+    token_index: torch.Tensor      # source token of each permuted local row
+    row_probs: torch.Tensor        # its routing weight
+    num_tokens: int
+    input_splits: list[int]        # rows sent to each EP rank
+    output_splits: list[int]       # rows received from each EP rank
+    etp_sizes: list[int] | None    # rows each ETP rank holds after the EP exchange
+    sort_index: torch.Tensor | None  # groups received rows by local expert
+
+
+class AllToAllDispatcher:
+    """Sends each routed row to the EP rank of its expert with all-to-all (see the
+    module docstring). Stateless: `dispatch` returns the plan that `combine` follows."""
+
+    def __init__(self, num_experts: int, pg: ProcessGroups):
+        self.pg, self.num_experts = pg, num_experts
+        self.num_local_experts = num_experts // pg.ep_size
+        self.first_expert = pg.ep_rank * self.num_local_experts
+
+    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+        """Returns (rows of the local experts grouped by expert, rows per local expert,
+        plan)."""
+        pg, local = self.pg, self.num_local_experts
+        rows, row_probs, token_index, counts = permute(x, routing_map, probs)
+        plan = _AllToAllPlan(token_index, row_probs, x.shape[0], [], [], None, None)
+        if pg.ep_size == 1 and pg.etp_size == 1:
+            return rows, counts.tolist(), plan
+        # received[i, e]: rows that EP rank i sends to this rank's local expert e.
+        everyone = _gather_counts(counts, pg.ep_group, pg.ep_size)
+        received = everyone[:, self.first_expert:self.first_expert + local]
+        plan.input_splits = counts.view(pg.ep_size, local).sum(1).tolist()
+        plan.output_splits = received.sum(1).tolist()
+        if pg.ep_size > 1:
+            rows = AllToAll.apply(rows, plan.output_splits, plan.input_splits, pg.ep_group)
+        if pg.etp_size > 1:
+            received = _gather_counts(received, pg.etp_group, pg.etp_size)
+            plan.etp_sizes = received.sum((1, 2)).tolist()
+            received = received.reshape(-1, local)
+            rows = AllGatherV.apply(rows, plan.etp_sizes, pg.etp_group)
+        if local > 1:
+            plan.sort_index = chunk_transpose_index(received)
+            rows = rows.index_select(0, plan.sort_index)
+        return rows, received.sum(0).tolist(), plan
+
+    def combine(self, rows: torch.Tensor, plan: _AllToAllPlan) -> torch.Tensor:
+        """The experts' output rows back to their tokens, weighted: [tokens, h]."""
+        pg = self.pg
+        if plan.sort_index is not None:
+            inverse = torch.empty_like(plan.sort_index)
+            inverse[plan.sort_index] = torch.arange(plan.sort_index.numel(),
+                                                    device=plan.sort_index.device)
+            rows = rows.index_select(0, inverse)
+        if plan.etp_sizes is not None:
+            rows = ReduceScatterV.apply(rows, plan.etp_sizes, pg.etp_group)
+        if pg.ep_size > 1:
+            rows = AllToAll.apply(rows, plan.input_splits, plan.output_splits, pg.ep_group)
+        return unpermute(rows, plan.row_probs, plan.token_index, plan.num_tokens)
+
+
+@dataclass
+class _AllGatherPlan:
+    token_index: torch.Tensor
+    row_probs: torch.Tensor
+    num_tokens: int               # after the all-gathers
+
+
+class AllGatherDispatcher:
+    """All-gathers tokens, maps and weights over ETP then EP; each rank runs its local
+    experts on the rows routed to them, and the weighted partial sums are
+    reduce-scattered back (EP, then ETP)."""
+
+    def __init__(self, num_experts: int, pg: ProcessGroups):
+        self.pg, self.num_experts = pg, num_experts
+        self.num_local_experts = num_experts // pg.ep_size
+        self.first_expert = pg.ep_rank * self.num_local_experts
+
+    def _groups(self):
+        pg = self.pg
+        return [(g, s) for g, s in ((pg.etp_group, pg.etp_size), (pg.ep_group, pg.ep_size))
+                if s > 1]
+
+    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+        for group, size in self._groups():
+            # Backward of the gathers: each rank's gradients for the gathered tokens are
+            # partial (its own experts), so they are reduce-scattered.
+            x = GatherFromSequenceParallelRegion.apply(x, group, True)
+            probs = GatherFromSequenceParallelRegion.apply(probs, group, True)
+            routing_map = _gather_counts(routing_map, group, size).flatten(0, 1)
+        window = slice(self.first_expert, self.first_expert + self.num_local_experts)
+        rows, row_probs, token_index, counts = permute(x, routing_map[:, window],
+                                                       probs[:, window])
+        return rows, counts.tolist(), _AllGatherPlan(token_index, row_probs, x.shape[0])
+
+    def combine(self, rows: torch.Tensor, plan: _AllGatherPlan) -> torch.Tensor:
+        out = unpermute(rows, plan.row_probs, plan.token_index, plan.num_tokens)
+        for group, _ in reversed(self._groups()):
+            out = ReduceScatterToSequenceParallelRegion.apply(out, group)
+        return out
+
+
+def build_dispatcher(kind: str, num_experts: int, pg: ProcessGroups):
+    if kind == "alltoall":
+        return AllToAllDispatcher(num_experts, pg)
+    if kind == "allgather":
+        return AllGatherDispatcher(num_experts, pg)
+    raise ValueError(f"--moe-token-dispatcher-type {kind!r}: use alltoall or allgather")
+
+
+# ------------------------------------------------------------------ weight layout
+def mark_expert_parallel(param: torch.nn.Parameter, num_experts: int,
+                         tensor_parallel_dim: int | None,
+                         layout: str | None = None) -> torch.nn.Parameter:
+    """Describe a stacked expert weight [local experts, ...]: split over EP along dim 0,
+    over ETP along `tensor_parallel_dim` (with `layout`, e.g. "gate_up"), gradients
+    summed over expert-DP."""
+    param.expert_parallel = True
+    param.num_experts = num_experts
+    param.tensor_parallel_dim = tensor_parallel_dim
+    if layout is not None:
+        param.tensor_parallel_layout = layout
+    return param
+
+
+def expert_full_shape(param: torch.Tensor, pg: ProcessGroups) -> list[int]:
+    """The unsharded shape of an expert weight: all experts, whole expert matrices."""
+    shape = full_shape(param, pg.etp_size)
+    shape[0] = param.num_experts
+    return shape
+
+
+def expert_shard(full: torch.Tensor, param: torch.Tensor, pg: ProcessGroups) -> torch.Tensor:
+    """This rank's part of the unsharded expert tensor `full` [num_experts, ...]."""
+    local = param.num_experts // pg.ep_size
+    block = full[pg.ep_rank * local:(pg.ep_rank + 1) * local]
+    return shard_tensor(block, param, pg.etp_size, pg.etp_rank)
+
+
+def expert_gather(shards: list[list[torch.Tensor]], param: torch.Tensor) -> torch.Tensor:
+    """The unsharded expert tensor from shards[ep_rank][etp_rank]."""
+    return torch.cat([gather_tensor(etp_shards, param) for etp_shards in shards], dim=0)
