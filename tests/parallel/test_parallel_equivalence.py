@@ -27,6 +27,11 @@ LLAMA = ("--swiglu --normalization RMSNorm --position-embedding-type rope "
          "--disable-bias-linear --group-query-attention --num-query-groups 2 "
          "--untie-embeddings-and-output-weights --qk-layernorm").split()
 GPT2 = ["--openai-gelu"]
+MLA = ("--swiglu --normalization RMSNorm --position-embedding-type rope "
+       "--disable-bias-linear --untie-embeddings-and-output-weights --multi-latent-attention "
+       "--kv-lora-rank 16 --qk-head-dim 8 --qk-pos-emb-head-dim 4 --v-head-dim 8 "
+       "--q-lora-rank 12").split()
+ARCHS = {"llama": LLAMA, "gpt2": GPT2, "mla": MLA}
 
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
@@ -82,7 +87,7 @@ def _sizes(extra):
 @pytest.fixture(scope="module")
 def references():
     out = {}
-    for arch, extra in (("llama", LLAMA), ("gpt2", GPT2)):
+    for arch, extra in ARCHS.items():
         for precision in ("fp32", "bf16"):
             iters = ["--train-iters", "10" if precision == "fp32" else "50"]
             flags = COMMON + extra + iters + ([] if precision == "fp32" else ["--bf16"])
@@ -91,8 +96,12 @@ def references():
     return out
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+FP32_CASES = [(arch, layout) for arch in ("llama", "gpt2") for layout in LAYOUTS] + [
+    ("mla", layout) for layout in ("tp2", "tp2_sp", "tp4_replicated_kv", "cp2_p2p",
+                                   "tp2_dp2_sp_distopt_overlap")]
+
+
+@pytest.mark.parametrize("arch,layout", FP32_CASES)
 def test_fp32_equals_single_process(references, arch, layout):
     flags, ref_losses, ref_weights = references[arch, "fp32"]
     world, extra = LAYOUTS[layout]
