@@ -248,7 +248,8 @@ class AllGatherDispatcher:
             # partial (its own experts), so they are reduce-scattered.
             x = GatherFromSequenceParallelRegion.apply(x, group, True)
             probs = GatherFromSequenceParallelRegion.apply(probs, group, True)
-            routing_map = _gather_counts(routing_map, group, size).flatten(0, 1)
+            routing_map = _gather_counts(routing_map.to(torch.uint8), group,
+                                         size).flatten(0, 1).bool()
         window = slice(self.first_expert, self.first_expert + self.num_local_experts)
         rows, row_probs, token_index, counts = permute(x, routing_map[:, window],
                                                        probs[:, window])

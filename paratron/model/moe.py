@@ -1,0 +1,581 @@
+"""Mixture of experts: router, routed experts, shared experts (Megatron-Core names).
+
+    x [s, b, h] -> router -> top-k experts per token -> dispatch -> experts -> combine
+                -> + shared_experts(x) -> [s, b, h]
+
+Routing (`topk_routing`) reproduces each Hugging Face reference exactly:
+
+* Mixtral, Qwen3-MoE (norm_topk_prob): softmax over the top-k logits, which equals
+  softmax over all experts, top-k, renormalised (the default, no --moe-router-pre-softmax);
+* DeepSeek-V2, Qwen2-MoE: softmax over all experts, top-k, not renormalised
+  (--moe-router-pre-softmax), times --moe-router-topk-scaling-factor
+  (DeepSeek's routed_scaling_factor);
+* group-limited routing (--moe-router-num-groups, --moe-router-group-topk): experts in
+  equal groups, the best groups chosen first, then top-k inside them. With softmax
+  scores a group scores its best expert (DeepSeek-V2's group_limited_greedy); with
+  sigmoid scores the sum of its top (k / group-topk) experts (DeepSeek-V3, Megatron);
+* sigmoid scores (--moe-router-score-function sigmoid): top-k, renormalised when k > 1;
+  with --moe-router-enable-expert-bias a per-expert bias is added for the choice only
+  (aux-loss-free balancing, the bias moved by `update_expert_bias` after each step).
+
+Capacity (--moe-expert-capacity-factor): each expert keeps at most
+ceil(tokens x k / experts x factor) tokens, the highest routing weights first ("probs") or
+the earliest tokens ("position"); --moe-pad-expert-input-to-capacity fills every expert
+up to capacity with weight-zero tokens. Without a factor nothing is dropped.
+
+Load balancing (Megatron-Core's formulas). With routing scores p (softmax over all
+experts, or sigmoid normalised per token), T tokens, E experts and top-k choices,
+    aux_loss     = coeff * E / (k * T^2) * sum_i (sum_t p[t, i]) * tokens_i
+                 = coeff * E * sum_i f_i * P_i,  f_i = tokens_i / (k T),  P_i = mean_t p[t, i]
+(Switch/GShard), where tokens_i counts the plain top-k of p. seq_aux_loss is the same per
+sequence, averaged over the sequences of the micro-batch (DeepSeek-V2); the router
+z-loss is coeff * mean_t logsumexp(logits_t)^2. The losses are not returned: each is
+attached to an activation by `MoEAuxLossAutoScaler`, which adds `aux_loss_scale` times
+its gradient in backward, so the trainer only sets `MoELayer.aux_loss_scale` (the loss
+scale divided by micro-batches x DP, as for the language-model loss). The layer keeps
+the values of its last forward (`last_aux_loss`, `last_z_loss`, without the coefficient,
+for logging) and their running totals (`moe_loss_totals`).
+
+Parallelism. The router and shared experts are replicated / tensor-parallel like the
+dense MLP. Routed experts are split over EP (and ETP) by
+`paratron.parallel.expert_parallel`, which needs every rank of a stage to hold different
+tokens: under sequence parallelism the input already is this rank's sequence shard;
+without it, the routing is computed on all tokens (identical on the TP ranks) and each TP
+rank dispatches its 1/TP of them, the results all-gathered back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from paratron.model.mlp import MLP, activate
+from paratron.parallel.expert_parallel import build_dispatcher, mark_expert_parallel
+from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.sharding import shard_tensor
+from paratron.parallel.tensor_parallel import (GatherFromSequenceParallelRegion,
+                                               ScatterToSequenceParallelRegion,
+                                               mark_sequence_parallel)
+
+BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
+GROUPED_GEMM_ALIGN = 8  # grouped GEMM rows and columns in multiples of 16 bytes (bf16)
+
+
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def check_moe_config(config, tp_size: int = 1, ep_size: int = 1,
+                     etp_size: int | None = None) -> None:
+    """Refuse MoE settings this layer cannot run, one line each (ValueError)."""
+    c = config
+    etp_size = tp_size if etp_size is None else etp_size
+    experts, k = c.num_experts, c.moe_router_topk
+    if not experts or experts < 1:
+        raise ValueError(f"--num-experts must be a positive integer, got {experts!r}")
+    if not 1 <= k <= experts:
+        raise ValueError(f"--moe-router-topk {k} must be between 1 and --num-experts {experts}")
+    if experts % ep_size:
+        raise ValueError(f"--num-experts {experts} is not divisible by "
+                         f"--expert-model-parallel-size {ep_size}")
+    ffn = c.moe_ffn_hidden_size or c.ffn_hidden_size
+    if not ffn:
+        raise ValueError("--moe-ffn-hidden-size is needed with --num-experts")
+    if ffn % etp_size:
+        raise ValueError(f"--moe-ffn-hidden-size {ffn} is not divisible by expert "
+                         f"tensor-parallel size {etp_size}")
+    shared = c.moe_shared_expert_intermediate_size
+    if shared is not None and (shared <= 0 or shared % tp_size):
+        raise ValueError(f"--moe-shared-expert-intermediate-size {shared} must be a positive "
+                         f"multiple of --tensor-model-parallel-size {tp_size}")
+    if getattr(c, "moe_shared_expert_gate", False) and not shared:
+        raise ValueError("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+    if c.add_bias_linear:
+        raise ValueError("MoE layers have no linear biases: add --disable-bias-linear")
+    if c.moe_router_load_balancing_type not in BALANCING_TYPES:
+        raise ValueError(f"--moe-router-load-balancing-type {c.moe_router_load_balancing_type} "
+                         f"is not supported; use aux_loss, seq_aux_loss or none")
+    if c.moe_router_score_function not in ("softmax", "sigmoid"):
+        raise ValueError(f"--moe-router-score-function {c.moe_router_score_function}: use "
+                         f"softmax or sigmoid")
+    if (k == 1 and c.moe_router_score_function == "softmax"
+            and not c.moe_router_pre_softmax):
+        raise ValueError("--moe-router-topk 1 needs --moe-router-pre-softmax (softmax over "
+                         "one logit has no gradient)")
+    if c.moe_router_enable_expert_bias and c.moe_router_score_function != "sigmoid":
+        raise ValueError("--moe-router-enable-expert-bias needs "
+                         "--moe-router-score-function sigmoid")
+    groups, group_topk = c.moe_router_num_groups, c.moe_router_group_topk
+    if group_topk or groups:
+        if not groups or not group_topk or experts % groups or not 1 <= group_topk <= groups:
+            raise ValueError("--moe-router-num-groups must divide --num-experts and "
+                             "--moe-router-group-topk must be between 1 and the groups")
+        if k > group_topk * (experts // groups):
+            raise ValueError(f"--moe-router-topk {k} is above the experts of "
+                             f"--moe-router-group-topk {group_topk} groups "
+                             f"({group_topk * (experts // groups)})")
+        if c.moe_router_score_function == "sigmoid" and k < group_topk:
+            raise ValueError(f"--moe-router-topk {k} must be at least --moe-router-group-topk "
+                             f"{group_topk} with sigmoid scores")
+    factor = c.moe_expert_capacity_factor
+    if c.moe_pad_expert_input_to_capacity and (factor is None or factor < 0):
+        raise ValueError("--moe-pad-expert-input-to-capacity needs "
+                         "--moe-expert-capacity-factor")
+    if c.moe_token_drop_policy not in ("probs", "position"):
+        raise ValueError(f"--moe-token-drop-policy {c.moe_token_drop_policy}: use probs or "
+                         f"position")
+    if c.moe_token_dispatcher_type not in ("alltoall", "allgather"):
+        raise ValueError(f"--moe-token-dispatcher-type {c.moe_token_dispatcher_type}: use "
+                         f"alltoall or allgather")
+    if c.moe_grouped_gemm:
+        if _grouped_mm_fn() is None:
+            raise ValueError("--moe-grouped-gemm needs torch.nn.functional.grouped_mm "
+                             "(PyTorch 2.8 or later)")
+        per_rank = ffn // etp_size
+        if c.hidden_size % GROUPED_GEMM_ALIGN or per_rank % GROUPED_GEMM_ALIGN:
+            raise ValueError(f"--moe-grouped-gemm needs --hidden-size {c.hidden_size} and the "
+                             f"expert ffn size per expert-TP rank {per_rank} to be multiples "
+                             f"of {GROUPED_GEMM_ALIGN}")
+
+
+# ------------------------------------------------------------------------ routing
+def _select(scores: torch.Tensor, topk: int, num_groups: int | None, group_topk: int | None,
+            group_score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k values and indices of each row, within the best `group_topk` groups when
+    group-limited."""
+    if not group_topk:
+        return scores.topk(topk, dim=-1)
+    tokens, experts = scores.shape
+    grouped = scores.view(tokens, num_groups, experts // num_groups)
+    if group_score == "max":
+        group_scores = grouped.max(dim=-1).values
+    else:
+        group_scores = grouped.topk(topk // group_topk, dim=-1).values.sum(dim=-1)
+    chosen = group_scores.topk(group_topk, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, chosen, True)
+    expert_mask = group_mask.repeat_interleave(experts // num_groups, dim=1)
+    return scores.masked_fill(~expert_mask, float("-inf")).topk(topk, dim=-1)
+
+
+def topk_routing(logits: torch.Tensor, topk: int, *, score_function: str = "softmax",
+                 pre_softmax: bool = False, num_groups: int | None = None,
+                 group_topk: int | None = None, scaling_factor: float | None = None,
+                 expert_bias: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing weights [tokens, experts] (zero off the chosen experts, fp32) and the
+    boolean routing map, from router logits [tokens, experts]."""
+    logits = logits.float()
+    if score_function == "softmax":
+        group_score = "max"
+        if pre_softmax:
+            scores = torch.softmax(logits, dim=-1)
+            probs, index = _select(scores, topk, num_groups, group_topk, group_score)
+        else:
+            top_logits, index = _select(logits, topk, num_groups, group_topk, group_score)
+            probs = torch.softmax(top_logits, dim=-1)
+    elif score_function == "sigmoid":
+        scores = torch.sigmoid(logits)
+        choice = scores if expert_bias is None else scores + expert_bias.float()
+        _, index = _select(choice, topk, num_groups, group_topk, "topk_sum")
+        probs = scores.gather(1, index)
+        if topk > 1:
+            probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"unknown router score function {score_function!r}")
+    if scaling_factor:
+        probs = probs * scaling_factor
+    routing_probs = torch.zeros_like(logits).scatter(1, index, probs)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, index, True)
+    return routing_probs, routing_map
+
+
+def expert_capacity(num_tokens: int, num_experts: int, topk: int, factor: float) -> int:
+    """Megatron's capacity: ceil(tokens x k / experts x factor)."""
+    return math.ceil(num_tokens * topk / num_experts * factor)
+
+
+def apply_capacity(probs: torch.Tensor, routing_map: torch.Tensor, topk: int, factor: float,
+                   drop_policy: str = "probs", pad_to_capacity: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep at most `capacity` tokens per expert: the highest routing weights ("probs")
+    or the earliest tokens ("position"); with pad_to_capacity every expert gets exactly
+    min(capacity, tokens) tokens, those it was not routed to with weight zero."""
+    tokens, experts = probs.shape
+    keep = min(expert_capacity(tokens, experts, topk, factor), tokens)
+    if drop_policy == "probs":
+        key = torch.where(routing_map, probs.detach(), torch.full_like(probs, -1.0))
+    else:
+        key = routing_map.float()
+    # Stable: equal keys (and the unrouted tokens used for padding) keep token order.
+    kept = torch.sort(key, dim=0, descending=True, stable=True).indices[:keep]
+    capacity_mask = torch.zeros_like(routing_map).scatter(0, kept, True)
+    final_map = capacity_mask if pad_to_capacity else routing_map & capacity_mask
+    return probs * final_map, final_map
+
+
+def routing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    """Per-token scores over all experts that the load-balancing loss uses."""
+    if score_function == "softmax":
+        return torch.softmax(logits.float(), dim=-1)
+    scores = torch.sigmoid(logits.float())
+    return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+def switch_load_balancing_loss(scores: torch.Tensor, tokens_per_expert: torch.Tensor,
+                               total_tokens: int, topk: int, num_experts: int) -> torch.Tensor:
+    """E / (k T^2) * sum_i (sum_t scores[t, i]) * tokens_i, without the coefficient.
+
+    `scores` may be this rank's share of the tokens and `tokens_per_expert`/`total_tokens`
+    the counts over every rank holding the micro-batch: the ranks' results then sum to
+    the loss of the whole micro-batch. With the columns of several sequences side by
+    side ([T, b*E], seq_aux_loss) it is the sum of the sequences' losses.
+    """
+    return (scores.sum(dim=0) * tokens_per_expert).sum() * (
+        num_experts / (topk * total_tokens * total_tokens))
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean_t logsumexp(logits_t)^2, without the coefficient (ST-MoE)."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+class MoEAuxLossAutoScaler(torch.autograd.Function):
+    """Forward: returns `output` unchanged. Backward: also gives `aux_loss` the gradient
+    `scale`, so the auxiliary loss joins the backward pass without being added to the
+    language-model loss."""
+
+    @staticmethod
+    def forward(ctx, output, aux_loss, scale):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux_loss) * ctx.scale, None
+
+
+def _recomputing() -> bool:
+    """True inside backward (activation recompute): statistics are not counted twice."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _all_reduce_over(value: torch.Tensor, groups: list) -> torch.Tensor:
+    for group in groups:
+        dist.all_reduce(value, group=group)
+    return value
+
+
+# ------------------------------------------------------------------------- modules
+class TopKRouter(nn.Module):
+    """weight [num_experts, hidden] (replicated). forward(tokens [T, h]) -> routing
+    weights [T, E] (fp32), routing map [T, E] (bool), loss values {name: tensor}."""
+
+    def __init__(self, config, tokens_split_over_tp: bool = False):
+        super().__init__()
+        c = config
+        self.config = c
+        self.num_experts, self.topk = c.num_experts, c.moe_router_topk
+        self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
+        self.weight.tensor_parallel_dim = None
+        if c.sequence_parallel:
+            mark_sequence_parallel(self.weight)  # each TP rank routes its own tokens
+        self.init_std = c.init_method_std
+        self.tokens_split_over_tp = tokens_split_over_tp
+        if c.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(c.num_experts))
+            self.register_buffer("local_tokens_per_expert", torch.zeros(c.num_experts),
+                                 persistent=False)
+        else:
+            self.expert_bias = self.local_tokens_per_expert = None
+
+    def forward(self, tokens: torch.Tensor, *, seq_length: int, aux_loss_scale=1.0,
+                token_groups: tuple = (), token_split: int = 1):
+        """token_groups: the groups over which the micro-batch's tokens are split
+        (token_split ranks in all), for the load-balancing counts."""
+        c = self.config
+        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
+            # Kept in fp32 when the model is cast to half precision: bias steps of 1e-3
+            # and token counts need it.
+            self.expert_bias.data = self.expert_bias.data.float()
+            self.local_tokens_per_expert.data = self.local_tokens_per_expert.data.float()
+        logits = F.linear(tokens.float(), self.weight.float())
+        training = self.training and torch.is_grad_enabled()
+        losses: dict[str, torch.Tensor] = {}
+        if training and c.moe_z_loss_coeff:
+            value = z_loss(logits) / token_split
+            logits = MoEAuxLossAutoScaler.apply(logits, value * c.moe_z_loss_coeff,
+                                                aux_loss_scale)
+            losses["z_loss"] = value.detach()
+        probs, routing_map = topk_routing(
+            logits, self.topk, score_function=c.moe_router_score_function,
+            pre_softmax=c.moe_router_pre_softmax, num_groups=c.moe_router_num_groups,
+            group_topk=c.moe_router_group_topk,
+            scaling_factor=c.moe_router_topk_scaling_factor, expert_bias=self.expert_bias)
+        factor = c.moe_expert_capacity_factor
+        if factor is not None and factor >= 0:
+            probs, routing_map = apply_capacity(probs, routing_map, self.topk, factor,
+                                                c.moe_token_drop_policy,
+                                                c.moe_pad_expert_input_to_capacity)
+        kind, coeff = c.moe_router_load_balancing_type, c.moe_aux_loss_coeff
+        if training and kind != "none" and coeff and coeff > 0:
+            scores = routing_scores(logits, c.moe_router_score_function)
+            chosen = scores.topk(self.topk, dim=-1).indices
+            aux_map = torch.zeros_like(scores).scatter(1, chosen, 1.0)
+            batch = 1
+            if kind == "seq_aux_loss":
+                # [s*b, E] -> [s, b*E]: each sequence's experts counted apart.
+                batch = tokens.shape[0] // seq_length
+                scores = scores.reshape(seq_length, -1)
+                aux_map = aux_map.reshape(seq_length, -1)
+            counts = _all_reduce_over(aux_map.sum(dim=0), list(token_groups))
+            total = scores.shape[0] * token_split
+            value = switch_load_balancing_loss(scores, counts, total, self.topk,
+                                               self.num_experts) / batch
+            probs = MoEAuxLossAutoScaler.apply(probs, value * coeff, aux_loss_scale)
+            name = "seq_load_balancing_loss" if kind == "seq_aux_loss" else "load_balancing_loss"
+            losses[name] = value.detach()
+        if self.expert_bias is not None and training and not _recomputing():
+            with torch.no_grad():
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+        return probs, routing_map, losses
+
+
+class ExpertLinear(nn.Module):
+    """Stacked weights of this rank's experts, weight [local experts, out, in]: out (fc1)
+    or in (fc2) is this rank's expert-TP slice. Run by `Experts`, not on its own."""
+
+    def __init__(self, num_experts: int, first_expert: int, num_local_experts: int,
+                 in_features: int, out_features: int, *, tensor_parallel_dim: int,
+                 layout: str | None, init_std: float, etp_size: int, etp_rank: int):
+        super().__init__()
+        self.first_expert, self.init_std = first_expert, init_std
+        self.etp_size, self.etp_rank = etp_size, etp_rank
+        self.weight = mark_expert_parallel(
+            nn.Parameter(torch.empty(num_local_experts, out_features, in_features)),
+            num_experts, tensor_parallel_dim, layout)
+
+    @torch.no_grad()
+    def reset_parameters_from(self, generator_for: Callable[[str], torch.Generator]) -> None:
+        """normal(0, init_std) per expert, each drawn whole from `generator_for(".e")`
+        (e the global expert index) and sliced for this ETP rank: every EP/ETP layout
+        starts from the same experts."""
+        full_shape = [1, *self.weight.shape[1:]]
+        full_shape[self.weight.tensor_parallel_dim] *= self.etp_size
+        for e in range(self.weight.shape[0]):
+            full = torch.empty(full_shape, dtype=torch.float32)
+            full.normal_(0.0, self.init_std, generator=generator_for(f".{self.first_expert + e}"))
+            self.weight[e:e + 1].copy_(shard_tensor(full, self.weight, self.etp_size,
+                                                    self.etp_rank))
+
+
+class Experts(nn.Module):
+    """This rank's routed experts (linear_fc1 -> activation -> linear_fc2 each) run on
+    rows grouped by expert: one grouped GEMM per linear (--moe-grouped-gemm) or a loop
+    over the experts."""
+
+    def __init__(self, config, pg: ProcessGroups):
+        super().__init__()
+        c = config
+        self.activation = c.mlp_activation()
+        self.grouped_gemm = c.moe_grouped_gemm
+        ffn = (c.moe_ffn_hidden_size or c.ffn_hidden_size) // pg.etp_size
+        local = c.num_experts // pg.ep_size
+        first = pg.ep_rank * local
+        swiglu = self.activation == "swiglu"
+        common = dict(etp_size=pg.etp_size, etp_rank=pg.etp_rank)
+        self.linear_fc1 = ExpertLinear(c.num_experts, first, local, c.hidden_size,
+                                       2 * ffn if swiglu else ffn, tensor_parallel_dim=1,
+                                       layout="gate_up" if swiglu else None,
+                                       init_std=c.init_method_std, **common)
+        self.linear_fc2 = ExpertLinear(c.num_experts, first, local, ffn, c.hidden_size,
+                                       tensor_parallel_dim=2, layout=None,
+                                       init_std=c.init_method_std
+                                       / math.sqrt(2.0 * c.num_layers), **common)
+
+    def forward(self, rows: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """rows [n, h] grouped by local expert (tokens_per_expert[e] rows each) -> [n, h],
+        partial sums over the expert-TP slices when ETP > 1."""
+        w1, w2 = self.linear_fc1.weight, self.linear_fc2.weight
+        if self.grouped_gemm:
+            return self._grouped(rows, tokens_per_expert, w1, w2)
+        outputs = []
+        for e, x in enumerate(rows.split(tokens_per_expert)):
+            outputs.append(F.linear(activate(F.linear(x, w1[e]), self.activation), w2[e]))
+        return torch.cat(outputs)
+
+    def _grouped(self, rows, tokens_per_expert, w1, w2):
+        # Each expert's rows start at a multiple of 16 bytes (the kernels' alignment):
+        # rows are spread into a zero-padded buffer and picked back out afterwards.
+        grouped_mm = _grouped_mm_fn()
+        align = max(1, 16 // rows.element_size())
+        counts = torch.tensor(tokens_per_expert, device=rows.device)
+        padded = (counts + align - 1) // align * align
+        offsets = padded.cumsum(0).to(torch.int32)
+        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
+        dest = torch.arange(rows.shape[0], device=rows.device) + torch.repeat_interleave(
+            shift, counts)
+        total = int(padded.sum())
+        x = rows.new_zeros((total, rows.shape[1])).index_copy(0, dest, rows)
+        h = activate(grouped_mm(x, w1.transpose(1, 2), offs=offsets), self.activation)
+        y = grouped_mm(h, w2.transpose(1, 2), offs=offsets)
+        return y.index_select(0, dest)
+
+
+class SharedExperts(MLP):
+    """The always-on experts: a dense MLP of --moe-shared-expert-intermediate-size (all
+    shared experts fused), tensor-parallel like the dense MLP. With
+    --moe-shared-expert-gate (Qwen2-MoE) its output is scaled by sigmoid(x . gate_weight)."""
+
+    def __init__(self, config, pg: ProcessGroups):
+        super().__init__(config, pg, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
+        self.gate_weight = None
+        if getattr(config, "moe_shared_expert_gate", False):
+            self.gate_weight = nn.Parameter(torch.empty(1, config.hidden_size))
+            self.gate_weight.tensor_parallel_dim = None
+            if config.sequence_parallel:
+                mark_sequence_parallel(self.gate_weight)
+            self.gate_init_std = config.init_method_std
+
+    @torch.no_grad()
+    def reset_parameters_from(self, generator_for: Callable[[str], torch.Generator]) -> None:
+        """The gate (linear_fc1/fc2 are initialised as the dense MLP's)."""
+        if self.gate_weight is not None:
+            full = torch.empty(self.gate_weight.shape, dtype=torch.float32)
+            full.normal_(0.0, self.gate_init_std, generator=generator_for(".gate_weight"))
+            self.gate_weight.copy_(full)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.gate_weight is not None:
+            out = out * torch.sigmoid(F.linear(x, self.gate_weight))
+        return out
+
+
+class MoELayer(nn.Module):
+    """forward(x [s, b, h]) -> [s, b, h]; under sequence parallelism x and the output
+    are this rank's sequence shard [s/TP, b, h], as for the dense MLP.
+
+    Attributes the trainer uses: `aux_loss_scale` (gradient given to the aux and z
+    losses in backward; set it to loss scale / (micro-batches x DP)), `last_aux_loss`,
+    `last_z_loss` (values of the last training forward, without coefficients, for the
+    whole micro-batch), and `moe_loss_totals` / `update_expert_bias` below.
+    """
+
+    def __init__(self, config, pg: ProcessGroups | None = None, layer_number: int | None = None):
+        super().__init__()
+        c = config
+        self.pg = pg = pg or ProcessGroups.single()
+        check_moe_config(c, pg.tp_size, pg.ep_size, pg.etp_size)
+        self.config, self.layer_number = c, layer_number
+        # Without sequence parallelism the TP ranks hold the same tokens: each dispatches
+        # its 1/TP after routing them all.
+        self.split_tokens = pg.tp_size > 1 and not c.sequence_parallel
+        # Ranks over which one micro-batch's routed tokens are split (load-balancing counts).
+        self.token_groups = []
+        if pg.tp_size > 1 and c.sequence_parallel:
+            self.token_groups.append(pg.tp_group)
+        if pg.cp_size > 1:
+            self.token_groups.append(pg.cp_group)
+        self.token_split = (pg.tp_size if c.sequence_parallel else 1) * pg.cp_size
+        self.router = TopKRouter(c, tokens_split_over_tp=c.sequence_parallel and pg.tp_size > 1)
+        self.experts = Experts(c, pg)
+        self.shared_experts = (SharedExperts(c, pg)
+                               if c.moe_shared_expert_intermediate_size else None)
+        self.dispatcher = build_dispatcher(c.moe_token_dispatcher_type, c.num_experts, pg)
+        self.aux_loss_scale = 1.0
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_z_loss: torch.Tensor | None = None
+        self.loss_totals: dict[str, list] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, h = x.shape
+        tokens = x.reshape(s * b, h)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        probs, routing_map, losses = self.router(
+            tokens, seq_length=s, aux_loss_scale=self.aux_loss_scale,
+            token_groups=tuple(self.token_groups), token_split=self.token_split)
+        self._record(losses)
+        if self.split_tokens:
+            tp, group = self.pg.tp_size, self.pg.tp_group
+            if tokens.shape[0] % tp:
+                raise ValueError(f"MoE without --sequence-parallel needs sequence x micro-batch "
+                                 f"({tokens.shape[0]} tokens) divisible by TP {tp}")
+            tokens = ScatterToSequenceParallelRegion.apply(tokens, group)
+            probs = ScatterToSequenceParallelRegion.apply(probs, group)
+            routing_map = routing_map.chunk(tp)[self.pg.tp_rank]
+        rows, tokens_per_expert, plan = self.dispatcher.dispatch(tokens, probs, routing_map)
+        rows = self.experts(rows, tokens_per_expert)
+        out = self.dispatcher.combine(rows, plan)
+        if self.split_tokens:
+            out = GatherFromSequenceParallelRegion.apply(out, self.pg.tp_group, False)
+        out = out.view(s, b, h)
+        return out if shared is None else out + shared
+
+    def _record(self, losses: dict[str, torch.Tensor]) -> None:
+        if not losses or _recomputing():
+            return
+        names = sorted(losses)
+        values = torch.stack([losses[n] for n in names])
+        if self.token_groups:
+            values = _all_reduce_over(values.clone(), self.token_groups)
+        for name, value in zip(names, values):
+            total = self.loss_totals.setdefault(name, [torch.zeros_like(value), 0])
+            total[0] = total[0] + value
+            total[1] += 1
+            if name == "z_loss":
+                self.last_z_loss = value
+            else:
+                self.last_aux_loss = value
+
+
+def moe_layers(modules: nn.Module | Iterable[nn.Module]) -> list[MoELayer]:
+    """The MoE layers in a model or list of model chunks."""
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    return [m for module in modules for m in module.modules() if isinstance(m, MoELayer)]
+
+
+def moe_loss_totals(modules, reset: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
+    """{name: (sum of the values, number of layer forwards)} over this rank's MoE layers
+    since the last reset; name is load_balancing_loss, seq_load_balancing_loss or z_loss
+    (values without coefficients, each for a whole micro-batch). Summing both over the
+    pipeline stages and data-parallel ranks and dividing gives Megatron's logged mean
+    over layers and micro-batches."""
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    for layer in moe_layers(modules):
+        for name, (value, count) in layer.loss_totals.items():
+            if name in out:
+                value, count = out[name][0] + value, out[name][1] + count
+            out[name] = (value, count)
+        if reset:
+            layer.loss_totals = {}
+    return out
+
+
+@torch.no_grad()
+def update_expert_bias(modules, pg: ProcessGroups, rate: float | None = None) -> None:
+    """Aux-loss-free balancing, once per step after the optimizer: each expert's bias moves
+    by `rate` (--moe-router-bias-update-rate, default 1e-3) towards the experts that got
+    fewer tokens than average over the step's whole batch (all DP x CP ranks, and TP
+    under sequence parallelism). Every rank of a pipeline stage must call it."""
+    routers = [layer.router for layer in moe_layers(modules)
+               if layer.router.expert_bias is not None]
+    if not routers:
+        return
+    counts = torch.stack([r.local_tokens_per_expert for r in routers])
+    if pg.dp_cp_size > 1:
+        dist.all_reduce(counts, group=pg.dp_cp_group)
+    if routers[0].tokens_split_over_tp:
+        dist.all_reduce(counts, group=pg.tp_group)
+    for router, count in zip(routers, counts):
+        step = rate if rate is not None else getattr(router.config,
+                                                     "moe_router_bias_update_rate", 1e-3)
+        router.expert_bias += torch.sign(count.mean() - count) * step
+        router.local_tokens_per_expert.zero_()
