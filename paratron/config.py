@@ -153,6 +153,10 @@ class TransformerConfig:
                                      choices=["probs", "position"], group="moe")
     moe_grouped_gemm: bool = opt(False, "Run all local experts as one grouped GEMM.",
                                  group="moe")
+    moe_shared_expert_gate: bool = opt(False, "Sigmoid gate on the shared experts (Qwen2-MoE).",
+                                       group="moe")
+    moe_router_bias_update_rate: float = opt(1e-3, "Step of the aux-loss-free expert bias.",
+                                             type=float, group="moe")
     moe_token_dispatcher_type: str = opt("allgather", "Token dispatcher.",
                                          choices=["allgather", "alltoall"], group="moe")
     # Multi-latent attention
@@ -770,11 +774,8 @@ def validate(cfg: Config) -> None:
 # is (is the feature requested?, the one-line refusal). Entries leave this table as
 # the features land.
 def _unavailable(cfg: Config):
-    m, p, t, o, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.checkpoint
-    world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
+    t, o, c = cfg.training, cfg.optimizer, cfg.checkpoint
     return [
-        (p.expert_model_parallel_size > 1, "--expert-model-parallel-size > 1"),
-        (m.num_experts is not None, "--num-experts (mixture of experts)"),
         (t.fp8 is not None, "--fp8-format"),
         (t.rampup_batch_size is not None, "--rampup-batch-size"),
         (c.save is not None, "--save (checkpointing)"),
@@ -886,6 +887,12 @@ def _validate_moe_mla_cp(cfg: Config) -> None:
             raise ConfigError("--moe-router-num-groups must divide --num-experts and "
                               "--moe-router-group-topk must be between 1 and the groups")
         moe_layer_pattern(m)
+        from paratron.model.moe import check_moe_config
+        try:
+            check_moe_config(m, p.tensor_model_parallel_size, p.expert_model_parallel_size,
+                             p.expert_tensor_parallel_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     elif p.expert_model_parallel_size > 1:
         raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
     if m.multi_latent_attention:

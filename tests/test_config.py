@@ -114,7 +114,8 @@ INVALID = [
     (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr"),
     (["--lr-decay-style", "WSD"], "needs --lr-wsd-decay-iters"),
     (["--tensor-model-parallel-size", "2"], "world size is not divisible by tensor x pipeline"),
-    (["--num-experts", "4"], "--num-experts (mixture of experts) is not supported yet"),
+    (["--num-experts", "4", "--moe-router-topk", "5"],
+     "--moe-router-topk 5 must be between 1 and --num-experts 4"),
     (["--hidden-dropout", "1.5"], "--attention-dropout and --hidden-dropout must be in [0, 1)"),
     (["--rotary-percent", "0"], "--rotary-percent must be in (0, 1]"),
     (["--num-layers", "0"], "--num-layers must be positive"),
@@ -140,11 +141,11 @@ def test_refusal_from_the_command_line_exits_nonzero_without_traceback():
 
 
 def test_feature_of_a_later_release_is_refused_not_ignored(monkeypatch):
-    with pytest.raises(ConfigError, match="--multi-latent-attention is not supported yet"):
-        parse_args(TINY + ["--multi-latent-attention"])
+    with pytest.raises(ConfigError, match="--save .checkpointing. is not supported yet"):
+        parse_args(TINY + ["--save", "/tmp/run"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="--context-parallel-size > 1 is not supported"):
-        parse_args(TINY + ["--context-parallel-size", "2", "--seq-length", "16"])
+    with pytest.raises(ConfigError, match="--fp8-format is not supported yet"):
+        parse_args(TINY + ["--fp8-format", "e4m3"])
 
 
 TP_REFUSALS = [

@@ -101,7 +101,15 @@ class GPTModel(nn.Module):
         output layer on the last stage starts equal to the first stage's embedding.
         """
         tp, rank = self.pg.tp_size, self.pg.tp_rank
+        def generator(name: str) -> torch.Generator:
+            return torch.Generator().manual_seed(seed * 1_000_003
+                                                 + zlib.crc32(self._global(name).encode()))
+
         for name, module in self.named_modules():
+            custom = getattr(module, "reset_parameters_from", None)
+            if custom is not None:  # stacked experts: each expert drawn from its own name
+                custom(lambda suffix, name=name: generator(name + suffix))
+                continue
             std = getattr(module, "init_std", None)
             if std is None and isinstance(module, nn.Embedding):
                 std = self.config.init_method_std
@@ -110,10 +118,8 @@ class GPTModel(nn.Module):
                 continue
             if module is self.output_layer and self.share_embeddings:
                 name = "embedding.word_embeddings"  # the tied copy on the last stage
-            generator = torch.Generator().manual_seed(seed * 1_000_003
-                                                      + zlib.crc32(self._global(name).encode()))
             full = torch.empty(full_shape(weight, tp), dtype=torch.float32)
-            full.normal_(0.0, std, generator=generator)
+            full.normal_(0.0, std, generator=generator(name))
             weight.copy_(shard_tensor(full, weight, tp, rank))
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()

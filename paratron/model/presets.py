@@ -91,5 +91,5 @@ PRESETS: dict[str, dict] = {
                            num_experts=64, moe_ffn_hidden_size=2560, moe_router_topk=8,
                            moe_shared_expert_intermediate_size=20480, moe_aux_loss_coeff=0.001,
                            max_position_embeddings=32768, padded_vocab_size=151936,
-                           moe_router_pre_softmax=True),
+                           moe_router_pre_softmax=True, moe_shared_expert_gate=True),
 }

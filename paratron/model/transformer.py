@@ -13,7 +13,9 @@ from torch.utils.checkpoint import checkpoint
 
 from paratron.model.attention import SelfAttention
 from paratron.model.mla import MLASelfAttention
+from paratron.config import moe_layer_pattern
 from paratron.model.mlp import MLP
+from paratron.model.moe import MoELayer
 from paratron.model.norms import build_norm
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.tensor_parallel import mark_sequence_parallel
@@ -51,7 +53,8 @@ class TransformerLayer(nn.Module):
         attention = MLASelfAttention if c.multi_latent_attention else SelfAttention
         self.self_attention = attention(c, layer_number, self.pg)
         self.pre_mlp_layernorm = build_layer_norm(c)
-        self.mlp = MLP(c, self.pg)
+        is_moe = bool(c.num_experts) and moe_layer_pattern(c)[layer_number]
+        self.mlp = MoELayer(c, self.pg, layer_number) if is_moe else MLP(c, self.pg)
         selective = (c.recompute_modules or []) if c.recompute_granularity == "selective" else []
         self.recompute_norm = "layernorm" in selective
         self.recompute_mlp = "mlp" in selective

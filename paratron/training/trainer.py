@@ -21,6 +21,7 @@ from paratron.config import (Config, ConfigError, pad_vocab_size, pipeline_split
 from paratron.data.sampler import build_pretraining_data_loader
 from paratron.data.sft import packed_attention_mask
 from paratron.model.gpt import GPTModel
+from paratron.model.moe import moe_layers, moe_loss_totals, update_expert_bias
 from paratron.parallel.context_parallel import split_for_context_parallel
 from paratron.parallel.data_parallel import DataParallel
 from paratron.parallel.pipeline import (StageIO, all_reduce_embedding_grads,
@@ -124,6 +125,7 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = datasets
         self.state = TrainState()
         self._train_iter = self._valid_iter = None
+        self.moe_losses: dict[str, float] = {}
         t = cfg.training
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.pg.dp_size)
         self.flops = flops_per_iteration(cfg.model, cfg.data.seq_length, t.global_batch_size)
@@ -198,6 +200,29 @@ class Trainer:
                      forward_only=forward_only, before_backward=before_backward)
         return tuple(self._sum_over([sum(loss_sums), sum(token_counts)], "pp", "dp", "cp"))
 
+    def _moe_losses(self) -> dict[str, float]:
+        """Megatron's logged MoE losses: mean over MoE layers and micro-batches of the
+        step, over every pipeline stage and data-parallel rank (names from the config,
+        so a stage without MoE layers still joins the sums)."""
+        m = self.cfg.model
+        if not m.num_experts:
+            return {}
+        names = []
+        if m.moe_router_load_balancing_type == "aux_loss":
+            names.append("load_balancing_loss")
+        elif m.moe_router_load_balancing_type == "seq_aux_loss":
+            names.append("seq_load_balancing_loss")
+        if m.moe_z_loss_coeff:
+            names.append("z_loss")
+        totals = moe_loss_totals([model.module for model in self.models])
+        values = []
+        for name in names:
+            value, count = totals.get(name, (0.0, 0))
+            values += [float(value), float(count)]
+        values = self._sum_over(values, "pp", "dp")
+        return {name: values[2 * i] / max(values[2 * i + 1], 1.0)
+                for i, name in enumerate(names)}
+
     # ----------------------------------------------------------------- steps
     def train_step(self) -> tuple[float | None, bool, float | None, int | None]:
         """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
@@ -208,12 +233,20 @@ class Trainer:
         for model in self.models:
             model.train()
             model.zero_grad_buffer()
+        # The MoE aux losses get their gradient scaled like the lm loss: mean over the
+        # micro-batches and data-parallel ranks of the step.
+        for layer in moe_layers([m.module for m in self.models]):
+            layer.aux_loss_scale = (self.optimizer.loss_scaler.scale
+                                    / (self.num_microbatches * self.pg.dp_size))
         loss_sum, _ = self._run(batches, total_tokens, forward_only=False)
+        self.moe_losses = self._moe_losses()
         all_reduce_embedding_grads(self.models, self.pg)
         for model in self.models:
             model.finish_grad_sync()
             finish_tensor_parallel_grads(model.module.parameters(), self.pg)
         stepped, grad_norm, num_zeros = self.optimizer.step()
+        if stepped and self.cfg.model.moe_router_enable_expert_bias:
+            update_expert_bias([m.module for m in self.models], self.pg)
         self.state.consumed_train_samples += self.cfg.training.global_batch_size
         return loss_sum / total_tokens, stepped, grad_norm, num_zeros
 
@@ -254,6 +287,7 @@ class Trainer:
     def train(self) -> TrainState:
         t, lg = self.cfg.training, self.cfg.logging
         interval_losses: list[float] = []
+        interval_moe: dict[str, list[float]] = {}
         interval_skipped = 0
         grad_norm = num_zeros = None
         tick = time.perf_counter()
@@ -262,6 +296,8 @@ class Trainer:
             self.state.iteration += 1
             if stepped:
                 interval_losses.append(loss)
+                for name, value in self.moe_losses.items():
+                    interval_moe.setdefault(name, []).append(value)
                 grad_norm, num_zeros = step_norm, step_zeros
             else:
                 interval_skipped += 1
@@ -272,8 +308,8 @@ class Trainer:
             if self.state.iteration % lg.log_interval == 0:
                 elapsed = (time.perf_counter() - tick) / lg.log_interval
                 self.log(self._log_line(elapsed, interval_losses, interval_skipped,
-                                        grad_norm, num_zeros))
-                interval_losses, interval_skipped = [], 0
+                                        grad_norm, num_zeros, interval_moe))
+                interval_losses, interval_skipped, interval_moe = [], 0, {}
                 grad_norm = num_zeros = None
                 tick = time.perf_counter()
             if t.eval_interval and self.state.iteration % t.eval_interval == 0:
@@ -287,7 +323,8 @@ class Trainer:
         return self.state
 
     def _log_line(self, elapsed: float, losses: list[float], skipped: int,
-                  grad_norm: float | None, num_zeros: int | None) -> str:
+                  grad_norm: float | None, num_zeros: int | None,
+                  moe: dict[str, list[float]] | None = None) -> str:
         """Megatron's training log line."""
         t, s = self.cfg.training, self.state
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
@@ -304,6 +341,8 @@ class Trainer:
         parts.append(f" global batch size: {t.global_batch_size:5d}")
         if losses:
             parts.append(f" lm loss: {sum(losses) / len(losses):.6E}")
+        for name, values in (moe or {}).items():
+            parts.append(f" {name}: {sum(values) / len(values):.6E}")
         parts.append(f" loss scale: {self.optimizer.loss_scaler.scale:.1f}")
         if grad_norm is not None:
             parts.append(f" grad norm: {grad_norm:.3f}")

@@ -1,0 +1,35 @@
+"""Unsharded weights of a trainer's model on any layout, by global parameter name, for
+comparing a parallel run with the single-process one."""
+
+import torch
+import torch.distributed as dist
+
+from paratron.parallel.expert_parallel import expert_gather
+from paratron.parallel.sharding import gather_tensor
+
+
+def _all_gather(t: torch.Tensor, size: int, group) -> list[torch.Tensor]:
+    if size == 1:
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def full_weights(trainer) -> dict:
+    """This rank's stages' weights, TP / expert shards gathered; tied copies left out."""
+    pg, out = trainer.pg, {}
+    for model in trainer.models:
+        module = model.module
+        for name, p in module.named_parameters():
+            if getattr(p, "shared_embedding_copy", False):
+                continue
+            t = p.detach()
+            if getattr(p, "expert_parallel", False):
+                etp = _all_gather(t, pg.etp_size, pg.etp_group)
+                per_ep = _all_gather(torch.stack(etp), pg.ep_size, pg.ep_group)
+                full = expert_gather([list(x.unbind(0)) for x in per_ep], p)
+            else:
+                full = gather_tensor(_all_gather(t, pg.tp_size, pg.tp_group), p)
+            out[module._global(name)] = full.float().numpy()
+    return out
