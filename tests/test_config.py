@@ -210,3 +210,35 @@ def test_pipeline_refusals(extra, message, capsys):
     assert train_main(TINY + extra) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+MOE_MLA_CP_REFUSALS = [
+    (["--num-experts", "6", "--expert-model-parallel-size", "4", "--world-size", "4"],
+     "--num-experts 6 is not divisible by --expert-model-parallel-size 4"),
+    (["--num-experts", "4", "--moe-router-topk", "5"],
+     "--moe-router-topk 5 must be between 1 and --num-experts 4"),
+    (["--context-parallel-size", "2", "--world-size", "2", "--seq-length", "14",
+      "--max-position-embeddings", "16"],
+     "--seq-length 14 is not divisible by 2 x --context-parallel-size (4)"),
+    (["--multi-latent-attention", "--position-embedding-type", "rope",
+      "--tensor-model-parallel-size", "8", "--world-size", "8"],
+     "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8"),
+    (["--multi-latent-attention", "--position-embedding-type", "rope",
+      "--qk-pos-emb-head-dim", "5"],
+     "--qk-pos-emb-head-dim 5 must be even"),
+    (["--multi-latent-attention", "--position-embedding-type", "rope", "--kv-lora-rank", "0"],
+     "--kv-lora-rank 0 must be positive with --multi-latent-attention"),
+    (["--multi-latent-attention"],
+     "--multi-latent-attention needs --position-embedding-type rope"),
+    (["--num-experts", "4", "--moe-layer-freq", "([0]+[1]*5)"],
+     "--moe-layer-freq '([0]+[1]*5)' must list 2 zeros and ones"),
+    (["--num-experts", "4", "--moe-layer-freq", "__import__('os')"],
+     "--moe-layer-freq \"__import__('os')\": give an integer or a list pattern"),
+]
+
+
+@pytest.mark.parametrize("extra,message", MOE_MLA_CP_REFUSALS)
+def test_moe_mla_cp_refusals(extra, message, capsys):
+    assert train_main(TINY + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
