@@ -4,7 +4,9 @@ Each supported `model_type` has one reader that turns the Hugging Face keys into
 Megatron flag destinations (the TransformerConfig field names), so a converted model
 is described exactly as a user would describe it with Megatron flags. Llama, Qwen2 and
 Qwen3 share one reader (they differ only in biases and the per-head q/k norm); GPT-2
-has its own because its keys (`n_embd`, `n_layer`, ...) and layer shapes differ.
+has its own because its keys (`n_embd`, `n_layer`, ...) and layer shapes differ. The
+mixtures of experts (Mixtral, Qwen3-MoE) add their routing to the Llama reader;
+DeepSeek-V2 (multi-latent attention, shared experts, YaRN) has its own.
 
 What Paratron cannot represent is refused with one line naming the key, never
 approximated: a model that loads must give the same logits as in `transformers`.
@@ -13,12 +15,15 @@ approximated: a model that loads must give the same logits as in `transformers`.
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from paratron.config import Config, TransformerConfig, finalize
+from paratron.config import Config, ConfigError, TransformerConfig, finalize, moe_layer_pattern
 from paratron.convert.errors import ConversionError
+from paratron.model.moe import check_moe_config
+from paratron.model.rotary import yarn_mscale
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -37,10 +42,14 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     return hf
 
 
-def _need(hf: dict, key: str) -> Any:
-    if hf.get(key) is None:
-        raise ConversionError(f"config.json ({hf.get('model_type')}) lacks {key!r}")
-    return hf[key]
+def _need(hf: dict, key: str, *aliases: str) -> Any:
+    """hf[key], or the first alias present (transformers writes some keys under the
+    name its `attribute_map` points to, e.g. Qwen3-MoE's num_experts as
+    num_local_experts), or a one-line refusal naming the key."""
+    for name in (key, *aliases):
+        if hf.get(name) is not None:
+            return hf[name]
+    raise ConversionError(f"config.json ({hf.get('model_type')}) lacks {key!r}")
 
 
 def _refuse(hf: dict, what: str) -> NoReturn:
@@ -88,9 +97,51 @@ def _gpt2(hf: dict) -> dict[str, Any]:
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", True))
 
 
-def _rope(hf: dict) -> dict[str, Any]:
+def _yarn(hf: dict, params: dict, mla: bool) -> dict[str, Any]:
+    """YaRN as transformers computes it (`_compute_yarn_parameters`).
+
+    The cos/sin tables are scaled by get_mscale(factor, mscale) / get_mscale(factor,
+    mscale_all_dim) when both are given, else by get_mscale(factor); DeepSeek-V2's
+    attention also scales its softmax by get_mscale(factor, mscale_all_dim)^2 whenever
+    mscale_all_dim is given (`yarn_apply_mscale`). Paratron derives both from one
+    (mscale, mscale_all_dim) pair, so under multi-latent attention mscale_all_dim
+    without mscale cannot be represented.
+    """
+    max_positions = _need(hf, "max_position_embeddings")
+    original = hf.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings") or max_positions
+    factor = params.get("factor")
+    factor = float(max_positions / original if factor is None else factor)
+    if factor < 1:
+        _refuse(hf, f"yarn rope factor {factor} below 1")
+    if params.get("truncate", True) is False:
+        _refuse(hf, "yarn rope with truncate false")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        mscale, mscale_all_dim = float(mscale), float(mscale_all_dim)
+    elif mla and mscale_all_dim:
+        _refuse(hf, "yarn rope mscale_all_dim without mscale under multi-latent attention")
+    else:
+        mscale, mscale_all_dim = 1.0, 0.0
+    derived = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    given = params.get("attention_factor")
+    if given is not None and not math.isclose(float(given), derived, rel_tol=1e-9):
+        _refuse(hf, f"yarn rope attention_factor {given} (Paratron derives {derived} from "
+                    f"factor and mscale)")
+    return dict(position_embedding_type="yarn", rotary_scaling_factor=factor,
+                original_max_position_embeddings=int(original),
+                beta_fast=float(params.get("beta_fast") or 32.0),
+                beta_slow=float(params.get("beta_slow") or 1.0),
+                mscale=mscale, mscale_all_dim=mscale_all_dim)
+
+
+def _rope(hf: dict, mla: bool = False) -> dict[str, Any]:
     """RoPE settings from either spelling: `rope_theta` + `rope_scaling` (older
-    transformers) or one `rope_parameters` dict (transformers 5)."""
+    transformers) or one `rope_parameters` dict (transformers 5).
+
+    mla: for multi-latent attention, whose softmax scale also depends on the scaling
+    (transformers applies YaRN's mscale_all_dim to it for every scaled rope type), so
+    only default and yarn are taken."""
     params = dict(hf.get("rope_scaling") or {})
     params.update(hf.get("rope_parameters") or {})
     kind = params.get("rope_type", params.get("type", "default"))
@@ -101,17 +152,32 @@ def _rope(hf: dict) -> dict[str, Any]:
                rotary_base=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
     if kind == "default":
         return out
+    if kind == "yarn":
+        return dict(out, **_yarn(hf, params, mla))
+    if mla:
+        _refuse(hf, f"rope type {kind!r} with multi-latent attention (supported: default, "
+                    f"yarn)")
     if kind == "linear":
-        return dict(out, rotary_seq_len_interpolation_factor=float(params["factor"]))
+        return dict(out, rotary_seq_len_interpolation_factor=float(
+            _need_param(hf, params, "factor")))
     if kind == "llama3":
         # Paratron's Llama-3 scaling fixes the blend band at Meta's published 1 and 4.
         bands = (params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0))
         if bands != (1.0, 4.0):
             _refuse(hf, f"llama3 rope low/high_freq_factor {bands} (only (1, 4))")
-        return dict(out, use_rope_scaling=True, rope_scaling_factor=float(params["factor"]),
-                    original_max_position_embeddings=int(
-                        params["original_max_position_embeddings"]))
-    _refuse(hf, f"rope type {kind!r} (supported: default, linear, llama3)")
+        original = hf.get("original_max_position_embeddings") or params.get(
+            "original_max_position_embeddings") or _need(hf, "max_position_embeddings")
+        return dict(out, use_rope_scaling=True,
+                    rope_scaling_factor=float(_need_param(hf, params, "factor")),
+                    original_max_position_embeddings=int(original))
+    _refuse(hf, f"rope type {kind!r} (supported: default, linear, llama3, yarn)")
+
+
+def _need_param(hf: dict, params: dict, key: str) -> Any:
+    if params.get(key) is None:
+        raise ConversionError(f"config.json ({hf.get('model_type')}): rope scaling lacks "
+                              f"{key!r}")
+    return params[key]
 
 
 def _llama_like(hf: dict, *, qkv_bias_only: bool = False,
@@ -146,11 +212,142 @@ def _llama_like(hf: dict, *, qkv_bias_only: bool = False,
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False))
 
 
+def _layer_pattern(moe: list[bool]) -> str:
+    """--moe-layer-freq for a per-layer MoE pattern: 1 when every layer is MoE, else a
+    list pattern such as ([0]*1+[1]*26)."""
+    if all(moe):
+        return "1"
+    runs: list[list] = []
+    for flag in moe:
+        if runs and runs[-1][0] == flag:
+            runs[-1][1] += 1
+        else:
+            runs.append([flag, 1])
+    return "(" + "+".join(f"[{int(flag)}]*{count}" for flag, count in runs) + ")"
+
+
+def _routing(hf: dict, *, experts_key: tuple[str, ...], ffn_key: str, renormalise: bool,
+             moe: list[bool]) -> dict[str, Any]:
+    """The MoE fields shared by the readers: experts, top-k, expert size, which layers.
+
+    renormalise: the top-k softmax weights are divided by their sum, which equals a
+    softmax over the top-k logits (Paratron's default routing); otherwise the softmax
+    over all experts is taken before top-k and kept as is (--moe-router-pre-softmax).
+    """
+    experts, topk = _need(hf, *experts_key), _need(hf, "num_experts_per_tok")
+    if not 1 <= topk <= experts:
+        raise ConversionError(f"config.json ({hf.get('model_type')}): num_experts_per_tok "
+                              f"{topk} must be between 1 and {experts_key[0]} {experts}")
+    if renormalise and topk == 1:
+        _refuse(hf, "num_experts_per_tok 1 with renormalised routing weights")
+    return dict(num_experts=experts, moe_router_topk=topk,
+                moe_ffn_hidden_size=_need(hf, ffn_key),
+                moe_router_pre_softmax=not renormalise, moe_layer_freq=_layer_pattern(moe))
+
+
+def _mixtral(hf: dict) -> dict[str, Any]:
+    """Mixtral: Mistral's attention, every layer MoE; softmax over all experts, top-k,
+    renormalised."""
+    if hf.get("sliding_window") is not None:
+        _refuse(hf, "sliding-window attention (sliding_window)")
+    fields = _llama_like(hf)
+    n = fields["num_layers"]
+    fields.update(_routing(hf, experts_key=("num_local_experts", "num_experts"),
+                           ffn_key="intermediate_size",
+                           renormalise=True, moe=[True] * n),
+                  moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef") or 0.0))
+    return fields
+
+
+def _qwen3_moe(hf: dict) -> dict[str, Any]:
+    """Qwen3-MoE: Qwen3's attention (per-head q/k norms); layer i is MoE unless listed in
+    mlp_only_layers or (i + 1) is not a multiple of decoder_sparse_step; the top-k
+    weights renormalised with norm_topk_prob."""
+    fields = _llama_like(hf, qk_layernorm=True)
+    if fields["add_bias_linear"]:
+        _refuse(hf, "attention_bias in a mixture of experts")
+    experts = ("num_experts", "num_local_experts")
+    if _need(hf, *experts) == 0:
+        return fields  # no experts: every layer dense
+    n, step = fields["num_layers"], hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or [])
+    moe = [i not in dense and (i + 1) % step == 0 for i in range(n)]
+    fields.update(_routing(hf, experts_key=experts, ffn_key="moe_intermediate_size",
+                           renormalise=bool(hf.get("norm_topk_prob", False)), moe=moe),
+                  moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef") or 0.0))
+    return fields
+
+
+# The epsilon of DeepSeek-V2's latent norms (q_a_layernorm, kv_a_layernorm): the RMSNorm
+# default, not rms_norm_eps, in both transformers and DeepSeek's own code.
+_DEEPSEEK_LATENT_NORM_EPS = 1e-6
+
+
+def _deepseek_v2(hf: dict) -> dict[str, Any]:
+    """DeepSeek-V2 as transformers runs it: multi-latent attention (optionally with a
+    low-rank query), pair-wise rope with optional YaRN, the first first_k_dense_replace
+    layers dense and the rest MoE with n_shared_experts always-on experts; routing is a
+    softmax over all experts, top-k (greedy, or group_limited_greedy over n_group groups
+    keeping topk_group), not renormalised, times routed_scaling_factor."""
+    if hf.get("hidden_act", "silu") != "silu":
+        _refuse(hf, f"hidden_act {hf['hidden_act']!r} (SwiGLU needs silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        _refuse(hf, "attention_bias / mlp_bias in multi-latent attention and experts")
+    eps = hf.get("rms_norm_eps", 1e-6)
+    if eps != _DEEPSEEK_LATENT_NORM_EPS:
+        _refuse(hf, f"rms_norm_eps {eps} (the latent norms use {_DEEPSEEK_LATENT_NORM_EPS}; "
+                    f"Paratron has one epsilon for all norms)")
+    if hf.get("norm_topk_prob"):
+        # transformers ignores it; DeepSeek's own code renormalises: no single answer.
+        _refuse(hf, "norm_topk_prob true")
+    if hf.get("scoring_func", "softmax") != "softmax":
+        _refuse(hf, f"scoring_func {hf['scoring_func']!r} (only softmax)")
+    if hf.get("moe_layer_freq", 1) != 1:
+        _refuse(hf, f"moe_layer_freq {hf['moe_layer_freq']}")
+    method = hf.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        _refuse(hf, f"topk_method {method!r} (supported: greedy, group_limited_greedy)")
+    hidden, heads = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
+    n = _need(hf, "num_hidden_layers")
+    v_head_dim = _need(hf, "v_head_dim")
+    fields = dict(
+        num_layers=n, hidden_size=hidden, ffn_hidden_size=_need(hf, "intermediate_size"),
+        num_attention_heads=heads, num_query_groups=heads, group_query_attention=False,
+        kv_channels=hidden // heads if hidden % heads == 0 else v_head_dim,
+        multi_latent_attention=True, q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=_need(hf, "kv_lora_rank"), qk_head_dim=_need(hf, "qk_nope_head_dim"),
+        qk_pos_emb_head_dim=_need(hf, "qk_rope_head_dim"), v_head_dim=v_head_dim,
+        max_position_embeddings=_need(hf, "max_position_embeddings"),
+        **_rope(hf, mla=True),
+        normalization="RMSNorm", norm_epsilon=eps, swiglu=True, add_bias_linear=False,
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False))
+    first_dense = hf.get("first_k_dense_replace") or 0
+    fields.update(_routing(hf, experts_key=("n_routed_experts", "num_experts"),
+                           ffn_key="moe_intermediate_size",
+                           renormalise=False, moe=[i >= first_dense for i in range(n)]),
+                  moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+    shared = hf.get("n_shared_experts") or 0
+    if shared:
+        fields["moe_shared_expert_intermediate_size"] = shared * fields["moe_ffn_hidden_size"]
+    if method == "group_limited_greedy":
+        fields.update(moe_router_num_groups=_need(hf, "n_group"),
+                      moe_router_group_topk=_need(hf, "topk_group"))
+    # DeepSeek's own configs carry the training-time balancing (sequence-wise aux loss).
+    if hf.get("aux_loss_alpha"):
+        fields.update(moe_aux_loss_coeff=float(hf["aux_loss_alpha"]),
+                      moe_router_load_balancing_type=("seq_aux_loss" if hf.get("seq_aux", True)
+                                                      else "aux_loss"))
+    return fields
+
+
 _READERS: dict[str, Callable[[dict], dict[str, Any]]] = {
     "gpt2": _gpt2,
     "llama": _llama_like,
     "qwen2": partial(_llama_like, qkv_bias_only=True),
     "qwen3": partial(_llama_like, qk_layernorm=True),
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
+    "deepseek_v2": _deepseek_v2,
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_READERS)
@@ -190,6 +387,13 @@ def transformer_config(fields: dict[str, Any]) -> TransformerConfig:
         setattr(cfg.model, name, value)
     cfg.data.seq_length = cfg.model.max_position_embeddings
     finalize(cfg)
+    if cfg.model.num_experts:
+        # The MoE layer's own checks, as one-line conversion errors rather than at build.
+        try:
+            moe_layer_pattern(cfg.model)
+            check_moe_config(cfg.model)
+        except (ValueError, ConfigError) as exc:
+            raise ConversionError(f"config.json: {exc}") from None
     return cfg.model
 
 

@@ -8,6 +8,9 @@ sources are in memory at a time besides the model.
 Loading is strict both ways: every Paratron tensor must be filled and every stored
 tensor used (buffers such as rotary `inv_freq` excepted), so a mapping mistake fails
 with one line naming the file and tensor instead of leaving random weights behind.
+
+Routed experts are read from whichever layout the files hold, one tensor per expert or
+transformers 5's fused tensors (see `hf_mapping`).
 """
 
 from __future__ import annotations
@@ -82,12 +85,34 @@ class SafetensorsFolder:
     def names(self) -> list[str]:
         return sorted(self.location)
 
+    def lookup(self, hf_name: str, arch: Architecture) -> str | None:
+        """The stored spelling of a Hugging Face tensor name, or None."""
+        return next((s for s in arch.spellings(hf_name) if s in self.location), None)
+
     def find(self, hf_name: str, arch: Architecture, needed_for: str) -> str:
         """The stored spelling of a Hugging Face tensor name, or a one-line refusal."""
-        for spelling in arch.spellings(hf_name):
-            if spelling in self.location:
-                return spelling
-        raise ConversionError(f"{self.folder}: tensor {hf_name} (for Paratron {needed_for}) "
+        found = self.lookup(hf_name, arch)
+        if found is None:
+            raise ConversionError(f"{self.folder}: tensor {hf_name} (for Paratron "
+                                  f"{needed_for}) is not in {self.source}")
+        return found
+
+    def choose(self, arch: Architecture, name: str, config, offset: int
+               ) -> tuple[str | None, list[str]]:
+        """The layout of Paratron tensor `name` that the files hold and the stored names
+        of its sources, or a one-line refusal naming a missing tensor (of the layout the
+        files hold part of, else of the default one)."""
+        candidates = arch.candidates(name, config, offset)
+        partial = None
+        for rule, hf_names in candidates:
+            stored = [self.lookup(h, arch) for h in hf_names]
+            if None not in stored:
+                return (rule.layout or None), stored
+            if partial is None and any(s is not None for s in stored):
+                partial = hf_names, stored
+        hf_names, stored = partial or (candidates[0][1], [None])
+        missing = hf_names[stored.index(None)]
+        raise ConversionError(f"{self.folder}: tensor {missing} (for Paratron {name}) "
                               f"is not in {self.source}")
 
     def _handle_with(self, name: str):
@@ -111,15 +136,16 @@ class SafetensorsFolder:
 def _read_sources(files: SafetensorsFolder, arch: Architecture, name: str,
                   target: torch.Tensor, config, offset: int) -> tuple[list[str], torch.Tensor]:
     """The stored tensors that make Paratron tensor `name`, shape-checked, transformed."""
-    stored = [files.find(h, arch, name) for h in arch.hf_names(name, offset)]
+    layout, stored = files.choose(arch, name, config, offset)
     # The shapes the sources must have: the inverse transform of the target's shape.
-    expected = arch.to_hf(name, torch.empty(target.shape, device="meta"), config, offset)
-    for stored_name, want in zip(stored, expected.values()):
+    expected = arch.to_hf(name, torch.empty(target.shape, device="meta"), config, offset,
+                          layout)
+    for stored_name, want in zip(stored, expected.values(), strict=True):
         got = files.shape(stored_name)
         if got != tuple(want.shape):
             raise ConversionError(f"{files.where(stored_name)}: {stored_name} has shape "
                                   f"{list(got)}, but config.json implies {list(want.shape)}")
-    return stored, arch.to_paratron(name, [files.get(s) for s in stored], config)
+    return stored, arch.to_paratron(name, [files.get(s) for s in stored], config, layout)
 
 
 def load_hf_weights(model: GPTModel, folder: str | Path, model_type: str,

@@ -6,9 +6,16 @@ layouts. Transforms are invertible, so the same table serves reading a Hugging F
 checkpoint (`to_paratron`) and writing one (`to_hf`), and a round trip tests both.
 
 A table lists every parameter an architecture *can* have (biases, q/k norms, learned
-positions, an untied output layer); the model built from the config decides which it
-has, so tables need no conditions. Llama, Qwen2 and Qwen3 name their tensors alike and
-share one table.
+positions, an untied output layer, dense and MoE feed-forward blocks); the model built
+from the config decides which it has, so tables need no conditions. Llama, Qwen2 and
+Qwen3 name their tensors alike and share one table.
+
+Routed experts come in two layouts, and a rule may list both: the per-expert tensors of
+the Hub's checkpoints and of `save_pretrained` (`experts.{j}.gate_proj`, ...; `{j}`
+stands for the expert and is expanded over `config.num_experts`), and the fused
+`experts.gate_up_proj` [E, 2I, h] / `experts.down_proj` [E, h, I] that transformers 5
+keeps in memory (`save_pretrained(save_original_format=False)`). Reading takes the
+layout the files hold; writing takes the per-expert one unless asked otherwise.
 
 The tensors here are whole (logical) tensors, as in the Hugging Face files; cutting
 them into tensor-parallel shards is a separate step that reads each parameter's own
@@ -116,6 +123,32 @@ class SplitPackedQKV(Transform):
 
 
 @dataclass(frozen=True)
+class PerExpert(Transform):
+    """One tensor per expert (or `per_expert` of them, through `inner`) <-> the experts
+    stacked along a leading dimension, as Paratron's [E, out, in] expert weights.
+
+    The Hugging Face tensors come expert by expert: expert 0's `per_expert` tensors,
+    then expert 1's, and so on."""
+
+    inner: Transform
+    per_expert: int = 1
+
+    def to_paratron(self, tensors, config):
+        n = self.per_expert
+        if len(tensors) % n:
+            raise ConversionError(f"{len(tensors)} expert tensors are not a multiple of {n}")
+        experts = []
+        for start in range(0, len(tensors), n):
+            (one,) = self.inner.to_paratron(list(tensors[start:start + n]), config)
+            experts.append(one)
+        return [torch.stack(experts)]
+
+    def to_hf(self, tensors, config):
+        (stacked,) = tensors
+        return [t for expert in stacked.unbind(0) for t in self.inner.to_hf([expert], config)]
+
+
+@dataclass(frozen=True)
 class Chain(Transform):
     """Transforms applied in order towards Paratron, in reverse towards Hugging Face."""
 
@@ -138,18 +171,37 @@ GATE_UP = Concat(2)
 QKV = FuseQKV()
 PACKED_QKV = Chain((SplitPackedQKV(), QKV))
 CONV1D_PACKED_QKV = Chain((TRANSPOSE, SplitPackedQKV(), QKV))
+EXPERTS_GATE_UP = PerExpert(GATE_UP, 2)
+EXPERTS = PerExpert(IDENTITY)
+
+PER_EXPERT, FUSED = "per_expert", "fused"
+EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """The Hugging Face tensors (names with `{i}`) one Paratron tensor is made of."""
+    """The Hugging Face tensors (names with `{i}` for the layer and, for per-expert
+    tensors, `{j}` for the expert) one Paratron tensor is made of.
+
+    layout: the expert layout this rule belongs to, when a table lists several ways of
+    storing the same tensor ("" when there is only one)."""
 
     hf: tuple[str, ...]
     transform: Transform = IDENTITY
+    layout: str = ""
+
+    @property
+    def per_expert(self) -> bool:
+        return any("{j}" in h for h in self.hf)
 
 
 def _one(hf_name: str) -> Rule:
     return Rule((hf_name,))
+
+
+def _layouts(*rules: Rule) -> tuple[Rule, ...]:
+    """Alternative ways of storing one tensor; the first is the one written by default."""
+    return rules
 
 
 def _weight_and_bias(paratron: str, hf: str | Sequence[str], weight: Transform = IDENTITY,
@@ -169,33 +221,66 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 class Architecture:
     """One architecture's table, plus what its checkpoints hold besides weights.
 
+    rules: Paratron name (layers as `{i}`) -> a Rule, or a tuple of Rules for tensors
+    stored in more than one layout (read from whichever the files hold).
     ignored: patterns (full match) of stored tensors that are buffers, not weights.
     prefix_aliases: (prefix, alternative) pairs for older checkpoints that spell
     names differently (GPT-2 on the Hub has no `transformer.` prefix).
     """
 
     name: str
-    rules: dict[str, Rule]
+    rules: dict[str, Rule | tuple[Rule, ...]]
     ignored: tuple[str, ...] = ()
     prefix_aliases: tuple[tuple[str, str], ...] = ()
 
-    def rule(self, name: str) -> tuple[Rule, int | None]:
-        """The rule for a Paratron tensor name and its layer index (None outside layers)."""
+    def layouts(self, name: str) -> tuple[tuple[Rule, ...], int | None]:
+        """The rules (one per stored layout) for a Paratron tensor name and its layer
+        index (None outside layers)."""
         match = _LAYER.match(name)
         layer = int(match.group(1)) if match else None
         template = _LAYER.sub("decoder.layers.{i}.", name) if match else name
         if template not in self.rules:
             raise ConversionError(f"no Hugging Face {self.name} source for Paratron "
                                   f"tensor {name}")
-        return self.rules[template], layer
+        rules = self.rules[template]
+        return (rules if isinstance(rules, tuple) else (rules,)), layer
 
-    def hf_names(self, name: str, layer_offset: int = 0) -> tuple[str, ...]:
-        """Hugging Face names of a Paratron tensor; `layer_offset` turns a pipeline
-        stage's local layer index into the global one."""
-        rule, layer = self.rule(name)
-        if layer is None:
-            return rule.hf
-        return tuple(h.format(i=layer + layer_offset) for h in rule.hf)
+    def rule(self, name: str, layout: str | None = None) -> tuple[Rule, int | None]:
+        """The rule for a Paratron tensor name (the one of `layout` where the table has
+        several, else the default) and its layer index (None outside layers)."""
+        rules, layer = self.layouts(name)
+        if layout is not None and len(rules) > 1:
+            if layout not in EXPERT_LAYOUTS:
+                raise ConversionError(f"unknown expert layout {layout!r}; use "
+                                      f"{' or '.join(EXPERT_LAYOUTS)}")
+            return next((r for r in rules if r.layout == layout), rules[0]), layer
+        return rules[0], layer
+
+    @staticmethod
+    def _names(rule: Rule, layer: int | None, layer_offset: int,
+               num_experts: int | None) -> tuple[str, ...]:
+        i = None if layer is None else layer + layer_offset
+        if not rule.per_expert:
+            return tuple(h.format(i=i) if i is not None else h for h in rule.hf)
+        if not num_experts:
+            raise ConversionError(f"per-expert tensors {rule.hf[0]} need the number of "
+                                  f"experts")
+        return tuple(h.format(i=i, j=j) for j in range(num_experts) for h in rule.hf)
+
+    def hf_names(self, name: str, layer_offset: int = 0, config=None,
+                 layout: str | None = None) -> tuple[str, ...]:
+        """Hugging Face names of a Paratron tensor (in `layout` where several exist);
+        `layer_offset` turns a pipeline stage's local layer index into the global one,
+        `config` gives the number of experts of per-expert tensors."""
+        rule, layer = self.rule(name, layout)
+        return self._names(rule, layer, layer_offset, getattr(config, "num_experts", None))
+
+    def candidates(self, name: str, config, layer_offset: int = 0
+                   ) -> list[tuple[Rule, tuple[str, ...]]]:
+        """Every stored layout of a Paratron tensor: (rule, Hugging Face names)."""
+        rules, layer = self.layouts(name)
+        experts = getattr(config, "num_experts", None)
+        return [(r, self._names(r, layer, layer_offset, experts)) for r in rules]
 
     def spellings(self, hf_name: str) -> Iterator[str]:
         """The canonical name, then the alternative spellings older files may use."""
@@ -207,36 +292,111 @@ class Architecture:
     def is_ignored(self, hf_name: str) -> bool:
         return any(re.fullmatch(p, hf_name) for p in self.ignored)
 
-    def to_paratron(self, name: str, tensors: Tensors, config) -> torch.Tensor:
+    def to_paratron(self, name: str, tensors: Tensors, config,
+                    layout: str | None = None) -> torch.Tensor:
         """The Paratron tensor `name` from its Hugging Face tensors (in `hf_names` order)."""
-        (out,) = self.rule(name)[0].transform.to_paratron(list(tensors), config)
+        (out,) = self.rule(name, layout)[0].transform.to_paratron(list(tensors), config)
         return out
 
-    def to_hf(self, name: str, tensor: torch.Tensor, config,
-              layer_offset: int = 0) -> dict[str, torch.Tensor]:
+    def to_hf(self, name: str, tensor: torch.Tensor, config, layer_offset: int = 0,
+              layout: str | None = None) -> dict[str, torch.Tensor]:
         """The Hugging Face tensors, by name, that the Paratron tensor `name` becomes."""
-        parts = self.rule(name)[0].transform.to_hf([tensor], config)
-        return dict(zip(self.hf_names(name, layer_offset), parts, strict=True))
+        parts = self.rule(name, layout)[0].transform.to_hf([tensor], config)
+        return dict(zip(self.hf_names(name, layer_offset, config, layout), parts,
+                        strict=True))
 
 
 _L = "model.layers.{i}."
 _P = "decoder.layers.{i}."
 
-LLAMA = Architecture("llama", {
+# Pieces shared by Llama and its descendants, dense and MoE.
+_LLAMA_ENDS = {
     EMBEDDING: _one("model.embed_tokens.weight"),
     _P + "input_layernorm.weight": _one(_L + "input_layernorm.weight"),
+    _P + "pre_mlp_layernorm.weight": _one(_L + "post_attention_layernorm.weight"),
+    "decoder.final_layernorm.weight": _one("model.norm.weight"),
+    OUTPUT: _one("lm_head.weight"),
+}
+_LLAMA_ATTENTION = {
     **_weight_and_bias(_P + "self_attention.linear_qkv",
                        [_L + f"self_attn.{x}_proj" for x in "qkv"], QKV, QKV),
     _P + "self_attention.q_layernorm.weight": _one(_L + "self_attn.q_norm.weight"),
     _P + "self_attention.k_layernorm.weight": _one(_L + "self_attn.k_norm.weight"),
     **_weight_and_bias(_P + "self_attention.linear_proj", _L + "self_attn.o_proj"),
-    _P + "pre_mlp_layernorm.weight": _one(_L + "post_attention_layernorm.weight"),
-    **_weight_and_bias(_P + "mlp.linear_fc1", [_L + "mlp.gate_proj", _L + "mlp.up_proj"],
-                       GATE_UP, GATE_UP),
-    **_weight_and_bias(_P + "mlp.linear_fc2", _L + "mlp.down_proj"),
-    "decoder.final_layernorm.weight": _one("model.norm.weight"),
-    OUTPUT: _one("lm_head.weight"),
-}, ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))
+}
+
+
+def _swiglu_mlp(paratron: str, hf: str) -> dict[str, Rule]:
+    """A dense SwiGLU block: gate_proj and up_proj fused into linear_fc1."""
+    return {**_weight_and_bias(paratron + "linear_fc1", [hf + "gate_proj", hf + "up_proj"],
+                               GATE_UP, GATE_UP),
+            **_weight_and_bias(paratron + "linear_fc2", hf + "down_proj")}
+
+
+def _routed_experts(per_expert: str, fused: str, gate_up_down=("gate_proj", "up_proj",
+                                                               "down_proj")
+                    ) -> dict[str, tuple[Rule, ...]]:
+    """The stacked expert weights, from per-expert tensors `{per_expert}{j}.<name>.weight`
+    or the fused `{fused}gate_up_proj` [E, 2I, h] ([gate; up] per expert, as Paratron)
+    and `{fused}down_proj` [E, h, I]."""
+    gate, up, down = (f"{per_expert}{{j}}.{n}.weight" for n in gate_up_down)
+    return {
+        _P + "mlp.experts.linear_fc1.weight": _layouts(
+            Rule((gate, up), EXPERTS_GATE_UP, PER_EXPERT),
+            Rule((fused + "gate_up_proj",), IDENTITY, FUSED)),
+        _P + "mlp.experts.linear_fc2.weight": _layouts(
+            Rule((down,), EXPERTS, PER_EXPERT),
+            Rule((fused + "down_proj",), IDENTITY, FUSED)),
+    }
+
+
+_LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+LLAMA = Architecture("llama", {
+    **_LLAMA_ENDS, **_LLAMA_ATTENTION, **_swiglu_mlp(_P + "mlp.", _L + "mlp."),
+}, ignored=_LLAMA_IGNORED)
+
+# Qwen3-MoE: Qwen3's attention (q/k norms); MoE layers hold the router `mlp.gate` and the
+# experts, the layers in mlp_only_layers (or off decoder_sparse_step) a dense MLP.
+QWEN3_MOE = Architecture("qwen3_moe", {
+    **_LLAMA_ENDS, **_LLAMA_ATTENTION, **_swiglu_mlp(_P + "mlp.", _L + "mlp."),
+    _P + "mlp.router.weight": _one(_L + "mlp.gate.weight"),
+    **_routed_experts(_L + "mlp.experts.", _L + "mlp.experts."),
+}, ignored=_LLAMA_IGNORED)
+
+# Mixtral: Mistral's attention; every layer MoE. The checkpoints name the block
+# `block_sparse_moe` with experts w1 (gate), w3 (up), w2 (down); transformers 5's fused
+# layout renames the block `mlp`.
+MIXTRAL = Architecture("mixtral", {
+    **_LLAMA_ENDS, **_LLAMA_ATTENTION,
+    _P + "mlp.router.weight": _layouts(
+        Rule((_L + "block_sparse_moe.gate.weight",), IDENTITY, PER_EXPERT),
+        Rule((_L + "mlp.gate.weight",), IDENTITY, FUSED)),
+    **_routed_experts(_L + "block_sparse_moe.experts.", _L + "mlp.experts.",
+                      ("w1", "w3", "w2")),
+}, ignored=_LLAMA_IGNORED)
+
+# DeepSeek-V2: multi-latent attention, whose tensors keep their Hugging Face names
+# (q_proj or q_a_proj / q_a_layernorm / q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm,
+# kv_b_proj, o_proj: same row layouts as Paratron's); the first first_k_dense_replace
+# layers dense, the others MoE with always-on shared experts (all fused into one MLP).
+_A = _P + "self_attention."
+_S = _L + "self_attn."
+DEEPSEEK_V2 = Architecture("deepseek_v2", {
+    **_LLAMA_ENDS,
+    _A + "linear_q_proj.weight": _one(_S + "q_proj.weight"),
+    _A + "linear_q_down_proj.weight": _one(_S + "q_a_proj.weight"),
+    _A + "q_layernorm.weight": _one(_S + "q_a_layernorm.weight"),
+    _A + "linear_q_up_proj.weight": _one(_S + "q_b_proj.weight"),
+    _A + "linear_kv_down_proj.weight": _one(_S + "kv_a_proj_with_mqa.weight"),
+    _A + "kv_layernorm.weight": _one(_S + "kv_a_layernorm.weight"),
+    _A + "linear_kv_up_proj.weight": _one(_S + "kv_b_proj.weight"),
+    _A + "linear_proj.weight": _one(_S + "o_proj.weight"),
+    **_swiglu_mlp(_P + "mlp.", _L + "mlp."),
+    _P + "mlp.router.weight": _one(_L + "mlp.gate.weight"),
+    **_routed_experts(_L + "mlp.experts.", _L + "mlp.experts."),
+    **_swiglu_mlp(_P + "mlp.shared_experts.", _L + "mlp.shared_experts."),
+}, ignored=_LLAMA_IGNORED)
 
 _H = "transformer.h.{i}."
 
@@ -257,6 +417,7 @@ GPT2 = Architecture("gpt2", {
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": GPT2, "llama": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
+    "mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE, "deepseek_v2": DEEPSEEK_V2,
 }
 
 
@@ -268,16 +429,24 @@ def architecture(model_type: str) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-def to_hf_state_dict(model, model_type: str) -> dict[str, torch.Tensor]:
-    """A Paratron model's weights under Hugging Face names and layouts (one stage, TP=1).
+def to_hf_state_dict(model, model_type: str, expert_layout: str = PER_EXPERT
+                     ) -> dict[str, torch.Tensor]:
+    """A Paratron model's weights under Hugging Face names and layouts (one stage, TP=1,
+    EP=1).
 
     A tied output layer has no tensor of its own, so none is written for it, as in
-    Hugging Face checkpoints with `tie_word_embeddings`.
+    Hugging Face checkpoints with `tie_word_embeddings`. Routed experts are written one
+    tensor per expert ("per_expert", as on the Hub and as `save_pretrained` writes), or
+    as transformers 5's fused `gate_up_proj` / `down_proj` ("fused").
     """
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ConversionError(f"unknown expert layout {expert_layout!r}; use "
+                              f"{' or '.join(EXPERT_LAYOUTS)}")
     arch, config = architecture(model_type), model.config
     offset = model.decoder.layer_offset
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        for hf_name, part in arch.to_hf(name, tensor, config, offset).items():
+        for hf_name, part in arch.to_hf(name, tensor, config, offset,
+                                        expert_layout).items():
             out[hf_name] = part.contiguous()
     return out
