@@ -153,7 +153,8 @@ def _one_line_error(folder, *fragments):
 def test_unsupported_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 8}))
     _one_line_error(tmp_path, "'bert'", ", ".join(SUPPORTED_MODEL_TYPES))
-    assert SUPPORTED_MODEL_TYPES == ("gpt2", "llama", "qwen2", "qwen3")
+    assert SUPPORTED_MODEL_TYPES == ("gpt2", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe",
+                                     "deepseek_v2")
 
 
 def test_unrepresentable_config_is_refused(llama_folder):
