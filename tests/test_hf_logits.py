@@ -20,8 +20,8 @@ from paratron.convert.errors import ConversionError  # noqa: E402
 from paratron.convert.hf_config import SUPPORTED_MODEL_TYPES  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
+from hf_utils import VOCAB, max_logit_diff, randomize
 
-VOCAB = 256
 TINY = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -48,20 +48,11 @@ CASES = {
 }
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.normal_(0.0, 0.1, generator=gen)
-
 
 def _hf_model(model_type: str, **overrides):
     config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    _randomize(model)
+    randomize(model)
     return model.eval()
 
 
@@ -69,14 +60,6 @@ def _save(model, folder, **kwargs):
     model.save_pretrained(folder, **kwargs)
     return folder
 
-
-def _max_logit_diff(hf_model, paratron_model) -> float:
-    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = hf_model(input_ids=ids).logits
-        got = paratron_model(ids)
-    assert got.shape == expected.shape
-    return (got - expected).abs().max().item()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -87,7 +70,7 @@ def test_logits_match_transformers(case, tmp_path):
     config, model = load_hf_model(folder)
     assert config.untie_embeddings_and_output_weights == (
         not hf_model.config.tie_word_embeddings)
-    assert _max_logit_diff(hf_model, model) < 1e-5
+    assert max_logit_diff(hf_model, model) < 1e-5
 
 
 @pytest.mark.parametrize("case", ["gpt2_untied", "llama_mha_tied_biases",
@@ -110,7 +93,7 @@ def test_sharded_checkpoint(tmp_path):
     shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
     assert len(shards) > 1 and (folder / "model.safetensors.index.json").exists()
     _, model = load_hf_model(folder)
-    assert _max_logit_diff(hf_model, model) < 1e-5
+    assert max_logit_diff(hf_model, model) < 1e-5
 
 
 def test_hub_style_gpt2_names_and_buffers(tmp_path):
@@ -125,7 +108,7 @@ def test_hub_style_gpt2_names_and_buffers(tmp_path):
         tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(tensors, folder / "model.safetensors")
     _, model = load_hf_model(folder)
-    assert _max_logit_diff(hf_model, model) < 1e-5
+    assert max_logit_diff(hf_model, model) < 1e-5
 
 
 def test_bf16_weights_keep_fp32_rotary_frequencies(tmp_path):
@@ -133,7 +116,7 @@ def test_bf16_weights_keep_fp32_rotary_frequencies(tmp_path):
     _, model = load_hf_model(_save(hf_model, tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.rotary_pos_emb.inv_freq.dtype == torch.float32
-    assert _max_logit_diff(hf_model, model) < 0.2
+    assert max_logit_diff(hf_model, model) < 0.2
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from paratron.config import moe_layer_pattern  # noqa: E402
 from paratron.convert.errors import ConversionError  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
+from hf_utils import VOCAB, max_logit_diff, randomize
 
-VOCAB = 256
 TINY = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
            intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8,
@@ -84,32 +84,15 @@ def few_threads():
     torch.set_num_threads(threads)
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.normal_(0.0, 0.1, generator=gen)
-
 
 def _hf_model(case: str):
     model_type, overrides = CASES[case]
     config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", experts_implementation="eager")
-    _randomize(model)
+    randomize(model)
     return model.eval()
 
-
-def _max_logit_diff(hf_model, paratron_model) -> float:
-    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = hf_model(input_ids=ids).logits
-        got = paratron_model(ids)
-    assert got.shape == expected.shape
-    return (got - expected).abs().max().item()
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +115,7 @@ def test_logits_match_transformers(case, saved):
     hf_model, folder = saved(case)
     config, model = load_hf_model(folder)
     assert moe_layer_pattern(config) == MOE_LAYERS[case]
-    diff = _max_logit_diff(hf_model, model)
+    diff = max_logit_diff(hf_model, model)
     assert diff < 1e-5, diff
 
 
@@ -160,7 +143,7 @@ def test_fused_expert_layout(case, saved, tmp_path):
     stored = load_file(tmp_path / "model.safetensors")
     assert any(name.endswith("mlp.experts.gate_up_proj") for name in stored)
     _, model = load_hf_model(tmp_path)
-    assert _max_logit_diff(hf_model, model) < 1e-5
+    assert max_logit_diff(hf_model, model) < 1e-5
     written = to_hf_state_dict(model, model_type, expert_layout="fused")
     assert written.keys() == stored.keys()
     for name, tensor in stored.items():

@@ -3,15 +3,14 @@ process: same losses, same final weights (fp32, CPU, gloo), and bf16 stays close
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
 from paratron.config import parse_args
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.sharding import gather_tensor
 from paratron.training.trainer import Trainer
 from test_training import PatternData
+from weights import full_weights
 
 COMMON = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
           "--max-position-embeddings 16 --lr 2e-3 --vocab-size 120 --padded-vocab-size 128 "
@@ -51,30 +50,16 @@ LAYOUTS = {
 
 def _train(flags, pg=None):
     cfg = parse_args(flags)
-    pg = pg or ProcessGroups.single()
     trainer = Trainer(cfg, (PatternData(16, 120), None, None), pg=pg, log=lambda line: None)
     state = trainer.train()
     trainer.model.finish_param_gather()
-    return state.losses, trainer.model.module
+    return state.losses, full_weights(trainer)
 
-
-def _full_weights(module, pg):
-    """Unsharded weights: every TP rank's shard gathered through the sharding description."""
-    out = {}
-    for name, p in module.named_parameters():
-        shards = [torch.empty_like(p) for _ in range(pg.tp_size)]
-        if pg.tp_size > 1:
-            dist.all_gather(shards, p.detach().contiguous(), group=pg.tp_group)
-        else:
-            shards = [p.detach()]
-        out[name] = gather_tensor(shards, p).float().numpy()
-    return out
 
 
 def _rank_run(flags, tp, cp=1):
     pg = ProcessGroups.build(tp, 1, cp)
-    losses, module = _train(flags + ["--world-size", str(dist.get_world_size())], pg)
-    return losses, _full_weights(module, pg)
+    return _train(flags + ["--world-size", str(dist.get_world_size())], pg)
 
 
 def _sizes(extra):
@@ -91,8 +76,8 @@ def references():
         for precision in ("fp32", "bf16"):
             iters = ["--train-iters", "10" if precision == "fp32" else "50"]
             flags = COMMON + extra + iters + ([] if precision == "fp32" else ["--bf16"])
-            losses, module = _train(flags)
-            out[arch, precision] = (flags, losses, _full_weights(module, ProcessGroups.single()))
+            losses, weights = _train(flags)
+            out[arch, precision] = (flags, losses, weights)
     return out
 
 

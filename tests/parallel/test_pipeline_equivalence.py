@@ -3,15 +3,14 @@ stages, PP2 x TP2 x DP2, an uneven 3|2|2 split; tied and untied embeddings."""
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
 from paratron.config import parse_args
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.sharding import gather_tensor
 from paratron.training.trainer import Trainer
 from test_training import PatternData
+from weights import full_weights
 
 COMMON = ("--hidden-size 32 --num-attention-heads 4 --seq-length 16 "
           "--max-position-embeddings 16 --lr 2e-3 --vocab-size 120 --padded-vocab-size 128 "
@@ -34,21 +33,6 @@ LAYOUTS = {
 }
 
 
-def _weights(trainer):
-    """This rank's weights by global name, TP shards gathered; tied copies left out."""
-    pg, out = trainer.pg, {}
-    for model in trainer.models:
-        module = model.module
-        for name, p in module.named_parameters():
-            if getattr(p, "shared_embedding_copy", False):
-                continue
-            shards = [p.detach()]
-            if pg.tp_size > 1:
-                shards = [torch.empty_like(p) for _ in range(pg.tp_size)]
-                dist.all_gather(shards, p.detach().contiguous(), group=pg.tp_group)
-            out[module._global(name)] = gather_tensor(shards, p).float().numpy()
-    return out
-
 
 def _train(flags, pg=None):
     trainer = Trainer(parse_args(flags), (PatternData(16, 120), PatternData(16, 120), None),
@@ -56,7 +40,7 @@ def _train(flags, pg=None):
     state = trainer.train()
     for model in trainer.models:
         model.finish_param_gather()
-    return state.losses, _weights(trainer)
+    return state.losses, full_weights(trainer)
 
 
 def _rank(flags, tp, pp):

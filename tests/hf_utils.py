@@ -1,0 +1,27 @@
+"""Tiny random Hugging Face models and logit comparison, shared by the conversion tests."""
+
+import torch
+
+VOCAB = 256
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Weights far from their initial values (norms away from 1, biases from 0), so a
+    swapped or mis-laid-out tensor shows in the logits."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.normal_(0.0, 0.1, generator=gen)
+
+
+def max_logit_diff(hf_model, paratron_model) -> float:
+    """Largest absolute difference of the two models' logits on the same random ids."""
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids).logits
+        got = paratron_model(ids)
+    assert got.shape == expected.shape
+    return (got - expected).abs().max().item()
