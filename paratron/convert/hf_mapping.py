@@ -24,6 +24,8 @@ description of how it is split.
 
 from __future__ import annotations
 
+import abc
+
 import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -35,7 +37,7 @@ from paratron.convert.errors import ConversionError
 Tensors = list[torch.Tensor]
 
 
-class Transform:
+class Transform(abc.ABC):
     """An invertible change of layout between Hugging Face and Paratron tensors.
 
     Both directions take and return lists so that transforms chain; a rule's chain
@@ -43,11 +45,13 @@ class Transform:
     TransformerConfig, which supplies head counts and sizes.
     """
 
+    @abc.abstractmethod
     def to_paratron(self, tensors: Tensors, config) -> Tensors:
-        raise NotImplementedError
+        """Hugging Face tensors -> the Paratron tensor (a one-element list)."""
 
+    @abc.abstractmethod
     def to_hf(self, tensors: Tensors, config) -> Tensors:
-        raise NotImplementedError
+        """The Paratron tensor -> the Hugging Face tensors."""
 
 
 class Identity(Transform):

@@ -37,6 +37,8 @@ No tokenizer here downloads anything: every path is a local file or folder.
 
 from __future__ import annotations
 
+import abc
+
 import json
 import os
 from typing import Iterable, Sequence
@@ -72,19 +74,21 @@ PATCH_TOKENIZER_TYPES = (
 )
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface every tokenizer here implements (see the module docstring)."""
 
     #: the --tokenizer-type this object was built for
     name: str = ""
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Ids the tokenizer can produce."""
 
     @property
+    @abc.abstractmethod
     def eod(self) -> int:
-        raise NotImplementedError
+        """The end-of-document id."""
 
     @property
     def pad(self) -> int | None:
@@ -98,8 +102,9 @@ class Tokenizer:
     def eos(self) -> int | None:
         return self.eod
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of `text`, with the special tokens this tokenizer adds itself."""
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -111,8 +116,9 @@ class Tokenizer:
         """
         return self.encode(text)
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """Text of `ids`."""
 
     # Chat templates (used by SFT): only Hugging Face tokenizers carry one.
     @property
@@ -120,7 +126,7 @@ class Tokenizer:
         return None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        raise NotImplementedError(f"{self.name} has no chat template")
+        raise DataError(f"{self.name} has no chat template; SFT uses the default template")
 
     def describe(self) -> dict:
         """A JSON-able identity used in dataset cache descriptions."""
