@@ -1,20 +1,56 @@
 """Megatron-LM's count of floating-point operations per training iteration.
 
-The 12 = 3 x 2 x 2 factor: every GEMM runs three times (forward, data gradient, weight
-gradient), GEMMs come in pairs (in/out projections), and an m x n by n x k GEMM costs
-2mnk operations. Causal attention counts half of the score matrix.
+The same terms as `num_floating_point_operations` in Megatron's training loop, so
+TFLOP/s and MFU read the same in both frameworks. Every GEMM runs three times (forward,
+data gradient, weight gradient) at 2 operations per multiply-add: 6 x parameters
+touched per token, written 12 x h x (...) where GEMMs come in in/out pairs. Causal
+attention counts half of the score matrix. MoE layers count the routed top-k experts
+and the shared experts; DeepSeek-V2-style models keep dense layers where
+--moe-layer-freq says so; multi-latent attention counts its low-rank projections.
 """
 
 from __future__ import annotations
 
+from paratron.config import TransformerConfig, moe_layer_pattern
 
-def flops_per_iteration(model_config, seq_length: int, global_batch_size: int) -> float:
-    m = model_config
-    h, layers = m.hidden_size, m.num_layers
-    query_ratio = m.kv_channels * m.num_attention_heads / h
+
+def _attention_per_token(m: TransformerConfig, seq_length: int) -> float:
+    """Attention FLOPs of all layers for one token (forward and backward)."""
+    layers, h, heads = m.num_layers, m.hidden_size, m.num_attention_heads
+    if m.multi_latent_attention:
+        qk = m.qk_head_dim + m.qk_pos_emb_head_dim
+        if m.q_lora_rank is None:
+            q_term = h * heads * qk
+        else:  # down projection, norm, up projection
+            q_term = m.q_lora_rank * (h + heads * qk + 1)
+        kv_term = m.kv_lora_rank * (h + heads * (m.qk_head_dim + m.v_head_dim) + 1)
+        rope_key = h * m.qk_pos_emb_head_dim
+        out_proj = heads * m.v_head_dim * h
+        core = seq_length * heads * qk / 2 + seq_length * heads * m.v_head_dim / 2
+        return 3 * 2 * layers * (q_term + kv_term + rope_key + out_proj + core)
+    query_ratio = m.kv_channels * heads / h
+    return 12 * layers * h * h * query_ratio * (
+        1 + m.num_query_groups / heads + seq_length / h / 2)
+
+
+def _mlp_per_token(m: TransformerConfig) -> float:
+    """MLP / MoE FLOPs of all layers for one token."""
+    layers, h = m.num_layers, m.hidden_size
     gated = 1.5 if m.swiglu else 1.0
-    attention = (1 + m.num_query_groups / m.num_attention_heads
-                 + seq_length / h / 2) * query_ratio
-    mlp = m.ffn_hidden_size / h * gated
-    logits = m.padded_vocab_size / (2 * layers * h)
-    return 12.0 * global_batch_size * seq_length * layers * h * h * (attention + mlp + logits)
+    moe = sum(moe_layer_pattern(m))
+    dense = layers - moe
+    expert_ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    routed = expert_ffn * (m.moe_router_topk if m.num_experts else 0)
+    shared = m.moe_shared_expert_intermediate_size or 0
+    per_layer_avg = (m.ffn_hidden_size * gated * dense / layers
+                     + (routed + shared) * gated * moe / layers)
+    return 12 * layers * h * per_layer_avg
+
+
+def flops_per_iteration(model_config: TransformerConfig, seq_length: int,
+                        global_batch_size: int) -> float:
+    """Training FLOPs of one iteration of `global_batch_size` sequences."""
+    m = model_config
+    logits = 3 * 2 * m.hidden_size * m.padded_vocab_size
+    per_token = _attention_per_token(m, seq_length) + _mlp_per_token(m) + logits
+    return global_batch_size * seq_length * per_token
