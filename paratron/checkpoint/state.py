@@ -1,0 +1,263 @@
+"""Model and optimizer state as logical tensors: global names, unsharded shapes.
+
+Every parameter of every model chunk is described by its global name (stage-local
+layer indices made global, `GPTModel._global`) and its full shape, whatever the
+layout that holds it:
+
+* `model/<name>`: the weight in the model's dtype;
+* `optim/main/<name>`: fp32 main weights (only when the model is not fp32; an fp32
+  model's weights are its main weights);
+* `optim/<key>/<name>`: the optimizer's per-element state (AdamW `exp_avg`,
+  `exp_avg_sq`; SGD `momentum_buffer`), fp32;
+* `buffer/<name>`: persistent buffers (e.g. the MoE expert bias), replicated.
+
+Saving: the distributed optimizer's segments (slices of the flattened local shard of a
+parameter, one slice per data-parallel rank) are put back together by a sum over the
+group that shards them (each rank fills its slice, zeros elsewhere), then TP shards are
+gathered with `parallel.sharding.gather_tensor` and expert shards with
+`expert_gather`. One rank per logical tensor writes it; the writers are spread over
+the ranks of a stage. The tied output layer of the last pipeline stage
+(`shared_embedding_copy`) is not written: it equals `embedding.word_embeddings.weight`
+and is loaded from it.
+
+Loading: each rank reads the logical tensors its parameters need and keeps its part
+(`shard_tensor` / `expert_shard`, then the segment slices), so a checkpoint from any
+TP / PP / DP / EP / virtual-stage layout, distributed optimizer on or off, loads into
+any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from paratron.parallel.expert_parallel import expert_gather, expert_shard
+from paratron.parallel.sharding import gather_tensor, shard_tensor
+
+TIED_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _unwrap(model) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+@dataclass
+class ParamEntry:
+    name: str           # global name
+    source: str         # logical tensor it is stored under (the embedding for a tied copy)
+    param: nn.Parameter
+    chunk: object       # the model chunk (DataParallel or module) holding it
+
+    @property
+    def is_copy(self) -> bool:
+        return self.name != self.source
+
+    @property
+    def expert(self) -> bool:
+        return getattr(self.param, "expert_parallel", False)
+
+
+def param_entries(models) -> list[ParamEntry]:
+    """Every parameter of every chunk, with its global name, in a fixed order."""
+    out = []
+    for chunk in models:
+        module = _unwrap(chunk)
+        for name, p in module.named_parameters():
+            gname = module._global(name)
+            source = TIED_EMBEDDING if getattr(p, "shared_embedding_copy", False) else gname
+            out.append(ParamEntry(gname, source, p, chunk))
+    return out
+
+
+def buffer_entries(models) -> list[tuple[str, torch.Tensor]]:
+    """Persistent buffers (not parameters) with global names."""
+    out = []
+    for chunk in models:
+        module = _unwrap(chunk)
+        params = {id(p) for p in module.parameters()}
+        for name, t in module.state_dict(keep_vars=True).items():
+            if id(t) not in params and isinstance(t, torch.Tensor):
+                out.append((module._global(name), t))
+    return out
+
+
+# ------------------------------------------------------------------ gather / shard
+def _all_gather(t: torch.Tensor, size: int, group) -> list[torch.Tensor]:
+    if size == 1:
+        return [t]
+    send = t.contiguous()
+    wire = send.float() if send.dtype in (torch.bfloat16, torch.float16) else send
+    parts = [torch.empty_like(wire) for _ in range(size)]
+    dist.all_gather(parts, wire, group=group)
+    return [p.to(t.dtype) for p in parts]
+
+
+def gather_logical(local: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
+    """The unsharded tensor from every rank's `local` (shaped like `param`)."""
+    if getattr(param, "expert_parallel", False):
+        etp = _all_gather(local, pg.etp_size, pg.etp_group)
+        per_ep = _all_gather(torch.stack(etp), pg.ep_size, pg.ep_group)
+        return expert_gather([list(x.unbind(0)) for x in per_ep], param)
+    return gather_tensor(_all_gather(local, pg.tp_size, pg.tp_group), param)
+
+
+def shard_logical(full: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
+    """This rank's part of the unsharded tensor `full` for `param`."""
+    if getattr(param, "expert_parallel", False):
+        return expert_shard(full, param, pg)
+    return shard_tensor(full, param, pg.tp_size, pg.tp_rank)
+
+
+def _writes(entry_index: int, expert: bool, pg) -> bool:
+    """Whether this rank writes logical tensor number `entry_index` of its stage: one
+    rank among those holding it whole, spread round-robin over the stage."""
+    if expert:
+        if pg.edp_rank != 0:
+            return False
+        return entry_index % (pg.ep_size * pg.etp_size) == pg.ep_rank * pg.etp_size + pg.etp_rank
+    return pg.dp_cp_rank == 0 and entry_index % pg.tp_size == pg.tp_rank
+
+
+# ------------------------------------------------------------------ segments
+def segment_map(models, optimizer) -> dict[int, list[tuple[int, object]]]:
+    """id(param) -> [(offset into the flattened param, segment)] for the optimizer's
+    segments, found from the memory each segment's model view points into."""
+    params = [p for chunk in models for p in _unwrap(chunk).parameters()]
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), p)
+                   for p in params if p.numel())
+    out: dict[int, list[tuple[int, object]]] = {}
+    for seg in optimizer.segments:
+        ptr = seg.model_view.data_ptr()
+        owner = next((p for lo, hi, p in spans if lo <= ptr < hi), None)
+        if owner is None:
+            raise RuntimeError("an optimizer segment points outside every model parameter")
+        offset = (ptr - owner.data_ptr()) // owner.element_size()
+        out.setdefault(id(owner), []).append((offset, seg))
+    return out
+
+
+def _sharding_group(entry: ParamEntry, pg):
+    """(group, size) over which the distributed optimizer splits `entry`'s state."""
+    if not getattr(entry.chunk, "sharded", False):
+        return None, 1
+    return (pg.edp_group, pg.edp_size) if entry.expert else (pg.dp_cp_group, pg.dp_cp_size)
+
+
+def _flat_state(entry: ParamEntry, segments, get, pg) -> torch.Tensor:
+    """The flattened local shard of one per-element optimizer quantity (`get(segment)`),
+    assembled from this rank's segments and, under the distributed optimizer, the
+    other data-parallel ranks' (disjoint slices: a sum puts them together)."""
+    p = entry.param
+    flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    for offset, seg in segments:
+        value = get(seg)
+        flat[offset:offset + value.numel()] = value
+    group, size = _sharding_group(entry, pg)
+    if size > 1:
+        dist.all_reduce(flat, group=group)
+    return flat.view(p.shape)
+
+
+def optimizer_state_keys(optimizer) -> list[str]:
+    """The per-element state tensors of the wrapped torch optimizer (same on all
+    ranks: every segment steps together)."""
+    for state in optimizer.optimizer.state.values():
+        return sorted(k for k, v in state.items()
+                      if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return []
+
+
+def optimizer_step_count(optimizer) -> float | None:
+    """The torch optimizer's own `step` counter (AdamW bias correction), if any."""
+    for state in optimizer.optimizer.state.values():
+        step = state.get("step")
+        return None if step is None else float(step)
+    return None
+
+
+def collect_tensors(models, pg, optimizer=None) -> dict[str, torch.Tensor]:
+    """The logical tensors this rank writes (every rank must call it: collectives)."""
+    out: dict[str, torch.Tensor] = {}
+    entries = [e for e in param_entries(models) if not e.is_copy]
+    segs = segment_map(models, optimizer) if optimizer is not None else {}
+    keys = optimizer_state_keys(optimizer) if optimizer is not None else []
+    state = optimizer.optimizer.state if optimizer is not None else {}
+    for index, e in enumerate(entries):
+        mine = _writes(index, e.expert, pg)
+        full = gather_logical(e.param.detach(), e.param, pg)
+        if mine:
+            out[f"model/{e.name}"] = full.cpu().contiguous()
+        if optimizer is None:
+            continue
+        quantities = [(f"optim/{k}/{e.name}", lambda s, k=k: state[s.main][k].view(-1))
+                      for k in keys]
+        if e.param.dtype != torch.float32:
+            quantities.insert(0, (f"optim/main/{e.name}", lambda s: s.main.view(-1)))
+        for key, get in quantities:
+            local = _flat_state(e, segs.get(id(e.param), []), get, pg)
+            full = gather_logical(local, e.param, pg)
+            if mine:
+                out[key] = full.cpu().contiguous()
+    if pg.dp_cp_rank == 0 and pg.tp_rank == 0:
+        for name, t in buffer_entries(models):
+            out[f"buffer/{name}"] = t.detach().cpu().contiguous()
+    return out
+
+
+# ------------------------------------------------------------------ loading
+def _check_shape(name: str, got: torch.Tensor, want: torch.Size) -> None:
+    if tuple(got.shape) != tuple(want):
+        raise ValueError(f"checkpoint tensor {name}: shape {list(got.shape)} does not fit "
+                         f"this model's {list(want)} (another model, or another vocabulary "
+                         f"padding?)")
+
+
+@torch.no_grad()
+def load_model(models, pg, read) -> None:
+    """Set every parameter and persistent buffer from `read(logical name)`."""
+    for e in param_entries(models):
+        full = read(f"model/{e.source}")
+        local = shard_logical(full, e.param, pg)
+        _check_shape(f"model/{e.source}", local, e.param.shape)
+        e.param.data.copy_(local)
+    for name, t in buffer_entries(models):
+        value = read(f"buffer/{name}")
+        _check_shape(f"buffer/{name}", value, t.shape)
+        t.copy_(value)
+
+
+@torch.no_grad()
+def load_optimizer(models, pg, optimizer, read, has, keys: list[str],
+                   step_count: float | None) -> None:
+    """Set main weights and per-element optimizer state of this rank's segments."""
+    segs = segment_map(models, optimizer)
+    state = optimizer.optimizer.state
+    for e in param_entries(models):
+        segments = segs.get(id(e.param), [])
+        if not segments:
+            continue
+
+        def local_flat(name):
+            full = read(name).float()
+            local = shard_logical(full, e.param, pg)
+            _check_shape(name, local, e.param.shape)
+            return local.reshape(-1).to(e.param.device)
+
+        main_name = f"optim/main/{e.source}"
+        main = local_flat(main_name if has(main_name) else f"model/{e.source}")
+        for offset, seg in segments:
+            seg.main.copy_(main[offset:offset + seg.main.numel()])
+        for key in keys:
+            values = local_flat(f"optim/{key}/{e.source}")
+            for offset, seg in segments:
+                st = state[seg.main]
+                st[key] = values[offset:offset + seg.main.numel()].clone()
+                if step_count is not None:
+                    st["step"] = torch.tensor(step_count, dtype=torch.float32)
