@@ -18,8 +18,9 @@ calls both functions (they use collectives). The files:
   every logical tensor (shape, dtype, chunks: file, key, offsets) and every file's size
   and SHA-256.
 
-Loading reads with `safetensors` only (nothing is unpickled). The index allows a tensor
-in several chunks at offsets; this writer stores each whole (offsets all zero).
+Loading reads with `safetensors` only (nothing is unpickled). The index format has room
+for a tensor in several chunks at offsets; this writer stores each whole (offsets all
+zero) and the reader accepts only that.
 """
 
 from __future__ import annotations
@@ -141,19 +142,14 @@ class _Reader:
             raise ValueError(f"{self.path}: no tensor {name} in the checkpoint "
                              f"(a checkpoint of another model?)")
         chunks = entry["chunks"]
-        if len(chunks) == 1 and not any(chunks[0]["offsets"]):
-            t = self._file(chunks[0]["file"]).get_tensor(chunks[0]["key"])
-            if list(t.shape) != entry["shape"]:
-                raise ValueError(f"{self.path / chunks[0]['file']}: {name} has shape "
-                                 f"{list(t.shape)}, the index says {entry['shape']}")
-            return t
-        full = None
-        for c in chunks:
-            part = self._file(c["file"]).get_tensor(c["key"])
-            if full is None:
-                full = part.new_empty(entry["shape"])
-            full[tuple(slice(o, o + n) for o, n in zip(c["offsets"], part.shape))] = part
-        return full
+        if len(chunks) != 1 or any(chunks[0]["offsets"]):
+            raise ValueError(f"{self.path}: {name} is stored in {len(chunks)} chunks; this "
+                             f"reader takes whole tensors only")
+        t = self._file(chunks[0]["file"]).get_tensor(chunks[0]["key"])
+        if list(t.shape) != entry["shape"]:
+            raise ValueError(f"{self.path / chunks[0]['file']}: {name} has shape "
+                             f"{list(t.shape)}, the index says {entry['shape']}")
+        return t
 
 
 def load_checkpoint(path: str | os.PathLike, models, pg, optimizer=None, *,

@@ -13,17 +13,24 @@ from test_parallel_equivalence import COMMON, GPT2, LLAMA
 from test_training import PatternData
 
 ITERS, SAVED_AT = 6, 3
-LAYOUTS = {  # name: (world size, TP, PP, flags)
-    "single": (1, 1, 1, []),
-    "tp2": (2, 2, 1, ["--tensor-model-parallel-size", "2"]),
-    "dp2_distopt": (2, 1, 1, ["--use-distributed-optimizer"]),
-    "pp2": (2, 1, 2, ["--pipeline-model-parallel-size", "2"]),
+LAYOUTS = {  # name: (world size, (TP, PP, CP, EP), flags)
+    "single": (1, (1, 1, 1, 1), []),
+    "tp2": (2, (2, 1, 1, 1), ["--tensor-model-parallel-size", "2"]),
+    "dp2_distopt": (2, (1, 1, 1, 1), ["--use-distributed-optimizer"]),
+    "pp2": (2, (1, 2, 1, 1), ["--pipeline-model-parallel-size", "2"]),
+    "ep2_distopt": (2, (1, 1, 1, 2), ["--expert-model-parallel-size", "2",
+                                      "--use-distributed-optimizer"]),
 }
+MOE = ("--swiglu --normalization RMSNorm --position-embedding-type rope "
+       "--disable-bias-linear --untie-embeddings-and-output-weights --num-experts 4 "
+       "--moe-ffn-hidden-size 16 --moe-router-topk 2 --moe-aux-loss-coeff 0.01 "
+       "--moe-token-dispatcher-type alltoall --group-query-attention "
+       "--num-query-groups 2").split()
 
 
 def _trainer(flags, layout):
-    world, tp, pp, extra = LAYOUTS[layout]
-    pg = ProcessGroups.build(tp, pp) if world > 1 else None
+    world, sizes, extra = LAYOUTS[layout]
+    pg = ProcessGroups.build(*sizes) if world > 1 else None
     flags = flags + extra + (["--world-size", str(world)] if world > 1 else [])
     return Trainer(parse_args(flags), (PatternData(16, 120), None, None), pg=pg,
                    log=lambda line: None)
@@ -62,9 +69,11 @@ def _run(flags, layout, fn, save_dir):
 @pytest.mark.parametrize("arch,saved,loaded", [("llama", "tp2", "single"),
                                                ("llama", "dp2_distopt", "tp2"),
                                                ("gpt2", "pp2", "single"),
-                                               ("gpt2", "single", "pp2")])
+                                               ("gpt2", "single", "pp2"),
+                                               ("moe", "ep2_distopt", "single"),
+                                               ("moe", "single", "ep2_distopt")])
 def test_resume_in_another_layout(tmp_path, arch, saved, loaded):
-    flags = COMMON + {"llama": LLAMA, "gpt2": GPT2}[arch] + ["--train-iters", str(ITERS)]
+    flags = COMMON + {"llama": LLAMA, "gpt2": GPT2, "moe": MOE}[arch] + ["--train-iters", str(ITERS)]
     reference = _trainer(flags, "single").train().losses
     first = _run(flags, saved, _save_run, str(tmp_path))
     np.testing.assert_allclose(first, reference[:SAVED_AT], rtol=1e-5)
