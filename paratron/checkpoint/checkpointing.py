@@ -73,7 +73,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, models, pg,
                     optimizer=None, *, config: dict | None = None,
                     train_state: dict | None = None, save_rng: bool = True,
                     device: torch.device | str = "cpu") -> Path:
-    """Write `<save_dir>/iter_XXXXXXX/` crash-safely and point `latest` at it.
+    """Write `<save_dir>/iter_<7-digit iteration>/` crash-safely and point `latest` at it.
 
     Collective: every rank calls it. Returns the checkpoint directory."""
     rank = dist.get_rank() if distributed() else 0

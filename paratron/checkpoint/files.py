@@ -74,7 +74,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def prepare_tmp_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
-    """An empty `iter_XXXXXXX.tmp/` (left-overs of an interrupted save are removed)."""
+    """An empty `iter_<7-digit iteration>.tmp/` (left-overs of an interrupted save are removed)."""
     tmp = temporary_dir(save_dir, iteration)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -156,7 +156,7 @@ def read_latest(save_dir: str | os.PathLike) -> int | None:
 
 
 def list_iterations(save_dir: str | os.PathLike) -> list[int]:
-    """Iterations with a finished-looking `iter_XXXXXXX/` directory, newest first."""
+    """Iterations with a finished-looking `iter_<7-digit iteration>/` directory, newest first."""
     try:
         entries = list(Path(save_dir).iterdir())
     except OSError:

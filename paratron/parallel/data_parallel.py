@@ -84,6 +84,8 @@ class GradBuffer:
                 offset = bucket_start = bucket_start + padded
                 bucket_params = []
         self.numel = offset
+        for bucket in self.buckets:
+            bucket.buffer = self  # the buffer (data, group) a bucket is a range of
         self.data = torch.zeros(self.numel, dtype=torch.float32, device=device)
         self.param_data = None
         if keep_params_contiguous:
@@ -157,17 +159,14 @@ class DataParallel(nn.Module):
             if not bucket.pending and not bucket.deferred:
                 self._start_grad_reduce(bucket)
 
-    def _buffer_of(self, bucket: Bucket) -> GradBuffer:
-        return next(b for b in self.buffers if bucket in b.buckets)
-
-    def _bucket_grad(self, bucket: Bucket) -> torch.Tensor:
-        buf = self._buffer_of(bucket)
-        return buf.data[bucket.offset:bucket.offset + bucket.numel]
+    @staticmethod
+    def _bucket_grad(bucket: Bucket) -> torch.Tensor:
+        return bucket.buffer.data[bucket.offset:bucket.offset + bucket.numel]
 
     def _start_grad_reduce(self, bucket: Bucket) -> None:
         grads = self._bucket_grad(bucket)
-        group, async_op = self._buffer_of(bucket).group, self.overlap_grad_reduce
-        if self._buffer_of(bucket).dp_size == 1:
+        group, async_op = bucket.buffer.group, self.overlap_grad_reduce
+        if bucket.buffer.dp_size == 1:
             bucket.pending = set()
             return
         if self.sharded:
