@@ -13,6 +13,9 @@ COMMANDS = {
     "train": ("paratron.cli.train", "train a model (Megatron-LM flags)"),
     "preprocess": ("paratron.cli.preprocess", "tokenize JSONL/text into .bin/.idx files"),
     "inspect-data": ("paratron.cli.inspect_data", "print the token ids of training samples"),
+    "convert": ("paratron.cli.convert", "convert checkpoints: Hugging Face / Megatron-LM <-> Paratron"),
+    "generate": ("paratron.cli.generate", "generate text from a checkpoint or a Hugging Face folder"),
+    "plan": ("paratron.cli.plan", "per-GPU memory of parallel layouts, and a recommendation"),
     "demo": ("paratron.cli.demo", "train a small model on text every machine has"),
 }
 
