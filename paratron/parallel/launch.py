@@ -9,6 +9,7 @@ process drives the GPU of its local rank and talks NCCL; without it, gloo on the
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -18,19 +19,29 @@ import torch.distributed as dist
 def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
                      world_size: int | None = None, rank: int | None = None,
                      init_method: str | None = None,
-                     local_rank: int | None = None) -> torch.device:
+                     local_rank: int | None = None,
+                     tensor_model_parallel_size: int = 1,
+                     context_parallel_size: int = 1) -> torch.device:
     """Initialise torch.distributed for this process and return its compute device.
 
     `backend` is honoured on GPUs; on a machine without CUDA the collectives run on gloo.
     One process with no job to join (no WORLD_SIZE, MASTER_ADDR or init_method)
     initialises nothing: the single-process layout needs no groups. Calling it again
-    once initialised only returns the device.
+    once initialised only returns the device. The TP and CP sizes decide
+    CUDA_DEVICE_MAX_CONNECTIONS, which must be settled before this process's GPU is
+    first touched.
     """
     env = os.environ
     world_size = int(env.get("WORLD_SIZE", 1)) if world_size is None else world_size
     rank = int(env.get("RANK", 0)) if rank is None else rank
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if torch.cuda.is_available():
+        warning = set_cuda_device_max_connections(
+            tensor_model_parallel_size, context_parallel_size, env,
+            cuda_initialized=torch.cuda.is_initialized())
+        if warning and rank == 0:
+            warnings.warn(warning, stacklevel=2)
     device = _device(rank, local_rank)
     if dist.is_initialized():
         return device
@@ -48,6 +59,36 @@ def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
                             timeout=timedelta(minutes=timeout_minutes),
                             device_id=device if use_cuda and backend == "nccl" else None)
     return device
+
+
+CUDA_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def set_cuda_device_max_connections(tensor_model_parallel_size: int,
+                                    context_parallel_size: int, env=os.environ, *,
+                                    cuda_initialized: bool = False) -> str | None:
+    """Give TP and CP collectives one hardware queue per GPU, as Megatron does.
+
+    With a single connection the GPU runs kernels in the order they were queued, so a
+    tensor- or context-parallel communication kernel queued before a GEMM starts
+    before it and the two overlap. The driver reads the variable when the CUDA context
+    is created, so it is set here (when unset and TP or CP > 1) before the GPU is
+    touched. Returns a one-line warning when it is set to something else, or when it
+    came too late, and None when all is well.
+    """
+    if tensor_model_parallel_size == 1 and context_parallel_size == 1:
+        return None
+    value = env.get(CUDA_CONNECTIONS)
+    if value is None and not cuda_initialized:
+        env[CUDA_CONNECTIONS] = "1"
+        return None
+    if value is None:
+        return (f"{CUDA_CONNECTIONS} is unset and CUDA is already initialised, so it cannot "
+                f"take effect; export {CUDA_CONNECTIONS}=1 before launching for TP/CP overlap")
+    if value.strip() != "1":
+        return (f"{CUDA_CONNECTIONS}={value} with tensor/context parallelism: communication "
+                f"may not overlap computation; export {CUDA_CONNECTIONS}=1 (Megatron's setting)")
+    return None
 
 
 def _device(rank: int, local_rank: int | None) -> torch.device:

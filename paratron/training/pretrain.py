@@ -62,7 +62,9 @@ def setup_process_groups(cfg: Config) -> ProcessGroups:
     backend = p.distributed_backend if torch.cuda.is_available() else "gloo"
     try:
         init_distributed(backend, p.distributed_timeout_minutes, world_size=p.world_size,
-                         rank=p.rank, init_method=p.init_method, local_rank=p.local_rank)
+                         rank=p.rank, init_method=p.init_method, local_rank=p.local_rank,
+                         tensor_model_parallel_size=p.tensor_model_parallel_size,
+                         context_parallel_size=p.context_parallel_size)
     except ValueError as exc:  # a launch that cannot join: say how, in one line
         raise ConfigError(str(exc)) from None
     return ProcessGroups.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
