@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
         self.groups = 1 if self.replicated_kv else c.num_query_groups // tp
         qkv_out = tp * (self.heads + 2 * self.groups) * c.kv_channels
         out_std = c.init_method_std / math.sqrt(2.0 * c.num_layers)
-        self.pg = pg
+        self.pg, self.layer_number = pg, layer_number
         self.linear_qkv = ColumnParallelLinear(c.hidden_size, qkv_out, pg=pg,
                                                bias=c.add_bias_linear or c.add_qkv_bias,
                                                init_std=c.init_method_std,
@@ -100,7 +100,11 @@ class SelfAttention(nn.Module):
         self.recompute_core = "core_attn" in (c.recompute_modules or []) \
             and c.recompute_granularity == "selective"
 
-    def forward(self, x: torch.Tensor, rotary=None, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask=None,
+                inference_params=None) -> torch.Tensor:
+        """inference_params (generation): this step's keys and values join the cached
+        ones of this layer, and the queries attend to all of them under
+        `attention_mask`, which the model built from the cache."""
         per_group = self.heads // self.groups
         qkv = self.linear_qkv(x)  # the whole sequence, also under sequence parallelism
         s, b = qkv.shape[:2]
@@ -113,5 +117,7 @@ class SelfAttention(nn.Module):
             cos, sin = rotary
             q = apply_rotary(q, cos, sin, self.config.rotary_interleaved)
             k = apply_rotary(k, cos, sin, self.config.rotary_interleaved)
+        if inference_params is not None:
+            k, v = inference_params.append(self.layer_number, k, v)
         out = attend(self, q, k, v, attention_mask)
         return self.linear_proj(out)

@@ -141,18 +141,32 @@ class GPTModel(nn.Module):
                 position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                hidden_states: torch.Tensor | None = None,
+                inference_params=None) -> torch.Tensor:
         """Returns per-token loss [b, s] with labels, logits [b, s, v/TP] without them,
-        or the hidden state [s, b, h] on a stage that is not the last."""
+        or the hidden state [s, b, h] on a stage that is not the last.
+
+        inference_params (`paratron.inference.InferenceParams`): the tokens continue the
+        cached ones; positions default to the cache length onwards, the attention mask
+        comes from the cache, and every layer adds this step's keys and values to it.
+        The caller advances the cache once the forward is done."""
         batch_ids = input_ids if input_ids is not None else labels
+        offset = 0
+        if inference_params is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either attention_mask or inference_params: with a "
+                                 "cache the mask is the cache's")
+            offset = inference_params.sequence_len_offset
+        s = batch_ids.shape[1] if batch_ids is not None else hidden_states.shape[0]
         if position_ids is None:
-            s = batch_ids.shape[1] if batch_ids is not None else hidden_states.shape[0]
             b = batch_ids.shape[0] if batch_ids is not None else hidden_states.shape[1]
             device = batch_ids.device if batch_ids is not None else hidden_states.device
-            position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+            position_ids = torch.arange(offset, offset + s, device=device).unsqueeze(0).expand(b, s)
+        if inference_params is not None:
+            attention_mask = inference_params.attention_mask(s, position_ids.device)
         x = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
         rotary = self.rotary_pos_emb(position_ids) if self.rotary_pos_emb is not None else None
-        x = self.decoder(x, rotary, attention_mask)
+        x = self.decoder(x, rotary, attention_mask, inference_params)
         if not self.post_process:
             return x
         logits = self.output_layer(x, weight=self.shared_output_weight()).transpose(0, 1)

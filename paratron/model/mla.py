@@ -17,6 +17,13 @@ of q and k are first permuted from interleaved to halves order, [0, 2, 4, ..., 1
 logits are those of the pair rotation. With --rotary-interleaved the tables are already
 pairwise and no permutation is needed.
 
+Generation caches, per token, the normalised latent and the rotated rope key
+(kv_lora_rank + qk_pos_emb_head_dim numbers, the compressed cache DeepSeek-V2 is
+designed around, on every TP rank) rather than the expanded per-head keys and values
+(heads x (qk_head_dim + qk_pos_emb_head_dim + v_head_dim)); each step expands the
+whole cached context again through `linear_kv_up_proj`, trading that matmul for a
+cache many times smaller.
+
 Softmax scale: 1/sqrt(qk_head_dim + qk_pos_emb_head_dim), times
 yarn_mscale(factor, mscale_all_dim)^2 under YaRN (--rotary-scaling-factor > 1). The
 other YaRN term, yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim), is
@@ -154,7 +161,11 @@ class MLASelfAttention(nn.Module):
         self.recompute_core = "core_attn" in (c.recompute_modules or []) \
             and c.recompute_granularity == "selective"
 
-    def forward(self, x: torch.Tensor, rotary=None, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask=None,
+                inference_params=None) -> torch.Tensor:
+        """inference_params (generation): the normalised latent and the rotated rope key
+        of this step join the cached ones, and keys and values are expanded from all of
+        them (see the module docstring)."""
         c, group = self.config, self.pg.tp_group
         # Queries: this rank's heads for the whole sequence.
         if c.q_lora_rank is None:
@@ -168,9 +179,7 @@ class MLASelfAttention(nn.Module):
         # Keys and values from the latent (on this rank's tokens under SP).
         latent, k_pe = self.linear_kv_down_proj(x).split(
             [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
-        kv = self.linear_kv_up_proj(self.kv_layernorm(latent))  # whole sequence
-        kv = kv.view(s, b, self.heads, c.qk_head_dim + c.v_head_dim)
-        k_nope, v = kv.split([c.qk_head_dim, c.v_head_dim], dim=-1)
+        latent = self.kv_layernorm(latent)
         # The shared rope key: each rank uses it for its own heads only, so its gradient
         # is summed over TP (all-reduce, or reduce-scatter back to the shards under SP).
         if c.sequence_parallel:
@@ -183,6 +192,11 @@ class MLASelfAttention(nn.Module):
             cos, sin = rotary
             q_pe = apply_mla_rotary(q_pe, cos, sin, c.rotary_interleaved)
             k_pe = apply_mla_rotary(k_pe, cos, sin, c.rotary_interleaved)
+        if inference_params is not None:  # the whole cached context from here on
+            latent, k_pe = inference_params.append(self.layer_number, latent, k_pe)
+        kv = self.linear_kv_up_proj(latent)  # whole sequence
+        kv = kv.view(kv.shape[0], b, self.heads, c.qk_head_dim + c.v_head_dim)
+        k_nope, v = kv.split([c.qk_head_dim, c.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.heads, -1)], dim=-1)
 

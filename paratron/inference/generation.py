@@ -1,0 +1,125 @@
+"""Autoregressive generation with a key/value cache, on one process or over a
+tensor-parallel group.
+
+    completions = generate(model, [prompt_ids, ...], max_new_tokens=64,
+                           sampling=Sampling(greedy=True), eod=tokenizer.eod)
+
+The prompts are left-padded into one batch and run once (prefill); then each step
+feeds the newest token of every row, whose positions continue the row's own count
+(padding does not count), so a padded row generates what it would alone. Under tensor
+parallelism each rank holds its heads' cache and its slice of the vocabulary; the
+last position's logits are gathered over the group, every rank samples, and TP rank
+0's choice is broadcast so all ranks feed the same token even where a device's
+sampling kernels are not bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from paratron.inference.kv_cache import InferenceParams
+from paratron.inference.sampling import Sampling
+from paratron.model.moe import moe_layers
+from paratron.parallel.tensor_parallel import GatherFromTensorParallelRegion
+
+
+def check_generation_layout(pg) -> None:
+    """Generation runs one model replica split by tensor parallelism only."""
+    for name, size in (("--pipeline-model-parallel-size", pg.pp_size),
+                       ("--context-parallel-size", pg.cp_size),
+                       ("--expert-model-parallel-size", pg.ep_size)):
+        if size > 1:
+            raise ValueError(f"generation does not support {name} {size}; use tensor "
+                             f"parallelism (--tensor-model-parallel-size) only")
+    if pg.world_size != pg.tp_size:
+        raise ValueError(f"generation runs one model replica: launch exactly "
+                         f"--tensor-model-parallel-size ({pg.tp_size}) processes, not "
+                         f"{pg.world_size}")
+
+
+def _batch(prompts: list[list[int]], rows: int, length: int, device) -> tuple:
+    """Left-padded token ids [rows, length], which positions are real, and positions
+    counted over the real tokens of each row. Rows past the prompts repeat the last."""
+    tokens = torch.zeros(rows, length, dtype=torch.long)
+    real = torch.zeros(rows, length, dtype=torch.bool)
+    width = max(len(p) for p in prompts)
+    for row in range(rows):
+        prompt = prompts[min(row, len(prompts) - 1)]
+        tokens[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
+        real[row, width - len(prompt):] = True
+    positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+    return tokens.to(device), real.to(device), positions.to(device)
+
+
+def _last_logits(model, logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """The last position's full-vocabulary logits [b, v] in fp32, padding ids masked."""
+    last = logits[:, -1].float()
+    if model.pg.tp_size > 1:
+        last = GatherFromTensorParallelRegion.apply(last.contiguous(), model.pg.tp_group)
+    if vocab_size is not None and vocab_size < last.shape[-1]:
+        last[:, vocab_size:] = float("-inf")
+    return last
+
+
+def _same_on_every_rank(ids: torch.Tensor, pg) -> torch.Tensor:
+    if pg.tp_size > 1:
+        dist.broadcast(ids, src=dist.get_global_rank(pg.tp_group, 0), group=pg.tp_group)
+    return ids
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
+             sampling: Sampling | None = None, eod: int | None = None,
+             vocab_size: int | None = None) -> list[list[int]]:
+    """The new token ids of each prompt: `max_new_tokens` of them, or fewer when `eod`
+    comes first (it is kept, the row stops there). `vocab_size`: ids at and above it
+    (the embedding's padding rows) are never chosen. Collective over the model's TP
+    group: every rank calls it with the same prompts."""
+    sampling = sampling or Sampling(greedy=True)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    pg, config = model.pg, model.config
+    check_generation_layout(pg)
+    width = max(len(p) for p in prompts)
+    total = width + max_new_tokens
+    if config.position_embedding_type == "learned_absolute" \
+            and total > config.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({width} tokens) plus --max-new-tokens "
+                         f"{max_new_tokens} exceeds the model's learned positions "
+                         f"({config.max_position_embeddings}); shorten one of them")
+    rows = len(prompts)
+    if pg.tp_size > 1 and moe_layers(model):
+        # MoE layers split the tokens of a step over the TP ranks: pad the batch.
+        rows = -(-rows // pg.tp_size) * pg.tp_size
+    device = next(model.parameters()).device
+    tokens, real, positions = _batch(prompts, rows, total, device)
+    cache = InferenceParams(rows, total, key_padding_mask=real)
+    was_training = model.training
+    model.eval()
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    start, end = 0, width
+    try:
+        for _ in range(max_new_tokens):
+            logits = model(tokens[:, start:end], position_ids=positions[:, start:end],
+                           inference_params=cache)
+            cache.advance(end - start)
+            chosen = _same_on_every_rank(
+                sampling.sample(_last_logits(model, logits, vocab_size)), pg)
+            tokens[:, end] = chosen
+            if eod is not None:
+                finished |= chosen == eod
+            start, end = end, end + 1
+            if bool(finished[:len(prompts)].all()):
+                break
+    finally:
+        model.train(was_training)
+    out = []
+    for row in range(len(prompts)):
+        new = tokens[row, width:end].tolist()
+        if eod is not None and eod in new:
+            new = new[:new.index(eod) + 1]
+        out.append(new)
+    return out

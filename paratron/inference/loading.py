@@ -1,0 +1,125 @@
+"""Models and tokenizers to generate with: from a Paratron checkpoint directory, or a
+whole single-process model (a Hugging Face folder loaded by `paratron.convert`) split
+over a tensor-parallel group.
+
+A checkpoint records the run's `Config.to_dict()`; the model is rebuilt from it with
+this process layout (tensor parallelism only, no sequence parallelism: a step has one
+token per row) and its weights are resharded from the logical tensors, whatever layout
+wrote them. The vocabulary padding is read from the stored embedding, since it depended
+on the training run's TP size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from paratron.checkpoint import find_latest_valid, load_checkpoint, read_metadata
+from paratron.checkpoint.state import load_model
+from paratron.config import SECTIONS, Config, config_from_dict
+from paratron.data.errors import DataError
+from paratron.data.tokenizer import Tokenizer, build_tokenizer
+from paratron.model.gpt import GPTModel
+
+# Written beside the checkpoints by the trainer (paratron.training.run_checkpoints):
+# copies of the tokenizer's files and a JSON naming the type that reads them.
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_INFO = "paratron_tokenizer.json"
+EMBEDDING = "model/embedding.word_embeddings.weight"
+# Settings of the training run that do not concern the model and would only be
+# refused or misread when rebuilding it for generation.
+_RESET_SECTIONS = ("parallel", "checkpoint", "logging")
+_RESET_TRAINING = ("cpu_offloading", "exit_signal_handler", "rampup_batch_size")
+
+
+def find_checkpoint(load_dir: str | os.PathLike, log: Callable[[str], None] = print
+                    ) -> tuple[int, Path]:
+    """(iteration, path) of the newest complete checkpoint in `load_dir`, or a
+    one-line ValueError saying what the directory is instead."""
+    folder = Path(load_dir)
+    if not folder.is_dir():
+        raise ValueError(f"--load {load_dir}: no such directory")
+    found = find_latest_valid(folder, log=log)
+    if found is not None:
+        return found
+    if (folder / "config.json").is_file():
+        raise ValueError(f"--load {load_dir}: a Hugging Face folder, not a Paratron "
+                         f"checkpoint; pass it with --hf")
+    raise ValueError(f"--load {load_dir}: no complete checkpoint (iter_<iteration>/ with "
+                     f"metadata.json) in it")
+
+
+def config_for_generation(saved: dict, tp: int, padded_vocab_size: int | None) -> Config:
+    """The run's Config from its `to_dict()`, laid out for generation at TP `tp`."""
+    flat: dict = {}
+    for section in SECTIONS:
+        flat.update(saved.get(section) or {})
+    defaults = Config().to_dict()
+    for section in _RESET_SECTIONS:
+        flat.update(defaults[section])
+    for name in _RESET_TRAINING:
+        flat[name] = defaults["training"][name]
+    flat.update(tensor_model_parallel_size=tp, world_size=tp)
+    if padded_vocab_size is not None:
+        flat["padded_vocab_size"] = padded_vocab_size
+    return config_from_dict(flat)
+
+
+def load_paratron_model(load_dir: str | os.PathLike, pg, *,
+                        log: Callable[[str], None] = print) -> tuple[Config, GPTModel, int]:
+    """(config, model in eval mode on the CPU in fp32, iteration) from the newest
+    complete checkpoint in `load_dir`, this rank's TP shard."""
+    iteration, path = find_checkpoint(load_dir, log=log)
+    meta = read_metadata(path)
+    if not meta.get("config"):
+        raise ValueError(f"{path}: the checkpoint records no configuration to rebuild "
+                         f"the model from")
+    embedding = meta.get("tensors", {}).get(EMBEDDING)
+    cfg = config_for_generation(meta["config"], pg.tp_size,
+                                embedding["shape"][0] if embedding else None)
+    model = GPTModel(cfg.model, pg)
+    load_checkpoint(path, [model], pg, load_optim=False, load_rng=False, log=log)
+    return cfg, model.eval(), iteration
+
+
+def shard_model(full: GPTModel, pg) -> GPTModel:
+    """This rank's tensor-parallel part of a whole single-process model (same config)."""
+    if pg.tp_size == 1:
+        return full
+    model = GPTModel(full.config, pg)
+    state = full.state_dict()
+    # Logical names are "model/<global name>" and "buffer/<name>"; a single-stage
+    # model's own names are already the global ones.
+    load_model([model], pg, lambda logical: state[logical.split("/", 1)[1]])
+    return model.eval()
+
+
+def checkpoint_tokenizer(load_dir: str | os.PathLike, cfg: Config) -> Tokenizer:
+    """The tokenizer the run used: its files copied to `<load>/tokenizer/`, else the
+    paths the run's config names (NullTokenizer for --mock-data with --vocab-size)."""
+    folder = Path(load_dir) / TOKENIZER_DIR
+    info_file = folder / TOKENIZER_INFO
+    if info_file.is_file():
+        try:
+            info = json.loads(info_file.read_text())
+        except json.JSONDecodeError as error:
+            raise DataError(f"{info_file}: not JSON ({error.msg})") from None
+
+        def local(name):
+            return None if not name else str(folder if name == "." else folder / name)
+        return build_tokenizer(info.get("tokenizer_type"),
+                               vocab_file=local(info.get("vocab_file")),
+                               merge_file=local(info.get("merge_file")),
+                               tokenizer_model=local(info.get("tokenizer_model")),
+                               vocab_size=cfg.model.vocab_size)
+    d = cfg.data
+    kind = d.tokenizer_type or d.patch_tokenizer_type
+    if kind is None and d.mock_data and cfg.model.vocab_size is not None:
+        kind = "NullTokenizer"
+    if kind is None:
+        raise DataError(f"--load {load_dir}: the run's config names no tokenizer and "
+                        f"{folder} holds none; give --tokenizer-type with its files")
+    return build_tokenizer(kind, vocab_file=d.vocab_file, merge_file=d.merge_file,
+                           tokenizer_model=d.tokenizer_model, vocab_size=cfg.model.vocab_size)
