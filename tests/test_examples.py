@@ -8,6 +8,14 @@ arguments as the users' script. Tests that read ../shared/data skip when it is a
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from paratron.parallel.launch import CUDA_CONNECTIONS, set_cuda_device_max_connections
@@ -34,3 +42,91 @@ def test_cuda_device_max_connections_too_late():
     env = {}
     warning = set_cuda_device_max_connections(2, 1, env, cuda_initialized=True)
     assert CUDA_CONNECTIONS not in env and "already initialised" in warning
+
+
+# --------------------------------------------------------------------------- helpers
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DATA = ROOT.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "gpt2" / "gpt2-vocab.json").exists(),
+                                reason="../shared/data (C4 sample, GPT-2 vocabulary) is absent")
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _run(command, cwd, timeout=300, **env) -> str:
+    proc = subprocess.run(command, cwd=cwd, env=_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc.stdout
+
+
+def _losses(output: str, pattern: str = r"lm loss: (\S+) \|") -> list[float]:
+    return [float(x) for x in re.findall(pattern, output)]
+
+
+# --------------------------------------------------------------------------- gpt2
+@needs_data
+def test_gpt2_pretrain_preprocess_then_tp2_pp2(tmp_path):
+    """Raw JSONL -> GPT-2 BPE .bin/.idx -> 4 gloo processes at TP2 x PP2; the loss falls."""
+    out = _run(["bash", str(EXAMPLES / "gpt2_pretrain" / "run.sh")], tmp_path,
+               OUT=tmp_path / "out", TRAIN_ITERS=6, LOG_INTERVAL=2, EVAL_INTERVAL=6,
+               MASTER_PORT=29641)
+    assert (tmp_path / "out" / "c4_demo_text_document.bin").stat().st_size > 0
+    assert "4 processes, TP=2 PP=2" in out
+    losses = _losses(out)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    assert out.count("validation loss at iteration 6 |") == 1
+
+
+def test_gpt2_pretrain_names_a_missing_file(tmp_path):
+    proc = subprocess.run(["bash", str(EXAMPLES / "gpt2_pretrain" / "run.sh")], cwd=tmp_path,
+                          env=_env(INPUT=tmp_path / "nope.jsonl"), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"gpt2_pretrain/run.sh: error: INPUT={tmp_path / 'nope.jsonl'} not found; "
+        "set INPUT to your file"]
+
+
+# --------------------------------------------------------------- megatron_core example
+MCORE = ["--num-layers=2", "--hidden-size=64", "--num-attention-heads=4", "--batch-size=4",
+         "--seq-length=32", "--train-steps=6", "--dataset-size=100", "--device=cpu",
+         "--vocab-size=128"]
+
+
+def test_megatron_core_example_tp2_sp_equals_one_process(tmp_path):
+    """Seed 002's interface: one process, then torchrun TP2 + SP; same losses (fp32)."""
+    script = str(EXAMPLES / "megatron_core_training_example.py")
+    single = _run([sys.executable, script, *MCORE, "--monitor-memory-continuously",
+                   "--memory-monitor-interval=0.05", "--save-performance-summary"], tmp_path)
+    summary = json.loads((tmp_path / "performance_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens_per_second"] > 0
+    assert summary["peak_memory_mib"] > 0 and summary["memory_samples"] >= 2
+    tp2 = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", "29642", script, *MCORE,
+                "--tensor-model-parallel-size=2", "--sequence-parallel"], tmp_path)
+    pattern = r"\| loss (\S+) \|"
+    assert len(_losses(single, pattern)) == 6
+    assert _losses(tp2, pattern) == pytest.approx(_losses(single, pattern), rel=1e-5)
+    assert _losses(single, pattern)[-1] < _losses(single, pattern)[0]
+
+
+def test_megatron_core_example_epochs_bound_the_steps(tmp_path):
+    out = _run([sys.executable, str(EXAMPLES / "megatron_core_training_example.py"),
+                *MCORE, "--train-steps=1000", "--epochs=2", "--dataset-size=10"], tmp_path)
+    assert "5 steps of 4 samples" in out  # ceil(2 x 10 / 4)
+
+
+def test_megatron_core_example_refuses_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "megatron_core_training_example.py"),
+                           *MCORE, "--num-attention-heads=3"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("megatron_core_training_example.py: error: ")
