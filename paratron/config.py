@@ -118,6 +118,22 @@ class TransformerConfig:
                                            group="training")
     recompute_modules: list[str] | None = opt(None, "Submodules selective recompute covers.",
                                               nargs="*", group="training")
+    cpu_offloading: bool = opt(False, "Keep the tensors the first --cpu-offloading-num-layers "
+                               "layers save for backward in (pinned) CPU memory.",
+                               group="training")
+    cpu_offloading_num_layers: int = opt(0, "Layers (from the first) whose saved activations "
+                                         "are offloaded.", type=int, group="training")
+    cross_entropy_loss_fusion: bool = opt(False, "Cross entropy over chunks of tokens: fp32 "
+                                          "logits exist for one chunk at a time.",
+                                          group="performance")
+    cross_entropy_chunk_size: int = opt(4096, "Tokens per chunk of "
+                                        "--cross-entropy-loss-fusion.", type=int,
+                                        group="performance")
+    torch_compile: bool = opt(False, "Compile each transformer layer with torch.compile.",
+                              group="performance")
+    torch_compile_backend: str = opt("inductor", "torch.compile backend of --torch-compile.",
+                                     choices=["inductor", "aot_eager", "eager"],
+                                     group="performance")
     # Mixture of experts
     num_experts: int | None = opt(None, "Number of routed experts.", type=int, group="moe")
     moe_ffn_hidden_size: int | None = opt(None, "Hidden size of each routed expert.",
@@ -254,7 +270,12 @@ class TrainingConfig:
                       choices=["auto", "cuda", "cpu"])
     train_mode: str = opt("pretrain", "Pai-Megatron-Patch train mode.",
                           choices=["pretrain", "finetune"])
-    check_for_nan_in_loss_and_grad: bool = opt(False, "Stop on NaN/Inf loss or gradients.")
+    check_for_nan_in_loss_and_grad: bool = opt(
+        True, "Do not stop on a NaN/Inf loss or gradient (the step is skipped and counted); "
+        "by default the run saves a checkpoint (with --save) and stops. fp16 with dynamic "
+        "loss scaling always skips and counts.", flag="--no-check-for-nan-in-loss-and-grad")
+    loss_spike_factor: float = opt(3.0, "Warn when the loss exceeds this many times the mean "
+                                   "of the last 100 iterations (0 turns it off).", type=float)
     calculate_per_token_loss: bool = opt(False, "Normalise the loss by tokens over the whole "
                                          "global batch (always the case in Paratron).")
     bf16: bool = opt(False, "bf16 weights and compute, fp32 main weights and gradients.",
@@ -280,9 +301,6 @@ class TrainingConfig:
     eval_interval: int = opt(1000, "Iterations between evaluations.", type=int,
                              group="validation")
     eval_iters: int = opt(100, "Batches per evaluation.", type=int, group="validation")
-    cpu_offloading: bool = opt(False, "Offload activations to CPU.")
-    cpu_offloading_num_layers: int = opt(0, "Layers whose activations are offloaded.",
-                                         type=int)
 
 
 @dataclass
@@ -322,6 +340,11 @@ class OptimizerConfig:
                                       group="optimizer")
     optimizer_offload_fraction: float = opt(1.0, "Fraction of the optimizer offloaded.",
                                             type=float, group="optimizer")
+    optimizer_implementation: str = opt("auto", "torch optimizer kernels: one tensor at a "
+                                        "time, multi-tensor (foreach) or fused; auto is "
+                                        "torch's choice for the device.",
+                                        choices=["auto", "for-loop", "foreach", "fused"],
+                                        group="optimizer")
 
 
 @dataclass
@@ -376,7 +399,8 @@ class CheckpointConfig:
     no_load_optim: bool = opt(False, "Do not load the optimizer state.")
     no_load_rng: bool = opt(False, "Do not load RNG states.")
     finetune: bool = opt(False, "Load weights only and start from iteration 0.")
-    ckpt_format: str = opt("torch_dist", "Checkpoint format.",
+    ckpt_format: str = opt("torch_dist", "Checkpoint format: torch_dist and torch both "
+                           "write Paratron's sharded, layout-free safetensors checkpoints.",
                            choices=["torch", "torch_dist", "zarr"])
     async_save: bool = opt(False, "Save in the background.")
     use_checkpoint_args: bool = opt(False, "Take the model configuration from the checkpoint.")
@@ -404,6 +428,16 @@ class LoggingConfig:
     wandb_project: str | None = opt(None, "Weights & Biases project.")
     wandb_exp_name: str | None = opt(None, "Weights & Biases run name.")
     wandb_save_dir: str | None = opt(None, "Weights & Biases directory.")
+    peak_tflops: float | None = opt(None, "Dense peak TFLOP/s of one device for MFU (default: "
+                                    "the GPU's published figure; none on a CPU).", type=float)
+    metrics_jsonl: str | None = opt(None, "Write one JSON object per log interval and per "
+                                    "evaluation to this file.", metavar="PATH")
+    performance_summary: str | None = opt(None, "Write iteration times, throughput, MFU, peak "
+                                          "memory and the layout as JSON at the end.",
+                                          metavar="PATH")
+    straggler_threshold: float = opt(0.2, "Report the slowest rank when the ranks' own work "
+                                     "per iteration differs by more than this fraction.",
+                                     type=float)
 
 
 @dataclass
@@ -440,11 +474,12 @@ NO_EFFECT_FLAGS = [
     ("--attention-softmax-in-fp32", False), ("--apply-query-key-layer-scaling", False),
     ("--use-flash-attn", False), ("--tensorboard-queue-size", True),
     ("--tensorboard-log-interval", True), ("--accumulate-allreduce-grads-in-fp32", False),
-    ("--cross-entropy-loss-fusion", False), ("--moe-permute-fusion", False),
+    ("--moe-permute-fusion", False),
     ("--create-attention-mask-in-dataloader", False), ("--no-create-attention-mask-in-dataloader", False),
     ("--empty-unused-memory-level", True), ("--num-dataset-builder-threads", True),
     ("--distributed-timeout-seconds-after-init", True), ("--manual-gc", False),
     ("--log-world-size-to-tensorboard", False), ("--use-cpu-initialization", False),
+    ("--check-for-nan-in-loss-and-grad", False),  # the default; --no-... turns it off
 ]
 
 
@@ -601,8 +636,17 @@ def parse_args(argv: list[str] | None = None, prog: str = "paratron train",
         setattr(getattr(cfg, where[dest]), dest, value)
     finalize(cfg)
     if check:
+        if cfg.checkpoint.use_checkpoint_args:  # the architecture comes from --load
+            from paratron.training.run_checkpoints import apply_checkpoint_args
+            apply_checkpoint_args(cfg, log=_rank0_print)
+            finalize(cfg)
         validate(cfg)
     return cfg
+
+
+def _rank0_print(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -767,6 +811,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--make-vocab-size-divisible-by must be positive")
     _validate_pipeline(cfg)
     _validate_moe_mla_cp(cfg)
+    _validate_logging(cfg)
+    _validate_memory_and_speed(cfg)
     _refuse_unavailable(cfg)
 
 
@@ -774,15 +820,11 @@ def validate(cfg: Config) -> None:
 # is (is the feature requested?, the one-line refusal). Entries leave this table as
 # the features land.
 def _unavailable(cfg: Config):
-    t, o, c = cfg.training, cfg.optimizer, cfg.checkpoint
+    t, c = cfg.training, cfg.checkpoint
     return [
         (t.fp8 is not None, "--fp8-format"),
         (t.rampup_batch_size is not None, "--rampup-batch-size"),
-        (c.save is not None, "--save (checkpointing)"),
-        (c.load is not None, "--load (checkpointing)"),
-        (t.cpu_offloading, "--cpu-offloading"),
-        (o.optimizer_cpu_offload, "--optimizer-cpu-offload"),
-        (t.exit_signal_handler, "--exit-signal-handler"),
+        (c.ckpt_format == "zarr", "--ckpt-format zarr (use torch_dist)"),
     ]
 
 
@@ -932,6 +974,41 @@ def _validate_moe_mla_cp(cfg: Config) -> None:
             raise ConfigError(f"--seq-length {d.seq_length} / --context-parallel-size {cp} "
                               f"is not divisible by --tensor-model-parallel-size "
                               f"{p.tensor_model_parallel_size}, as --sequence-parallel needs")
+
+
+def _validate_memory_and_speed(cfg: Config) -> None:
+    """Activation and optimizer offload, chunked cross entropy: values that make sense."""
+    m, o = cfg.model, cfg.optimizer
+    if m.cpu_offloading and not 0 < m.cpu_offloading_num_layers <= m.num_layers:
+        raise ConfigError(f"--cpu-offloading needs --cpu-offloading-num-layers between 1 and "
+                          f"--num-layers {m.num_layers}, got {m.cpu_offloading_num_layers}")
+    if o.optimizer_cpu_offload and not 0 <= o.optimizer_offload_fraction <= 1:
+        raise ConfigError(f"--optimizer-offload-fraction must be in [0, 1], got "
+                          f"{o.optimizer_offload_fraction}")
+    if m.cross_entropy_chunk_size <= 0:
+        raise ConfigError(f"--cross-entropy-chunk-size must be positive, got "
+                          f"{m.cross_entropy_chunk_size}")
+
+
+def _validate_logging(cfg: Config) -> None:
+    """Metrics and fault-check settings that make sense, and W&B only when installed."""
+    lg, t = cfg.logging, cfg.training
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        raise ConfigError(f"--peak-tflops must be positive, got {lg.peak_tflops}")
+    if lg.straggler_threshold < 0:
+        raise ConfigError(f"--straggler-threshold must be 0 or more, got {lg.straggler_threshold}")
+    if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
+        raise ConfigError(f"--loss-spike-factor must be above 1 (or 0 to turn the warning "
+                          f"off), got {t.loss_spike_factor}")
+    for flag, path in (("--metrics-jsonl", lg.metrics_jsonl),
+                       ("--performance-summary", lg.performance_summary)):
+        if path is not None and os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    if lg.wandb_project:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--wandb-project needs the wandb package: pip install wandb "
+                              "(or drop --wandb-project)")
 
 
 def _refuse_unavailable(cfg: Config) -> None:

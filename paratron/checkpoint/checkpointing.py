@@ -26,6 +26,7 @@ zero) and the reader accepts only that.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -72,53 +73,99 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict | None = N
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, models, pg,
                     optimizer=None, *, config: dict | None = None,
                     train_state: dict | None = None, save_rng: bool = True,
-                    device: torch.device | str = "cpu") -> Path:
+                    device: torch.device | str = "cpu", background: bool = False):
     """Write `<save_dir>/iter_<7-digit iteration>/` crash-safely and point `latest` at it.
 
-    Collective: every rank calls it. Returns the checkpoint directory."""
+    Collective: every rank calls it. Returns the checkpoint directory. With
+    `background`, the tensors are copied to host memory now and written by a thread;
+    the call returns a `PendingSave` whose `finish()` (collective, called later by every
+    rank) waits for the files and completes the checkpoint."""
     rank = dist.get_rank() if distributed() else 0
     if rank == 0:
         files.prepare_tmp_dir(save_dir, iteration)
     _barrier()
-    tmp = files.temporary_dir(save_dir, iteration)
     for model in models:  # distributed optimizer: updated weights must have arrived
         if hasattr(model, "finish_param_gather"):
             model.finish_param_gather()
     tensors = collect_tensors(models, pg, optimizer)
-    written, index = {}, {}
-    if tensors:
-        name = f"model_optim_rank_{rank:05d}.safetensors"
-        written[name] = _write(tmp / name, tensors)
-        for key, t in tensors.items():
-            index[key] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                          "chunks": [{"file": name, "key": key, "offsets": [0] * t.dim()}]}
-    if save_rng:
-        name = f"rng_rank_{rank:05d}.safetensors"
-        written[name] = _write(tmp / name, *rng.capture(pg, device))
-    everything = _all_gather_object((written, index))
-    if rank == 0:
-        all_files, all_index = {}, {}
-        for w, i in everything:
-            all_files.update(w)
-            for key, entry in i.items():
-                if key in all_index:
-                    all_index[key]["chunks"] += entry["chunks"]
-                else:
-                    all_index[key] = entry
-        meta = {"format_version": files.FORMAT_VERSION, "iteration": iteration,
-                "config": config, "train_state": train_state or {},
-                "layout": layout_of(models, pg), "rng_saved": save_rng,
-                "files": all_files, "tensors": all_index, "optimizer": None}
-        if optimizer is not None:
-            meta["optimizer"] = {
-                "kind": type(optimizer.optimizer).__name__,
-                "steps": optimizer.steps,
-                "step_count": optimizer_step_count(optimizer),
-                "state_keys": optimizer_state_keys(optimizer),
-                "loss_scaler": optimizer.loss_scaler.state_dict()}
-        files.finalize(save_dir, iteration, meta)
-    _barrier()
-    return files.checkpoint_dir(save_dir, iteration)
+    rng_state = rng.capture(pg, device) if save_rng else None
+    meta = {"format_version": files.FORMAT_VERSION, "iteration": iteration,
+            "config": config, "train_state": train_state or {},
+            "layout": layout_of(models, pg), "rng_saved": save_rng, "optimizer": None}
+    if optimizer is not None:
+        meta["optimizer"] = {
+            "kind": type(optimizer.optimizer).__name__,
+            "steps": optimizer.steps,
+            "step_count": optimizer_step_count(optimizer),
+            "state_keys": optimizer_state_keys(optimizer),
+            "loss_scaler": optimizer.loss_scaler.state_dict()}
+    pending = PendingSave(save_dir, iteration, rank, meta)
+    if background:  # the live weights change at the next step: write a snapshot
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        pending.start(tensors, rng_state)
+        return pending
+    pending.write(tensors, rng_state)
+    return pending.finish()
+
+
+class PendingSave:
+    """One rank's part of a checkpoint being written, and the collective finish."""
+
+    def __init__(self, save_dir, iteration: int, rank: int, meta: dict):
+        self.save_dir, self.iteration, self.rank, self.meta = save_dir, iteration, rank, meta
+        self.tmp = files.temporary_dir(save_dir, iteration)
+        self.written: dict[str, dict] = {}
+        self.index: dict[str, dict] = {}
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def write(self, tensors: dict[str, torch.Tensor], rng_state) -> None:
+        """Write this rank's files into the temporary directory."""
+        if tensors:
+            name = f"model_optim_rank_{self.rank:05d}.safetensors"
+            self.written[name] = _write(self.tmp / name, tensors)
+            for key, t in tensors.items():
+                self.index[key] = {"shape": list(t.shape),
+                                   "dtype": str(t.dtype).removeprefix("torch."),
+                                   "chunks": [{"file": name, "key": key,
+                                               "offsets": [0] * t.dim()}]}
+        if rng_state is not None:
+            name = f"rng_rank_{self.rank:05d}.safetensors"
+            self.written[name] = _write(self.tmp / name, *rng_state)
+
+    def start(self, tensors, rng_state) -> None:
+        def run():
+            try:
+                self.write(tensors, rng_state)
+            except BaseException as error:  # noqa: BLE001 - reported by finish()
+                self.error = error
+        self._thread = threading.Thread(target=run, name="paratron-async-save", daemon=True)
+        self._thread.start()
+
+    def finish(self) -> Path:
+        """Wait for this rank's files, gather every rank's list, and (rank 0) write the
+        metadata, rename the directory and update `latest`. Collective."""
+        if self._thread is not None:
+            self._thread.join()
+        failed = _all_gather_object(None if self.error is None else
+                                    f"rank {self.rank}: {self.error}")
+        if any(failed):
+            raise RuntimeError(f"saving checkpoint {self.iteration} to {self.save_dir} "
+                               f"failed: {next(f for f in failed if f)}")
+        everything = _all_gather_object((self.written, self.index))
+        if self.rank == 0:
+            all_files, all_index = {}, {}
+            for w, i in everything:
+                all_files.update(w)
+                for key, entry in i.items():
+                    if key in all_index:
+                        all_index[key]["chunks"] += entry["chunks"]
+                    else:
+                        all_index[key] = entry
+            files.finalize(self.save_dir, self.iteration,
+                           {**self.meta, "files": all_files, "tensors": all_index})
+        _barrier()
+        return files.checkpoint_dir(self.save_dir, self.iteration)
 
 
 class _Reader:

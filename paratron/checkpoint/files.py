@@ -166,6 +166,17 @@ def list_iterations(save_dir: str | os.PathLike) -> list[int]:
     return sorted(found, reverse=True)
 
 
+def interrupted_saves(save_dir: str | os.PathLike) -> list[int]:
+    """Iterations whose save was interrupted (a left-over `iter_<iteration>.tmp/`)."""
+    try:
+        entries = list(Path(save_dir).iterdir())
+    except OSError:
+        return []
+    found = [int(m.group(1)) for e in entries if e.is_dir() and e.name.endswith(TMP_SUFFIX)
+             and (m := _ITER_DIR.match(e.name.removesuffix(TMP_SUFFIX)))]
+    return sorted(found)
+
+
 def find_latest_valid(save_dir: str | os.PathLike, *, checksums: bool = True,
                       log: Callable[[str], None] = print) -> tuple[int, Path] | None:
     """(iteration, directory) of the newest whole checkpoint in `save_dir`, or None.

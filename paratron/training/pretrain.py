@@ -6,6 +6,7 @@ shim run; a library user can call it with a Config built in Python.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from paratron.config import Config, ConfigError, format_config
 from paratron.parallel.launch import explain_failure, init_distributed
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.data.tokenizer import PATCH_TOKENIZER_TYPES
+from paratron.training.run_checkpoints import TOKENIZER_DIR
 from paratron.training.trainer import Trainer, TrainState, resolve_vocab_size
 
 
@@ -27,8 +30,22 @@ def build_tokenizer_for(cfg: Config):
             kind = "NullTokenizer"  # mock tokens only need a vocabulary size and an eod
         else:
             return None
+    if d.tokenizer_model is None and kind in ("HuggingFaceTokenizer", *PATCH_TOKENIZER_TYPES):
+        d.tokenizer_model = tokenizer_folder_of(cfg.checkpoint.load)
     return build_tokenizer(kind, vocab_file=d.vocab_file, merge_file=d.merge_file,
                            tokenizer_model=d.tokenizer_model, vocab_size=cfg.model.vocab_size)
+
+
+def tokenizer_folder_of(load_dir: str | None) -> str | None:
+    """Where a Hugging Face tokenizer sits when only --load is given (as Pai-Megatron-Patch
+    reads `--patch-tokenizer-type` tokenizers): the checkpoint's `tokenizer/` folder, or
+    the --load folder itself when it holds tokenizer files."""
+    if load_dir is None:
+        return None
+    for folder in (Path(load_dir) / TOKENIZER_DIR, Path(load_dir)):
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return str(folder)
+    return None
 
 
 def build_datasets(cfg: Config, tokenizer):

@@ -30,10 +30,12 @@ from paratron.parallel.pipeline import (StageIO, all_reduce_embedding_grads,
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import seed_everything
 from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
+from paratron.training.exit_conditions import ExitConditions
 from paratron.training.flops import flops_per_iteration
 from paratron.training.loss_scaler import build_loss_scaler
 from paratron.training.lr_schedule import LRSchedule
 from paratron.training.optimizer import MixedPrecisionOptimizer
+from paratron.training.run_checkpoints import RunCheckpoints
 
 
 def select_device(choice: str) -> torch.device:
@@ -87,6 +89,7 @@ class TrainState:
     skipped_iterations: int = 0
     nan_iterations: int = 0
     losses: list[float] = field(default_factory=list)
+    exit_reason: str | None = None  # why the run stopped early (signal, interval, time)
 
 
 class Trainer:
@@ -129,6 +132,8 @@ class Trainer:
         t = cfg.training
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.pg.dp_size)
         self.flops = flops_per_iteration(cfg.model, cfg.data.seq_length, t.global_batch_size)
+        self.checkpoints = RunCheckpoints(self, log)
+        self.checkpoints.load()
 
     # ----------------------------------------------------------------- data
     def _loader(self, dataset, consumed_samples: int):
@@ -228,6 +233,7 @@ class Trainer:
         """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
         if self._train_iter is None:
             self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
+            self.checkpoints.restore_rng()
         batches = self._global_batch(self._train_iter)
         total_tokens = self._total_tokens(batches)
         for model in self.models:
@@ -283,9 +289,24 @@ class Trainer:
         self._report_eval(prefix, loss)
         return loss
 
+    def save(self):
+        """Write a checkpoint of this iteration to --save (None without --save)."""
+        return self.checkpoints.save()
+
     # ----------------------------------------------------------------- loop
     def train(self) -> TrainState:
+        with ExitConditions(self.cfg.training, self.pg.world_size, self.device) as exits:
+            self._train_loop(exits)
+        if self.state.exit_reason is None:
+            self._final_evaluation()
+        if self.state.iteration != self.checkpoints.last_saved and self.state.iteration > 0:
+            self.save()
+        self.checkpoints.wait()
+        return self.state
+
+    def _train_loop(self, exits: ExitConditions) -> None:
         t, lg = self.cfg.training, self.cfg.logging
+        save_interval = self.cfg.checkpoint.save_interval
         interval_losses: list[float] = []
         interval_moe: dict[str, list[float]] = {}
         interval_skipped = 0
@@ -315,12 +336,22 @@ class Trainer:
             if t.eval_interval and self.state.iteration % t.eval_interval == 0:
                 self.run_validation(f"iteration {self.state.iteration}")
                 tick = time.perf_counter()
+            if save_interval and self.state.iteration % save_interval == 0:
+                self.save()
+                tick = time.perf_counter()
+            reason = exits.reason(self.state.iteration)
+            if reason is not None:
+                self.state.exit_reason = reason
+                self.log(f" exiting program at iteration {self.state.iteration}: {reason}")
+                return
+
+    def _final_evaluation(self) -> None:
+        t = self.cfg.training
         if t.eval_interval and self.state.iteration % t.eval_interval != 0:
             self.run_validation(f"iteration {self.state.iteration} on validation set")
         if self.test_ds is not None and len(self.test_ds) and t.eval_iters:
             loss = self.evaluate(self._loader(self.test_ds, 0))
             self._report_eval(f"iteration {self.state.iteration} on test set", loss)
-        return self.state
 
     def _log_line(self, elapsed: float, losses: list[float], skipped: int,
                   grad_norm: float | None, num_zeros: int | None,

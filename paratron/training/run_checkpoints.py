@@ -1,0 +1,206 @@
+"""`--save` / `--load` for a training run, with Megatron-LM's meanings.
+
+    --load DIR        resume from the newest complete checkpoint in DIR: weights,
+                      optimizer and lr schedule (--no-load-optim skips both, so the
+                      schedule restarts as in Megatron), RNG states (--no-load-rng),
+                      iteration and consumed samples. No checkpoint in DIR: start from
+                      scratch with a warning (--exit-on-missing-checkpoint: stop instead).
+    --finetune        weights only; iteration, samples, optimizer and RNG start afresh.
+    --save DIR        every --save-interval iterations and at the end of training;
+                      --no-save-optim / --no-save-rng leave those out; --async-save
+                      writes in the background and completes at the next save or exit.
+
+The files are `paratron.checkpoint`'s (safetensors + a checksummed index, written under
+a temporary name, `latest_checkpointed_iteration.txt` last) for both `--ckpt-format
+torch_dist` and `torch`: one sharded, layout-free format that any parallel layout loads.
+Beside the checkpoints, `DIR/tokenizer/` holds the files the run's tokenizer was built
+from, so conversion and generation find them.
+
+Order matters for an exact resume: weights and optimizer are loaded when the trainer is
+built, the training data iterator is created at the first step, and only then are the
+RNG states restored (creating a data iterator draws from torch's generator).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from paratron.checkpoint import files
+from paratron.checkpoint.checkpointing import (PendingSave, load_checkpoint, load_rng_states,
+                                               save_checkpoint)
+from paratron.config import Config, ConfigError
+
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_INFO = "paratron_tokenizer.json"
+# Files of a tokenizer folder worth keeping (a Hugging Face model folder also holds the
+# weights, which are not copied).
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json",
+                    "added_tokens.json", "*.model", "*.tiktoken", "chat_template*")
+
+
+def find_checkpoint(load_dir: str, *, required: bool, log: Callable[[str], None]):
+    """(iteration, path) of the newest complete checkpoint in `load_dir`, or None with
+    Megatron's warning (a ConfigError with --exit-on-missing-checkpoint)."""
+    found = files.find_latest_valid(load_dir, log=log)
+    if found is not None:
+        newer = [i for i in files.interrupted_saves(load_dir) if i > found[0]]
+        if newer:
+            log(f"WARNING: the save of iteration {newer[-1]} in {load_dir} was interrupted "
+                f"(iter_{newer[-1]:07d}.tmp is incomplete); loading the previous checkpoint, "
+                f"iteration {found[0]}")
+        return found
+    why = "no checkpoint"
+    if Path(load_dir, "config.json").is_file() and any(Path(load_dir).glob("*.safetensors")):
+        why = ("a Hugging Face model, not a Paratron checkpoint: convert it with `paratron "
+               "convert --loader hf --saver paratron`")
+    elif any(Path(load_dir).glob("iter_*/mp_rank_*")):
+        why = ("a Megatron-LM torch checkpoint: import it with `paratron convert --loader "
+               "megatron --trust-pickle`")
+    if required:
+        raise ConfigError(f"--load {load_dir}: {why}; --exit-on-missing-checkpoint is set")
+    log(f"WARNING: --load {load_dir}: {why}; training starts from randomly initialised "
+        f"weights")
+    return None
+
+
+def apply_checkpoint_args(cfg: Config, log: Callable[[str], None] = print) -> None:
+    """--use-checkpoint-args: the model's architecture comes from the checkpoint in
+    --load (what the command line says about it is overridden, with a note)."""
+    c = cfg.checkpoint
+    if not c.use_checkpoint_args:
+        return
+    if c.load is None:
+        raise ConfigError("--use-checkpoint-args needs --load <checkpoint directory>")
+    found = find_checkpoint(c.load, required=True, log=log)
+    saved = files.read_metadata(found[1]).get("config") or {}
+    model = saved.get("model")
+    if not model:
+        raise ConfigError(f"{found[1]}: the checkpoint records no model configuration; "
+                          f"give the model flags instead of --use-checkpoint-args")
+    changed = []
+    for key, value in model.items():
+        if hasattr(cfg.model, key) and getattr(cfg.model, key) != value:
+            changed.append(key)
+            setattr(cfg.model, key, value)
+    if changed:
+        log(f"--use-checkpoint-args: from {found[1]}: {', '.join(sorted(changed))}")
+
+
+def tokenizer_files(cfg: Config) -> list[Path]:
+    """The files the run's tokenizer was built from (vocab, merges, model or folder)."""
+    d = cfg.data
+    out = [Path(f) for f in (d.vocab_file, d.merge_file) if f and Path(f).is_file()]
+    if d.tokenizer_model:
+        source = Path(d.tokenizer_model)
+        if source.is_file():
+            out.append(source)
+        elif source.is_dir():
+            out += sorted({f for pattern in _TOKENIZER_FILES for f in source.glob(pattern)
+                           if f.is_file()})
+    return out
+
+
+def save_tokenizer(cfg: Config, save_dir: str) -> None:
+    """Copy the tokenizer's files to `<save>/tokenizer/` (once; rank 0) with a small JSON
+    saying which tokenizer type reads them."""
+    d = cfg.data
+    target = Path(save_dir) / TOKENIZER_DIR
+    sources = tokenizer_files(cfg)
+    if not sources or (target / TOKENIZER_INFO).is_file():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        shutil.copyfile(source, target / source.name)
+    info = {"tokenizer_type": d.tokenizer_type or d.patch_tokenizer_type,
+            "vocab_file": Path(d.vocab_file).name if d.vocab_file else None,
+            "merge_file": Path(d.merge_file).name if d.merge_file else None,
+            "tokenizer_model": (Path(d.tokenizer_model).name if d.tokenizer_model
+                                and Path(d.tokenizer_model).is_file() else
+                                "." if d.tokenizer_model else None)}
+    files.write_atomic(target / TOKENIZER_INFO, json.dumps(info, indent=1))
+
+
+class RunCheckpoints:
+    """Loads a trainer's state from --load and saves it to --save."""
+
+    def __init__(self, trainer, log: Callable[[str], None]):
+        self.trainer, self.log = trainer, log
+        self.cfg = trainer.cfg.checkpoint
+        self.pending: PendingSave | None = None
+        self._rng_from: Path | None = None
+        self.last_saved: int | None = None
+
+    # ----------------------------------------------------------------- load
+    def load(self) -> None:
+        """Weights (and optimizer, train state) from --load; RNG states wait for
+        `restore_rng`."""
+        c, tr = self.cfg, self.trainer
+        if c.load is None:
+            return
+        found = find_checkpoint(c.load, required=c.exit_on_missing_checkpoint, log=self.log)
+        if found is None:
+            return
+        iteration, path = found
+        load_optim = not (c.no_load_optim or c.finetune)
+        try:
+            meta = load_checkpoint(path, tr.models, tr.pg, tr.optimizer if load_optim else None,
+                                   load_rng=False, log=self.log)
+        except ValueError as error:
+            raise ConfigError(f"--load {c.load}: {error}") from None
+        if c.finetune:
+            self.log(f" loaded weights of iteration {iteration} from {path} (--finetune: "
+                     f"training starts at iteration 0)")
+            return
+        for key, value in meta.get("train_state", {}).items():
+            if hasattr(tr.state, key):
+                setattr(tr.state, key, value)
+        if not c.no_load_rng:
+            self._rng_from = path
+        self.last_saved = tr.state.iteration
+        self.log(f" successfully loaded checkpoint from {c.load} at iteration {iteration}")
+
+    def restore_rng(self) -> None:
+        """Restore RNG states once the data iterator exists (see the module docstring)."""
+        if self._rng_from is not None:
+            load_rng_states(self._rng_from, self.trainer.models, self.trainer.pg, log=self.log)
+            self._rng_from = None
+
+    # ----------------------------------------------------------------- save
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current iteration to --save (None without it)."""
+        c, tr = self.cfg, self.trainer
+        if c.save is None:
+            return None
+        self.wait()
+        if tr.pg.rank == 0:
+            save_tokenizer(tr.cfg, c.save)
+        s = tr.state
+        train_state = {"iteration": s.iteration,
+                       "consumed_train_samples": s.consumed_train_samples,
+                       "consumed_valid_samples": s.consumed_valid_samples,
+                       "skipped_iterations": s.skipped_iterations,
+                       "nan_iterations": s.nan_iterations}
+        result = save_checkpoint(c.save, s.iteration, tr.models, tr.pg,
+                                 None if c.no_save_optim else tr.optimizer,
+                                 config=tr.cfg.to_dict(), train_state=train_state,
+                                 save_rng=not c.no_save_rng, device=tr.device,
+                                 background=c.async_save)
+        self.last_saved = s.iteration
+        if isinstance(result, PendingSave):
+            self.pending = result
+            self.log(f" saving checkpoint at iteration {s.iteration:7d} to {c.save} in the "
+                     f"background")
+            return files.checkpoint_dir(c.save, s.iteration)
+        self.log(f" successfully saved checkpoint at iteration {s.iteration:7d} to {c.save}")
+        return result
+
+    def wait(self) -> None:
+        """Complete a background save (collective)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            path = pending.finish()
+            self.log(f" successfully saved checkpoint at iteration {pending.iteration:7d} "
+                     f"to {path.parent}")
