@@ -16,6 +16,7 @@ from paratron.model.mla import MLASelfAttention
 from paratron.config import moe_layer_pattern
 from paratron.model.mlp import MLP
 from paratron.model.moe import MoELayer
+from paratron.model.offload import ActivationOffload
 from paratron.model.norms import build_norm
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.tensor_parallel import mark_sequence_parallel
@@ -90,6 +91,10 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(c, n, self.pg)
                                     for n in layer_numbers)
         self.final_layernorm = build_layer_norm(c) if post_process else None
+        self.activation_offload = ActivationOffload.from_config(c)
+        if c.torch_compile:  # per layer: one graph reused by every layer of the same kind
+            for layer in self.layers:
+                layer.compile(backend=c.torch_compile_backend)
 
     def _recompute_plan(self) -> list[list[int]]:
         """Chunks of local layer indices, each run under one checkpoint when full."""
@@ -116,7 +121,8 @@ class TransformerBlock(nn.Module):
                 for i in chunk:
                     h = self.layers[i](h, rotary, attention_mask, inference_params)
                 return h
-            x = _maybe_checkpoint(self._is_recomputed(chunk), self.pg, run, x)
+            with self.activation_offload([self.layers[i] for i in chunk]):
+                x = _maybe_checkpoint(self._is_recomputed(chunk), self.pg, run, x)
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
         return x

@@ -7,6 +7,15 @@ main weights and Adam moments exist once across the data-parallel group. Model w
 may be bf16/fp16; their segments get fp32 main copies, fp32 weights are updated in
 place. Gradients are read from the fp32 gradient buffers. Weight decay skips biases
 and norm weights (every 1-D parameter), as Megatron does.
+
+With `--optimizer-cpu-offload` the first `--optimizer-offload-fraction` of the segments
+(by element count, in buffer order, as Megatron's hybrid-device optimizer) keep their
+fp32 main weights and optimizer state in (pinned) CPU memory: their gradients are
+copied down after clipping, their update runs on the CPU, and the updated weights are
+copied back into the model. The torch optimizer groups its tensors by device, so one
+optimizer steps both parts and the checkpoint sees one optimizer state.
+`--optimizer-implementation` picks torch's kernels (one tensor at a time, foreach
+multi-tensor, or fused); every choice computes the same AdamW update.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ class Segment:
     decays: bool
     duplicate: torch.Tensor | None  # True where another TP rank counts this element
     expert: bool = False            # an expert weight (laid out over EP, not TP x DP)
+    host_grad: torch.Tensor | None = None  # CPU copy of `grad` when the step is offloaded
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
@@ -67,6 +77,31 @@ def build_segments(model: DataParallel) -> list[Segment]:
     return segments
 
 
+def offload_segments(segments: list[Segment], fraction: float) -> None:
+    """Move the main weights of the first `fraction` of the elements to the CPU.
+
+    A segment goes to the CPU while the offloaded elements, itself included, stay within
+    the fraction; its main weights become a CPU fp32 copy (also for an fp32 model, whose
+    main weights otherwise alias the model) and its gradient gets a CPU staging copy.
+    """
+    budget = fraction * sum(s.grad.numel() for s in segments)
+    moved = 0
+    for s in segments:
+        moved += s.grad.numel()
+        if moved > budget:
+            break
+        pinned = s.grad.is_cuda  # page-locked memory: asynchronous copies to and fro
+        s.main = torch.empty(s.main.shape, dtype=torch.float32, pin_memory=pinned)
+        s.main.copy_(s.model_view)
+        s.host_grad = torch.empty(s.grad.shape, dtype=torch.float32, pin_memory=pinned)
+
+
+def _implementation(name: str) -> dict:
+    """torch optimizer keyword arguments for --optimizer-implementation."""
+    return {"auto": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True},
+            "fused": {"fused": True}}[name]
+
+
 class MixedPrecisionOptimizer:
     def __init__(self, models: list[DataParallel], optimizer_config, schedule: LRSchedule,
                  loss_scaler):
@@ -75,6 +110,9 @@ class MixedPrecisionOptimizer:
         self.pg = self.models[0].pg
         self.schedule, self.loss_scaler = schedule, loss_scaler
         self.segments = [s for model in self.models for s in build_segments(model)]
+        if o.optimizer_cpu_offload:
+            offload_segments(self.segments, o.optimizer_offload_fraction)
+        self.offloaded = [s for s in self.segments if s.host_grad is not None]
         # From the config, not this rank's weights: every rank must join the same sums,
         # also a pipeline stage that happens to hold no MoE layer.
         self.has_experts = bool(self.models[0].module.config.num_experts)
@@ -84,11 +122,13 @@ class MixedPrecisionOptimizer:
                    "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         lr = schedule.lr_at(0)
+        kernels = _implementation(o.optimizer_implementation)
+        self.fused = bool(kernels.get("fused"))
         if o.optimizer == "adam":
             self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(o.adam_beta1, o.adam_beta2),
-                                               eps=o.adam_eps)
+                                               eps=o.adam_eps, **kernels)
         else:
-            self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.sgd_momentum)
+            self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.sgd_momentum, **kernels)
         self.steps = 0  # successful optimizer steps, what the lr schedule counts
 
     @property
@@ -145,13 +185,14 @@ class MixedPrecisionOptimizer:
             return False, None, None
         if self.config.clip_grad > 0 and norm > self.config.clip_grad:
             torch._foreach_mul_(grads, self.config.clip_grad / (norm + 1e-6))
+        self._stage_offloaded_grads()
         for s in self.segments:
-            s.main.grad = s.grad
+            s.main.grad = s.grad if s.host_grad is None else s.host_grad
         self.optimizer.step()
         for s in self.segments:
             s.main.grad = None
             if s.main is not s.model_view:
-                s.model_view.copy_(s.main)
+                s.model_view.copy_(s.main, non_blocking=s.main.is_pinned())
         for model in self.models:
             if model.sharded:
                 model.start_param_gather()
@@ -159,3 +200,27 @@ class MixedPrecisionOptimizer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.lr_at(self.steps)
         return True, norm, int(stats[1].item())
+
+    def _stage_offloaded_grads(self) -> None:
+        """Copy the offloaded segments' (unscaled, clipped) gradients to the CPU and make
+        every state tensor live where its main weights do."""
+        if self.offloaded or self.fused:
+            self._place_state()
+        if not self.offloaded:
+            return
+        for s in self.offloaded:
+            s.host_grad.copy_(s.grad, non_blocking=s.host_grad.is_pinned())
+        if any(s.grad.is_cuda for s in self.offloaded):
+            torch.cuda.current_stream(self.offloaded[0].grad.device).synchronize()
+
+    def _place_state(self) -> None:
+        """State loaded from a checkpoint sits beside the model; the torch optimizer wants
+        it beside each main weight (its step counter too when fused)."""
+        for s in self.segments:
+            state = self.optimizer.state.get(s.main)
+            if not state:
+                continue
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.device != s.main.device \
+                        and (value.dim() > 0 or self.fused):
+                    state[key] = value.to(s.main.device)
