@@ -133,18 +133,25 @@ class SafetensorsFolder:
         return self.folder / self.location[name]
 
 
-def _read_sources(files: SafetensorsFolder, arch: Architecture, name: str,
-                  target: torch.Tensor, config, offset: int) -> tuple[list[str], torch.Tensor]:
-    """The stored tensors that make Paratron tensor `name`, shape-checked, transformed."""
+def plan_sources(files: SafetensorsFolder, arch: Architecture, name: str,
+                 shape: torch.Size, config, offset: int) -> tuple[str | None, list[str]]:
+    """The stored layout and names of the tensors that make Paratron tensor `name`
+    (whose shape is `shape`), shape-checked without reading them."""
     layout, stored = files.choose(arch, name, config, offset)
     # The shapes the sources must have: the inverse transform of the target's shape.
-    expected = arch.to_hf(name, torch.empty(target.shape, device="meta"), config, offset,
-                          layout)
+    expected = arch.to_hf(name, torch.empty(shape, device="meta"), config, offset, layout)
     for stored_name, want in zip(stored, expected.values(), strict=True):
         got = files.shape(stored_name)
         if got != tuple(want.shape):
             raise ConversionError(f"{files.where(stored_name)}: {stored_name} has shape "
                                   f"{list(got)}, but config.json implies {list(want.shape)}")
+    return layout, stored
+
+
+def _read_sources(files: SafetensorsFolder, arch: Architecture, name: str,
+                  target: torch.Tensor, config, offset: int) -> tuple[list[str], torch.Tensor]:
+    """The stored tensors that make Paratron tensor `name`, shape-checked, transformed."""
+    layout, stored = plan_sources(files, arch, name, target.shape, config, offset)
     return stored, arch.to_paratron(name, [files.get(s) for s in stored], config, layout)
 
 
@@ -167,14 +174,19 @@ def load_hf_weights(model: GPTModel, folder: str | Path, model_type: str,
                 target.data = value.to(dtype if target.is_floating_point() else target.dtype
                                        ).contiguous()
         if OUTPUT not in state and model.output_layer is not None:
-            used.update(_check_tied_copy(files, arch, state, config, dtype))
-        unused = [n for n in files.names() if n not in used and not arch.is_ignored(n)]
-        if unused:
-            raise ConversionError(f"{files.where(unused[0])}: tensor {unused[0]} is not used "
-                                  f"by the {arch.name} mapping ({len(unused)} unused in all)")
+            used.update(check_tied_copy(files, arch, state, config, dtype))
+        check_all_used(files, arch, used)
 
 
-def _check_tied_copy(files: SafetensorsFolder, arch: Architecture, state: dict,
+def check_all_used(files: SafetensorsFolder, arch: Architecture, used: set[str]) -> None:
+    """Refuse stored tensors the mapping does not consume (buffers excepted)."""
+    unused = [n for n in files.names() if n not in used and not arch.is_ignored(n)]
+    if unused:
+        raise ConversionError(f"{files.where(unused[0])}: tensor {unused[0]} is not used "
+                              f"by the {arch.name} mapping ({len(unused)} unused in all)")
+
+
+def check_tied_copy(files: SafetensorsFolder, arch: Architecture, state: dict,
                      config, dtype: torch.dtype) -> list[str]:
     """A tied model's checkpoint may still store the output layer; it must then equal
     the embeddings, since Paratron will use the embeddings in its place."""

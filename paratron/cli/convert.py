@@ -1,0 +1,180 @@
+"""`paratron convert`: checkpoints between Hugging Face, Megatron-LM and Paratron.
+
+The flags are those of Megatron-LM's `tools/checkpoint/convert.py`:
+
+    paratron convert --model-type GPT --loader hf --saver paratron \\
+        --load-dir qwen2.5-7b-hf --save-dir qwen2.5-7b-paratron \\
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --bf16
+    paratron convert --model-type GPT --loader paratron --saver hf \\
+        --load-dir checkpoints/run1 --save-dir run1-hf
+    paratron convert --model-type GPT --loader megatron --saver paratron --trust-pickle \\
+        --load-dir megatron-ckpt --save-dir paratron-ckpt
+
+Loaders: `hf` (safetensors folder; Megatron's `llama_mistral`/`mixtral_hf` names are
+accepted for it), `paratron`, `megatron` (legacy `mp_rank_XX/model_optim_rng.pt`, which
+needs `--trust-pickle`; `mcore` is accepted for it). Savers: `paratron`, `hf`.
+
+The target sizes are checked against the model (heads and FFN sizes by TP, layers by PP,
+experts by EP) and recorded in the saved config's parallel section; the vocabulary is
+padded for that TP with Megatron's rule. Paratron checkpoints hold logical (unsharded)
+tensors, so any layout loads them whatever sizes were recorded.
+
+The output is written to a temporary folder next to --save-dir and renamed at the end:
+after an error nothing exists at --save-dir. A refused input is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+
+import torch
+
+from paratron.config import ConfigError, TransformerConfig
+from paratron.convert.errors import ConversionError
+from paratron.data.errors import DataError
+
+LOADERS = {"hf": "hf", "llama_mistral": "hf", "mixtral_hf": "hf", "paratron": "paratron",
+           "megatron": "megatron", "mcore": "megatron"}
+SAVERS = ("paratron", "hf")
+# Megatron's savers write Megatron-LM's own format, which Paratron does not produce.
+_MEGATRON_SAVERS = ("core", "mcore", "megatron", "legacy", "llama_mistral")
+# Preset settings that describe training, not the weights.
+_PRESET_IGNORED = {"seq_length", "hidden_dropout", "attention_dropout", "init_method_std",
+                   "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+                   "moe_token_dispatcher_type"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConversionError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="paratron convert", allow_abbrev=False,
+                     description="Convert checkpoints: Hugging Face / Megatron-LM <-> Paratron.")
+    parser.add_argument("--model-type", required=True, choices=["GPT"],
+                        help="model family (Paratron converts GPT-style decoders)")
+    parser.add_argument("--loader", required=True, help="hf | paratron | megatron")
+    parser.add_argument("--saver", required=True, help="paratron | hf")
+    parser.add_argument("--load-dir", required=True, help="folder to read")
+    parser.add_argument("--save-dir", required=True, help="folder to create")
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("--target-expert-parallel-size", type=int, default=1)
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="save weights in bfloat16")
+    precision.add_argument("--fp16", action="store_true", help="save weights in float16")
+    parser.add_argument("--model-size", help="a Paratron preset (e.g. qwen2.5-7b) the "
+                        "checkpoint must match")
+    parser.add_argument("--tokenizer-model", help="Hugging Face tokenizer folder (or GPT-2 "
+                        "vocab.json + merges.txt folder) to ship with the converted model")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="pad the vocabulary to a multiple of this x target TP")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow unpickling Megatron-LM's legacy .pt files")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest Hugging Face safetensors shard (default 5GB)")
+    parser.add_argument("--checkpoint-type", choices=["hf"], default=None,
+                        help="accepted with --loader llama_mistral (always hf)")
+    for flag in ("--loader-transformer-impl", "--saver-transformer-impl"):
+        parser.add_argument(flag, default=None, help="accepted; no effect")
+    return parser
+
+
+def _choice(value: str, known, flag: str) -> None:
+    if value not in known:
+        close = difflib.get_close_matches(value, list(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConversionError(f"{flag} {value}: unknown{hint} (known: {', '.join(known)})")
+
+
+def check_preset(config: TransformerConfig, vocab_rows: int, name: str) -> None:
+    """Refuse a checkpoint whose model is not the preset `name`."""
+    from paratron.model.presets import PRESETS
+
+    _choice(name, PRESETS, "--model-size")
+    for key, want in PRESETS[name].items():
+        if key in _PRESET_IGNORED or not hasattr(config, key):
+            continue
+        got = vocab_rows if key == "padded_vocab_size" else getattr(config, key)
+        if got != want:
+            raise ConversionError(f"--model-size {name}: the checkpoint has {key} {got!r}, "
+                                  f"the preset {want!r} (a checkpoint of another model?)")
+
+
+def run(args: argparse.Namespace, warn) -> str:
+    from paratron.convert import hf_export, paratron_io
+    from paratron.convert.hf_source import read_hf_folder
+    from paratron.convert.megatron_legacy import read_megatron_checkpoint
+
+    if args.saver in _MEGATRON_SAVERS:
+        raise ConversionError(f"--saver {args.saver} writes Megatron-LM's format; Paratron "
+                              f"trains from its own: use --saver paratron (or hf)")
+    _choice(args.loader, LOADERS, "--loader")
+    _choice(args.saver, SAVERS, "--saver")
+    loader = LOADERS[args.loader]
+    targets = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+               args.target_expert_parallel_size)
+    if min(targets) < 1:
+        raise ConversionError("--target-*-parallel-size must be positive")
+    if args.saver == "hf" and targets != (1, 1, 1):
+        raise ConversionError("--target-*-parallel-size apply to --saver paratron; a Hugging "
+                              "Face folder has no parallel layout")
+    if args.make_vocab_size_divisible_by < 1:
+        raise ConversionError("--make-vocab-size-divisible-by must be positive")
+    max_shard = hf_export.parse_size(args.max_shard_size)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+    if loader == "hf":
+        model = read_hf_folder(args.load_dir)
+    elif loader == "paratron":
+        model = paratron_io.read_paratron_checkpoint(args.load_dir)
+    else:
+        model = read_megatron_checkpoint(args.load_dir, trust_pickle=args.trust_pickle,
+                                         warn=warn)
+    if args.model_size:
+        check_preset(model.config, model.vocab_size, args.model_size)
+    tokenizer = None
+    if args.tokenizer_model:
+        from pathlib import Path
+
+        tokenizer = Path(args.tokenizer_model)
+        if not tokenizer.is_dir():
+            raise ConversionError(f"--tokenizer-model {tokenizer}: give a tokenizer folder "
+                                  f"(Hugging Face files, or GPT-2's vocab.json + merges.txt)")
+        model.tokenizer_dir = tokenizer
+        if (tokenizer / "tokenizer.json").is_file() or not (tokenizer / "merges.txt").is_file():
+            model.tokenizer_type = "HuggingFaceTokenizer"
+        else:
+            model.tokenizer_type = "GPT2BPETokenizer"
+    for note in model.notes:
+        warn(f"note: {note}")
+    if args.saver == "paratron":
+        target = paratron_io.TargetLayout(*targets, args.make_vocab_size_divisible_by)
+        out = paratron_io.save_paratron_checkpoint(model, args.save_dir, target, dtype)
+    else:
+        out = hf_export.save_hf_folder(model, args.save_dir, dtype=dtype,
+                                       tokenizer_dir=tokenizer, max_shard_size=max_shard)
+    return f"converted {model.source} ({args.loader}) -> {out} ({args.saver})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    def warn(line: str) -> None:
+        sys.stderr.write(line + "\n")
+
+    try:
+        args = build_parser().parse_args(argv)
+        print(run(args, warn))
+    except (ConversionError, ConfigError, DataError) as exc:
+        sys.stderr.write(f"paratron convert: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("paratron convert: interrupted; nothing written at --save-dir\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

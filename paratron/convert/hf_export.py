@@ -1,0 +1,360 @@
+"""Paratron -> Hugging Face: config.json, generation_config.json, tokenizer, safetensors.
+
+`hf_config_from_paratron` is the inverse of `hf_config.config_from_hf`. It is checked
+rather than trusted: the written config.json is read back with `config_from_hf` and
+every setting that changes what the model computes must come back equal, so a Paratron
+model that a Hugging Face architecture cannot express (squared ReLU, partial rotary,
+sigmoid routing, ...) is refused with the setting named, never exported approximately.
+
+The weights are written in shards of at most `max_shard_size` bytes with
+`model.safetensors.index.json` (a single `model.safetensors` when one shard holds them),
+as `save_pretrained` does, so `AutoModelForCausalLM.from_pretrained` and lm-eval load
+the folder as it is. Padded vocabulary rows beyond the tokenizer's vocabulary are
+trimmed; routed experts are written one tensor per expert, as on the Hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from paratron.config import TransformerConfig, moe_layer_pattern
+from paratron.convert.errors import ConversionError
+from paratron.convert.hf_config import hf_to_paratron_fields, transformer_config
+from paratron.convert.hf_loader import INDEX_FILE, SINGLE_FILE
+from paratron.convert.hf_mapping import PER_EXPERT, architecture
+from paratron.convert.streaming import StreamedModel, cast, progress, resize_vocab, staged_output
+
+ARCHITECTURE_CLASSES = {
+    "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def infer_model_type(c: TransformerConfig) -> str:
+    """The Hugging Face architecture a Paratron model config describes."""
+    if c.multi_latent_attention:
+        return "deepseek_v2"
+    if c.position_embedding_type == "learned_absolute":
+        return "gpt2"
+    if c.num_experts:
+        return "qwen3_moe" if c.qk_layernorm else "mixtral"
+    if c.qk_layernorm:
+        return "qwen3"
+    if c.add_qkv_bias and not c.add_bias_linear:
+        return "qwen2"
+    return "llama"
+
+
+def _rope(c: TransformerConfig) -> dict:
+    """rope_parameters (transformers 5) and the older rope_theta / rope_scaling keys."""
+    params: dict = {"rope_type": "default"}
+    if c.position_embedding_type == "yarn":
+        params = {"rope_type": "yarn", "factor": c.rotary_scaling_factor,
+                  "original_max_position_embeddings": c.original_max_position_embeddings,
+                  "beta_fast": c.beta_fast, "beta_slow": c.beta_slow}
+        if c.mscale and c.mscale_all_dim:
+            params.update(mscale=c.mscale, mscale_all_dim=c.mscale_all_dim)
+    elif c.use_rope_scaling:
+        params = {"rope_type": "llama3", "factor": c.rope_scaling_factor,
+                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": c.original_max_position_embeddings}
+    elif c.rotary_seq_len_interpolation_factor:
+        params = {"rope_type": "linear", "factor": c.rotary_seq_len_interpolation_factor}
+    legacy = None if params["rope_type"] == "default" else dict(params)
+    return {"rope_theta": c.rotary_base, "rope_scaling": legacy,
+            "rope_parameters": {"rope_theta": c.rotary_base, **params}}
+
+
+def _llama_like(c: TransformerConfig) -> dict:
+    return dict(hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
+                num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=c.num_query_groups, head_dim=c.kv_channels,
+                max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_epsilon,
+                hidden_act="silu", attention_dropout=0.0, **_rope(c))
+
+
+def _dense_layers(c: TransformerConfig) -> list[int]:
+    return [i for i, moe in enumerate(moe_layer_pattern(c)) if not moe]
+
+
+def _by_type(c: TransformerConfig, model_type: str) -> dict:
+    if model_type == "gpt2":
+        return dict(n_embd=c.hidden_size, n_layer=c.num_layers, n_head=c.num_attention_heads,
+                    n_inner=c.ffn_hidden_size, n_positions=c.max_position_embeddings,
+                    activation_function="gelu_new" if c.openai_gelu else "gelu",
+                    layer_norm_epsilon=c.norm_epsilon, resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0)
+    if model_type == "llama":
+        return dict(_llama_like(c), attention_bias=c.add_bias_linear, mlp_bias=c.add_bias_linear)
+    if model_type == "qwen2":
+        return dict(_llama_like(c), use_sliding_window=False, sliding_window=None)
+    if model_type == "qwen3":
+        return dict(_llama_like(c), attention_bias=False, use_sliding_window=False,
+                    sliding_window=None)
+    if model_type == "mixtral":
+        return dict(_llama_like(c), intermediate_size=c.moe_ffn_hidden_size,
+                    num_local_experts=c.num_experts, num_experts_per_tok=c.moe_router_topk,
+                    router_aux_loss_coef=c.moe_aux_loss_coeff, sliding_window=None)
+    if model_type == "qwen3_moe":
+        return dict(_llama_like(c), attention_bias=False, use_sliding_window=False,
+                    moe_intermediate_size=c.moe_ffn_hidden_size, num_experts=c.num_experts,
+                    num_experts_per_tok=c.moe_router_topk,
+                    norm_topk_prob=not c.moe_router_pre_softmax, decoder_sparse_step=1,
+                    mlp_only_layers=_dense_layers(c),
+                    router_aux_loss_coef=c.moe_aux_loss_coeff)
+    if model_type == "deepseek_v2":
+        dense = _dense_layers(c)
+        if dense != list(range(len(dense))):
+            raise ConversionError(f"DeepSeek-V2 has dense layers only before its MoE layers; "
+                                  f"this model's dense layers are {dense}")
+        shared = c.moe_shared_expert_intermediate_size or 0
+        if shared % c.moe_ffn_hidden_size:
+            raise ConversionError(f"--moe-shared-expert-intermediate-size {shared} is not a "
+                                  f"multiple of --moe-ffn-hidden-size {c.moe_ffn_hidden_size}, "
+                                  f"as DeepSeek-V2's n_shared_experts needs")
+        out = dict(
+            hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_attention_heads,
+            max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_epsilon,
+            hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+            q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+            qk_nope_head_dim=c.qk_head_dim, qk_rope_head_dim=c.qk_pos_emb_head_dim,
+            v_head_dim=c.v_head_dim, head_dim=c.qk_pos_emb_head_dim,
+            n_routed_experts=c.num_experts, n_shared_experts=shared // c.moe_ffn_hidden_size,
+            moe_intermediate_size=c.moe_ffn_hidden_size, num_experts_per_tok=c.moe_router_topk,
+            first_k_dense_replace=len(dense),
+            routed_scaling_factor=c.moe_router_topk_scaling_factor or 1.0,
+            topk_method="group_limited_greedy" if c.moe_router_num_groups else "greedy",
+            n_group=c.moe_router_num_groups, topk_group=c.moe_router_group_topk,
+            norm_topk_prob=False, scoring_func="softmax", moe_layer_freq=1,
+            aux_loss_alpha=c.moe_aux_loss_coeff,
+            seq_aux=c.moe_router_load_balancing_type == "seq_aux_loss", **_rope(c))
+        return out
+    raise ConversionError(f"unsupported Hugging Face model_type {model_type!r}")
+
+
+def hf_config_from_paratron(c: TransformerConfig, model_type: str, vocab_size: int,
+                            dtype: torch.dtype) -> dict:
+    """config.json for a Paratron model, checked to read back as the same model."""
+    hf = {"architectures": [ARCHITECTURE_CLASSES[model_type]], "model_type": model_type,
+          "vocab_size": vocab_size, "tie_word_embeddings":
+              not c.untie_embeddings_and_output_weights,
+          "initializer_range": c.init_method_std, "use_cache": True,
+          "dtype": _DTYPE_NAMES[dtype], "torch_dtype": _DTYPE_NAMES[dtype],
+          **_by_type(c, model_type)}
+    check_round_trip(c, hf, model_type)
+    return hf
+
+
+# Settings that do not change what a trained model computes at inference (training
+# schedule, losses, dispatch and kernels, vocabulary padding, derived flags).
+_NOT_COMPUTED = {
+    "padded_vocab_size", "vocab_size", "make_vocab_size_divisible_by", "extra_vocab_size",
+    "attention_dropout", "hidden_dropout", "init_method_std", "recompute_activations",
+    "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
+    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_load_balancing_type",
+    "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_router_bias_update_rate",
+    "sequence_parallel", "cp_comm_type", "group_query_attention",
+    "use_rotary_position_embeddings", "moe_layer_freq",
+}
+_MLA = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+_YARN = ("rotary_scaling_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+_ROTARY = ("rotary_base", "rotary_percent", "rotary_interleaved",
+           "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor")
+
+
+def _effective(c: TransformerConfig) -> dict:
+    """The settings of `c` that change what the model computes."""
+    out = {k: v for k, v in dataclasses.asdict(c).items() if k not in _NOT_COMPUTED}
+    drop = set()
+    if c.multi_latent_attention:
+        drop |= {"kv_channels", "num_query_groups"}
+    else:
+        drop |= set(_MLA)
+    if c.position_embedding_type != "yarn":
+        drop |= set(_YARN)
+        if c.mscale and c.mscale_all_dim:
+            drop -= {"mscale", "mscale_all_dim"}
+    elif not (c.mscale and c.mscale_all_dim):
+        out["mscale"], out["mscale_all_dim"] = 1.0, 0.0
+    if not c.use_rope_scaling:
+        drop.add("rope_scaling_factor")
+    if c.position_embedding_type != "yarn" and not c.use_rope_scaling:
+        drop.add("original_max_position_embeddings")
+    if c.position_embedding_type == "learned_absolute":
+        drop |= set(_ROTARY)
+    moe_fields = [k for k in out if k.startswith("moe_")] + ["num_experts"]
+    if not c.num_experts:
+        drop |= set(moe_fields)
+    else:
+        pattern = moe_layer_pattern(c)
+        out["moe_pattern"] = pattern
+        out["moe_router_topk_scaling_factor"] = c.moe_router_topk_scaling_factor or 1.0
+        out["moe_shared_expert_intermediate_size"] = c.moe_shared_expert_intermediate_size or 0
+        if all(pattern):
+            drop.add("ffn_hidden_size")
+        if not c.moe_router_num_groups:
+            drop |= {"moe_router_num_groups", "moe_router_group_topk"}
+        if c.moe_expert_capacity_factor is None:
+            drop |= {"moe_pad_expert_input_to_capacity", "moe_token_drop_policy"}
+    return {k: v for k, v in out.items() if k not in drop}
+
+
+def check_round_trip(c: TransformerConfig, hf: dict, model_type: str) -> None:
+    """Refuse when config.json `hf` would not read back as the model `c` describes."""
+    try:
+        back = transformer_config(hf_to_paratron_fields(hf))
+    except ConversionError as exc:
+        raise ConversionError(f"this model has no Hugging Face {model_type} equivalent: "
+                              f"{exc}") from None
+    want, got = _effective(c), _effective(back)
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            raise ConversionError(f"this model has no Hugging Face {model_type} equivalent: "
+                                  f"its setting {key}={want.get(key)!r} would read back as "
+                                  f"{got.get(key)!r}")
+
+
+# ------------------------------------------------------------------ tokenizer
+def _write_gpt2_tokenizer_config(folder: Path, max_length: int) -> None:
+    """vocab.json + merges.txt alone (Megatron's GPT2BPETokenizer files): the
+    tokenizer_config.json that makes `AutoTokenizer` load them as GPT-2's tokenizer."""
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length,
+              "add_prefix_space": False}
+    if "<|endoftext|>" in vocab:
+        config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                      unk_token="<|endoftext|>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def export_tokenizer(src: Path, dst: Path, max_length: int, vocab_rows: int) -> dict:
+    """Copy the tokenizer into the export and return its special token ids."""
+    from paratron.convert.paratron_io import copy_tokenizer
+
+    copy_tokenizer(src, dst)
+    if not (dst / "tokenizer_config.json").exists() and not (dst / "tokenizer.json").exists():
+        if not ((dst / "vocab.json").exists() and (dst / "merges.txt").exists()):
+            raise ConversionError(f"{src}: no tokenizer files transformers can load "
+                                  f"(tokenizer.json, tokenizer_config.json, or GPT-2's "
+                                  f"vocab.json + merges.txt)")
+        _write_gpt2_tokenizer_config(dst, max_length)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(dst))
+    except Exception as exc:  # noqa: BLE001 - any failure is the tokenizer's files
+        raise ConversionError(f"{src}: transformers cannot load this tokenizer "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                              ) from None
+    if len(tok) > vocab_rows:
+        raise ConversionError(f"{src}: the tokenizer has {len(tok)} tokens but the model "
+                              f"only {vocab_rows} embedding rows; give the tokenizer the "
+                              f"model was trained with (--tokenizer-model)")
+    return {k: v for k, v in (("bos_token_id", tok.bos_token_id),
+                              ("eos_token_id", tok.eos_token_id),
+                              ("pad_token_id", tok.pad_token_id)) if v is not None}
+
+
+# ------------------------------------------------------------------ weights
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '40KB' or a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConversionError(f"--max-shard-size {text!r}: give a size such as 5GB or 500MB")
+    unit = match.group(2).upper().rstrip("B").rstrip("I")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    if "I" in match.group(2).upper():
+        scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+    return max(int(float(match.group(1)) * scale), 1)
+
+
+class _ShardWriter:
+    """safetensors shards of at most `limit` bytes, named as `save_pretrained` names them."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.limit:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.folder / f"part-{len(self.shards):05d}.safetensors"),
+                  metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            (self.folder / "part-00000.safetensors").rename(self.folder / SINGLE_FILE)
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / f"part-{i:05d}.safetensors").rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(
+            weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def save_hf_folder(model: StreamedModel, save_dir: str | Path, *,
+                   dtype: torch.dtype | None = None, tokenizer_dir: Path | None = None,
+                   max_shard_size: int = 5 * 10**9, model_type: str | None = None) -> Path:
+    """Write `model` as a Hugging Face folder at `save_dir`, crash-safely."""
+    c = model.config
+    model_type = model_type or model.model_type or infer_model_type(c)
+    arch = architecture(model_type)
+    stream = model.groups()  # the first group (the embedding) gives the stored dtype
+    stored_dtype = next(iter(next(stream).values())).dtype
+    stream.close()
+    out_dtype = dtype or stored_dtype
+    hf = hf_config_from_paratron(c, model_type, model.vocab_size, out_dtype)
+    tokenizer_dir = tokenizer_dir or model.tokenizer_dir
+    with staged_output(save_dir) as tmp:
+        if tokenizer_dir is not None:
+            ids = export_tokenizer(Path(tokenizer_dir), tmp, c.max_position_embeddings,
+                                   model.vocab_size)
+            hf.update(ids)
+            generation = {"_from_model_config": True, **ids}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        else:
+            (tmp / "generation_config.json").write_text(json.dumps(
+                {"_from_model_config": True}, indent=2))
+        shards = _ShardWriter(tmp, max_shard_size)
+        with progress(model.num_groups, "writing Hugging Face safetensors") as bar:
+            for group in model.groups():
+                group = cast(resize_vocab(group, model.vocab_size), out_dtype)
+                for key, tensor in group.items():
+                    if not key.startswith("model/"):
+                        raise ConversionError(f"{model.source}: {key} has no Hugging Face "
+                                              f"{model_type} equivalent")
+                    name = key.removeprefix("model/")
+                    for hf_name, part in arch.to_hf(name, tensor, c, 0, PER_EXPERT).items():
+                        shards.add(hf_name, part)
+                bar.update()
+        shards.finish()
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+    return Path(save_dir)

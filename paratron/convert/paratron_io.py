@@ -1,0 +1,217 @@
+"""Paratron checkpoints as conversion sources and targets.
+
+Reading takes the newest complete checkpoint of a save folder (or one `iter_XXXXXXX`
+folder), verifies every file's size and SHA-256, and checks that the tensors are the
+ones its config implies before anything is produced. Only weights (`model/...`) and
+persistent buffers travel; optimizer state stays behind.
+
+Writing validates the target layout against the model (heads and FFN sizes divisible by
+TP, layers by PP, experts by EP, as `paratron.config.validate` does for a run), pads the
+vocabulary with Megatron's rule for that TP and records the sizes in the saved config's
+parallel section. The tensors themselves are logical, so any layout (not only the one
+recorded) loads the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from paratron.checkpoint import files as ckpt_files
+from paratron.checkpoint.checkpointing import _Reader as TensorReader
+from paratron.checkpoint.writer import LogicalCheckpointWriter
+from paratron.config import (Config, ConfigError, TransformerConfig, finalize, pad_vocab_size,
+                             validate)
+from paratron.convert.errors import ConversionError
+from paratron.convert.hf_config import transformer_config
+from paratron.convert.streaming import (StreamedModel, cast, model_layout, progress,
+                                        resize_vocab, staged_output)
+from paratron.data.errors import DataError
+
+TOKENIZER_DIR = "tokenizer"
+_TRANSFORMER_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
+def find_checkpoint(load_dir: str | Path) -> Path:
+    """The checkpoint directory `load_dir` names: itself when it holds metadata.json,
+    else the iteration `latest_checkpointed_iteration.txt` names, else the newest."""
+    load_dir = Path(load_dir)
+    if (load_dir / ckpt_files.METADATA).exists():
+        return load_dir
+    if not load_dir.is_dir():
+        raise ConversionError(f"--load-dir {load_dir}: not a folder")
+    iteration = ckpt_files.read_latest(load_dir)
+    if iteration is None:
+        found = ckpt_files.list_iterations(load_dir)
+        if not found:
+            raise ConversionError(f"--load-dir {load_dir}: no Paratron checkpoint "
+                                  f"(no {ckpt_files.LATEST} and no iter_XXXXXXX folder)")
+        iteration = found[0]
+    return ckpt_files.checkpoint_dir(load_dir, iteration)
+
+
+def _tokenizer_vocab(folder: Path, tokenizer_type: str | None) -> int | None:
+    """How many ids the tokenizer in `folder` produces (None when it cannot be read)."""
+    from paratron.data.tokenizer import build_tokenizer
+
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and \
+            not (folder / "tokenizer.json").is_file():
+        kind, kwargs = "GPT2BPETokenizer", dict(vocab_file=str(folder / "vocab.json"),
+                                                merge_file=str(folder / "merges.txt"))
+    else:
+        kind, kwargs = "HuggingFaceTokenizer", dict(tokenizer_model=str(folder))
+    try:
+        return build_tokenizer(kind, **kwargs).vocab_size
+    except (DataError, OSError, ValueError):
+        return None
+
+
+def checkpoint_tokenizer(path: Path) -> Path | None:
+    """The `tokenizer/` folder a run saved next to its checkpoints, if any."""
+    for folder in (path.parent / TOKENIZER_DIR, path / TOKENIZER_DIR):
+        if folder.is_dir() and any(folder.iterdir()):
+            return folder
+    return None
+
+
+def read_paratron_checkpoint(load_dir: str | Path) -> StreamedModel:
+    """A Paratron checkpoint's weights, verified, as a stream of layer groups."""
+    path = find_checkpoint(load_dir)
+    problems = ckpt_files.verify_checkpoint(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ConversionError(f"{problems[0]}{more}; the checkpoint is incomplete or corrupt")
+    meta = ckpt_files.read_metadata(path)
+    saved = meta.get("config") or {}
+    fields = {k: v for k, v in (saved.get("model") or {}).items()
+              if k in _TRANSFORMER_FIELDS and k not in ("sequence_parallel", "cp_comm_type")}
+    if not fields.get("padded_vocab_size"):
+        raise ConversionError(f"{path / ckpt_files.METADATA}: the config has no "
+                              f"padded_vocab_size; it was not written by a Paratron run")
+    config = transformer_config(fields)
+    layout = model_layout(config)
+    index = meta["tensors"]
+    expected = {layout.key(n): list(layout.shape(n)) for g in layout.groups for n in g}
+    for key, shape in expected.items():
+        entry = index.get(key)
+        if entry is None:
+            raise ConversionError(f"{path}: no tensor {key}, which its config implies (a "
+                                  f"checkpoint of another model?)")
+        if entry["shape"] != shape:
+            raise ConversionError(f"{path}: {key} has shape {entry['shape']}, its config "
+                                  f"implies {shape} (a checkpoint of another model?)")
+    extra = sorted(k for k in index if k.startswith(("model/", "buffer/")) and k not in expected)
+    if extra:
+        raise ConversionError(f"{path}: tensor {extra[0]} is not part of the model its config "
+                              f"describes ({len(extra)} such tensors)")
+
+    tokenizer_type = (saved.get("data") or {}).get("tokenizer_type")
+    tokenizer_dir = checkpoint_tokenizer(path)
+    if config.vocab_size:
+        vocab = config.vocab_size + config.extra_vocab_size
+    elif tokenizer_dir is not None and (n := _tokenizer_vocab(tokenizer_dir, tokenizer_type)):
+        vocab = n + config.extra_vocab_size
+    else:
+        vocab = config.padded_vocab_size
+    vocab = min(vocab, config.padded_vocab_size)
+
+    def groups():
+        read = TensorReader(path, meta)
+        for names in layout.groups:
+            yield {layout.key(n): read(layout.key(n)) for n in names}
+
+    notes = ["optimizer state is not converted"] if meta.get("optimizer") else []
+    return StreamedModel(config=config, vocab_size=vocab, groups=groups,
+                         num_groups=len(layout.groups), source=str(path),
+                         tokenizer_dir=tokenizer_dir, tokenizer_type=tokenizer_type,
+                         saved_config=saved, notes=notes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetLayout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    make_vocab_size_divisible_by: int = 128
+
+
+_TARGET_FLAGS = {"--tensor-model-parallel-size": "--target-tensor-parallel-size",
+                 "--pipeline-model-parallel-size": "--target-pipeline-parallel-size",
+                 "--expert-model-parallel-size": "--target-expert-parallel-size"}
+
+
+def target_config(model: TransformerConfig, target: TargetLayout, vocab_size: int) -> Config:
+    """A run config holding `model` at the target layout, vocabulary padded for its TP,
+    validated as a training run with these sizes would be."""
+    cfg = Config()
+    cfg.model = dataclasses.replace(
+        model, vocab_size=vocab_size, extra_vocab_size=0,
+        make_vocab_size_divisible_by=target.make_vocab_size_divisible_by,
+        padded_vocab_size=pad_vocab_size(vocab_size, target.make_vocab_size_divisible_by,
+                                         target.tp))
+    p = cfg.parallel
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = target.tp, target.pp
+    p.expert_model_parallel_size = target.ep
+    cfg.data.seq_length = model.max_position_embeddings
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model),
+                                parallel=dataclasses.replace(p, world_size=target.tp * target.pp
+                                                             * target.ep),
+                                training=dataclasses.replace(cfg.training, train_iters=1),
+                                optimizer=dataclasses.replace(cfg.optimizer, lr=1e-4))
+    finalize(probe)
+    try:
+        validate(probe)
+    except ConfigError as exc:
+        message = str(exc)
+        for flag, target_flag in _TARGET_FLAGS.items():
+            message = message.replace(flag, target_flag)
+        raise ConversionError(f"the target layout does not fit the model: {message}") from None
+    finalize(cfg)
+    return cfg
+
+
+def save_paratron_checkpoint(model: StreamedModel, save_dir: str | Path, target: TargetLayout,
+                             dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a Paratron checkpoint (iteration 0) at `save_dir`, crash-safely."""
+    cfg = target_config(model.config, target, model.vocab_size)
+    rows = cfg.model.padded_vocab_size
+    if dtype is not None:
+        cfg.training.bf16, cfg.training.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+    final = Path(save_dir).resolve()
+    if model.tokenizer_dir is not None:
+        cfg.data.tokenizer_type = model.tokenizer_type or "HuggingFaceTokenizer"
+        if cfg.data.tokenizer_type == "GPT2BPETokenizer":
+            cfg.data.vocab_file = str(final / TOKENIZER_DIR / "vocab.json")
+            cfg.data.merge_file = str(final / TOKENIZER_DIR / "merges.txt")
+        else:
+            cfg.data.tokenizer_model = str(final / TOKENIZER_DIR)
+    saved = cfg.to_dict()
+    if model.saved_config:  # a Paratron run's config: keep its settings, new model/layout
+        saved = {**model.saved_config, "model": saved["model"],
+                 "parallel": {**model.saved_config.get("parallel", {}),
+                              **{k: saved["parallel"][k] for k in (
+                                  "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                  "expert_model_parallel_size")}}}
+    with staged_output(save_dir) as tmp:
+        writer = LogicalCheckpointWriter(tmp, iteration=0)
+        with progress(model.num_groups, "writing Paratron checkpoint") as bar:
+            for group in model.groups():
+                writer.add(cast(resize_vocab(group, rows), dtype))
+                bar.update()
+        if model.tokenizer_dir is not None:
+            copy_tokenizer(model.tokenizer_dir, tmp / TOKENIZER_DIR)
+        writer.finish(config=saved)
+    return final
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy a tokenizer folder's files (not its weights or sub-folders)."""
+    from paratron.convert.hf_source import TOKENIZER_FILES
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

@@ -1,0 +1,149 @@
+"""What every conversion shares: a model as a stream of logical tensors, a layer at a time.
+
+A loader (Hugging Face folder, Paratron checkpoint, Megatron-LM checkpoint) turns its
+files into a `StreamedModel`: the TransformerConfig, the number of real vocabulary rows
+and a function that yields the model's logical tensors (global names, unsharded shapes,
+keyed `model/<name>` or `buffer/<name>` as in a Paratron checkpoint) one group at a time:
+the embedding, then each layer, then the final norm and output layer. A saver consumes
+the groups and writes its format. So at most one layer's tensors (plus what the files
+memory-map) are in memory, whatever the size of the model.
+
+The names and shapes a config implies come from a `GPTModel` built on the meta device:
+no memory, no initialisation, and exactly the parameters the real model will have.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from paratron.config import TransformerConfig
+from paratron.convert.errors import ConversionError
+from paratron.convert.hf_mapping import EMBEDDING, OUTPUT
+from paratron.model.gpt import GPTModel
+
+Group = dict[str, torch.Tensor]
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+VOCAB_TENSORS = (EMBEDDING, OUTPUT)
+
+
+@dataclass
+class ModelLayout:
+    """The logical tensors of a model (built on the meta device), grouped for streaming."""
+
+    groups: list[list[str]]          # Paratron names, one list per group
+    params: dict[str, torch.nn.Parameter]  # meta parameters (with their sharding attributes)
+    buffers: dict[str, torch.Tensor]  # persistent buffers
+
+    def shape(self, name: str) -> torch.Size:
+        t = self.params.get(name)
+        return (t if t is not None else self.buffers[name]).shape
+
+    def key(self, name: str) -> str:
+        """The checkpoint key of a Paratron tensor name."""
+        return f"model/{name}" if name in self.params else f"buffer/{name}"
+
+
+def group_index(name: str, num_layers: int) -> int:
+    """0 for the embedding, 1 + i for layer i, num_layers + 1 for the rest."""
+    match = _LAYER.match(name)
+    if match:
+        return 1 + int(match.group(1))
+    return 0 if name.startswith("embedding.") else num_layers + 1
+
+
+def model_layout(config: TransformerConfig) -> ModelLayout:
+    """The logical tensors of the single-process model `config` describes."""
+    with torch.device("meta"):
+        model = GPTModel(config)
+    params = dict(model.named_parameters())
+    buffers = {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in params}
+    groups: list[list[str]] = [[] for _ in range(config.num_layers + 2)]
+    for name in list(params) + list(buffers):
+        groups[group_index(name, config.num_layers)].append(name)
+    return ModelLayout([g for g in groups if g], params, buffers)
+
+
+@dataclass
+class StreamedModel:
+    """A model read from some checkpoint format, handed to a saver group by group.
+
+    config.padded_vocab_size is the number of rows the stored embedding has;
+    vocab_size the leading rows that are real tokens (the rest is padding)."""
+
+    config: TransformerConfig
+    vocab_size: int
+    groups: Callable[[], Iterator[Group]]
+    num_groups: int
+    source: str                       # what was read, for messages
+    model_type: str | None = None     # the Hugging Face model_type, when known
+    tokenizer_dir: Path | None = None  # tokenizer files that belong to the model
+    tokenizer_type: str | None = None  # Megatron --tokenizer-type of those files
+    saved_config: dict | None = None   # a Paratron run config the checkpoint carried
+    notes: list[str] = field(default_factory=list)
+
+
+def resize_vocab(group: Group, rows: int) -> Group:
+    """Pad (with zero rows) or trim the embedding and output layer to `rows` rows."""
+    out = dict(group)
+    for name in VOCAB_TENSORS:
+        key = f"model/{name}"
+        t = out.get(key)
+        if t is None or t.shape[0] == rows:
+            continue
+        if t.shape[0] > rows:
+            out[key] = t[:rows]
+        else:
+            out[key] = torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+    return out
+
+
+def cast(group: Group, dtype: torch.dtype | None) -> Group:
+    """Floating-point tensors in `dtype` (None: as stored)."""
+    if dtype is None:
+        return group
+    return {k: t.to(dtype) if t.is_floating_point() else t for k, t in group.items()}
+
+
+def progress(total: int, what: str):
+    """A progress bar on stderr (shown on a terminal only, so logs stay clean)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="group", file=sys.stderr, disable=None,
+                leave=False, dynamic_ncols=True)
+
+
+@contextmanager
+def staged_output(save_dir: str | os.PathLike, flag: str = "--save-dir") -> Iterator[Path]:
+    """A temporary folder next to `save_dir`, renamed to it when the block succeeds and
+    removed when it fails, so `save_dir` is either complete or absent."""
+    target = Path(save_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConversionError(f"{flag} {target}: already exists and is not empty; choose a "
+                              f"new folder or remove it")
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConversionError(f"{flag} {target}: cannot create its parent ({exc.strerror})"
+                              ) from None
+    tmp = parent / f".{target.name}.converting-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()  # empty (checked above)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
