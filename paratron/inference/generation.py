@@ -15,6 +15,8 @@ sampling kernels are not bit-reproducible.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -70,13 +72,14 @@ def _same_on_every_rank(ids: torch.Tensor, pg) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
-             sampling: Sampling | None = None, eod: int | None = None,
+             sampling: Sampling | None = None, eod: int | Sequence[int] | None = None,
              vocab_size: int | None = None) -> list[list[int]]:
-    """The new token ids of each prompt: `max_new_tokens` of them, or fewer when `eod`
-    comes first (it is kept, the row stops there). `vocab_size`: ids at and above it
-    (the embedding's padding rows) are never chosen. Collective over the model's TP
-    group: every rank calls it with the same prompts."""
+    """The new token ids of each prompt: `max_new_tokens` of them, or fewer when a stop
+    id (`eod`: one id or several) comes first; it is kept and the row stops there.
+    `vocab_size`: ids at and above it (the embedding's padding rows) are never chosen.
+    Collective over the model's TP group: every rank calls it with the same prompts."""
     sampling = sampling or Sampling(greedy=True)
+    stop = [] if eod is None else [int(eod)] if isinstance(eod, int) else [int(i) for i in eod]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -100,6 +103,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
     was_training = model.training
     model.eval()
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
     start, end = 0, width
     try:
         for _ in range(max_new_tokens):
@@ -109,8 +113,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
             chosen = _same_on_every_rank(
                 sampling.sample(_last_logits(model, logits, vocab_size)), pg)
             tokens[:, end] = chosen
-            if eod is not None:
-                finished |= chosen == eod
+            finished |= torch.isin(chosen, stop_ids)
             start, end = end, end + 1
             if bool(finished[:len(prompts)].all()):
                 break
@@ -119,7 +122,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
     out = []
     for row in range(len(prompts)):
         new = tokens[row, width:end].tolist()
-        if eod is not None and eod in new:
-            new = new[:new.index(eod) + 1]
-        out.append(new)
+        ends = [i for i, token in enumerate(new) if token in stop]
+        out.append(new[:ends[0] + 1] if ends else new)
     return out

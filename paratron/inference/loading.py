@@ -31,7 +31,8 @@ EMBEDDING = "model/embedding.word_embeddings.weight"
 # Settings of the training run that do not concern the model and would only be
 # refused or misread when rebuilding it for generation.
 _RESET_SECTIONS = ("parallel", "checkpoint", "logging")
-_RESET_TRAINING = ("cpu_offloading", "exit_signal_handler", "rampup_batch_size")
+# Generation runs eagerly: a compiled layer would recompile as the cached length grows.
+_GENERATION_SETTINGS = {"torch_compile": False, "rampup_batch_size": None}
 
 
 def find_checkpoint(load_dir: str | os.PathLike, log: Callable[[str], None] = print
@@ -59,8 +60,7 @@ def config_for_generation(saved: dict, tp: int, padded_vocab_size: int | None) -
     defaults = Config().to_dict()
     for section in _RESET_SECTIONS:
         flat.update(defaults[section])
-    for name in _RESET_TRAINING:
-        flat[name] = defaults["training"][name]
+    flat.update({k: v for k, v in _GENERATION_SETTINGS.items() if k in flat})
     flat.update(tensor_model_parallel_size=tp, world_size=tp)
     if padded_vocab_size is not None:
         flat["padded_vocab_size"] = padded_vocab_size
