@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from pathlib import Path
 
 import torch
 
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace, warn) -> str:
     from paratron.convert import hf_export, paratron_io
     from paratron.convert.hf_source import read_hf_folder
     from paratron.convert.megatron_legacy import read_megatron_checkpoint
+    from paratron.convert.tokenizer_files import describe
 
     if args.saver in _MEGATRON_SAVERS:
         raise ConversionError(f"--saver {args.saver} writes Megatron-LM's format; Paratron "
@@ -136,19 +138,14 @@ def run(args: argparse.Namespace, warn) -> str:
                                          warn=warn)
     if args.model_size:
         check_preset(model.config, model.vocab_size, args.model_size)
-    tokenizer = None
     if args.tokenizer_model:
-        from pathlib import Path
-
-        tokenizer = Path(args.tokenizer_model)
-        if not tokenizer.is_dir():
-            raise ConversionError(f"--tokenizer-model {tokenizer}: give a tokenizer folder "
-                                  f"(Hugging Face files, or GPT-2's vocab.json + merges.txt)")
-        model.tokenizer_dir = tokenizer
-        if (tokenizer / "tokenizer.json").is_file() or not (tokenizer / "merges.txt").is_file():
-            model.tokenizer_type = "HuggingFaceTokenizer"
-        else:
-            model.tokenizer_type = "GPT2BPETokenizer"
+        folder = Path(args.tokenizer_model)
+        found = describe(folder) if folder.is_dir() else None
+        if found is None:
+            raise ConversionError(f"--tokenizer-model {folder}: not a tokenizer folder "
+                                  f"(Hugging Face tokenizer files, or GPT-2's vocab.json + "
+                                  f"merges.txt)")
+        model.tokenizer = found
     for note in model.notes:
         warn(f"note: {note}")
     if args.saver == "paratron":
@@ -156,7 +153,7 @@ def run(args: argparse.Namespace, warn) -> str:
         out = paratron_io.save_paratron_checkpoint(model, args.save_dir, target, dtype)
     else:
         out = hf_export.save_hf_folder(model, args.save_dir, dtype=dtype,
-                                       tokenizer_dir=tokenizer, max_shard_size=max_shard)
+                                       max_shard_size=max_shard)
     return f"converted {model.source} ({args.loader}) -> {out} ({args.saver})"
 
 

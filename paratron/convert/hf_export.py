@@ -29,6 +29,7 @@ from paratron.convert.hf_config import hf_to_paratron_fields, transformer_config
 from paratron.convert.hf_loader import INDEX_FILE, SINGLE_FILE
 from paratron.convert.hf_mapping import PER_EXPERT, architecture
 from paratron.convert.streaming import StreamedModel, cast, progress, resize_vocab, staged_output
+from paratron.convert.tokenizer_files import TokenizerFiles, copy_into
 
 ARCHITECTURE_CLASSES = {
     "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -237,16 +238,12 @@ def _write_gpt2_tokenizer_config(folder: Path, max_length: int) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def export_tokenizer(src: Path, dst: Path, max_length: int, vocab_rows: int) -> dict:
+def export_tokenizer(files: TokenizerFiles, dst: Path, max_length: int,
+                     vocab_rows: int) -> dict:
     """Copy the tokenizer into the export and return its special token ids."""
-    from paratron.convert.paratron_io import copy_tokenizer
-
-    copy_tokenizer(src, dst)
-    if not (dst / "tokenizer_config.json").exists() and not (dst / "tokenizer.json").exists():
-        if not ((dst / "vocab.json").exists() and (dst / "merges.txt").exists()):
-            raise ConversionError(f"{src}: no tokenizer files transformers can load "
-                                  f"(tokenizer.json, tokenizer_config.json, or GPT-2's "
-                                  f"vocab.json + merges.txt)")
+    copy_into(files, dst)
+    src = next(iter(files.files.values())).parent
+    if files.kind == "gpt2":
         _write_gpt2_tokenizer_config(dst, max_length)
     from transformers import AutoTokenizer
 
@@ -321,7 +318,7 @@ class _ShardWriter:
 
 
 def save_hf_folder(model: StreamedModel, save_dir: str | Path, *,
-                   dtype: torch.dtype | None = None, tokenizer_dir: Path | None = None,
+                   dtype: torch.dtype | None = None,
                    max_shard_size: int = 5 * 10**9, model_type: str | None = None) -> Path:
     """Write `model` as a Hugging Face folder at `save_dir`, crash-safely."""
     c = model.config
@@ -332,10 +329,9 @@ def save_hf_folder(model: StreamedModel, save_dir: str | Path, *,
     stream.close()
     out_dtype = dtype or stored_dtype
     hf = hf_config_from_paratron(c, model_type, model.vocab_size, out_dtype)
-    tokenizer_dir = tokenizer_dir or model.tokenizer_dir
     with staged_output(save_dir) as tmp:
-        if tokenizer_dir is not None:
-            ids = export_tokenizer(Path(tokenizer_dir), tmp, c.max_position_embeddings,
+        if model.tokenizer is not None:
+            ids = export_tokenizer(model.tokenizer, tmp, c.max_position_embeddings,
                                    model.vocab_size)
             hf.update(ids)
             generation = {"_from_model_config": True, **ids}

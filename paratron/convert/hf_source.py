@@ -16,16 +16,7 @@ from paratron.convert.hf_loader import (SafetensorsFolder, check_all_used, check
                                         plan_sources)
 from paratron.convert.hf_mapping import EMBEDDING, architecture
 from paratron.convert.streaming import StreamedModel, model_layout
-
-# Files of a Hugging Face tokenizer (whichever of them a folder holds).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "qwen.tiktoken")
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
-
+from paratron.convert.tokenizer_files import describe
 
 def read_hf_folder(folder: str | Path) -> StreamedModel:
     """The model in a Hugging Face checkpoint folder (config.json + safetensors)."""
@@ -63,6 +54,4 @@ def read_hf_folder(folder: str | Path) -> StreamedModel:
     return StreamedModel(config=config, vocab_size=config.padded_vocab_size, groups=groups,
                          num_groups=len(layout.groups), source=str(folder),
                          model_type=model_type,
-                         tokenizer_dir=folder if has_tokenizer(folder) else None,
-                         tokenizer_type="HuggingFaceTokenizer" if has_tokenizer(folder)
-                         else None)
+                         tokenizer=describe(folder))

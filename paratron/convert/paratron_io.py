@@ -15,7 +15,6 @@ recorded) loads the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import torch
@@ -29,7 +28,8 @@ from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import transformer_config
 from paratron.convert.streaming import (StreamedModel, cast, model_layout, progress,
                                         resize_vocab, staged_output)
-from paratron.data.errors import DataError
+from paratron.convert.tokenizer_files import (TokenizerFiles, copy_into, describe,
+                                             vocab_size as tokenizer_vocab_size)
 
 TOKENIZER_DIR = "tokenizer"
 _TRANSFORMER_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -53,27 +53,13 @@ def find_checkpoint(load_dir: str | Path) -> Path:
     return ckpt_files.checkpoint_dir(load_dir, iteration)
 
 
-def _tokenizer_vocab(folder: Path, tokenizer_type: str | None) -> int | None:
-    """How many ids the tokenizer in `folder` produces (None when it cannot be read)."""
-    from paratron.data.tokenizer import build_tokenizer
-
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and \
-            not (folder / "tokenizer.json").is_file():
-        kind, kwargs = "GPT2BPETokenizer", dict(vocab_file=str(folder / "vocab.json"),
-                                                merge_file=str(folder / "merges.txt"))
-    else:
-        kind, kwargs = "HuggingFaceTokenizer", dict(tokenizer_model=str(folder))
-    try:
-        return build_tokenizer(kind, **kwargs).vocab_size
-    except (DataError, OSError, ValueError):
-        return None
-
-
-def checkpoint_tokenizer(path: Path) -> Path | None:
-    """The `tokenizer/` folder a run saved next to its checkpoints, if any."""
+def checkpoint_tokenizer(path: Path) -> TokenizerFiles | None:
+    """The tokenizer a run saved next to its checkpoints (`<save>/tokenizer/`), if any."""
     for folder in (path.parent / TOKENIZER_DIR, path / TOKENIZER_DIR):
-        if folder.is_dir() and any(folder.iterdir()):
-            return folder
+        if folder.is_dir():
+            found = describe(folder)
+            if found is not None:
+                return found
     return None
 
 
@@ -108,11 +94,10 @@ def read_paratron_checkpoint(load_dir: str | Path) -> StreamedModel:
         raise ConversionError(f"{path}: tensor {extra[0]} is not part of the model its config "
                               f"describes ({len(extra)} such tensors)")
 
-    tokenizer_type = (saved.get("data") or {}).get("tokenizer_type")
-    tokenizer_dir = checkpoint_tokenizer(path)
+    tokenizer = checkpoint_tokenizer(path)
     if config.vocab_size:
         vocab = config.vocab_size + config.extra_vocab_size
-    elif tokenizer_dir is not None and (n := _tokenizer_vocab(tokenizer_dir, tokenizer_type)):
+    elif tokenizer is not None and (n := tokenizer_vocab_size(tokenizer)):
         vocab = n + config.extra_vocab_size
     else:
         vocab = config.padded_vocab_size
@@ -126,7 +111,7 @@ def read_paratron_checkpoint(load_dir: str | Path) -> StreamedModel:
     notes = ["optimizer state is not converted"] if meta.get("optimizer") else []
     return StreamedModel(config=config, vocab_size=vocab, groups=groups,
                          num_groups=len(layout.groups), source=str(path),
-                         tokenizer_dir=tokenizer_dir, tokenizer_type=tokenizer_type,
+                         tokenizer=tokenizer,
                          saved_config=saved, notes=notes)
 
 
@@ -181,9 +166,9 @@ def save_paratron_checkpoint(model: StreamedModel, save_dir: str | Path, target:
     if dtype is not None:
         cfg.training.bf16, cfg.training.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     final = Path(save_dir).resolve()
-    if model.tokenizer_dir is not None:
-        cfg.data.tokenizer_type = model.tokenizer_type or "HuggingFaceTokenizer"
-        if cfg.data.tokenizer_type == "GPT2BPETokenizer":
+    if model.tokenizer is not None:
+        cfg.data.tokenizer_type = model.tokenizer.tokenizer_type
+        if model.tokenizer.kind == "gpt2":
             cfg.data.vocab_file = str(final / TOKENIZER_DIR / "vocab.json")
             cfg.data.merge_file = str(final / TOKENIZER_DIR / "merges.txt")
         else:
@@ -201,17 +186,8 @@ def save_paratron_checkpoint(model: StreamedModel, save_dir: str | Path, target:
             for group in model.groups():
                 writer.add(cast(resize_vocab(group, rows), dtype))
                 bar.update()
-        if model.tokenizer_dir is not None:
-            copy_tokenizer(model.tokenizer_dir, tmp / TOKENIZER_DIR)
+        if model.tokenizer is not None:
+            copy_into(model.tokenizer, tmp / TOKENIZER_DIR)
         writer.finish(config=saved)
     return final
 
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy a tokenizer folder's files (not its weights or sub-folders)."""
-    from paratron.convert.hf_source import TOKENIZER_FILES
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)

@@ -28,6 +28,7 @@ import torch
 from paratron.config import TransformerConfig
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_mapping import EMBEDDING, OUTPUT
+from paratron.convert.tokenizer_files import TokenizerFiles
 from paratron.model.gpt import GPTModel
 
 Group = dict[str, torch.Tensor]
@@ -85,8 +86,7 @@ class StreamedModel:
     num_groups: int
     source: str                       # what was read, for messages
     model_type: str | None = None     # the Hugging Face model_type, when known
-    tokenizer_dir: Path | None = None  # tokenizer files that belong to the model
-    tokenizer_type: str | None = None  # Megatron --tokenizer-type of those files
+    tokenizer: TokenizerFiles | None = None  # tokenizer files that belong to the model
     saved_config: dict | None = None   # a Paratron run config the checkpoint carried
     notes: list[str] = field(default_factory=list)
 
