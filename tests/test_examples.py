@@ -12,11 +12,13 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from paratron.parallel.launch import CUDA_CONNECTIONS, set_cuda_device_max_connections
 
@@ -130,3 +132,92 @@ def test_megatron_core_example_refuses_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("megatron_core_training_example.py: error: ")
+
+
+# ------------------------------------------------------------ run_mcore_deepseek.sh
+from seed_args import SEED_ARGS  # noqa: E402
+
+LAUNCHER = EXAMPLES / "deepseek_v2" / "run_mcore_deepseek.sh"
+# The seed documents' calls (000: pretraining at TP1 PP4 EP2 with MP_PP0_LAYERS=6;
+# 003: pretraining at TP2 EP4, and SFT on raw Alpaca JSON at TP=PP=CP=EP=1).
+SEED_CALLS = {
+    "000_deepseek_v2_lite_run_mcore_sh": (
+        {"MP_PP0_LAYERS": "6"},
+        "dsw A2.4B 1 8 1e-5 1e-6 1024 1024 bf16 1 4 1 2 true true true false sel false 100000 "
+        "/data/mmap_deepseekv2_datasets_text_document /data/mmap_deepseekv2_datasets_text_document "
+        "/ckpt/DeepSeek-V2-Lite-to-mcore-tp1-pp4-ep2 1000000000 10000 /output/ds2-pretrain"),
+    "003_deepseek_pretrain": (
+        {},
+        "dsw A2.4B 1 8 1e-5 1e-6 128 128 bf16 2 1 1 4 true true true false false false 100000 "
+        "/data/mmap_deepseekv2_datasets_text_document /data/mmap_deepseekv2_datasets_text_document "
+        "/ckpt/DeepSeek-V2-Lite-to-mcore-tp2-pp1-ep4 10000 100 /output/ds2-pretrain"),
+    "003_deepseek_sft_raw_json": (
+        {"MP_DATASET_TYPE": "raw"},
+        "dsw A2.4B 1 8 1e-5 1e-6 128 128 bf16 1 1 1 1 true true true true false false 100000 "
+        "/data/alpaca_zh-train.json /data/alpaca_zh-train.json "
+        "/ckpt/DeepSeek-V2-Lite-to-mcore-tp2-pp1-ep4 10000 100 /output/ds2-finetune"),
+}
+
+
+def _flag_values(tokens: list[str]) -> dict[str, list[str]]:
+    """{flag: its values} of a Megatron argument list (a repeated flag is an error)."""
+    flags: dict[str, list[str]] = {}
+    for token in tokens:
+        if token.startswith("--"):
+            assert token not in flags, f"{token} given twice"
+            current = flags[token] = []
+        else:
+            current.append(token)
+    return flags
+
+
+@pytest.mark.parametrize("seed", list(SEED_CALLS))
+def test_run_mcore_deepseek_builds_the_seed_arguments(seed, tmp_path):
+    """The 26 positional arguments and MP_* variables give the flags the seed's script
+    gives Megatron (tests/seed_args.py), plus the preset that carries what those flags
+    leave implicit, and DeepSeek-V2-Lite's dense first layer."""
+    env, args = SEED_CALLS[seed]
+    out = _run(["bash", str(LAUNCHER), *args.split()], tmp_path, DRY_RUN=1, MASTER_PORT=29650,
+               GPUS_PER_NODE=8, **env)
+    command = shlex.split(out)
+    launcher, train = command[:command.index("paratron")], command[command.index("train") + 1:]
+    assert launcher[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes",
+                            "1", "--node_rank", "0", "--master_addr", "localhost",
+                            "--master_port", "29650", "-m"]
+    got, want = _flag_values(train), _flag_values(SEED_ARGS[seed])
+    output = args.split()[-1]
+    assert got.pop("--save")[0].startswith(output + "/checkpoint/")
+    assert got.pop("--tensorboard-dir")[0].startswith(output + "/tensorboard/")
+    want.pop("--save"), want.pop("--tensorboard-dir")
+    assert got.pop("--model-size") == ["deepseek-v2-lite"]
+    assert got.pop("--moe-layer-freq") == ["([0]+[1]*26)"] and want.pop("--moe-layer-freq") == ["1"]
+    assert got == want
+
+
+def _launch_error(tmp_path, args: str, **env) -> str:
+    proc = subprocess.run(["bash", str(LAUNCHER), *args.split()], cwd=tmp_path,
+                          env=_env(**env), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run_mcore_deepseek.sh: error: "), lines
+    return lines[0]
+
+
+TINY_CALL = ("dsw tiny 1 4 1e-3 1e-4 64 64 {pr} 1 1 1 1 true true true false {ac} false 1000 "
+             "{data} {data} none 2560 0 {out}")
+
+
+def test_run_mcore_deepseek_refuses_in_one_line(tmp_path):
+    call = dict(pr="bf16", ac="false", data=tmp_path / "d", out=tmp_path / "o")
+    assert "expected 26 arguments, got 3" in _launch_error(tmp_path, "dsw A2.4B 1")
+    assert "PR=fp9: use one of fp16 bf16 fp8" in _launch_error(
+        tmp_path, TINY_CALL.format(**dict(call, pr="fp9")))
+    assert "AC=some: use one of" in _launch_error(
+        tmp_path, TINY_CALL.format(**dict(call, ac="some")))
+    if not torch.cuda.is_available():
+        assert "PR=fp8 needs GPUs" in _launch_error(
+            tmp_path, TINY_CALL.format(**dict(call, pr="fp8")))
+    # Paratron's own checks run before any process starts.
+    assert "--num-attention-heads 4 is not divisible by" in _launch_error(
+        tmp_path, TINY_CALL.format(**call).replace(" 1 1 1 1 true", " 8 1 1 1 true"),
+        GPUS_PER_NODE=8)
