@@ -988,6 +988,10 @@ def _validate_memory_and_speed(cfg: Config) -> None:
     if m.cross_entropy_chunk_size <= 0:
         raise ConfigError(f"--cross-entropy-chunk-size must be positive, got "
                           f"{m.cross_entropy_chunk_size}")
+    if m.torch_compile and m.recompute_granularity == "selective":
+        raise ConfigError("--torch-compile compiles whole layers and cannot hold selective "
+                          "recompute inside them; use --recompute-granularity full or drop "
+                          "one of the two")
 
 
 def _validate_logging(cfg: Config) -> None:

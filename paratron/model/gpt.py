@@ -15,6 +15,7 @@ from torch import nn
 
 from paratron.model.rotary import build_rotary
 from paratron.model.transformer import TransformerBlock
+from paratron.parallel.cross_entropy import chunked_vocab_parallel_cross_entropy
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.sharding import full_shape, shard_tensor
 from paratron.parallel.tensor_parallel import (ColumnParallelLinear,
@@ -172,4 +173,7 @@ class GPTModel(nn.Module):
         logits = self.output_layer(x, weight=self.shared_output_weight()).transpose(0, 1)
         if labels is None:
             return logits.contiguous()
+        if self.config.cross_entropy_loss_fusion:  # fp32 logits one chunk at a time
+            return chunked_vocab_parallel_cross_entropy(logits, labels, self.pg,
+                                                        self.config.cross_entropy_chunk_size)
         return vocab_parallel_cross_entropy(logits, labels, self.pg)
