@@ -151,6 +151,8 @@ def hf_config_from_paratron(c: TransformerConfig, model_type: str, vocab_size: i
               not c.untie_embeddings_and_output_weights,
           "initializer_range": c.init_method_std, "use_cache": True,
           "dtype": _DTYPE_NAMES[dtype], "torch_dtype": _DTYPE_NAMES[dtype],
+          # Set from the tokenizer when one is exported; else none (not a class default).
+          "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
           **_by_type(c, model_type)}
     check_round_trip(c, hf, model_type)
     return hf
