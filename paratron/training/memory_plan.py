@@ -20,8 +20,10 @@ thumb, so `paratron plan` can be checked against a real Trainer tensor by tensor
   holds under the 1F1B schedule (found by walking the schedule's own order: the first
   stage holds PP of them), plus the transient working set (one recomputed chunk under
   full recompute, the logits of the last stage).
-- communication: the reduce-scatter outputs (distributed optimizer) or parameter
-  all-gather sources, whichever is larger, and the pipeline's receive buffers.
+- communication: the pipeline's receive buffers (alongside the activations), and the
+  distributed optimizer's reduce-scatter outputs or weight all-gather sources,
+  whichever is larger (after backward, when the activations are freed: the total
+  counts the larger of the two phases).
 
 Recommendation rule (`recommend`): among the layouts whose total stays under
 (1 - headroom) x GPU memory, prefer
@@ -224,6 +226,7 @@ class Buffer:
     parameter starts; `dp_size` is the size of the group that reduces it."""
 
     dp_size: int
+    expert: bool = False
     numel: int = 0
     buckets: list[tuple[int, int]] = field(default_factory=list)
     params: list[tuple[int, int]] = field(default_factory=list)  # (start, numel)
@@ -241,7 +244,7 @@ def grad_buffers(params: list[ParamShape], layout: Layout,
         kinds.setdefault(p.expert, []).append(p)
     buffers = []
     for expert, group in kinds.items():
-        buf = Buffer(layout.edp if expert else dp_dense)
+        buf = Buffer(layout.edp if expert else dp_dense, expert)
         offset = bucket_start = 0
         ordered = list(reversed(group))
         for i, p in enumerate(ordered):
@@ -256,9 +259,9 @@ def grad_buffers(params: list[ParamShape], layout: Layout,
     return buffers
 
 
-def _owned_elements(buf: Buffer, sharded: bool, dp_rank: int) -> tuple[int, int]:
-    """(parameter elements this rank updates, how many parameter pieces they form)."""
-    elements = pieces = 0
+def _owned_elements(buf: Buffer, sharded: bool, dp_rank: int) -> int:
+    """Parameter elements of `buf` this rank updates (padding excluded)."""
+    elements = 0
     for start, numel in buf.buckets:
         lo, hi = start, start + numel
         if sharded:
@@ -267,10 +270,8 @@ def _owned_elements(buf: Buffer, sharded: bool, dp_rank: int) -> tuple[int, int]
             hi = lo + shard
         for p_start, p_numel in buf.params:
             a, b = max(lo, p_start), min(hi, p_start + p_numel)
-            if a < b:
-                elements += b - a
-                pieces += 1
-    return elements, pieces
+            elements += max(0, b - a)
+    return elements
 
 
 @dataclass
@@ -287,9 +288,11 @@ class StateBytes:
         return self.main_weights + self.optimizer_moments
 
 
-def state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0) -> StateBytes:
-    """Weights, fp32 gradient buffers and optimizer state held by one rank (the data-
-    parallel rank matters only with the distributed optimizer: rank 0 holds the most)."""
+def state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0,
+                edp_rank: int = 0) -> StateBytes:
+    """Weights, fp32 gradient buffers and optimizer state held by one rank. The rank in
+    the DP x CP group (dense weights) and in the expert-DP group matter only with the
+    distributed optimizer; rank 0 holds the most (padding ends the last shard)."""
     lay, p, o = Layout.of(cfg), cfg.parallel, cfg.optimizer
     width = dtype_bytes(cfg)
     sharded = p.use_distributed_optimizer and lay.dp * lay.cp > 1
@@ -304,7 +307,7 @@ def state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0) -> StateBytes:
             out.weights += sum(x.numel for x in params) * width
         for buf in buffers:
             out.grads += buf.numel * FP32
-            elements, _ = _owned_elements(buf, sharded, dp_rank)
+            elements = _owned_elements(buf, sharded, edp_rank if buf.expert else dp_rank)
             out.main_weights += elements * FP32 if width != FP32 else 0
             out.optimizer_moments += elements * moments
             if sharded and buf.dp_size > 1:
@@ -544,18 +547,24 @@ def stage_activation_bytes(cfg: Config, pp_rank: int = 0, device: str = "cuda") 
 # ------------------------------------------------------------------ per GPU
 @dataclass
 class RankMemory:
-    """Bytes one GPU holds, by kind."""
+    """Bytes one GPU holds, by kind. The data-parallel buffers exist only after
+    backward, when the activations are gone, so the total takes the larger phase."""
 
     weights: int
     grads: int
     optimizer: int
     activations: int
-    communication: int
+    pipeline_buffers: int   # activation and gradient receive buffers between stages
+    dp_buffers: int         # reduce-scatter outputs or weight all-gather sources
+
+    @property
+    def communication(self) -> int:
+        return self.pipeline_buffers + self.dp_buffers
 
     @property
     def total(self) -> int:
-        return (self.weights + self.grads + self.optimizer + self.activations
-                + self.communication)
+        return (self.weights + self.grads + self.optimizer
+                + max(self.activations + self.pipeline_buffers, self.dp_buffers))
 
 
 def rank_memory(cfg: Config, pp_rank: int = 0, dp_rank: int = 0,
@@ -563,12 +572,12 @@ def rank_memory(cfg: Config, pp_rank: int = 0, dp_rank: int = 0,
     lay = Layout.of(cfg)
     state = state_bytes(cfg, pp_rank, dp_rank)
     pipeline = 0
-    if lay.pp > 1:  # one activation and one gradient receive buffer
+    if lay.pp > 1:
         a = _shape(cfg, device)
         pipeline = 2 * a.width * a.sharded * cfg.model.hidden_size
-    comm = max(state.reduce_scatter, state.param_gather) + pipeline
     return RankMemory(state.weights, state.grads, state.optimizer,
-                      stage_activation_bytes(cfg, pp_rank, device), comm)
+                      stage_activation_bytes(cfg, pp_rank, device), pipeline,
+                      max(state.reduce_scatter, state.param_gather))
 
 
 def peak_rank_memory(cfg: Config, device: str = "cuda") -> RankMemory:
@@ -627,7 +636,11 @@ def plan(base: Config, num_gpus: int, pinned: dict[str, int] | None = None,
     """Memory of every layout the trainer would accept, and why the others are refused."""
     candidates, refused = [], []
     asked_recompute = base.model.recompute_granularity == "full"
-    for layout in candidate_layouts(base, num_gpus, pinned):
+    layouts = candidate_layouts(base, num_gpus, pinned)
+    if not layouts:  # pinned sizes that do not divide the GPUs: let validation say so
+        sizes = {dim: (pinned or {}).get(dim, 1) for dim in ("tp", "pp", "cp", "ep")}
+        layouts = [Layout(num_gpus, **sizes, etp=base.parallel.expert_tensor_parallel_size)]
+    for layout in layouts:
         try:
             cfg = layout_config(base, layout)
         except ConfigError as exc:

@@ -1,0 +1,210 @@
+"""``paratron plan``: per-GPU memory of the parallel layouts of a run, and one to pick.
+
+    paratron plan --model-size qwen2.5-7b --num-gpus 8 --gpu-memory-gb 80 \\
+        --seq-length 4096 --micro-batch-size 1 --global-batch-size 64 --bf16 \\
+        --use-distributed-optimizer
+
+Takes the training command's flags (a --model-size preset or the model flags, batch
+sizes, precision, recompute, sequence parallelism, distributed optimizer) plus the
+machine: --num-gpus and --gpu-memory-gb (GiB per GPU). Prints a table of every
+TP x PP x CP (x EP) split that `paratron train` would accept, with the bytes one GPU
+holds (the busiest pipeline stage), and a recommendation line; the rule is in
+`paratron.training.memory_plan`. Parallel sizes given on the command line are kept
+fixed. Exit code 1 when no layout fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+from paratron.config import ConfigError, parse_args
+
+PROG = "paratron plan"
+
+# Features whose memory the planner does not model: refused rather than ignored.
+NOT_MODELLED = (("cpu_offloading", "--cpu-offloading"),
+                ("optimizer_cpu_offload", "--optimizer-cpu-offload"),
+                ("cross_entropy_loss_fusion", "--cross-entropy-loss-fusion"))
+
+PINNABLE = {"--tensor-model-parallel-size": "tp", "--pipeline-model-parallel-size": "pp",
+            "--context-parallel-size": "cp", "--expert-model-parallel-size": "ep"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _machine_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, allow_abbrev=False, add_help=False)
+    parser.add_argument("--num-gpus", type=int, required=True)
+    parser.add_argument("--gpu-memory-gb", type=float, required=True)
+    parser.add_argument("--memory-headroom", type=float, default=0.1)
+    parser.add_argument("--max-rows", type=int, default=30)
+    return parser
+
+
+USAGE = f"""usage: {PROG} --num-gpus N --gpu-memory-gb G [--memory-headroom F] [--max-rows R]
+                     <paratron train flags>
+
+  --num-gpus N          GPUs of the job
+  --gpu-memory-gb G     memory of one GPU in GiB (80 for an H100 80GB)
+  --memory-headroom F   fraction of G kept free for the CUDA context, NCCL and
+                        allocator fragmentation (default 0.1)
+  --max-rows R          layouts shown, best first (default 30)
+
+The model, batch, precision, recompute and parallel flags are those of
+'paratron train' (see 'paratron train --help'); parallel sizes given are kept fixed.
+"""
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _pinned(argv: list[str], cfg) -> dict[str, int]:
+    p = cfg.parallel
+    values = {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+              "cp": p.context_parallel_size, "ep": p.expert_model_parallel_size}
+    return {dim: values[dim] for flag, dim in PINNABLE.items() if _given(argv, flag)}
+
+
+def build(argv: list[str]):
+    """(base config, machine arguments, pinned sizes) from the command line."""
+    machine, rest = _machine_parser().parse_known_args(argv)
+    if machine.num_gpus <= 0:
+        raise ConfigError(f"--num-gpus must be positive, got {machine.num_gpus}")
+    if machine.gpu_memory_gb <= 0:
+        raise ConfigError(f"--gpu-memory-gb must be positive, got {machine.gpu_memory_gb}")
+    if not 0 <= machine.memory_headroom < 1:
+        raise ConfigError(f"--memory-headroom must be in [0, 1), got {machine.memory_headroom}")
+    if machine.max_rows <= 0:
+        raise ConfigError(f"--max-rows must be positive, got {machine.max_rows}")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("paratron plan runs as one process: unset WORLD_SIZE (the GPUs "
+                          "come from --num-gpus)")
+    if not (_given(rest, "--global-batch-size") or _given(rest, "--config")):
+        raise ConfigError("--global-batch-size is required: the micro-batches per step "
+                          "decide how many a pipeline stage holds")
+    for flag in ("--world-size", "--rank"):
+        if _given(rest, flag):
+            raise ConfigError(f"{flag} does not apply to a plan; give --num-gpus")
+    cfg = parse_args(rest, prog=PROG, check=False)
+    for section in (cfg.model, cfg.training, cfg.optimizer):
+        for name, flag in NOT_MODELLED:
+            if getattr(section, name, False):
+                raise ConfigError(f"{flag}: the planner does not model its memory yet; "
+                                  f"plan without it")
+    # Settings that change no byte of memory but that validation asks for.
+    if cfg.training.train_iters is None and cfg.training.train_samples is None:
+        cfg.training.train_iters = 1
+    if cfg.optimizer.lr is None:
+        cfg.optimizer.lr = 1e-4
+        cfg.optimizer.min_lr = min(cfg.optimizer.min_lr, cfg.optimizer.lr)
+    m = cfg.model
+    if m.padded_vocab_size is None and m.vocab_size is None:
+        raise ConfigError("the vocabulary size is unknown: give --vocab-size or "
+                          "--padded-vocab-size (or a --model-size preset)")
+    return cfg, machine, _pinned(rest, cfg)
+
+
+def _check_model(cfg) -> None:
+    """Refuse model and batch settings that no layout could fix, before enumerating."""
+    from paratron.training.memory_plan import Layout, layout_config
+
+    base = copy.deepcopy(cfg)
+    base.training.global_batch_size = base.training.micro_batch_size
+    p = base.parallel
+    p.decoder_first_pipeline_num_layers = p.decoder_last_pipeline_num_layers = None
+    p.num_layers_per_virtual_pipeline_stage = p.num_virtual_stages_per_pipeline_rank = None
+    p.account_for_embedding_in_pipeline_split = False
+    p.account_for_loss_in_pipeline_split = False
+    p.sequence_parallel = False
+    layout_config(base, Layout(1))
+
+
+def _table(rows, budget: float, title: str, width: int):
+    from rich.console import Console
+    from rich.table import Table
+
+    from paratron.training.memory_plan import gib
+
+    table = Table(title=title, title_justify="left")
+    for name in ("layout", "weights", "grads", "optimizer", "activations", "comm",
+                 "total GiB", "total + full recompute", "verdict"):
+        table.add_column(name, justify="left" if name in ("layout", "verdict") else "right")
+    for cand in rows:
+        mem, rc = cand.memory, cand.recompute_memory
+        needs = cand.needs_recompute(budget)
+        verdict = {False: "fits", True: "fits with recompute", None: "too big"}[needs]
+        table.add_row(cand.layout.label(), gib(mem.weights), gib(mem.grads),
+                      gib(mem.optimizer), gib(mem.activations), gib(mem.communication),
+                      gib(mem.total), gib(rc.total) if rc is not None else "-", verdict)
+    Console(file=sys.stdout, width=width, highlight=False, color_system=None).print(table)
+
+
+def _flags(layout, recompute: bool) -> str:
+    parts = [f"--tensor-model-parallel-size {layout.tp}",
+             f"--pipeline-model-parallel-size {layout.pp}"]
+    if layout.cp > 1:
+        parts.append(f"--context-parallel-size {layout.cp}")
+    if layout.ep > 1:
+        parts.append(f"--expert-model-parallel-size {layout.ep}")
+    if recompute:
+        parts.append("--recompute-granularity full --recompute-method uniform "
+                     "--recompute-num-layers 1")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from paratron.training.memory_plan import GIB, gib, plan, preference, recommend
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        sys.stdout.write(USAGE)
+        return 0
+    try:
+        cfg, machine, pinned = build(argv)
+        _check_model(cfg)
+        candidates, refused = plan(cfg, machine.num_gpus, pinned)
+    except ConfigError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    if not candidates:
+        layout, why = refused[0]
+        sys.stderr.write(f"{PROG}: error: no split of {machine.num_gpus} GPUs is valid "
+                         f"({layout.label()}: {why})\n")
+        return 2
+    budget = machine.gpu_memory_gb * GIB * (1 - machine.memory_headroom)
+    ranked = sorted(candidates, key=lambda c: preference(c, budget))
+    name = cfg.model_size or "model"
+    title = (f"{name} on {machine.num_gpus} x {machine.gpu_memory_gb:g} GiB: per-GPU "
+             f"memory in GiB of the busiest rank (usable {gib(budget)} GiB, "
+             f"{machine.memory_headroom:.0%} headroom)")
+    _table(ranked[:machine.max_rows], budget, title, width=150)
+    if len(ranked) > machine.max_rows:
+        print(f"({len(ranked) - machine.max_rows} more layouts not shown; --max-rows)")
+    if refused:
+        print(f"({len(refused)} other splits refused by validation, e.g. "
+              f"{refused[0][0].label()}: {refused[0][1]})")
+    best = recommend(candidates, budget)
+    if best is None:
+        smallest = min(candidates, key=lambda c: (c.recompute_memory or c.memory).total)
+        need = (smallest.recompute_memory or smallest.memory).total
+        print(f"recommendation: none fits in {gib(budget)} GiB per GPU; the smallest, "
+              f"{smallest.layout.label()}, needs {gib(need)} GiB: add GPUs, lower "
+              f"--micro-batch-size or --seq-length")
+        return 1
+    recompute = bool(best.needs_recompute(budget))
+    memory = best.recompute_memory if recompute else best.memory
+    print(f"recommendation: {best.layout.label()}"
+          f"{' with full recompute' if recompute else ''}, {gib(memory.total)} of "
+          f"{machine.gpu_memory_gb:g} GiB per GPU: {_flags(best.layout, recompute)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
