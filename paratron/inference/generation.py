@@ -110,8 +110,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
             logits = model(tokens[:, start:end], position_ids=positions[:, start:end],
                            inference_params=cache)
             cache.advance(end - start)
-            chosen = _same_on_every_rank(
-                sampling.sample(_last_logits(model, logits, vocab_size)), pg)
+            # Rows added for MoE repeat the last prompt: they copy its token rather than
+            # draw their own, so the draws are those of the prompts alone.
+            last = _last_logits(model, logits, vocab_size)[:len(prompts)]
+            chosen = _same_on_every_rank(sampling.sample(last), pg)
+            chosen = torch.cat([chosen, chosen[-1:].expand(rows - len(prompts))])
             tokens[:, end] = chosen
             finished |= torch.isin(chosen, stop_ids)
             start, end = end, end + 1
