@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--partitions", type=int, default=1, help="accepted for compatibility")
     group.add_argument("--keep-sequential-samples", action="store_true", help="accepted: order is always kept")
     group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
+    group.add_argument("--no-progress-bar", action="store_true",
+                       help="print progress lines instead of a bar even on a terminal")
     return parser
 
 
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             log_interval=args.log_interval,
             skip_bad_lines=args.skip_bad_lines,
+            progress=False if args.no_progress_bar else None,
             **tokenizer_kwargs(args),
         )
     except DataError as err:

@@ -10,6 +10,7 @@ from paratron.parallel.launch import PeerFailure
 
 
 def main(argv: list[str] | None = None) -> int:
+    from paratron.training.faults import NonFiniteError
     from paratron.training.pretrain import pretrain
 
     try:
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         sys.stderr.write(f"paratron train: error: {exc}\n")
         return 2
-    except PeerFailure as exc:
+    except (PeerFailure, NonFiniteError) as exc:
         sys.stderr.write(f"paratron train: error: {exc}\n")
         return 1
     return 0

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 
@@ -203,6 +203,16 @@ def _batches(files: Sequence[str], counter: dict) -> Iterator[tuple[str, str, li
             raise DataError(f"{path}: empty input file (no documents)")
 
 
+def _progress_bar(progress: bool | None, file: TextIO):
+    """A documents/s bar on ``file`` when asked (None: when it is a terminal)."""
+    if progress is None:
+        progress = hasattr(file, "isatty") and file.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(file=file, unit=" docs", desc="Tokenizing", dynamic_ncols=True, mininterval=0.5)
+
+
 def output_prefix_for(output_prefix: str, key: str, split_sentences: bool) -> str:
     """Megatron's output naming: ``<prefix>_<key>_document`` (``_sentence`` when split)."""
     return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
@@ -225,12 +235,16 @@ def preprocess_data(
     log_interval: int = 1000,
     skip_bad_lines: bool = False,
     log: Callable[[str], None] | None = None,
+    progress: bool | None = None,
+    progress_file: TextIO | None = None,
 ) -> PreprocessResult:
     """Tokenize ``input`` (a file, glob or comma-separated list) into indexed datasets.
 
     Returns a :class:`PreprocessResult`. Raises :class:`DataError` on bad
     input, leaving no output files behind. ``log`` receives progress lines
-    (default: stderr).
+    (default: stderr). ``progress`` shows a bar with documents/s on
+    ``progress_file`` (default stderr) in place of the periodic lines: True,
+    False, or None for "when that file is a terminal".
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if workers < 1:
@@ -268,7 +282,8 @@ def preprocess_data(
     counter: dict[str, int] = {}
     pool = None
     start = time.time()
-    next_log = log_interval if log_interval > 0 else None
+    bar = _progress_bar(progress, progress_file or sys.stderr)
+    next_log = log_interval if log_interval > 0 and bar is None else None
     try:
         batches = _batches(files, counter)
         if workers == 1:
@@ -282,6 +297,8 @@ def preprocess_data(
             result.skipped.extend(skipped)
             result.documents += ndocs
             result.input_bytes += nbytes
+            if bar is not None:
+                bar.update(ndocs)
             for key, (flat, lengths, per_doc) in encoded.items():
                 writers[key].add_batch(flat, lengths, per_doc)
                 if key == json_keys[0]:
@@ -311,6 +328,8 @@ def preprocess_data(
                     os.unlink(p)
         raise
     finally:
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -9,9 +9,7 @@ micro-batch into fp32 gradient buffers), then one optimizer step. Evaluation run
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Callable
 
 import torch
@@ -31,9 +29,12 @@ from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import seed_everything
 from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
 from paratron.training.exit_conditions import ExitConditions
+from paratron.training.faults import (NonFiniteError, non_finite_gradients,
+                                      non_finite_message)
 from paratron.training.flops import flops_per_iteration
-from paratron.training.loss_scaler import build_loss_scaler
+from paratron.training.loss_scaler import DynamicLossScaler, build_loss_scaler
 from paratron.training.lr_schedule import LRSchedule
+from paratron.training.metrics import TrainingMetrics
 from paratron.training.optimizer import MixedPrecisionOptimizer
 from paratron.training.run_checkpoints import RunCheckpoints
 
@@ -132,6 +133,12 @@ class Trainer:
         t = cfg.training
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.pg.dp_size)
         self.flops = flops_per_iteration(cfg.model, cfg.data.seq_length, t.global_batch_size)
+        self.metrics = TrainingMetrics(cfg, self.pg, self.device, self.dtype, self.optimizer,
+                                       self.flops, log)
+        self.timers = self.metrics.timers
+        # fp16's dynamic loss scaling expects overflows: it skips and counts them.
+        self.stop_on_non_finite = (t.check_for_nan_in_loss_and_grad and not
+                                   isinstance(self.optimizer.loss_scaler, DynamicLossScaler))
         self.checkpoints = RunCheckpoints(self, log)
         self.checkpoints.load()
 
@@ -185,16 +192,18 @@ class Trainer:
 
         def forward(c, m, hidden):
             b, chunk = batches[m], self.chunks[c]
-            return self.models[c](b["tokens"] if chunk.is_first else None,
-                                  b.get("position_ids"), attention_mask_of(b),
-                                  labels=b["labels"] if chunk.is_last else None,
-                                  hidden_states=hidden)
+            with self.timers("forward-compute"):
+                return self.models[c](b["tokens"] if chunk.is_first else None,
+                                      b.get("position_ids"), attention_mask_of(b),
+                                      labels=b["labels"] if chunk.is_last else None,
+                                      hidden_states=hidden)
 
         def loss(m, per_token_loss):
-            mask = batches[m]["loss_mask"].float()
-            loss_sum = (per_token_loss.float() * mask).sum()
-            loss_sums.append(float(loss_sum.detach()))
-            token_counts.append(float(mask.sum()))
+            with self.timers("forward-compute"):
+                mask = batches[m]["loss_mask"].float()
+                loss_sum = (per_token_loss.float() * mask).sum()
+                loss_sums.append(float(loss_sum.detach()))
+                token_counts.append(float(mask.sum()))
             return loss_sum * scale
 
         def before_backward(c, m):
@@ -234,7 +243,8 @@ class Trainer:
         if self._train_iter is None:
             self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
             self.checkpoints.restore_rng()
-        batches = self._global_batch(self._train_iter)
+        with self.timers("batch-generator"):
+            batches = self._global_batch(self._train_iter)
         total_tokens = self._total_tokens(batches)
         for model in self.models:
             model.train()
@@ -244,13 +254,17 @@ class Trainer:
         for layer in moe_layers([m.module for m in self.models]):
             layer.aux_loss_scale = (self.optimizer.loss_scaler.scale
                                     / (self.num_microbatches * self.pg.dp_size))
-        loss_sum, _ = self._run(batches, total_tokens, forward_only=False)
+        with self.timers("forward-backward"):
+            loss_sum, _ = self._run(batches, total_tokens, forward_only=False)
         self.moe_losses = self._moe_losses()
-        all_reduce_embedding_grads(self.models, self.pg)
-        for model in self.models:
-            model.finish_grad_sync()
-            finish_tensor_parallel_grads(model.module.parameters(), self.pg)
-        stepped, grad_norm, num_zeros = self.optimizer.step()
+        with self.timers("embedding-grads-all-reduce"):
+            all_reduce_embedding_grads(self.models, self.pg)
+        with self.timers("all-grads-sync"):
+            for model in self.models:
+                model.finish_grad_sync()
+                finish_tensor_parallel_grads(model.module.parameters(), self.pg)
+        with self.timers("optimizer"):
+            stepped, grad_norm, num_zeros = self.optimizer.step()
         if stepped and self.cfg.model.moe_router_enable_expert_bias:
             update_expert_bias([m.module for m in self.models], self.pg)
         self.state.consumed_train_samples += self.cfg.training.global_batch_size
@@ -262,7 +276,8 @@ class Trainer:
         for model in self.models:
             model.eval()
         loss_sum, tokens = 0.0, 0.0
-        for _ in range(self.cfg.training.eval_iters):
+        iters = self.cfg.training.eval_iters
+        for _ in self.metrics.progress(range(iters), iters, "evaluating"):
             batch_loss, batch_tokens = self._run(self._global_batch(iterator), 1.0,
                                                  forward_only=True)
             loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
@@ -270,23 +285,16 @@ class Trainer:
             model.train()
         return loss_sum / max(tokens, 1.0)
 
-    def _report_eval(self, prefix: str, loss: float) -> None:
-        ppl = math.exp(min(20.0, loss))
-        line = (f" validation loss at {prefix} | lm loss value: {loss:.6E} | "
-                f"lm loss PPL: {ppl:.6E} | ")
-        self.log("-" * (len(line) + 1))
-        self.log(line)
-        self.log("-" * (len(line) + 1))
-
     def run_validation(self, prefix: str) -> float | None:
         if self.valid_ds is None or len(self.valid_ds) == 0 or self.cfg.training.eval_iters == 0:
             return None
         if self._valid_iter is None:
             self._valid_iter = self._loader(self.valid_ds, self.state.consumed_valid_samples)
-        loss = self.evaluate(self._valid_iter)
+        with self.metrics.evaluating():
+            loss = self.evaluate(self._valid_iter)
         self.state.consumed_valid_samples += (self.cfg.training.eval_iters
                                               * self.cfg.training.global_batch_size)
-        self._report_eval(prefix, loss)
+        self.metrics.report_validation(prefix, loss, self.state)
         return loss
 
     def save(self):
@@ -295,90 +303,64 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def train(self) -> TrainState:
-        with ExitConditions(self.cfg.training, self.pg.world_size, self.device) as exits:
-            self._train_loop(exits)
-        if self.state.exit_reason is None:
-            self._final_evaluation()
-        if self.state.iteration != self.checkpoints.last_saved and self.state.iteration > 0:
-            self.save()
-        self.checkpoints.wait()
+        finished = False
+        try:
+            with ExitConditions(self.cfg.training, self.pg.world_size, self.device) as exits:
+                self._train_loop(exits)
+            if self.state.exit_reason is None:
+                self._final_evaluation()
+            if self.state.iteration != self.checkpoints.last_saved and self.state.iteration > 0:
+                self.save()
+            self.checkpoints.wait()
+            finished = True
+        finally:
+            self.metrics.close(self.state, finished)
         return self.state
 
     def _train_loop(self, exits: ExitConditions) -> None:
-        t, lg = self.cfg.training, self.cfg.logging
+        t = self.cfg.training
         save_interval = self.cfg.checkpoint.save_interval
-        interval_losses: list[float] = []
-        interval_moe: dict[str, list[float]] = {}
-        interval_skipped = 0
-        grad_norm = num_zeros = None
-        tick = time.perf_counter()
+        self.metrics.start()
         while self.state.iteration < t.train_iters:
-            loss, stepped, step_norm, step_zeros = self.train_step()
+            loss, stepped, grad_norm, num_zeros = self.train_step()
+            if self.stop_on_non_finite and not (stepped and math.isfinite(loss)):
+                self._stop_on_non_finite(loss)
             self.state.iteration += 1
-            if stepped:
-                interval_losses.append(loss)
-                for name, value in self.moe_losses.items():
-                    interval_moe.setdefault(name, []).append(value)
-                grad_norm, num_zeros = step_norm, step_zeros
-            else:
-                interval_skipped += 1
+            if not stepped:
                 self.state.skipped_iterations += 1
             if not math.isfinite(loss):
                 self.state.nan_iterations += 1
             self.state.losses.append(loss)
-            if self.state.iteration % lg.log_interval == 0:
-                elapsed = (time.perf_counter() - tick) / lg.log_interval
-                self.log(self._log_line(elapsed, interval_losses, interval_skipped,
-                                        grad_norm, num_zeros, interval_moe))
-                interval_losses, interval_skipped, interval_moe = [], 0, {}
-                grad_norm = num_zeros = None
-                tick = time.perf_counter()
+            self.metrics.step(self.state, loss, stepped, grad_norm, num_zeros, self.moe_losses)
             if t.eval_interval and self.state.iteration % t.eval_interval == 0:
                 self.run_validation(f"iteration {self.state.iteration}")
-                tick = time.perf_counter()
             if save_interval and self.state.iteration % save_interval == 0:
-                self.save()
-                tick = time.perf_counter()
+                with self.metrics.paused():
+                    self.save()
             reason = exits.reason(self.state.iteration)
             if reason is not None:
                 self.state.exit_reason = reason
                 self.log(f" exiting program at iteration {self.state.iteration}: {reason}")
                 return
 
+    def _stop_on_non_finite(self, loss: float) -> None:
+        """A NaN/Inf loss or gradient (not fp16 overflow): save what was trained so far,
+        then stop with a line naming the iteration and the value. Every rank gets here
+        at once: the loss and the gradient norm are global. The checkpoint holds the
+        weights before the bad step; a run resumed from it goes on with the next batch."""
+        gradients = [] if not math.isfinite(loss) else non_finite_gradients(self.optimizer,
+                                                                            self.models)
+        saved = self.save()
+        self.checkpoints.wait()
+        raise NonFiniteError(non_finite_message(self.state.iteration + 1, loss, gradients,
+                                                self.cfg.checkpoint.save if saved else None))
+
     def _final_evaluation(self) -> None:
         t = self.cfg.training
         if t.eval_interval and self.state.iteration % t.eval_interval != 0:
             self.run_validation(f"iteration {self.state.iteration} on validation set")
         if self.test_ds is not None and len(self.test_ds) and t.eval_iters:
-            loss = self.evaluate(self._loader(self.test_ds, 0))
-            self._report_eval(f"iteration {self.state.iteration} on test set", loss)
-
-    def _log_line(self, elapsed: float, losses: list[float], skipped: int,
-                  grad_norm: float | None, num_zeros: int | None,
-                  moe: dict[str, list[float]] | None = None) -> str:
-        """Megatron's training log line."""
-        t, s = self.cfg.training, self.state
-        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        parts = [f" [{stamp}] iteration {s.iteration:8d}/{t.train_iters:8d}",
-                 f" consumed samples: {s.consumed_train_samples:12d}",
-                 f" elapsed time per iteration (ms): {elapsed * 1000.0:.1f}"]
-        if self.cfg.logging.log_throughput:
-            world = self.pg.world_size
-            tflops = self.flops / (elapsed * world * 1e12)
-            tokens = t.global_batch_size * self.cfg.data.seq_length / (elapsed * world)
-            parts.append(f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
-            parts.append(f" tokens per second per GPU: {tokens:.1f}")
-        parts.append(f" learning rate: {self.optimizer.lr:.6E}")
-        parts.append(f" global batch size: {t.global_batch_size:5d}")
-        if losses:
-            parts.append(f" lm loss: {sum(losses) / len(losses):.6E}")
-        for name, values in (moe or {}).items():
-            parts.append(f" {name}: {sum(values) / len(values):.6E}")
-        parts.append(f" loss scale: {self.optimizer.loss_scaler.scale:.1f}")
-        if grad_norm is not None:
-            parts.append(f" grad norm: {grad_norm:.3f}")
-        if num_zeros is not None:
-            parts.append(f" num zeros: {float(num_zeros):.1f}")
-        parts.append(f" number of skipped iterations: {skipped:3d}")
-        parts.append(f" number of nan iterations: {s.nan_iterations:3d}")
-        return " |".join(parts) + " |"
+            with self.metrics.evaluating():
+                loss = self.evaluate(self._loader(self.test_ds, 0))
+            self.metrics.report_validation(f"iteration {self.state.iteration} on test set",
+                                           loss, self.state, split="test")
