@@ -166,10 +166,16 @@ def build_pretraining_data_loader(
         )
     else:
         raise ValueError(f"unknown dataloader type {dataloader_type!r} (single or cyclic)")
+    # A generator of its own: each new iterator draws a base seed for its workers, and
+    # drawing it from torch's global generator would shift dropout's random stream
+    # depending on when the iterator happens to be created (a resumed run creates its
+    # validation iterator at another iteration than the uninterrupted run did).
+    generator = torch.Generator().manual_seed(consumed_samples)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        generator=generator,
     )
