@@ -41,10 +41,10 @@ LOADERS = {"hf": "hf", "llama_mistral": "hf", "mixtral_hf": "hf", "paratron": "p
 SAVERS = ("paratron", "hf")
 # Megatron's savers write Megatron-LM's own format, which Paratron does not produce.
 _MEGATRON_SAVERS = ("core", "mcore", "megatron", "legacy", "llama_mistral")
-# Preset settings that describe training, not the weights.
-_PRESET_IGNORED = {"seq_length", "hidden_dropout", "attention_dropout", "init_method_std",
-                   "moe_router_load_balancing_type", "moe_aux_loss_coeff",
-                   "moe_token_dispatcher_type"}
+# Preset settings that describe training or the context length chosen, not the weights.
+_PRESET_IGNORED = {"seq_length", "max_position_embeddings", "hidden_dropout",
+                   "attention_dropout", "init_method_std", "moe_router_load_balancing_type",
+                   "moe_aux_loss_coeff", "moe_token_dispatcher_type"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,6 +1,6 @@
 """Paratron checkpoints as conversion sources and targets.
 
-Reading takes the newest complete checkpoint of a save folder (or one `iter_XXXXXXX`
+Reading takes the newest complete checkpoint of a save folder (or one `iter_<7-digit iteration>`
 folder), verifies every file's size and SHA-256, and checks that the tensors are the
 ones its config implies before anything is produced. Only weights (`model/...`) and
 persistent buffers travel; optimizer state stays behind.
@@ -48,7 +48,7 @@ def find_checkpoint(load_dir: str | Path) -> Path:
         found = ckpt_files.list_iterations(load_dir)
         if not found:
             raise ConversionError(f"--load-dir {load_dir}: no Paratron checkpoint "
-                                  f"(no {ckpt_files.LATEST} and no iter_XXXXXXX folder)")
+                                  f"(no {ckpt_files.LATEST} and no iter_<7-digit iteration> folder)")
         iteration = found[0]
     return ckpt_files.checkpoint_dir(load_dir, iteration)
 
