@@ -1,8 +1,8 @@
 """Paratron checkpoints as conversion sources and targets.
 
-Reading takes the newest complete checkpoint of a save folder (or one `iter_<7-digit iteration>`
-folder), verifies every file's size and SHA-256, and checks that the tensors are the
-ones its config implies before anything is produced. Only weights (`model/...`) and
+Reading takes the newest complete checkpoint of a save folder (or one
+`iter_<7-digit iteration>` folder), verifies every file's size and SHA-256, and checks
+that the tensors are the ones its config implies before anything is produced. Only weights (`model/...`) and
 persistent buffers travel; optimizer state stays behind.
 
 Writing validates the target layout against the model (heads and FFN sizes divisible by
