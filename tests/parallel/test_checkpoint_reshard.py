@@ -20,6 +20,11 @@ LAYOUTS = {  # name: (world size, (TP, PP, CP, EP), flags)
     "pp2": (2, (1, 2, 1, 1), ["--pipeline-model-parallel-size", "2"]),
     "ep2_distopt": (2, (1, 1, 1, 2), ["--expert-model-parallel-size", "2",
                                       "--use-distributed-optimizer"]),
+    "tp2_pp2_dp2_distopt": (8, (2, 2, 1, 1), ["--tensor-model-parallel-size", "2",
+                                              "--pipeline-model-parallel-size", "2",
+                                              "--use-distributed-optimizer"]),
+    "dp4": (4, (1, 1, 1, 1), []),
+    "tp4_dp2": (8, (4, 1, 1, 1), ["--tensor-model-parallel-size", "4"]),
 }
 MOE = ("--swiglu --normalization RMSNorm --position-embedding-type rope "
        "--disable-bias-linear --untie-embeddings-and-output-weights --num-experts 4 "
@@ -79,3 +84,15 @@ def test_resume_in_another_layout(tmp_path, arch, saved, loaded):
     np.testing.assert_allclose(first, reference[:SAVED_AT], rtol=1e-5)
     rest = _run(flags, loaded, _load_run, str(tmp_path))
     np.testing.assert_allclose(rest, reference[SAVED_AT:], rtol=1e-5)
+
+
+def test_resume_at_tp2_pp2_dp2_checkpoint_at_dp4_and_tp4(tmp_path):
+    """Saved by 8 ranks at TP2 x PP2 x DP2 with the distributed optimizer; resumed by 4
+    ranks at TP1 PP1 DP4 and by 8 at TP4 PP1 DP2 (GQA with 2 groups: K/V replicated)."""
+    flags = COMMON + LLAMA + ["--train-iters", str(ITERS)]
+    reference = _trainer(flags, "single").train().losses
+    first = _run(flags, "tp2_pp2_dp2_distopt", _save_run, str(tmp_path))
+    np.testing.assert_allclose(first, reference[:SAVED_AT], rtol=1e-5)
+    for layout in ("dp4", "tp4_dp2"):
+        rest = _run(flags, layout, _load_run, str(tmp_path))
+        np.testing.assert_allclose(rest, reference[SAVED_AT:], rtol=1e-5, err_msg=layout)
