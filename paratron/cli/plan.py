@@ -93,6 +93,10 @@ def build(argv: list[str]):
         if _given(rest, flag):
             raise ConfigError(f"{flag} does not apply to a plan; give --num-gpus")
     cfg = parse_args(rest, prog=PROG, check=False)
+    if _given(rest, "--sequence-parallel"):
+        # Parsing finalizes at one process, which turns it off; each layout with TP > 1
+        # gets it back.
+        cfg.parallel.sequence_parallel = True
     for section in (cfg.model, cfg.training, cfg.optimizer):
         for name, flag in NOT_MODELLED:
             if getattr(section, name, False):
