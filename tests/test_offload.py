@@ -10,7 +10,7 @@ from paratron.training.trainer import Trainer
 from test_training import BASE, PatternData
 
 LLAMA = ("--swiglu --normalization RMSNorm --position-embedding-type rope "
-         "--disable-bias-linear --micro-batch-size 2 --global-batch-size 4 --train-iters 3 "
+         "--disable-bias-linear --micro-batch-size 2 --global-batch-size 4 --train-iters 2 "
          "--num-workers 0 --hidden-dropout 0.1").split()
 OFFLOAD_ONE = ["--cpu-offloading", "--cpu-offloading-num-layers", "1"]
 OFFLOAD_ALL = ["--cpu-offloading", "--cpu-offloading-num-layers", "2"]
