@@ -28,7 +28,7 @@ from paratron.data.errors import DataError
 from paratron.data.tokenizer import TOKENIZER_TYPES, HuggingFaceTokenizer, build_tokenizer
 from paratron.inference import (Sampling, check_generation_layout, checkpoint_tokenizer,
                                 generate, load_paratron_model, shard_model)
-from paratron.parallel.launch import PeerFailure, init_distributed
+from paratron.parallel.launch import init_distributed
 from paratron.parallel.process_groups import ProcessGroups
 
 PROG = "paratron generate"
@@ -142,7 +142,8 @@ def _setup(args) -> tuple[ProcessGroups, torch.device]:
     tp = args.tensor_model_parallel_size or world
     if tp != world:
         raise ValueError(f"--tensor-model-parallel-size {tp}: generation runs one model "
-                         f"replica; launch exactly {tp} processes (got {world})")
+                         f"replica; launch exactly {tp} processes, one per rank (got "
+                         f"{world})")
     pg = ProcessGroups.build(tp, 1)
     check_generation_layout(pg)
     return pg, device
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, ConfigError, DataError, ConversionError, PeerFailure) as error:
+    except (ValueError, ConfigError, DataError, ConversionError) as error:
         message = " ".join(str(error).split())
         sys.stderr.write(f"{PROG}: error: {message}\n")
         return 2

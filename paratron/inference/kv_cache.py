@@ -27,6 +27,8 @@ class InferenceParams:
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.key_padding_mask = key_padding_mask
+        # Checked once here rather than at every step (a device sync on GPUs).
+        self.padded = key_padding_mask is not None and not bool(key_padding_mask.all())
         self.sequence_len_offset = 0  # positions already in the cache
         self.key_value_memory_dict: dict[int, tuple[torch.Tensor, ...]] = {}
 
@@ -52,14 +54,12 @@ class InferenceParams:
         which is plain causal attention (as in training)."""
         start = self.sequence_len_offset
         end = start + s
-        padded = self.key_padding_mask is not None and not bool(
-            self.key_padding_mask[:, :end].all())
-        if start == 0 and not padded:
+        if start == 0 and not self.padded:
             return None
         query = torch.arange(start, end, device=device).unsqueeze(1)
         key = torch.arange(end, device=device).unsqueeze(0)
         allowed = (key <= query).unsqueeze(0)  # [1, s, end]
-        if padded:
+        if self.padded:
             real = self.key_padding_mask[:, :end].to(device).unsqueeze(1)
             allowed = (allowed & real) | (key == query).unsqueeze(0)
         return allowed.expand(self.max_batch_size, s, end).unsqueeze(1)
