@@ -265,3 +265,56 @@ def test_deepseek_v2_convert_pretrain_sft_export(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = _hf_losses(out)
     assert losses[str(tmp_path / "out" / "hf")] < losses[str(tmp_path / "out" / "hf-start")]
+
+
+# ------------------------------------------------------------ launchers and debugging
+def _vscode_configurations() -> dict[str, dict]:
+    text = (EXAMPLES / "vscode" / "launch.json").read_text()
+    data = json.loads("\n".join(line for line in text.splitlines()
+                                if not line.strip().startswith("//")))
+    return {c["name"]: c for c in data["configurations"]}
+
+
+def test_vscode_launch_configurations_run(tmp_path):
+    """What the debugger launches runs as it stands: the TP2 torchrun configuration (two
+    gloo processes, debugpy following them with subProcess) and the one-process one."""
+    configs = _vscode_configurations()
+    torchrun = configs["Paratron: torchrun 2 processes, TP2 on CPU (gloo)"]
+    assert torchrun["module"] == "torch.distributed.run" and torchrun["subProcess"] is True
+    args = [a.replace("29533", "29673") for a in torchrun["args"]]
+    two = _run([sys.executable, "-m", torchrun["module"], *args], ROOT)
+    one = configs["Paratron: one process, no launcher"]
+    single = _run([sys.executable, "-m", one["module"], *one["args"]], ROOT)
+    assert len(_losses(two)) == 5 and all(math.isfinite(x) for x in _losses(two))
+    assert len(_losses(single)) == 5
+
+
+def test_python_m_pdb_stops_in_the_trainer(tmp_path):
+    """The README's single-process pdb recipe: a breakpoint in Trainer.train_step is hit
+    and the trainer's state can be printed."""
+    line = next(i for i, text in enumerate(
+        (ROOT / "paratron" / "training" / "trainer.py").read_text().splitlines(), 1)
+        if text.startswith("    def train_step"))
+    commands = (f"b {ROOT / 'paratron' / 'training' / 'trainer.py'}:{line + 3}\nc\n"
+                "p ('STATE', self.state.iteration, self.num_microbatches)\nq\n")
+    proc = subprocess.run([sys.executable, "-m", "pdb", "-m", "paratron", *_vscode_configurations()[
+        "Paratron: one process, no launcher"]["args"]], cwd=tmp_path, env=_env(),
+        input=commands, capture_output=True, text=True, timeout=300)
+    assert "('STATE', 0, 2)" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_slurm_template_launches_torchrun(tmp_path):
+    """examples/slurm/train.sbatch on a one-node allocation, with srun and scontrol
+    stood in for by scripts: torchrun rendezvous on the first node, flags passed on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\necho node2\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nexec "$@"\n')  # drop --kill-on-bad-exit
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    out = _run(["bash", str(EXAMPLES / "slurm" / "train.sbatch"), *_vscode_configurations()[
+        "Paratron: one process, no launcher"]["args"][1:], "--tensor-model-parallel-size", "2"],
+        tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="localhost",
+        SLURM_NNODES=1, SLURM_NODEID=0, SLURM_JOB_ID=7, GPUS_PER_NODE=2, MASTER_PORT=29674,
+        PARATRON_HOME=ROOT)
+    assert len(_losses(out)) == 5
