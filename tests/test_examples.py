@@ -224,10 +224,16 @@ def test_run_mcore_deepseek_refuses_in_one_line(tmp_path):
 
 
 # ------------------------------------------------------- HF -> train -> HF workflows
+# Each takes 2-3 minutes on two busy cores (several interpreters importing torch and
+# transformers, 4 + 1 training processes), beyond the suite's budget: opt in with
+# PARATRON_SLOW_EXAMPLES=1.
+slow = pytest.mark.skipif(not os.environ.get("PARATRON_SLOW_EXAMPLES"),
+                          reason="set PARATRON_SLOW_EXAMPLES=1 to run the HF workflow examples")
 def _hf_losses(out: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(r"^(\S+): loss (\S+) over", out, re.M)}
 
 
+@slow
 @needs_data
 def test_qwen_continued_pretrain_hf_to_paratron_to_hf(tmp_path):
     """Tiny Qwen3 HF checkpoint -> convert at TP2 -> seed 001's flag set on 2 processes
@@ -243,6 +249,7 @@ def test_qwen_continued_pretrain_hf_to_paratron_to_hf(tmp_path):
     assert trained < start
 
 
+@slow
 @needs_data
 def test_deepseek_v2_convert_pretrain_sft_export(tmp_path):
     """Tiny DeepSeek-V2 (MLA + MoE) HF checkpoint -> convert -> run_mcore_deepseek.sh
@@ -275,18 +282,21 @@ def _vscode_configurations() -> dict[str, dict]:
     return {c["name"]: c for c in data["configurations"]}
 
 
-def test_vscode_launch_configurations_run(tmp_path):
-    """What the debugger launches runs as it stands: the TP2 torchrun configuration (two
-    gloo processes, debugpy following them with subProcess) and the one-process one."""
-    configs = _vscode_configurations()
-    torchrun = configs["Paratron: torchrun 2 processes, TP2 on CPU (gloo)"]
-    assert torchrun["module"] == "torch.distributed.run" and torchrun["subProcess"] is True
-    args = [a.replace("29533", "29673") for a in torchrun["args"]]
-    two = _run([sys.executable, "-m", torchrun["module"], *args], ROOT)
-    one = configs["Paratron: one process, no launcher"]
-    single = _run([sys.executable, "-m", one["module"], *one["args"]], ROOT)
-    assert len(_losses(two)) == 5 and all(math.isfinite(x) for x in _losses(two))
-    assert len(_losses(single)) == 5
+def test_vscode_launch_configurations_are_valid_runs(monkeypatch):
+    """Every launch.json configuration is a run Paratron accepts at its process count
+    (the one-process one is run by the pdb test, the TP2 flags by the SLURM test)."""
+    from paratron.config import parse_args
+    for name, config in _vscode_configurations().items():
+        args = config["args"]
+        if config["module"] == "torch.distributed.run":
+            assert config["subProcess"] is True, name
+            monkeypatch.setenv("WORLD_SIZE", args[args.index("--nproc_per_node") + 1])
+            args = args[args.index("train") + 1:]
+        else:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+            args = args[1:]
+        cfg = parse_args(args)
+        assert cfg.training.device == "cpu" and cfg.data.num_workers == 0, name
 
 
 def test_python_m_pdb_stops_in_the_trainer(tmp_path):
@@ -312,8 +322,8 @@ def test_slurm_template_launches_torchrun(tmp_path):
     (bin_dir / "srun").write_text('#!/bin/bash\nshift\nexec "$@"\n')  # drop --kill-on-bad-exit
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    out = _run(["bash", str(EXAMPLES / "slurm" / "train.sbatch"), *_vscode_configurations()[
-        "Paratron: one process, no launcher"]["args"][1:], "--tensor-model-parallel-size", "2"],
+    tp2 = _vscode_configurations()["Paratron: torchrun 2 processes, TP2 on CPU (gloo)"]["args"]
+    out = _run(["bash", str(EXAMPLES / "slurm" / "train.sbatch"), *tp2[tp2.index("train") + 1:]],
         tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="localhost",
         SLURM_NNODES=1, SLURM_NODEID=0, SLURM_JOB_ID=7, GPUS_PER_NODE=2, MASTER_PORT=29674,
         PARATRON_HOME=ROOT)
