@@ -92,7 +92,7 @@ class TransformerBlock(nn.Module):
                                     for n in layer_numbers)
         self.final_layernorm = build_layer_norm(c) if post_process else None
         self.activation_offload = ActivationOffload.from_config(c)
-        if c.torch_compile:  # per layer: one graph reused by every layer of the same kind
+        if c.torch_compile:  # in place: parameter names stay the same
             for layer in self.layers:
                 layer.compile(backend=c.torch_compile_backend)
 
