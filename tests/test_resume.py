@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -164,3 +165,23 @@ def test_load_flags_have_megatron_meanings(tmp_path):
                       "--vocab-size", "100", "--lr", "1e-3", "--train-iters", "6",
                       "--load", save, "--use-checkpoint-args"])
     assert (cfg.model.num_layers, cfg.model.hidden_size) == (2, 32)
+
+
+@pytest.mark.parametrize("divisible_by,rows", [(64, 128), (200, 200)])
+def test_checkpoint_padded_for_another_tp_size_loads(tmp_path, divisible_by, rows):
+    """Saved with 100 tokens padded to 144 rows (divisible by 48, as TP1 of 48 or a
+    TP3 run of 16 pads); loaded where the padding gives 128 or 200 rows: token rows kept,
+    extra rows cut or zero, optimizer state alike, and training goes on."""
+    save = str(tmp_path / "ckpt")
+    first = _trainer("--save", save, "--make-vocab-size-divisible-by", "48")
+    first.train()
+    saved = first.model.module.embedding.word_embeddings.weight.detach().clone()
+    assert saved.shape[0] == 144
+    resumed = _trainer("--load", save, "--train-iters", "6", "--make-vocab-size-divisible-by",
+                       str(divisible_by))
+    emb = resumed.model.module.embedding.word_embeddings.weight.detach()
+    assert emb.shape[0] == rows
+    keep = min(rows, 144)
+    assert torch.equal(emb[:keep], saved[:keep]) and not emb[keep:].any()
+    resumed.train()
+    assert resumed.state.iteration == 6 and all(np.isfinite(resumed.state.losses))

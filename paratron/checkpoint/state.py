@@ -35,9 +35,10 @@ import torch.distributed as dist
 from torch import nn
 
 from paratron.parallel.expert_parallel import expert_gather, expert_shard
-from paratron.parallel.sharding import gather_tensor, shard_tensor
+from paratron.parallel.sharding import full_shape, gather_tensor, shard_tensor
 
 TIED_EMBEDDING = "embedding.word_embeddings.weight"
+VOCAB_ROWS = (TIED_EMBEDDING, "output_layer.weight")
 
 
 def distributed() -> bool:
@@ -113,6 +114,23 @@ def shard_logical(full: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
     if getattr(param, "expert_parallel", False):
         return expert_shard(full, param, pg)
     return shard_tensor(full, param, pg.tp_size, pg.tp_rank)
+
+
+def fit_vocab_rows(name: str, full: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
+    """The vocabulary rows of `full` cut or zero-padded to this run's padded vocabulary.
+
+    Megatron pads the vocabulary to a multiple of make-vocab-size-divisible-by x TP, so
+    the same tokenizer gives more rows at TP4 than at TP1; the extra rows belong to no
+    token. A checkpoint of another TP size therefore loads with its padding adjusted
+    (the run's padded size is never below the tokenizer's, so no token's row is cut)."""
+    if not name.endswith(VOCAB_ROWS):
+        return full
+    rows = full_shape(param, pg.tp_size)[0]
+    if full.shape[0] > rows:
+        return full[:rows]
+    if full.shape[0] < rows:
+        return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
+    return full
 
 
 def _writes(entry_index: int, expert: bool, pg) -> bool:
@@ -223,7 +241,7 @@ def _check_shape(name: str, got: torch.Tensor, want: torch.Size) -> None:
 def load_model(models, pg, read) -> None:
     """Set every parameter and persistent buffer from `read(logical name)`."""
     for e in param_entries(models):
-        full = read(f"model/{e.source}")
+        full = fit_vocab_rows(e.source, read(f"model/{e.source}"), e.param, pg)
         local = shard_logical(full, e.param, pg)
         _check_shape(f"model/{e.source}", local, e.param.shape)
         e.param.data.copy_(local)
@@ -245,7 +263,7 @@ def load_optimizer(models, pg, optimizer, read, has, keys: list[str],
             continue
 
         def local_flat(name):
-            full = read(name).float()
+            full = fit_vocab_rows(e.source, read(name).float(), e.param, pg)
             local = shard_logical(full, e.param, pg)
             _check_shape(name, local, e.param.shape)
             return local.reshape(-1).to(e.param.device)
