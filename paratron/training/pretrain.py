@@ -101,6 +101,22 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
         raise ConfigError("no tokenizer: give --tokenizer-type with its files (or, with "
                           "--mock-data, --vocab-size)")
     cfg.model.padded_vocab_size = resolve_vocab_size(cfg, vocab)
+    if pg.world_size == 1:
+        return _build_and_train(cfg, tokenizer, vocab, log, pg)
+    try:
+        state = _build_and_train(cfg, tokenizer, vocab, log, pg)
+    except Exception as exc:  # noqa: BLE001 - re-raised, naming the rank that failed
+        # A rank that fails tells the others through the rendezvous store; a rank whose
+        # collectives then fail or time out reports that rank instead of its own error.
+        raise explain_failure(pg.rank, exc) from exc
+    # Leave together: a rank tearing its process group down while a peer still talks to
+    # it would abort the peer.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return state
+
+
+def _build_and_train(cfg: Config, tokenizer, vocab: int | None, log, pg) -> TrainState:
     # Rank 0 builds (and caches) the sample indices first; the others then read them.
     if pg.rank == 0:
         datasets = build_datasets(cfg, tokenizer)
@@ -109,11 +125,4 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     if pg.rank != 0:
         datasets = build_datasets(cfg, tokenizer)
     trainer = Trainer(cfg, datasets, tokenizer_vocab_size=vocab, log=log, pg=pg)
-    if pg.world_size == 1:
-        return trainer.train()
-    try:
-        return trainer.train()
-    except Exception as exc:  # noqa: BLE001 - re-raised, naming the rank that failed
-        # A rank that fails tells the others through the rendezvous store; a rank whose
-        # collectives then fail or time out reports that rank instead of its own error.
-        raise explain_failure(pg.rank, exc) from exc
+    return trainer.train()
