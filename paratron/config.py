@@ -92,7 +92,8 @@ class TransformerConfig:
                                 flag="--disable-bias-linear")
     add_qkv_bias: bool = opt(False, "Keep a bias on the QKV projection (Qwen2.5) even with "
                              "--disable-bias-linear.")
-    qk_layernorm: bool = opt(False, "Normalise queries and keys per head (Qwen3).")
+    qk_layernorm: bool = opt(False, "Normalise queries and keys per head (Qwen3); "
+                             "multi-latent attention always normalises its latents.")
     untie_embeddings_and_output_weights: bool = opt(False, "Separate output layer weights.")
     make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this "
                                             "(times TP).", type=int)
@@ -189,6 +190,19 @@ class TransformerConfig:
     # inherits ModelParallelConfig): the model builds sequence-parallel layers.
     sequence_parallel: bool = False
     cp_comm_type: str = "p2p"
+
+    def uses_yarn(self) -> bool:
+        """YaRN rotary embeddings: asked for by name, or, as Megatron's multi-latent
+        attention does, by --rotary-scaling-factor above 1."""
+        return self.position_embedding_type == "yarn" or (
+            self.multi_latent_attention and self.rotary_scaling_factor > 1)
+
+    def rope_original_max_positions(self) -> int:
+        """The context length before YaRN / Llama-3 scaling: the flag, else Megatron's
+        defaults (4096 for YaRN, 8192 for Llama 3)."""
+        if self.original_max_position_embeddings:
+            return self.original_max_position_embeddings
+        return 4096 if self.uses_yarn() else 8192
 
     def mlp_activation(self) -> str:
         if self.swiglu:

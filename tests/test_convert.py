@@ -273,3 +273,21 @@ def test_trained_run_exports_and_transformers_generates(tmp_path):
     paratron = _paratron_logits(path, ids)[..., :50257]
     with torch.no_grad():
         assert (model(input_ids=ids).logits - paratron).abs().max().item() < 1e-5
+
+
+def test_uneven_first_stage_that_does_not_fit_is_one_line(tmp_path, capsys):
+    """--target-decoder-first-pipeline-num-layers is checked like the training flag."""
+    import transformers as tf
+    config = tf.AutoConfig.for_model("llama", vocab_size=64, hidden_size=32,
+                                     num_attention_heads=4, num_hidden_layers=2,
+                                     intermediate_size=48)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    from paratron.cli.convert import main
+    code = main(["--model-type", "GPT", "--loader", "hf", "--saver", "paratron",
+                 "--load-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "out"),
+                 "--target-pipeline-parallel-size", "2",
+                 "--target-decoder-first-pipeline-num-layers", "3"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own bar
+    assert code != 0 and line.startswith("paratron convert: error:") and \
+        "3 on the first stage" in line and "first-pipeline-num-layers" in line, line
+    assert not (tmp_path / "out").exists()

@@ -69,15 +69,16 @@ if [ ! -f "$IDXMAP.idx" ]; then
         --workers "${WORKERS:-2}" --append-eod
 fi
 
-# A Paratron checkpoint holds whole (unsharded) tensors and loads into any layout, so
-# the uneven pipeline split (MP_PP0_LAYERS) is chosen by the training run; convert
-# checks and records TP and EP, and an even pipeline split only.
+# A Paratron checkpoint holds whole (unsharded) tensors and loads into any layout; the
+# conversion checks the target layout, uneven first stage (MP_PP0_LAYERS) included, and
+# records it.
 START="$OUT/DeepSeek-V2-to-paratron-tp$TP-ep$EP"
 if [ ! -d "$START" ]; then
     echo "== convert $HF_MODEL -> $START"
     "$PYTHON" -m paratron convert --model-type GPT --loader hf --saver paratron \
         --load-dir "$HF_MODEL" --save-dir "$START" --target-tensor-parallel-size "$TP" \
-        --target-pipeline-parallel-size 1 --target-expert-parallel-size "$EP"
+        --target-pipeline-parallel-size "$PP" --target-expert-parallel-size "$EP" \
+        --target-decoder-first-pipeline-num-layers "$PP0_LAYERS"
 fi
 
 # run_mcore_deepseek.sh takes tokens when pretraining: iterations x GBS x SEQ_LEN.

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     parser.add_argument("--target-expert-parallel-size", type=int, default=1)
+    parser.add_argument("--target-decoder-first-pipeline-num-layers",
+                        "--decoder-first-pipeline-num-layers", type=int, default=None,
+                        dest="first_stage_layers",
+                        help="layers on the first pipeline stage (an uneven split)")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="save weights in bfloat16")
     precision.add_argument("--fp16", action="store_true", help="save weights in float16")
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace, warn) -> str:
                args.target_expert_parallel_size)
     if min(targets) < 1:
         raise ConversionError("--target-*-parallel-size must be positive")
-    if args.saver == "hf" and targets != (1, 1, 1):
+    if args.saver == "hf" and (targets != (1, 1, 1) or args.first_stage_layers is not None):
         raise ConversionError("--target-*-parallel-size apply to --saver paratron; a Hugging "
                               "Face folder has no parallel layout")
     if args.make_vocab_size_divisible_by < 1:
@@ -149,7 +153,8 @@ def run(args: argparse.Namespace, warn) -> str:
     for note in model.notes:
         warn(f"note: {note}")
     if args.saver == "paratron":
-        target = paratron_io.TargetLayout(*targets, args.make_vocab_size_divisible_by)
+        target = paratron_io.TargetLayout(*targets, args.make_vocab_size_divisible_by,
+                                          args.first_stage_layers)
         out = paratron_io.save_paratron_checkpoint(model, args.save_dir, target, dtype)
     else:
         out = hf_export.save_hf_folder(model, args.save_dir, dtype=dtype,

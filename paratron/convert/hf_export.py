@@ -57,16 +57,16 @@ def infer_model_type(c: TransformerConfig) -> str:
 def _rope(c: TransformerConfig) -> dict:
     """rope_parameters (transformers 5) and the older rope_theta / rope_scaling keys."""
     params: dict = {"rope_type": "default"}
-    if c.position_embedding_type == "yarn":
+    if c.uses_yarn():
         params = {"rope_type": "yarn", "factor": c.rotary_scaling_factor,
-                  "original_max_position_embeddings": c.original_max_position_embeddings,
+                  "original_max_position_embeddings": c.rope_original_max_positions(),
                   "beta_fast": c.beta_fast, "beta_slow": c.beta_slow}
         if c.mscale and c.mscale_all_dim:
             params.update(mscale=c.mscale, mscale_all_dim=c.mscale_all_dim)
     elif c.use_rope_scaling:
         params = {"rope_type": "llama3", "factor": c.rope_scaling_factor,
                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": c.original_max_position_embeddings}
+                  "original_max_position_embeddings": c.rope_original_max_positions()}
     elif c.rotary_seq_len_interpolation_factor:
         params = {"rope_type": "linear", "factor": c.rotary_seq_len_interpolation_factor}
     legacy = None if params["rope_type"] == "default" else dict(params)
@@ -179,11 +179,11 @@ def _effective(c: TransformerConfig) -> dict:
     """The settings of `c` that change what the model computes."""
     out = {k: v for k, v in dataclasses.asdict(c).items() if k not in _NOT_COMPUTED}
     drop = set()
-    if c.multi_latent_attention:
-        drop |= {"kv_channels", "num_query_groups"}
+    if c.multi_latent_attention:  # MLA always normalises its latents (qk_layernorm moot)
+        drop |= {"kv_channels", "num_query_groups", "qk_layernorm"}
     else:
         drop |= set(_MLA)
-    if c.position_embedding_type != "yarn":
+    if not c.uses_yarn():
         drop |= set(_YARN)
         if c.mscale and c.mscale_all_dim:
             drop -= {"mscale", "mscale_all_dim"}
@@ -191,8 +191,12 @@ def _effective(c: TransformerConfig) -> dict:
         out["mscale"], out["mscale_all_dim"] = 1.0, 0.0
     if not c.use_rope_scaling:
         drop.add("rope_scaling_factor")
-    if c.position_embedding_type != "yarn" and not c.use_rope_scaling:
+    if not c.uses_yarn() and not c.use_rope_scaling:
         drop.add("original_max_position_embeddings")
+    else:
+        out["original_max_position_embeddings"] = c.rope_original_max_positions()
+    if c.uses_yarn():  # rope + --rotary-scaling-factor under MLA is YaRN too
+        out["position_embedding_type"] = "yarn"
     if c.position_embedding_type == "learned_absolute":
         drop |= set(_ROTARY)
     moe_fields = [k for k in out if k.startswith("moe_")] + ["num_experts"]

@@ -121,11 +121,14 @@ class TargetLayout:
     pp: int = 1
     ep: int = 1
     make_vocab_size_divisible_by: int = 128
+    first_stage_layers: int | None = None  # an uneven pipeline split (DeepSeek: 6 at PP4)
 
 
 _TARGET_FLAGS = {"--tensor-model-parallel-size": "--target-tensor-parallel-size",
                  "--pipeline-model-parallel-size": "--target-pipeline-parallel-size",
-                 "--expert-model-parallel-size": "--target-expert-parallel-size"}
+                 "--expert-model-parallel-size": "--target-expert-parallel-size",
+                 "--decoder-first-pipeline-num-layers":
+                     "--target-decoder-first-pipeline-num-layers"}
 
 
 def target_config(model: TransformerConfig, target: TargetLayout, vocab_size: int) -> Config:
@@ -140,6 +143,7 @@ def target_config(model: TransformerConfig, target: TargetLayout, vocab_size: in
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = target.tp, target.pp
     p.expert_model_parallel_size = target.ep
+    p.decoder_first_pipeline_num_layers = target.first_stage_layers
     cfg.data.seq_length = model.max_position_embeddings
     probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model),
                                 parallel=dataclasses.replace(p, world_size=target.tp * target.pp

@@ -118,13 +118,12 @@ def build_rotary(config) -> RotaryEmbedding | None:
     head_dim = (config.qk_pos_emb_head_dim if config.multi_latent_attention
                 else config.kv_channels)
     rot_dim = int(head_dim * config.rotary_percent)
-    yarn = config.position_embedding_type == "yarn" or (
-        config.multi_latent_attention and config.rotary_scaling_factor > 1)
+    yarn = config.uses_yarn()
     return RotaryEmbedding(
         rot_dim, config.rotary_base, interleaved=config.rotary_interleaved,
         seq_len_interpolation_factor=config.rotary_seq_len_interpolation_factor,
         llama3_factor=config.rope_scaling_factor if config.use_rope_scaling else None,
         yarn_factor=config.rotary_scaling_factor if yarn else None,
-        original_max_position_embeddings=config.original_max_position_embeddings,
+        original_max_position_embeddings=config.rope_original_max_positions(),
         beta_fast=config.beta_fast, beta_slow=config.beta_slow,
         mscale=config.mscale, mscale_all_dim=config.mscale_all_dim)

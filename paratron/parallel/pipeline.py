@@ -73,10 +73,13 @@ def virtual_stage_sizes(num_layers: int, pp: int, vpp: int = 1, *, first: int | 
         free = [i for i, n in enumerate(per_rank) if n is None]
         rest = num_layers - sum(n for n in per_rank if n is not None)
         if rest < 0 or (free and rest % len(free)) or (not free and rest):
+            given = " and ".join(f"{n} on the {where} stage" for n, where in
+                                 ((first, "first"), (last, "last")) if n is not None)
             raise ValueError(
                 f"--num-layers {num_layers} does not split over --pipeline-model-parallel-"
-                f"size {pp} with {first} layers first and {last} last: the remaining "
-                f"{rest} must divide evenly over the {len(free)} other stages")
+                f"size {pp} with {given}: the remaining {rest} must divide evenly over the "
+                f"{len(free)} other stages; change --decoder-first-pipeline-num-layers or "
+                f"--decoder-last-pipeline-num-layers")
         per_rank = [n if n is not None else rest // len(free) for n in per_rank]
         if any(n % vpp for n in per_rank):
             raise ValueError(f"virtual pipeline stages: each stage's layers {per_rank} must "
