@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,13 @@ needs_data = pytest.mark.skipif(not (DATA / "gpt2" / "gpt2-vocab.json").exists()
                                 reason="../shared/data (C4 sample, GPT-2 vocabulary) is absent")
 
 
+def _free_port() -> int:
+    """A port nobody listens on now, for torchrun's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
 def _env(**extra) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.update({k: str(v) for k, v in extra.items()})
@@ -77,7 +85,7 @@ def test_gpt2_pretrain_preprocess_then_tp2_pp2(tmp_path):
     """Raw JSONL -> GPT-2 BPE .bin/.idx -> 4 gloo processes at TP2 x PP2; the loss falls."""
     out = _run(["bash", str(EXAMPLES / "gpt2_pretrain" / "run.sh")], tmp_path,
                OUT=tmp_path / "out", TRAIN_ITERS=6, LOG_INTERVAL=2, EVAL_INTERVAL=6,
-               MASTER_PORT=29641)
+               MASTER_PORT=_free_port())
     assert (tmp_path / "out" / "c4_demo_text_document.bin").stat().st_size > 0
     assert "4 processes, TP=2 PP=2" in out
     losses = _losses(out)
@@ -111,7 +119,7 @@ def test_megatron_core_example_tp2_sp_equals_one_process(tmp_path):
     assert summary["steps"] == 6 and summary["tokens_per_second"] > 0
     assert summary["peak_memory_mib"] > 0 and summary["memory_samples"] >= 2
     tp2 = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", "29642", script, *MCORE,
+                "--master_port", str(_free_port()), script, *MCORE,
                 "--tensor-model-parallel-size=2", "--sequence-parallel"], tmp_path)
     pattern = r"\| loss (\S+) \|"
     assert len(_losses(single, pattern)) == 6
@@ -237,7 +245,7 @@ def test_qwen_continued_pretrain_hf_to_paratron_to_hf(tmp_path):
     transformers loads, with a lower loss on the corpus than the start."""
     out = _run(["bash", str(EXAMPLES / "qwen_continued_pretrain" / "run.sh")], tmp_path,
                timeout=600, OUT=tmp_path / "out", MODEL="qwen3", TRAIN_ITERS=6,
-               LOG_INTERVAL=3, MASTER_PORT=29661)
+               LOG_INTERVAL=3, MASTER_PORT=_free_port())
     assert "loaded weights of iteration 0" in out and "--finetune" in out
     assert len(_losses(out)) == 2
     losses = _hf_losses(out)
@@ -252,7 +260,7 @@ def test_deepseek_v2_convert_pretrain_sft_export(tmp_path):
     Alpaca zh on one process -> export to HF, loss checked by transformers."""
     proc = subprocess.run(["bash", str(EXAMPLES / "deepseek_v2" / "run.sh")], cwd=tmp_path,
                           env=_env(OUT=tmp_path / "out", PRETRAIN_ITERS=2, SFT_ITERS=3,
-                                   MASTER_PORT=29662),
+                                   MASTER_PORT=_free_port()),
                           capture_output=True, text=True, timeout=900)
     out = proc.stdout
     pretrain, sft = out.split("== SFT on")
@@ -316,6 +324,6 @@ def test_slurm_template_launches_torchrun(tmp_path):
     tp2 = _vscode_configurations()["Paratron: torchrun 2 processes, TP2 on CPU (gloo)"]["args"]
     out = _run(["bash", str(EXAMPLES / "slurm" / "train.sbatch"), *tp2[tp2.index("train") + 1:]],
         tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="localhost",
-        SLURM_NNODES=1, SLURM_NODEID=0, SLURM_JOB_ID=7, GPUS_PER_NODE=2, MASTER_PORT=29674,
+        SLURM_NNODES=1, SLURM_NODEID=0, SLURM_JOB_ID=7, GPUS_PER_NODE=2, MASTER_PORT=_free_port(),
         PARATRON_HOME=ROOT)
     assert len(_losses(out)) == 5

@@ -20,17 +20,11 @@
 # OUT (./deepseek-v2-output), PRETRAIN_ITERS, SFT_ITERS.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(dirname "$(dirname "$HERE")")"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON="${PYTHON:-python}"
-DATA="${DATA:-$ROOT/../shared/data}"
+EXAMPLE=deepseek_v2/run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 INPUT="${INPUT:-$DATA/pretrain/c4_demo.jsonl}"
 SFT_INPUT="${SFT_INPUT:-$DATA/sft/alpaca_zh_demo.json}"
 OUT="${OUT:-$PWD/deepseek-v2-output}"
-SIZE="${SIZE:-tiny}"
-
-fail() { echo "deepseek_v2/run.sh: error: $*" >&2; exit 2; }
 for name in INPUT SFT_INPUT; do
     [ -f "${!name}" ] || fail "$name=${!name} not found; set $name to your file"
 done

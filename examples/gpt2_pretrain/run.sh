@@ -18,18 +18,12 @@
 #   MASTER_PORT  torchrun's rendezvous port (29500)
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(dirname "$(dirname "$HERE")")"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON="${PYTHON:-python}"
-DATA="${DATA:-$ROOT/../shared/data}"
+EXAMPLE=gpt2_pretrain/run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 INPUT="${INPUT:-$DATA/pretrain/c4_demo.jsonl}"
 VOCAB_FILE="${VOCAB_FILE:-$DATA/gpt2/gpt2-vocab.json}"
 MERGE_FILE="${MERGE_FILE:-$DATA/gpt2/gpt2-merges.txt}"
 OUT="${OUT:-$PWD/gpt2-pretrain-output}"
-SIZE="${SIZE:-tiny}"
-
-fail() { echo "gpt2_pretrain/run.sh: error: $*" >&2; exit 2; }
 for name in INPUT VOCAB_FILE MERGE_FILE; do
     [ -f "${!name}" ] || fail "$name=${!name} not found; set $name to your file"
 done

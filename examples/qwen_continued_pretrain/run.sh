@@ -19,16 +19,11 @@
 # TRAIN_ITERS, MASTER_PORT.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(dirname "$(dirname "$HERE")")"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON="${PYTHON:-python}"
-INPUT="${INPUT:-$ROOT/../shared/data/pretrain/c4_demo.jsonl}"
+EXAMPLE=qwen_continued_pretrain/run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+INPUT="${INPUT:-$DATA/pretrain/c4_demo.jsonl}"
 OUT="${OUT:-$PWD/qwen-cpt-output}"
-SIZE="${SIZE:-tiny}"
 MODEL="${MODEL:-qwen2.5}"
-
-fail() { echo "qwen_continued_pretrain/run.sh: error: $*" >&2; exit 2; }
 [ -f "$INPUT" ] || fail "INPUT=$INPUT not found; set INPUT to a JSONL file with a \"text\" key"
 case "$MODEL" in
 qwen2.5) ARCH=qwen2; BIAS=(--add-qkv-bias) ;;

@@ -168,7 +168,7 @@ class PendingSave:
         return files.checkpoint_dir(self.save_dir, self.iteration)
 
 
-class _Reader:
+class TensorReader:
     """Logical tensors of a checkpoint, read through safetensors (memory-mapped)."""
 
     def __init__(self, path: Path, meta: dict):
@@ -211,7 +211,7 @@ def load_checkpoint(path: str | os.PathLike, models, pg, optimizer=None, *,
     Collective only in that every rank reads; no communication."""
     path = Path(path)
     meta = files.read_metadata(path)
-    read = _Reader(path, meta)
+    read = TensorReader(path, meta)
     load_model(models, pg, read)
     opt_meta = meta.get("optimizer")
     if optimizer is not None and load_optim:

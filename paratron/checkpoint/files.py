@@ -31,6 +31,10 @@ METADATA = "metadata.json"
 LATEST = "latest_checkpointed_iteration.txt"
 TMP_SUFFIX = ".tmp"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+# Beside the iteration folders: the files the run's tokenizer was built from, and a
+# small JSON naming the tokenizer type that reads them (conversion and generation use it).
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_INFO = "paratron_tokenizer.json"
 
 
 def checkpoint_dir(save_dir: str | os.PathLike, iteration: int) -> Path:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from paratron.checkpoint import files as ckpt_files
-from paratron.checkpoint.checkpointing import _Reader as TensorReader
+from paratron.checkpoint.checkpointing import TensorReader
+from paratron.checkpoint.files import TOKENIZER_DIR
 from paratron.checkpoint.writer import LogicalCheckpointWriter
 from paratron.config import (Config, ConfigError, TransformerConfig, finalize, pad_vocab_size,
                              validate)
@@ -31,7 +32,6 @@ from paratron.convert.streaming import (StreamedModel, cast, model_layout, progr
 from paratron.convert.tokenizer_files import (TokenizerFiles, copy_into, describe,
                                              vocab_size as tokenizer_vocab_size)
 
-TOKENIZER_DIR = "tokenizer"
 _TRANSFORMER_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 
 

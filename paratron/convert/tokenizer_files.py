@@ -14,9 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from paratron.checkpoint.files import TOKENIZER_INFO as INFO
 from paratron.convert.errors import ConversionError
-
-INFO = "paratron_tokenizer.json"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
             "chat_template.jinja", "chat_template.json", "qwen.tiktoken")

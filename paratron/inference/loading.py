@@ -17,16 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 from paratron.checkpoint import find_latest_valid, load_checkpoint, read_metadata
+from paratron.checkpoint.files import TOKENIZER_DIR, TOKENIZER_INFO
 from paratron.checkpoint.state import load_model
 from paratron.config import SECTIONS, Config, config_from_dict
 from paratron.data.errors import DataError
 from paratron.data.tokenizer import Tokenizer, build_tokenizer
 from paratron.model.gpt import GPTModel
 
-# Written beside the checkpoints by the trainer (paratron.training.run_checkpoints):
-# copies of the tokenizer's files and a JSON naming the type that reads them.
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_INFO = "paratron_tokenizer.json"
 EMBEDDING = "model/embedding.word_embeddings.weight"
 # Settings of the training run that do not concern the model and would only be
 # refused or misread when rebuilding it for generation.

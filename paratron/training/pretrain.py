@@ -15,7 +15,7 @@ from paratron.config import Config, ConfigError, format_config
 from paratron.parallel.launch import explain_failure, init_distributed
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.data.tokenizer import PATCH_TOKENIZER_TYPES
-from paratron.training.run_checkpoints import TOKENIZER_DIR
+from paratron.checkpoint.files import TOKENIZER_DIR
 from paratron.training.trainer import Trainer, TrainState, resolve_vocab_size
 
 

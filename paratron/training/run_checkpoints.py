@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 from paratron.checkpoint import files
+from paratron.checkpoint.files import TOKENIZER_DIR, TOKENIZER_INFO
 from paratron.checkpoint.checkpointing import (PendingSave, load_checkpoint, load_rng_states,
                                                save_checkpoint)
 from paratron.config import Config, ConfigError
 
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_INFO = "paratron_tokenizer.json"
 # Files of a tokenizer folder worth keeping (a Hugging Face model folder also holds the
 # weights, which are not copied).
 _TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json",

@@ -19,7 +19,10 @@ FLAGS = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 1
          "--pipeline-model-parallel-size 2 --distributed-timeout-minutes 0.1").split()
 
 
-def _failing_stage(failing_rank, failing_call):
+def _failing_stage(failing_rank, failing_call, flags=FLAGS):
+    """Run training where `failing_rank`'s model raises in its `failing_call`-th forward;
+    returns how this rank ended ("own" error, "peer" failure named, or "finished"), the
+    message and the seconds it took."""
     if dist.get_rank() == failing_rank:
         original, calls = GPTModel.forward, []
 
@@ -32,7 +35,7 @@ def _failing_stage(failing_rank, failing_call):
         GPTModel.forward = forward
     start = time.monotonic()
     try:
-        pretrain(parse_args(FLAGS + ["--world-size", str(dist.get_world_size())]),
+        pretrain(parse_args(flags + ["--world-size", str(dist.get_world_size())]),
                  log=lambda line: None)
         outcome = ("finished", "")
     except PeerFailure as exc:

@@ -8,9 +8,8 @@ import time
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from test_pipeline_faults import _failing_stage
 from paratron.config import parse_args
-from paratron.model.gpt import GPTModel
-from paratron.parallel.launch import PeerFailure
 from paratron.training.pretrain import pretrain
 from paratron.training.trainer import Trainer
 
@@ -45,33 +44,11 @@ def test_straggler_report_names_the_slow_rank():
         assert float(found[1]) >= 200.0  # the slow rank's own work includes its sleep
 
 
-def _failing_rank(failing_rank, failing_call):
-    if dist.get_rank() == failing_rank:
-        original, calls = GPTModel.forward, []
-
-        def forward(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == failing_call:
-                raise RuntimeError("injected failure in the forward")
-            return original(self, *args, **kwargs)
-
-        GPTModel.forward = forward
-    start = time.monotonic()
-    try:
-        pretrain(parse_args(FLAGS + ["--train-iters", "10", "--distributed-timeout-minutes",
-                                     "0.1"]), log=lambda line: None)
-        outcome = ("finished", "")
-    except PeerFailure as exc:
-        outcome = ("peer", str(exc))
-    except RuntimeError as exc:
-        outcome = ("own", str(exc))
-    return outcome + (time.monotonic() - start,)
-
-
 def test_a_failing_data_parallel_rank_is_named_without_a_hang():
     # Rank 1 fails in its third iteration; rank 0 is then blocked in the gradient
     # all-reduce and gives up within the 6 s timeout, naming rank 1.
-    own, other = run_distributed(2, _failing_rank, 1, 3, timeout=120)[::-1]
+    flags = FLAGS + ["--train-iters", "10", "--distributed-timeout-minutes", "0.1"]
+    own, other = run_distributed(2, _failing_stage, 1, 3, flags, timeout=120)[::-1]
     assert own[0] == "own" and "injected failure" in own[1]
     assert other[0] == "peer", other
     assert other[1].startswith("rank 1 failed (RuntimeError: injected failure")
