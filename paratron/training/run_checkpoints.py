@@ -123,20 +123,23 @@ def save_tokenizer(cfg: Config, save_dir: str) -> None:
 
 
 class RunCheckpoints:
-    """Loads a trainer's state from --load and saves it to --save."""
+    """Loads a trainer's state from --load and saves it to --save.
 
-    def __init__(self, trainer, log: Callable[[str], None]):
-        self.trainer, self.log = trainer, log
-        self.cfg = trainer.cfg.checkpoint
+    The trainer is passed to each call rather than kept: a trainer <-> helper cycle would
+    leave the trainer to the cyclic garbage collector, which tears its data loader's
+    worker queues down before the loader can tell its workers to stop."""
+
+    def __init__(self, checkpoint_config, log: Callable[[str], None]):
+        self.cfg, self.log = checkpoint_config, log
         self.pending: PendingSave | None = None
         self._rng_from: Path | None = None
         self.last_saved: int | None = None
 
     # ----------------------------------------------------------------- load
-    def load(self) -> None:
+    def load(self, tr) -> None:
         """Weights (and optimizer, train state) from --load; RNG states wait for
         `restore_rng`."""
-        c, tr = self.cfg, self.trainer
+        c = self.cfg
         if c.load is None:
             return
         found = find_checkpoint(c.load, required=c.exit_on_missing_checkpoint, log=self.log)
@@ -161,16 +164,16 @@ class RunCheckpoints:
         self.last_saved = tr.state.iteration
         self.log(f" successfully loaded checkpoint from {c.load} at iteration {iteration}")
 
-    def restore_rng(self) -> None:
+    def restore_rng(self, tr) -> None:
         """Restore RNG states once the data iterator exists (see the module docstring)."""
         if self._rng_from is not None:
-            load_rng_states(self._rng_from, self.trainer.models, self.trainer.pg, log=self.log)
+            load_rng_states(self._rng_from, tr.models, tr.pg, log=self.log)
             self._rng_from = None
 
     # ----------------------------------------------------------------- save
-    def save(self) -> Path | None:
+    def save(self, tr) -> Path | None:
         """Write a checkpoint of the current iteration to --save (None without it)."""
-        c, tr = self.cfg, self.trainer
+        c = self.cfg
         if c.save is None:
             return None
         self.wait()

@@ -139,8 +139,8 @@ class Trainer:
         # fp16's dynamic loss scaling expects overflows: it skips and counts them.
         self.stop_on_non_finite = (t.check_for_nan_in_loss_and_grad and not
                                    isinstance(self.optimizer.loss_scaler, DynamicLossScaler))
-        self.checkpoints = RunCheckpoints(self, log)
-        self.checkpoints.load()
+        self.checkpoints = RunCheckpoints(cfg.checkpoint, log)
+        self.checkpoints.load(self)
 
     # ----------------------------------------------------------------- data
     def _loader(self, dataset, consumed_samples: int):
@@ -242,7 +242,7 @@ class Trainer:
         """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
         if self._train_iter is None:
             self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
-            self.checkpoints.restore_rng()
+            self.checkpoints.restore_rng(self)
         with self.timers("batch-generator"):
             batches = self._global_batch(self._train_iter)
         total_tokens = self._total_tokens(batches)
@@ -299,7 +299,7 @@ class Trainer:
 
     def save(self):
         """Write a checkpoint of this iteration to --save (None without --save)."""
-        return self.checkpoints.save()
+        return self.checkpoints.save(self)
 
     # ----------------------------------------------------------------- loop
     def train(self) -> TrainState:
