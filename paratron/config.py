@@ -658,6 +658,30 @@ def parse_args(argv: list[str] | None = None, prog: str = "paratron train",
     return cfg
 
 
+# Settings of one launch, not of the run: left out of a saved --config file.
+_LAUNCH_FIELDS = ("world_size", "rank", "local_rank", "init_method")
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The run as a `--config` file: every setting that differs from its default, keyed
+    by its flag, so `paratron train --config FILE` rebuilds the same tree (the model
+    size preset, if any, is spelled out)."""
+    import yaml
+
+    doc = {}
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        defaults = type(values)()
+        for f in _fields_with_flags(type(values)):
+            value = getattr(values, f.name)
+            if f.name in _LAUNCH_FIELDS or value == getattr(defaults, f.name):
+                continue
+            if isinstance(f.default, bool) and f.default:  # a --no-... switch, now off
+                value = True
+            doc[_flags_of(f)[0].lstrip("-")] = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(doc, sort_keys=True, allow_unicode=True)
+
+
 def _rank0_print(line: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(line)

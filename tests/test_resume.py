@@ -142,6 +142,8 @@ def test_load_flags_have_megatron_meanings(tmp_path):
     save = str(tmp_path / "ckpt")
     first = _trainer("--save", save)
     first.train()
+    again = parse_args(["--config", str(tmp_path / "ckpt" / "run_config.yaml")])
+    assert again.to_dict() == first.cfg.to_dict()  # run_config.yaml repeats the run
     weights = {n: p.detach().clone() for n, p in first.model.module.named_parameters()}
 
     def same_weights(trainer):

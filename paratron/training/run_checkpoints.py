@@ -14,7 +14,8 @@ The files are `paratron.checkpoint`'s (safetensors + a checksummed index, writte
 a temporary name, `latest_checkpointed_iteration.txt` last) for both `--ckpt-format
 torch_dist` and `torch`: one sharded, layout-free format that any parallel layout loads.
 Beside the checkpoints, `DIR/tokenizer/` holds the files the run's tokenizer was built
-from, so conversion and generation find them.
+from, so conversion and generation find them, and `DIR/run_config.yaml` the run's
+settings as a `--config` file (`paratron train --config DIR/run_config.yaml` repeats it).
 
 Order matters for an exact resume: weights and optimizer are loaded when the trainer is
 built, the training data iterator is created at the first step, and only then are the
@@ -30,9 +31,10 @@ from typing import Callable
 
 from paratron.checkpoint import files
 from paratron.checkpoint.files import TOKENIZER_DIR, TOKENIZER_INFO
+RUN_CONFIG = "run_config.yaml"
 from paratron.checkpoint.checkpointing import (PendingSave, load_checkpoint, load_rng_states,
                                                save_checkpoint)
-from paratron.config import Config, ConfigError
+from paratron.config import Config, ConfigError, config_to_yaml
 
 # Files of a tokenizer folder worth keeping (a Hugging Face model folder also holds the
 # weights, which are not copied).
@@ -178,7 +180,9 @@ class RunCheckpoints:
             return None
         self.wait()
         if tr.pg.rank == 0:
+            Path(c.save).mkdir(parents=True, exist_ok=True)
             save_tokenizer(tr.cfg, c.save)
+            files.write_atomic(Path(c.save) / RUN_CONFIG, config_to_yaml(tr.cfg))
         s = tr.state
         train_state = {"iteration": s.iteration,
                        "consumed_train_samples": s.consumed_train_samples,
