@@ -140,6 +140,77 @@ def test_megatron_legacy_tp2_pp2_import_matches_transformers(tmp_path, capsys):
     assert (got - expected).abs().max().item() < 1e-5
 
 
+def _megatron_moe_shards(hf_model, tp: int, ep: int) -> dict[tuple[int, int], dict]:
+    """Megatron-Core state dicts of every (TP rank, EP rank) of a Qwen3-MoE, local-spec
+    names (separate norms, q/k layernorm, SequentialMLP experts); expert TP = TP."""
+    c = hf_model.config
+    sd = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    heads, groups, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    local_experts = c.num_experts // ep
+    out = {}
+    for e in range(ep):
+        for t in range(tp):
+            state = {"embedding.word_embeddings.weight":
+                     sd["model.embed_tokens.weight"].chunk(tp)[t]}
+            for i in range(c.num_hidden_layers):
+                L, a = f"decoder.layers.{i}.", f"model.layers.{i}."
+                q = sd[a + "self_attn.q_proj.weight"].reshape(groups, heads // groups * d, -1)
+                k = sd[a + "self_attn.k_proj.weight"].reshape(groups, d, -1)
+                v = sd[a + "self_attn.v_proj.weight"].reshape(groups, d, -1)
+                mine = range(t * groups // tp, (t + 1) * groups // tp)
+                state[L + "self_attention.linear_qkv.weight"] = torch.cat(
+                    [torch.cat([q[g], k[g], v[g]]) for g in mine])
+                state[L + "self_attention.q_layernorm.weight"] = sd[a + "self_attn.q_norm.weight"]
+                state[L + "self_attention.k_layernorm.weight"] = sd[a + "self_attn.k_norm.weight"]
+                state[L + "self_attention.linear_proj.weight"] = \
+                    sd[a + "self_attn.o_proj.weight"].chunk(tp, dim=1)[t]
+                state[L + "input_layernorm.weight"] = sd[a + "input_layernorm.weight"]
+                state[L + "pre_mlp_layernorm.weight"] = sd[a + "post_attention_layernorm.weight"]
+                state[L + "mlp.router.weight"] = sd[a + "mlp.gate.weight"]
+                gate_up, down = sd[a + "mlp.experts.gate_up_proj"], sd[a + "mlp.experts.down_proj"]
+                for local in range(local_experts):
+                    x = e * local_experts + local
+                    gate, up = gate_up[x].chunk(2)
+                    E = L + f"mlp.experts.local_experts.{local}."
+                    state[E + "linear_fc1.weight"] = torch.cat([gate.chunk(tp)[t],
+                                                                up.chunk(tp)[t]])
+                    state[E + "linear_fc2.weight"] = down[x].chunk(tp, dim=1)[t]
+            state["decoder.final_layernorm.weight"] = sd["model.norm.weight"]
+            state["output_layer.weight"] = sd["lm_head.weight"].chunk(tp)[t]
+            out[t, e] = state
+    return out
+
+
+def test_megatron_legacy_moe_tp2_ep2_import_matches_transformers(tmp_path):
+    """Expert folders mp_rank_TT_EEE (no pipeline part at PP1), experts split over TP."""
+    hf_model = _hf("qwen3_moe", vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   intermediate_size=96, moe_intermediate_size=24, num_experts=4,
+                   num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
+                   tie_word_embeddings=False)
+    c = hf_model.config
+    args = argparse.Namespace(**{
+        **vars(_megatron_args(hf_model, 2, 1)), "ffn_hidden_size": c.intermediate_size,
+        "kv_channels": c.head_dim, "add_qkv_bias": False, "qk_layernorm": True,
+        "num_experts": c.num_experts, "moe_ffn_hidden_size": c.moe_intermediate_size,
+        "moe_router_topk": c.num_experts_per_tok, "expert_model_parallel_size": 2,
+        "moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 0.001})
+    for (t, e), state in _megatron_moe_shards(hf_model, tp=2, ep=2).items():
+        rank_dir = tmp_path / "megatron" / "release" / f"mp_rank_{t:02d}_{e:03d}"
+        rank_dir.mkdir(parents=True)
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": state},
+                   rank_dir / "model_optim_rng.pt")
+    (tmp_path / "megatron" / "latest_checkpointed_iteration.txt").write_text("release")
+    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
+                    "--trust-pickle", "--load-dir", str(tmp_path / "megatron"),
+                    "--save-dir", str(tmp_path / "out")]) == 0
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    got = _paratron_logits(find_latest_valid(tmp_path / "out")[1], ids)
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids).logits
+    assert (got - expected).abs().max().item() < 1e-5
+
+
 # ------------------------------------------------------------------ refusals
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
