@@ -211,6 +211,91 @@ def test_megatron_legacy_moe_tp2_ep2_import_matches_transformers(tmp_path):
     assert (got - expected).abs().max().item() < 1e-5
 
 
+def _megatron_mla_shards(hf_model, tp: int, ep: int) -> dict[tuple[int, int], dict]:
+    """Megatron-Core state dicts of a DeepSeek-V2 (MLA without q-LoRA, dense first
+    layer, shared expert, GroupedMLP experts) per (TP rank, EP rank)."""
+    c = hf_model.config
+    sd = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    local_experts = c.n_routed_experts // ep
+    out = {}
+    for e in range(ep):
+        for t in range(tp):
+            state = {"embedding.word_embeddings.weight":
+                     sd["model.embed_tokens.weight"].chunk(tp)[t]}
+            for i in range(c.num_hidden_layers):
+                L, a = f"decoder.layers.{i}.", f"model.layers.{i}."
+                A = L + "self_attention."
+                state[A + "linear_q_proj.weight"] = sd[a + "self_attn.q_proj.weight"].chunk(tp)[t]
+                state[A + "linear_kv_down_proj.weight"] = \
+                    sd[a + "self_attn.kv_a_proj_with_mqa.weight"]
+                state[A + "linear_kv_up_proj.layer_norm_weight"] = \
+                    sd[a + "self_attn.kv_a_layernorm.weight"]
+                state[A + "linear_kv_up_proj.weight"] = \
+                    sd[a + "self_attn.kv_b_proj.weight"].chunk(tp)[t]
+                state[A + "linear_proj.weight"] = sd[a + "self_attn.o_proj.weight"].chunk(tp, 1)[t]
+                state[L + "input_layernorm.weight"] = sd[a + "input_layernorm.weight"]
+                state[L + "pre_mlp_layernorm.weight"] = sd[a + "post_attention_layernorm.weight"]
+
+                def fc1(gate, up):
+                    return torch.cat([gate.chunk(tp)[t], up.chunk(tp)[t]])
+                if i < c.first_k_dense_replace:
+                    state[L + "mlp.linear_fc1.weight"] = fc1(sd[a + "mlp.gate_proj.weight"],
+                                                             sd[a + "mlp.up_proj.weight"])
+                    state[L + "mlp.linear_fc2.weight"] = \
+                        sd[a + "mlp.down_proj.weight"].chunk(tp, 1)[t]
+                    continue
+                state[L + "mlp.router.weight"] = sd[a + "mlp.gate.weight"]
+                S = a + "mlp.shared_experts."
+                state[L + "mlp.shared_experts.linear_fc1.weight"] = fc1(
+                    sd[S + "gate_proj.weight"], sd[S + "up_proj.weight"])
+                state[L + "mlp.shared_experts.linear_fc2.weight"] = \
+                    sd[S + "down_proj.weight"].chunk(tp, 1)[t]
+                mine = range(e * local_experts, (e + 1) * local_experts)
+                gate_up, down = sd[a + "mlp.experts.gate_up_proj"], sd[a + "mlp.experts.down_proj"]
+                # GroupedMLP keeps [E_local, h, 2f/tp] as a [h, E_local * 2f/tp] parameter.
+                w1 = torch.stack([fc1(*gate_up[x].chunk(2)).t() for x in mine])
+                w2 = torch.stack([down[x].chunk(tp, 1)[t].t() for x in mine])
+                state[L + "mlp.experts.weight1"] = w1.reshape(c.hidden_size, -1)
+                state[L + "mlp.experts.weight2"] = w2.reshape(-1, c.hidden_size)
+            state["decoder.final_layernorm.weight"] = sd["model.norm.weight"]
+            state["output_layer.weight"] = sd["lm_head.weight"].chunk(tp)[t]
+            out[t, e] = state
+    return out
+
+
+def test_megatron_legacy_mla_grouped_experts_tp2_ep2_import_matches_transformers(tmp_path):
+    hf_model = _hf("deepseek_v2", vocab_size=256, hidden_size=64, num_attention_heads=4,
+                   num_key_value_heads=4, num_hidden_layers=2, intermediate_size=96,
+                   moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
+                   n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                   kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                   max_position_embeddings=64, tie_word_embeddings=False)
+    c = hf_model.config
+    args = argparse.Namespace(**{
+        **vars(_megatron_args(hf_model, 2, 1)), "ffn_hidden_size": c.intermediate_size,
+        "group_query_attention": False, "num_query_groups": None, "add_qkv_bias": False,
+        "qk_layernorm": True, "multi_latent_attention": True, "q_lora_rank": None,
+        "kv_lora_rank": 16, "qk_head_dim": 16, "qk_pos_emb_head_dim": 8, "v_head_dim": 16,
+        "rotary_base": 10000.0, "num_experts": 4, "moe_ffn_hidden_size": 24,
+        "moe_router_topk": 2, "moe_router_pre_softmax": True, "moe_layer_freq": [0, 1],
+        "moe_shared_expert_intermediate_size": 24, "moe_grouped_gemm": True,
+        "expert_model_parallel_size": 2, "moe_router_load_balancing_type": "aux_loss"})
+    for (t, e), state in _megatron_mla_shards(hf_model, tp=2, ep=2).items():
+        rank_dir = tmp_path / "megatron" / "iter_0000005" / f"mp_rank_{t:02d}_{e:03d}"
+        rank_dir.mkdir(parents=True)
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 5, "model": state},
+                   rank_dir / "model_optim_rng.pt")
+    (tmp_path / "megatron" / "latest_checkpointed_iteration.txt").write_text("5")
+    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
+                    "--trust-pickle", "--load-dir", str(tmp_path / "megatron"),
+                    "--save-dir", str(tmp_path / "out")]) == 0
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    got = _paratron_logits(find_latest_valid(tmp_path / "out")[1], ids)
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids).logits
+    assert (got - expected).abs().max().item() < 1e-5
+
+
 # ------------------------------------------------------------------ refusals
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
