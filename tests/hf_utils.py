@@ -1,6 +1,10 @@
 """Tiny random Hugging Face models and logit comparison, shared by the conversion tests."""
 
+import pytest
 import torch
+
+from paratron.convert.errors import ConversionError
+from paratron.convert.hf_loader import load_hf_model
 
 VOCAB = 256
 
@@ -25,3 +29,13 @@ def max_logit_diff(hf_model, paratron_model) -> float:
         got = paratron_model(ids)
     assert got.shape == expected.shape
     return (got - expected).abs().max().item()
+
+
+def one_line_error(folder, *fragments) -> None:
+    """Loading `folder` is refused with one line that names every fragment."""
+    with pytest.raises(ConversionError) as info:
+        load_hf_model(folder)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message

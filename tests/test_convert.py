@@ -116,28 +116,44 @@ def _megatron_args(hf_model, tp, pp) -> argparse.Namespace:
         sequence_parallel=True, recompute_granularity="full", recompute_method="uniform")
 
 
-def _write_megatron(folder: Path, hf_model, tp=2, pp=2) -> None:
-    args = _megatron_args(hf_model, tp, pp)
-    for (t, p), state in _megatron_shards(hf_model, tp, pp).items():
-        rank_dir = folder / "iter_0000010" / f"mp_rank_{t:02d}_{p:03d}"
+def _write_megatron(folder: Path, args, shards: dict[str, dict], iteration) -> None:
+    """Megatron's legacy layout: `<iter_XXXXXXX or release>/<rank folder>/model_optim_rng.pt`
+    per rank folder name in `shards`, and `latest_checkpointed_iteration.txt`."""
+    release = iteration == "release"
+    for rank, state in shards.items():
+        rank_dir = folder / ("release" if release else f"iter_{iteration:07d}") / rank
         rank_dir.mkdir(parents=True)
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 10, "model": state},
+        torch.save({"args": args, "checkpoint_version": 3.0,
+                    "iteration": 0 if release else iteration, "model": state},
                    rank_dir / "model_optim_rng.pt")
-    (folder / "latest_checkpointed_iteration.txt").write_text("10")
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(iteration))
 
 
-def test_megatron_legacy_tp2_pp2_import_matches_transformers(tmp_path, capsys):
-    hf_model = _hf(**TINY_QWEN2)
-    _write_megatron(tmp_path / "megatron", hf_model)
+def _write_dense_megatron(folder: Path, hf_model, tp=2, pp=2) -> None:
+    """The Qwen2 `hf_model` as Megatron's TP x PP files (iteration 10)."""
+    shards = _megatron_shards(hf_model, tp, pp)
+    _write_megatron(folder, _megatron_args(hf_model, tp, pp),
+                    {f"mp_rank_{t:02d}_{p:03d}": state for (t, p), state in shards.items()}, 10)
+
+
+def _imported_logit_diff(tmp_path, hf_model) -> float:
+    """`paratron convert --loader megatron` of tmp_path/megatron, then the largest logit
+    difference from `hf_model` on fixed tokens."""
     assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
                     "--trust-pickle", "--load-dir", str(tmp_path / "megatron"),
                     "--save-dir", str(tmp_path / "out")]) == 0
-    assert "WARNING: unpickling" in capsys.readouterr().err
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     got = _paratron_logits(find_latest_valid(tmp_path / "out")[1], ids)
     with torch.no_grad():
         expected = hf_model(input_ids=ids).logits
-    assert (got - expected).abs().max().item() < 1e-5
+    return (got - expected).abs().max().item()
+
+
+def test_megatron_legacy_tp2_pp2_import_matches_transformers(tmp_path, capsys):
+    hf_model = _hf(**TINY_QWEN2)
+    _write_dense_megatron(tmp_path / "megatron", hf_model)
+    assert _imported_logit_diff(tmp_path, hf_model) < 1e-5
+    assert "WARNING: unpickling" in capsys.readouterr().err
 
 
 def _megatron_moe_shards(hf_model, tp: int, ep: int) -> dict[tuple[int, int], dict]:
@@ -195,20 +211,11 @@ def test_megatron_legacy_moe_tp2_ep2_import_matches_transformers(tmp_path):
         "num_experts": c.num_experts, "moe_ffn_hidden_size": c.moe_intermediate_size,
         "moe_router_topk": c.num_experts_per_tok, "expert_model_parallel_size": 2,
         "moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 0.001})
-    for (t, e), state in _megatron_moe_shards(hf_model, tp=2, ep=2).items():
-        rank_dir = tmp_path / "megatron" / "release" / f"mp_rank_{t:02d}_{e:03d}"
-        rank_dir.mkdir(parents=True)
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": state},
-                   rank_dir / "model_optim_rng.pt")
-    (tmp_path / "megatron" / "latest_checkpointed_iteration.txt").write_text("release")
-    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
-                    "--trust-pickle", "--load-dir", str(tmp_path / "megatron"),
-                    "--save-dir", str(tmp_path / "out")]) == 0
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    got = _paratron_logits(find_latest_valid(tmp_path / "out")[1], ids)
-    with torch.no_grad():
-        expected = hf_model(input_ids=ids).logits
-    assert (got - expected).abs().max().item() < 1e-5
+    shards = _megatron_moe_shards(hf_model, tp=2, ep=2)
+    _write_megatron(tmp_path / "megatron", args,
+                    {f"mp_rank_{t:02d}_{e:03d}": state for (t, e), state in shards.items()},
+                    "release")
+    assert _imported_logit_diff(tmp_path, hf_model) < 1e-5
 
 
 def _megatron_mla_shards(hf_model, tp: int, ep: int) -> dict[tuple[int, int], dict]:
@@ -280,20 +287,10 @@ def test_megatron_legacy_mla_grouped_experts_tp2_ep2_import_matches_transformers
         "moe_router_topk": 2, "moe_router_pre_softmax": True, "moe_layer_freq": [0, 1],
         "moe_shared_expert_intermediate_size": 24, "moe_grouped_gemm": True,
         "expert_model_parallel_size": 2, "moe_router_load_balancing_type": "aux_loss"})
-    for (t, e), state in _megatron_mla_shards(hf_model, tp=2, ep=2).items():
-        rank_dir = tmp_path / "megatron" / "iter_0000005" / f"mp_rank_{t:02d}_{e:03d}"
-        rank_dir.mkdir(parents=True)
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 5, "model": state},
-                   rank_dir / "model_optim_rng.pt")
-    (tmp_path / "megatron" / "latest_checkpointed_iteration.txt").write_text("5")
-    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
-                    "--trust-pickle", "--load-dir", str(tmp_path / "megatron"),
-                    "--save-dir", str(tmp_path / "out")]) == 0
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    got = _paratron_logits(find_latest_valid(tmp_path / "out")[1], ids)
-    with torch.no_grad():
-        expected = hf_model(input_ids=ids).logits
-    assert (got - expected).abs().max().item() < 1e-5
+    shards = _megatron_mla_shards(hf_model, tp=2, ep=2)
+    _write_megatron(tmp_path / "megatron", args,
+                    {f"mp_rank_{t:02d}_{e:03d}": state for (t, e), state in shards.items()}, 5)
+    assert _imported_logit_diff(tmp_path, hf_model) < 1e-5
 
 
 # ------------------------------------------------------------------ refusals
@@ -305,7 +302,7 @@ def sources(tmp_path_factory):
     hf_model.save_pretrained(root / "hf", max_shard_size="40KB")
     assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "paratron",
                     "--load-dir", str(root / "hf"), "--save-dir", str(root / "paratron")]) == 0
-    _write_megatron(root / "megatron", _hf(**{**TINY_QWEN2, "num_hidden_layers": 2}))
+    _write_dense_megatron(root / "megatron", _hf(**{**TINY_QWEN2, "num_hidden_layers": 2}))
     return root
 
 

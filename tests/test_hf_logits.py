@@ -16,11 +16,10 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from paratron.convert.errors import ConversionError  # noqa: E402
 from paratron.convert.hf_config import SUPPORTED_MODEL_TYPES  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
-from hf_utils import VOCAB, max_logit_diff, randomize
+from hf_utils import VOCAB, max_logit_diff, one_line_error, randomize
 
 TINY = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128)
@@ -124,18 +123,9 @@ def llama_folder(tmp_path):
     return _save(_hf_model("llama", num_key_value_heads=2, intermediate_size=96), tmp_path)
 
 
-def _one_line_error(folder, *fragments):
-    with pytest.raises(ConversionError) as info:
-        load_hf_model(folder)
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 def test_unsupported_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 8}))
-    _one_line_error(tmp_path, "'bert'", ", ".join(SUPPORTED_MODEL_TYPES))
+    one_line_error(tmp_path, "'bert'", ", ".join(SUPPORTED_MODEL_TYPES))
     assert SUPPORTED_MODEL_TYPES == ("gpt2", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe",
                                      "deepseek_v2")
 
@@ -144,7 +134,7 @@ def test_unrepresentable_config_is_refused(llama_folder):
     config = json.loads((llama_folder / "config.json").read_text())
     config["attention_bias"] = True
     (llama_folder / "config.json").write_text(json.dumps(config))
-    _one_line_error(llama_folder, "attention_bias")
+    one_line_error(llama_folder, "attention_bias")
 
 
 def test_missing_tensor_names_it(llama_folder):
@@ -152,7 +142,7 @@ def test_missing_tensor_names_it(llama_folder):
     tensors = load_file(path)
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, path)
-    _one_line_error(llama_folder, "model.layers.1.self_attn.k_proj.weight",
+    one_line_error(llama_folder, "model.layers.1.self_attn.k_proj.weight",
                     "decoder.layers.1.self_attention.linear_qkv.weight")
 
 
@@ -161,14 +151,14 @@ def test_unused_tensor_names_it(llama_folder):
     tensors = load_file(path)
     tensors["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
     save_file(tensors, path)
-    _one_line_error(llama_folder, "model.layers.0.mlp.extra.weight", "model.safetensors")
+    one_line_error(llama_folder, "model.layers.0.mlp.extra.weight", "model.safetensors")
 
 
 def test_shape_mismatch_names_file_and_tensor(llama_folder):
     config = json.loads((llama_folder / "config.json").read_text())
     config["intermediate_size"] = 128
     (llama_folder / "config.json").write_text(json.dumps(config))
-    _one_line_error(llama_folder, "model.safetensors:", "mlp.gate_proj.weight", "[96, 64]",
+    one_line_error(llama_folder, "model.safetensors:", "mlp.gate_proj.weight", "[96, 64]",
                     "[128, 64]")
 
 
@@ -177,7 +167,7 @@ def test_missing_shard_names_it(tmp_path):
                    tmp_path, max_shard_size="40KB")
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    _one_line_error(folder, shard.name, "missing")
+    one_line_error(folder, shard.name, "missing")
 
 
 def test_tied_copy_of_output_layer_must_match(tmp_path):
@@ -189,4 +179,4 @@ def test_tied_copy_of_output_layer_must_match(tmp_path):
     save_file({**tensors, "lm_head.weight": embeddings.clone()}, path)
     load_hf_model(folder)  # an identical stored copy is accepted
     save_file({**tensors, "lm_head.weight": embeddings + 1}, path)
-    _one_line_error(folder, "lm_head.weight", "tie_word_embeddings")
+    one_line_error(folder, "lm_head.weight", "tie_word_embeddings")

@@ -19,10 +19,9 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from paratron.config import moe_layer_pattern  # noqa: E402
-from paratron.convert.errors import ConversionError  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
-from hf_utils import VOCAB, max_logit_diff, randomize
+from hf_utils import VOCAB, max_logit_diff, one_line_error, randomize
 
 TINY = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
@@ -172,15 +171,6 @@ def _edit_config(folder, **changes):
     path.write_text(json.dumps(config))
 
 
-def _one_line_error(folder, *fragments):
-    with pytest.raises(ConversionError) as info:
-        load_hf_model(folder)
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 def _copy(folder, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
@@ -204,7 +194,7 @@ def _copy(folder, tmp_path):
 def test_unrepresentable_config_is_refused(case, changes, fragment, saved, tmp_path):
     folder = _copy(saved(case)[1], tmp_path)
     _edit_config(folder, **changes)
-    _one_line_error(folder, fragment)
+    one_line_error(folder, fragment)
 
 
 def test_missing_expert_names_it(saved, tmp_path):
@@ -213,14 +203,14 @@ def test_missing_expert_names_it(saved, tmp_path):
     tensors = load_file(path)
     del tensors["model.layers.3.mlp.experts.5.up_proj.weight"]
     save_file(tensors, path)
-    _one_line_error(folder, "model.layers.3.mlp.experts.5.up_proj.weight",
+    one_line_error(folder, "model.layers.3.mlp.experts.5.up_proj.weight",
                     "decoder.layers.3.mlp.experts.linear_fc1.weight")
 
 
 def test_expert_count_mismatch_names_it(saved, tmp_path):
     folder = _copy(saved("mixtral")[1], tmp_path)
     _edit_config(folder, num_local_experts=3)
-    _one_line_error(folder, "model.safetensors:", "block_sparse_moe.gate.weight", "[4, 64]",
+    one_line_error(folder, "model.safetensors:", "block_sparse_moe.gate.weight", "[4, 64]",
                     "[3, 64]")
 
 
@@ -231,4 +221,4 @@ def test_leftover_expert_names_it(saved, tmp_path):
     for w in ("w1", "w2", "w3"):
         tensors[f"model.layers.1.block_sparse_moe.experts.4.{w}.weight"] = torch.zeros(2)
     save_file(tensors, path)
-    _one_line_error(folder, "block_sparse_moe.experts.4.", "not used")
+    one_line_error(folder, "block_sparse_moe.experts.4.", "not used")

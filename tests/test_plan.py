@@ -20,6 +20,7 @@ from paratron.training.memory_plan import (GIB, Layout, chunk_saved_bytes, layou
                                            model_parameters, plan, rank_chunks,
                                            recommend, state_bytes)
 from paratron.training.trainer import Trainer
+from memory_utils import storage_bytes
 from test_training import PatternData
 
 ACTIVATION_RTOL = 0.02
@@ -48,12 +49,6 @@ def _trainer(*flags):
                    log=lambda line: None)
 
 
-def _storage_bytes(tensors):
-    seen = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 def held_state_bytes(trainer) -> dict:
@@ -66,10 +61,10 @@ def held_state_bytes(trainer) -> dict:
     own_mains = [m for m in mains if m.untyped_storage().data_ptr() not in weight_storages]
     moments = [v for m in mains for v in optimizer.state[m].values()
                if torch.is_tensor(v) and v.dim() > 0]
-    return {"weights": _storage_bytes(params),
-            "grads": _storage_bytes([p.main_grad for p in params]),
-            "main_weights": _storage_bytes(own_mains),
-            "optimizer_moments": _storage_bytes(moments)}
+    return {"weights": storage_bytes(params),
+            "grads": storage_bytes([p.main_grad for p in params]),
+            "main_weights": storage_bytes(own_mains),
+            "optimizer_moments": storage_bytes(moments)}
 
 
 def planned_state_bytes(cfg, pp_rank=0, dp_rank=0, edp_rank=0) -> dict:

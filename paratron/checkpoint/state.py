@@ -125,12 +125,16 @@ def fit_vocab_rows(name: str, full: torch.Tensor, param: nn.Parameter, pg) -> to
     (the run's padded size is never below the tokenizer's, so no token's row is cut)."""
     if not name.endswith(VOCAB_ROWS):
         return full
-    rows = full_shape(param, pg.tp_size)[0]
-    if full.shape[0] > rows:
-        return full[:rows]
-    if full.shape[0] < rows:
-        return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
-    return full
+    return resize_rows(full, full_shape(param, pg.tp_size)[0])
+
+
+def resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` with its first dimension cut to, or zero-padded up to, `rows`."""
+    if t.shape[0] > rows:
+        return t[:rows]
+    if t.shape[0] < rows:
+        return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+    return t
 
 
 def _writes(entry_index: int, expert: bool, pg) -> bool:

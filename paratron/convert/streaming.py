@@ -25,15 +25,14 @@ from typing import Callable, Iterator
 
 import torch
 
+from paratron.checkpoint.state import VOCAB_ROWS, resize_rows
 from paratron.config import TransformerConfig
 from paratron.convert.errors import ConversionError
-from paratron.convert.hf_mapping import EMBEDDING, OUTPUT
 from paratron.convert.tokenizer_files import TokenizerFiles
 from paratron.model.gpt import GPTModel
 
 Group = dict[str, torch.Tensor]
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-VOCAB_TENSORS = (EMBEDDING, OUTPUT)
 
 
 @dataclass
@@ -94,15 +93,10 @@ class StreamedModel:
 def resize_vocab(group: Group, rows: int) -> Group:
     """Pad (with zero rows) or trim the embedding and output layer to `rows` rows."""
     out = dict(group)
-    for name in VOCAB_TENSORS:
+    for name in VOCAB_ROWS:
         key = f"model/{name}"
-        t = out.get(key)
-        if t is None or t.shape[0] == rows:
-            continue
-        if t.shape[0] > rows:
-            out[key] = t[:rows]
-        else:
-            out[key] = torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+        if key in out:
+            out[key] = resize_rows(out[key], rows)
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from memory_utils import storage_bytes
 from paratron.config import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
@@ -34,13 +35,6 @@ def _param_count():
     return VOCAB * h + LAYERS * layer + 2 * h
 
 
-def _storage_bytes(tensors):
-    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
-    seen = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 def _rank_memory():
@@ -64,11 +58,11 @@ def _rank_memory():
         "main_dtypes": sorted({str(m.dtype) for m in mains + moments}),
         "mains_alias_weights": any(m.untyped_storage().data_ptr() in weight_ptrs
                                    for m in mains),
-        "weights": _storage_bytes(params),
-        "grads": _storage_bytes([p.main_grad for p in params]),
-        "main": _storage_bytes(mains),
-        "adam": _storage_bytes(moments),
-        "other_state": _storage_bytes(other_state),
+        "weights": storage_bytes(params),
+        "grads": storage_bytes([p.main_grad for p in params]),
+        "main": storage_bytes(mains),
+        "adam": storage_bytes(moments),
+        "other_state": storage_bytes(other_state),
         "main_numel": sum(m.numel() for m in mains),
         "param_numel": sum(p.numel() for p in params),
     }
