@@ -651,11 +651,36 @@ def parse_args(argv: list[str] | None = None, prog: str = "paratron train",
     finalize(cfg)
     if check:
         if cfg.checkpoint.use_checkpoint_args:  # the architecture comes from --load
-            from paratron.training.run_checkpoints import apply_checkpoint_args
-            apply_checkpoint_args(cfg, log=_rank0_print)
+            _apply_checkpoint_args(cfg, log=_rank0_print)
             finalize(cfg)
         validate(cfg)
     return cfg
+
+
+def _apply_checkpoint_args(cfg: Config, log) -> None:
+    """--use-checkpoint-args: the model's architecture comes from the newest complete
+    checkpoint in --load (what the command line says about it is overridden, with a
+    note), before the tree is validated, as Megatron reads a checkpoint's args."""
+    from paratron.checkpoint.files import find_latest_valid, read_metadata
+
+    load = cfg.checkpoint.load
+    if load is None:
+        raise ConfigError("--use-checkpoint-args needs --load <checkpoint directory>")
+    found = find_latest_valid(load, log=log)
+    if found is None:
+        raise ConfigError(f"--use-checkpoint-args: --load {load} holds no complete "
+                          f"checkpoint to take the model from")
+    model = (read_metadata(found[1]).get("config") or {}).get("model")
+    if not model:
+        raise ConfigError(f"{found[1]}: the checkpoint records no model configuration; "
+                          f"give the model flags instead of --use-checkpoint-args")
+    changed = []
+    for key, value in model.items():
+        if hasattr(cfg.model, key) and getattr(cfg.model, key) != value:
+            changed.append(key)
+            setattr(cfg.model, key, value)
+    if changed:
+        log(f"--use-checkpoint-args: from {found[1]}: {', '.join(sorted(changed))}")
 
 
 # Settings of one launch, not of the run: left out of a saved --config file.

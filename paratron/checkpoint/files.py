@@ -35,6 +35,7 @@ _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 # small JSON naming the tokenizer type that reads them (conversion and generation use it).
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_INFO = "paratron_tokenizer.json"
+RUN_CONFIG = "run_config.yaml"  # the run's settings as a --config file
 
 
 def checkpoint_dir(save_dir: str | os.PathLike, iteration: int) -> Path:

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from paratron.checkpoint import files
-from paratron.checkpoint.files import TOKENIZER_DIR, TOKENIZER_INFO
-RUN_CONFIG = "run_config.yaml"
+from paratron.checkpoint.files import RUN_CONFIG, TOKENIZER_DIR, TOKENIZER_INFO
 from paratron.checkpoint.checkpointing import (PendingSave, load_checkpoint, load_rng_states,
                                                save_checkpoint)
 from paratron.config import Config, ConfigError, config_to_yaml
@@ -65,29 +64,6 @@ def find_checkpoint(load_dir: str, *, required: bool, log: Callable[[str], None]
     log(f"WARNING: --load {load_dir}: {why}; training starts from randomly initialised "
         f"weights")
     return None
-
-
-def apply_checkpoint_args(cfg: Config, log: Callable[[str], None] = print) -> None:
-    """--use-checkpoint-args: the model's architecture comes from the checkpoint in
-    --load (what the command line says about it is overridden, with a note)."""
-    c = cfg.checkpoint
-    if not c.use_checkpoint_args:
-        return
-    if c.load is None:
-        raise ConfigError("--use-checkpoint-args needs --load <checkpoint directory>")
-    found = find_checkpoint(c.load, required=True, log=log)
-    saved = files.read_metadata(found[1]).get("config") or {}
-    model = saved.get("model")
-    if not model:
-        raise ConfigError(f"{found[1]}: the checkpoint records no model configuration; "
-                          f"give the model flags instead of --use-checkpoint-args")
-    changed = []
-    for key, value in model.items():
-        if hasattr(cfg.model, key) and getattr(cfg.model, key) != value:
-            changed.append(key)
-            setattr(cfg.model, key, value)
-    if changed:
-        log(f"--use-checkpoint-args: from {found[1]}: {', '.join(sorted(changed))}")
 
 
 def tokenizer_files(cfg: Config) -> list[Path]:
