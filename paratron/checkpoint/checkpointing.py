@@ -26,16 +26,18 @@ zero) and the reader accepts only that.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from paratron.checkpoint import files, rng
+from paratron.checkpoint.untrusted import inside, regular_file
 from paratron.checkpoint.state import (collect_tensors, distributed, load_model,
                                        load_optimizer, optimizer_state_keys,
                                        optimizer_step_count)
@@ -81,9 +83,16 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, models, pg,
     the call returns a `PendingSave` whose `finish()` (collective, called later by every
     rank) waits for the files and completes the checkpoint."""
     rank = dist.get_rank() if distributed() else 0
+    prepared = None
     if rank == 0:
-        files.prepare_tmp_dir(save_dir, iteration)
-    _barrier()
+        try:
+            files.prepare_tmp_dir(save_dir, iteration)
+        except (OSError, ValueError) as error:
+            prepared = _reason(error)
+    failed = next((f for f in _all_gather_object(prepared) if f), None)
+    if failed:
+        raise files.CheckpointError(f"saving checkpoint {iteration} to {save_dir} failed: "
+                                    f"{failed}")
     for model in models:  # distributed optimizer: updated weights must have arrived
         if hasattr(model, "finish_param_gather"):
             model.finish_param_gather()
@@ -104,8 +113,15 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, models, pg,
         tensors = {k: v.clone() for k, v in tensors.items()}
         pending.start(tensors, rng_state)
         return pending
-    pending.write(tensors, rng_state)
+    pending.run(tensors, rng_state)
     return pending.finish()
+
+
+def _reason(error: BaseException) -> str:
+    """One line for an error met while writing: the path and the system's reason."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename or ''}: {error.strerror}".lstrip(": ")
+    return str(error).replace("\n", " ")
 
 
 class PendingSave:
@@ -133,13 +149,16 @@ class PendingSave:
             name = f"rng_rank_{self.rank:05d}.safetensors"
             self.written[name] = _write(self.tmp / name, *rng_state)
 
+    def run(self, tensors, rng_state) -> None:
+        """`write`, keeping an error for `finish` to report on every rank together."""
+        try:
+            self.write(tensors, rng_state)
+        except Exception as error:  # noqa: BLE001 - reported by finish()
+            self.error = error
+
     def start(self, tensors, rng_state) -> None:
-        def run():
-            try:
-                self.write(tensors, rng_state)
-            except BaseException as error:  # noqa: BLE001 - reported by finish()
-                self.error = error
-        self._thread = threading.Thread(target=run, name="paratron-async-save", daemon=True)
+        self._thread = threading.Thread(target=self.run, args=(tensors, rng_state),
+                                        name="paratron-async-save", daemon=True)
         self._thread.start()
 
     def finish(self) -> Path:
@@ -147,40 +166,70 @@ class PendingSave:
         metadata, rename the directory and update `latest`. Collective."""
         if self._thread is not None:
             self._thread.join()
-        failed = _all_gather_object(None if self.error is None else
-                                    f"rank {self.rank}: {self.error}")
-        if any(failed):
-            raise RuntimeError(f"saving checkpoint {self.iteration} to {self.save_dir} "
-                               f"failed: {next(f for f in failed if f)}")
-        everything = _all_gather_object((self.written, self.index))
-        if self.rank == 0:
-            all_files, all_index = {}, {}
-            for w, i in everything:
-                all_files.update(w)
-                for key, entry in i.items():
-                    if key in all_index:
-                        all_index[key]["chunks"] += entry["chunks"]
-                    else:
-                        all_index[key] = entry
-            files.finalize(self.save_dir, self.iteration,
-                           {**self.meta, "files": all_files, "tensors": all_index})
-        _barrier()
+        mine = None if self.error is None else f"rank {self.rank}: {_reason(self.error)}"
+        failed = [f for f in _all_gather_object(mine) if f]
+        if not failed:
+            everything = _all_gather_object((self.written, self.index))
+            if self.rank == 0:
+                try:
+                    self._finalize(everything)
+                except (OSError, ValueError) as error:
+                    failed = [f"rank 0: {_reason(error)}"]
+            # rank 0's outcome reaches every rank (and no rank leaves before it is known)
+            failed = [f for f in _all_gather_object(failed[0] if failed else None) if f]
+        if failed:
+            if self.rank == 0:  # nothing of a failed save is left behind
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise files.CheckpointError(f"saving checkpoint {self.iteration} to "
+                                        f"{self.save_dir} failed: {failed[0]}")
         return files.checkpoint_dir(self.save_dir, self.iteration)
+
+    def _finalize(self, everything: list) -> None:
+        """Rank 0: merge every rank's file list and index into metadata.json and rename
+        the directory into place."""
+        all_files, all_index = {}, {}
+        for written, index in everything:
+            all_files.update(written)
+            for key, entry in index.items():
+                if key in all_index:
+                    all_index[key]["chunks"] += entry["chunks"]
+                else:
+                    all_index[key] = entry
+        files.finalize(self.save_dir, self.iteration,
+                       {**self.meta, "files": all_files, "tensors": all_index})
 
 
 class TensorReader:
-    """Logical tensors of a checkpoint, read through safetensors (memory-mapped)."""
+    """Logical tensors of a checkpoint, read through safetensors (memory-mapped).
+
+    Only files that `metadata.json` lists (with size and checksum, which
+    `find_latest_valid` verified) are opened, each inside the checkpoint directory and
+    with a header that agrees with the index on every tensor's dtype and shape."""
 
     def __init__(self, path: Path, meta: dict):
-        self.path, self.index = path, meta["tensors"]
+        self.path, self.index, self.listed = path, meta["tensors"], meta["files"]
         self._open: dict[str, object] = {}
 
     def has(self, name: str) -> bool:
         return name in self.index
 
-    def _file(self, name: str):
+    def open_file(self, name: str):
+        """The safetensors handle of listed file `name`, checked as the class says."""
         if name not in self._open:
-            self._open[name] = safe_open(str(self.path / name), framework="pt")
+            where = str(self.path / files.METADATA)
+            if name not in self.listed:
+                raise files.CheckpointError(f"{where}: {name!r} is not among the files it "
+                                            f"lists with their checksums")
+            file = regular_file(inside(self.path, name, where))
+            if file.stat().st_size != self.listed[name]["size"]:
+                raise files.CheckpointError(f"{file}: {file.stat().st_size} bytes, expected "
+                                            f"{self.listed[name]['size']}")
+            files.check_header(file, {})
+            try:
+                self._open[name] = safe_open(str(file), framework="pt")
+            except SafetensorError as error:
+                raise files.CheckpointError(f"{file}: not a readable safetensors file "
+                                            f"({error})") from None
         return self._open[name]
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -192,10 +241,16 @@ class TensorReader:
         if len(chunks) != 1 or any(chunks[0]["offsets"]):
             raise ValueError(f"{self.path}: {name} is stored in {len(chunks)} chunks; this "
                              f"reader takes whole tensors only")
-        t = self._file(chunks[0]["file"]).get_tensor(chunks[0]["key"])
-        if list(t.shape) != entry["shape"]:
-            raise ValueError(f"{self.path / chunks[0]['file']}: {name} has shape "
-                             f"{list(t.shape)}, the index says {entry['shape']}")
+        handle = self.open_file(chunks[0]["file"])
+        where = self.path / chunks[0]["file"]
+        if chunks[0]["key"] not in handle.keys():
+            raise files.CheckpointError(f"{where}: lacks tensor {chunks[0]['key']}, which "
+                                        f"the index places there")
+        t = handle.get_tensor(chunks[0]["key"])
+        if list(t.shape) != entry["shape"] or str(t.dtype) != f"torch.{entry['dtype']}":
+            raise files.CheckpointError(
+                f"{where}: {name} is {str(t.dtype).removeprefix('torch.')} "
+                f"{list(t.shape)}, the index says {entry['dtype']} {entry['shape']}")
         return t
 
 
@@ -250,9 +305,9 @@ def load_rng_states(path: str | os.PathLike, models, pg, *,
             f"{meta['layout']} differs from this run's {layout_of(models, pg)}")
         return False
     rank = dist.get_rank() if distributed() else 0
-    file = path / f"rng_rank_{rank:05d}.safetensors"
-    with safe_open(str(file), framework="pt") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        header = fh.metadata()
-    rng.restore(pg, tensors, header)
+    name = f"rng_rank_{rank:05d}.safetensors"
+    reader = TensorReader(path, meta)
+    fh = reader.open_file(name)
+    rng.restore(pg, {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {},
+                where=str(path / name))
     return True

@@ -14,23 +14,42 @@ is replaced (write to a temporary name, then rename) after that. `metadata.json`
 every file with its size and SHA-256, so a directory missing a file, with a truncated
 file or with a file whose bytes changed is recognised as incomplete, and
 `find_latest_valid` falls back to the newest checkpoint that is whole.
+
+The folder may also be hostile (see `untrusted.py`): `metadata.json` is parsed with
+size and depth limits and checked field by field, every file it names must be a plain
+file inside the checkpoint and listed with its checksum, and every safetensors header
+must agree with the index. A checkpoint that fails any check is "incomplete or
+corrupt" like a truncated one. Writes never go through a link someone planted: temporary
+files are created exclusively under random names and renamed, and a link where Paratron
+writes is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
+
+from paratron.checkpoint import rng
+from paratron.checkpoint.untrusted import (SAFETENSORS_DTYPES, UntrustedFileError, inside,
+                                           read_json, regular_file, safetensors_header)
 
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
 LATEST = "latest_checkpointed_iteration.txt"
 TMP_SUFFIX = ".tmp"
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_ITER_DIR = re.compile(r"^iter_([0-9]{7,12})$")
+_LATEST_TEXT = re.compile(r"^[0-9]{1,12}$")
+MAX_ITERATION = 10 ** 12 - 1   # 12 digits: more iterations than any run will take
+# The train state's counters, which a resumed run continues from
+COUNTERS = ("iteration", "consumed_train_samples", "consumed_valid_samples",
+            "skipped_iterations", "nan_iterations")
 # Beside the iteration folders: the files the run's tokenizer was built from, and a
 # small JSON naming the tokenizer type that reads them (conversion and generation use it).
 TOKENIZER_DIR = "tokenizer"
@@ -66,24 +85,75 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read, described in one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(str(message).replace("\r", " ").replace("\n", " "))
+
+
+def refuse_link(path: str | os.PathLike) -> None:
+    """Refuse to write at `path` when it is a symbolic link (it may point anywhere)."""
+    if os.path.islink(path):
+        raise CheckpointError(f"{path} is a symbolic link; Paratron does not write through "
+                              f"links: remove it")
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text`: written to a temporary name, synced, renamed."""
+    """Replace `path` with `text`: written to a new file created exclusively under a
+    random name in the same folder (so no planted link is followed), synced, renamed."""
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    refuse_link(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     fsync_dir(path.parent)
 
 
+def copy_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy `source` to `target` the way `write_atomic` writes (never through a link)."""
+    target = Path(target)
+    refuse_link(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """`path` as a directory Paratron may write into: created when missing, refused
+    when it is a link."""
+    path = Path(path)
+    refuse_link(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove Paratron's own directory `path`; a link there is refused, not followed."""
+    refuse_link(path)
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def prepare_tmp_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
-    """An empty `iter_<7-digit iteration>.tmp/` (left-overs of an interrupted save are removed)."""
+    """An empty `iter_<7-digit iteration>.tmp/` (left-overs of an interrupted save are
+    removed), created exclusively."""
     tmp = temporary_dir(save_dir, iteration)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)  # the user's folder (or link)
+    _remove_tree(tmp)
+    tmp.mkdir()
     return tmp
 
 
@@ -98,10 +168,10 @@ def finalize(save_dir: str | os.PathLike, iteration: int, metadata: dict) -> Pat
     tmp, final = temporary_dir(save_dir, iteration), checkpoint_dir(save_dir, iteration)
     write_atomic(tmp / METADATA, json.dumps(metadata, indent=1, sort_keys=True))
     old = None
+    refuse_link(final)
     if final.exists():  # saving the same iteration again: the new one replaces it
         old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
+        _remove_tree(old)
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -111,53 +181,183 @@ def finalize(save_dir: str | os.PathLike, iteration: int, metadata: dict) -> Pat
     return final
 
 
+def read_tokenizer_info(folder: str | os.PathLike) -> dict | None:
+    """`<save>/tokenizer/paratron_tokenizer.json` with its file names made paths inside
+    `folder` ({"tokenizer_type", "vocab_file", "merge_file", "tokenizer_model"}; "." as
+    the tokenizer model is the folder itself), or None when the folder has none."""
+    folder = Path(folder)
+    file = folder / TOKENIZER_INFO
+    if not file.exists():
+        return None
+    info = read_json(file, max_bytes=1 << 20)
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: not a JSON object")
+    out = {"tokenizer_type": info.get("tokenizer_type")}
+    if out["tokenizer_type"] is not None and not isinstance(out["tokenizer_type"], str):
+        raise CheckpointError(f"{file}: 'tokenizer_type' is not a name")
+    for key in ("vocab_file", "merge_file", "tokenizer_model"):
+        name = info.get(key)
+        out[key] = (None if not name else folder if name == "." and key == "tokenizer_model"
+                    else inside(folder, name, str(file)))
+    return out
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata of the checkpoint directory `path` (ValueError when unreadable)."""
+    """The metadata of the checkpoint directory `path`, checked field by field
+    (a ValueError naming the file when it is missing, unreadable or malformed)."""
     file = Path(path) / METADATA
-    try:
-        with open(file) as fh:
-            meta = json.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"{file}: missing (the checkpoint was not completed)") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file}: unreadable ({error})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format version {meta.get('format_version')!r}, "
-                         f"expected {FORMAT_VERSION}")
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing (the checkpoint was not completed)")
+    meta = read_json(file)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{file}: format version {version!r}, expected "
+                              f"{FORMAT_VERSION}")
+    check_metadata(meta, str(file))
     return meta
+
+
+def _count(value, limit: int = 1 << 62) -> bool:
+    return type(value) is int and 0 <= value <= limit
+
+
+def _finite(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def check_metadata(meta: dict, where: str) -> None:
+    """Refuse metadata whose fields do not have the types and ranges Paratron writes,
+    so nothing later meets a list where it expects a dict or an iteration of 10^30."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{where}: {what}")
+
+    need(_count(meta.get("iteration"), MAX_ITERATION), "'iteration' is not an iteration "
+         f"number (0 to {MAX_ITERATION})")
+    listed = meta.get("files")
+    need(isinstance(listed, dict), "'files' is not an object of file names")
+    for name, info in listed.items():
+        need("/" not in name and "\\" not in name and name not in ("", ".", ".."),
+             f"file name {name!r} is not a plain file name")
+        need(isinstance(info, dict) and _count(info.get("size"))
+             and isinstance(info.get("sha256"), str)
+             and re.fullmatch("[0-9a-f]{64}", info["sha256"]) is not None,
+             f"the entry of {name!r} in 'files' needs a size and a SHA-256")
+    tensors = meta.get("tensors")
+    need(isinstance(tensors, dict), "'tensors' is not an object")
+    for key, entry in tensors.items():
+        need(isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+             and len(entry["shape"]) <= 8 and all(_count(d, 1 << 48) for d in entry["shape"])
+             and entry.get("dtype") in SAFETENSORS_DTYPES.values()
+             and isinstance(entry.get("chunks"), list) and entry["chunks"],
+             f"tensor {key!r} needs a shape, a dtype and chunks")
+        for chunk in entry["chunks"]:
+            need(isinstance(chunk, dict) and chunk.get("file") in listed
+                 and isinstance(chunk.get("key"), str)
+                 and isinstance(chunk.get("offsets"), list)
+                 and len(chunk["offsets"]) == len(entry["shape"])
+                 and all(_count(o, 1 << 48) for o in chunk["offsets"]),
+                 f"a chunk of tensor {key!r} does not name a listed file, a key and offsets")
+    state = meta.get("train_state")
+    need(isinstance(state, dict) and all(_count(state[k]) for k in COUNTERS if k in state)
+         and all(v is None or type(v) in (str, int, float, bool) for v in state.values()),
+         f"'train_state' must hold plain values, and counts for {', '.join(COUNTERS)}")
+    need(state.get("iteration", meta["iteration"]) == meta["iteration"],
+         "'train_state' and 'iteration' disagree")
+    need(meta.get("config") is None or isinstance(meta["config"], dict),
+         "'config' is not an object")
+    need(isinstance(meta.get("layout"), dict), "'layout' is not an object")
+    need(type(meta.get("rng_saved")) is bool, "'rng_saved' is not true or false")
+    opt = meta.get("optimizer")
+    need(opt is None or (
+        isinstance(opt, dict) and isinstance(opt.get("kind"), str) and _count(opt.get("steps"))
+        and (opt.get("step_count") is None or _finite(opt["step_count"]))
+        and isinstance(opt.get("state_keys"), list)
+        and all(isinstance(k, str) for k in opt["state_keys"])
+        and isinstance(opt.get("loss_scaler"), dict)
+        and all(_finite(v) for v in opt["loss_scaler"].values())),
+        "'optimizer' needs a kind, steps, state keys and a loss scaler of finite numbers")
 
 
 def verify_checkpoint(path: str | os.PathLike, checksums: bool = True) -> list[str]:
     """What is wrong with the checkpoint directory `path`; empty when it is whole.
 
-    Checks metadata.json, then every listed file's presence and size, and with
+    Checks metadata.json, then every listed file's presence, kind (a plain file inside
+    the directory) and size, its safetensors header against the index, and with
     `checksums` its SHA-256."""
     path = Path(path)
     try:
         meta = read_metadata(path)
+        expected = _expected_headers(meta)
     except ValueError as error:
         return [str(error)]
+    m = _ITER_DIR.match(path.name)
+    if m and int(m.group(1)) != meta["iteration"]:
+        return [f"{path / METADATA}: iteration {meta['iteration']} in the folder of "
+                f"iteration {int(m.group(1))}"]
     problems = []
     for name, info in sorted(meta["files"].items()):
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{file}: missing")
+        try:
+            file = inside(path, name, str(path / METADATA))
+            if not file.exists():
+                problems.append(f"{file}: missing")
+                continue
+            regular_file(file)
+        except UntrustedFileError as error:
+            problems.append(str(error))
             continue
         size = file.stat().st_size
         if size != info["size"]:
             problems.append(f"{file}: {size} bytes, expected {info['size']}")
-        elif checksums and file_digest(file) != info["sha256"]:
+            continue
+        try:
+            header = check_header(file, expected.get(name, {}))
+        except ValueError as error:
+            problems.append(str(error))
+            continue
+        if name.startswith("rng_rank_") and (why := rng.header_problem(header)):
+            problems.append(f"{file}: {why}")
+            continue
+        if checksums and file_digest(file) != info["sha256"]:
             problems.append(f"{file}: checksum mismatch")
     return problems
+
+
+def _expected_headers(meta: dict) -> dict[str, dict[str, tuple[str, list[int]]]]:
+    """{file: {key: (dtype, shape)}} that the index says each file holds (whole tensors
+    only: a chunk at non-zero offsets is refused)."""
+    out: dict[str, dict] = {}
+    for name, entry in meta["tensors"].items():
+        for chunk in entry["chunks"]:
+            if len(entry["chunks"]) != 1 or any(chunk["offsets"]):
+                raise CheckpointError(f"tensor {name} is stored in {len(entry['chunks'])} "
+                                      f"chunks; Paratron reads whole tensors only")
+            out.setdefault(chunk["file"], {})[chunk["key"]] = (entry["dtype"], entry["shape"])
+    return out
+
+
+def check_header(file: Path, expected: dict[str, tuple[str, list[int]]]) -> dict:
+    """The safetensors header of `file`, refused unless it holds every tensor of
+    `expected` with that dtype and shape."""
+    header = safetensors_header(file)
+    for key, (dtype, shape) in expected.items():
+        found = header.get(key)
+        if found is None:
+            raise CheckpointError(f"{file}: lacks tensor {key}, which the index places there")
+        if found != (dtype, shape):
+            raise CheckpointError(f"{file}: tensor {key} is {found[0]} {found[1]}, the index "
+                                  f"says {dtype} {shape}")
+    return header
 
 
 def read_latest(save_dir: str | os.PathLike) -> int | None:
     """The iteration `latest_checkpointed_iteration.txt` names, or None."""
     try:
-        text = (Path(save_dir) / LATEST).read_text().strip()
-    except OSError:
+        with open(regular_file(Path(save_dir) / LATEST), "rb") as fh:
+            text = fh.read(64).decode("ascii").strip()
+    except (OSError, ValueError):
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if _LATEST_TEXT.match(text) else None
 
 
 def list_iterations(save_dir: str | os.PathLike) -> list[int]:
@@ -201,7 +401,11 @@ def find_latest_valid(save_dir: str | os.PathLike, *, checksums: bool = True,
     rejected = []
     for iteration in candidates:
         path = checkpoint_dir(save_dir, iteration)
-        problems = verify_checkpoint(path, checksums)
+        try:  # a link to a folder elsewhere is not a checkpoint of this folder
+            inside(save_dir, path.name, str(Path(save_dir) / LATEST))
+            problems = verify_checkpoint(path, checksums)
+        except UntrustedFileError as error:
+            problems = [str(error)]
         if not problems:
             if rejected:
                 log(f"WARNING: checkpoint {rejected[0][0]} is incomplete or corrupt "

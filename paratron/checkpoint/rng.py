@@ -35,8 +35,31 @@ def capture(pg, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Ten
     return tensors, {"rng": json.dumps(header)}
 
 
-def restore(pg, tensors: dict[str, torch.Tensor], header: dict) -> None:
-    """Put back states written by `capture` on the same rank of the same layout."""
+def header_problem(header: dict[str, tuple[str, list[int]]]) -> str | None:
+    """What is wrong with the tensors an RNG file declares ({name: (dtype, shape)}),
+    checked before anything is restored; None when they are what `capture` writes."""
+    want = {"torch_cpu": ("uint8", [torch.get_rng_state().numel()]),
+            "python": ("int64", [625]), "numpy": ("int64", [624])}
+    for name, expected in want.items():
+        if header.get(name) != expected:
+            return f"RNG state {name} is {header.get(name)}, expected {expected}"
+    for name, (dtype, shape) in header.items():
+        if name not in want and (dtype != "uint8" or len(shape) != 1):
+            return f"RNG state {name} is {dtype} {shape}, expected a uint8 vector"
+    return None
+
+
+def restore(pg, tensors: dict[str, torch.Tensor], header: dict, where: str = "") -> None:
+    """Put back states written by `capture` on the same rank of the same layout; a
+    ValueError naming `where` when they are not such states."""
+    try:
+        _restore(pg, tensors, header)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise ValueError(f"{where}: the RNG states cannot be restored ({error!r}); "
+                         f"resume with --no-load-rng") from None
+
+
+def _restore(pg, tensors: dict[str, torch.Tensor], header: dict) -> None:
     h = json.loads(header["rng"])
     version, gauss = h["python"]
     random.setstate((version, tuple(int(x) for x in tensors["python"].tolist()), gauss))

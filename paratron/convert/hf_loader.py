@@ -15,13 +15,13 @@ transformers 5's fused tensors (see `hf_mapping`).
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from paratron.checkpoint.untrusted import FLOAT_DTYPES, inside, read_json, safetensors_header
 from paratron.config import TransformerConfig
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import config_from_hf, read_hf_config
@@ -42,6 +42,7 @@ class SafetensorsFolder:
         self.folder = Path(folder)
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
+        self._headers: dict[str, dict] = {}
         index, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         if index.exists():
             self.source = INDEX_FILE
@@ -57,23 +58,37 @@ class SafetensorsFolder:
 
     def _read_index(self, index: Path) -> dict[str, str]:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = read_json(index)["weight_map"]
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
+        except (KeyError, TypeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise ConversionError(f"{index}: not a safetensors index (needs a "
-                                  f"'weight_map' object)") from None
+                                  f"'weight_map' object of tensor names to file names)")
         for shard in sorted(set(weight_map.values())):
-            if not (self.folder / shard).exists():
+            try:  # a shard named ../x or /x would be read from outside the folder
+                path = inside(self.folder, shard, str(index))
+            except ValueError as error:
+                raise ConversionError(str(error)) from None
+            if not path.exists():
                 raise ConversionError(f"{index}: shard {shard} is missing from {self.folder}")
         return dict(weight_map)
 
     def _open(self, file: str):
         if file not in self._handles:
+            path = self.folder / file
             try:
+                self._headers[file] = safetensors_header(
+                    inside(self.folder, file, str(self.folder)))
                 self._handles[file] = self._stack.enter_context(
-                    safe_open(str(self.folder / file), framework="pt", device="cpu"))
+                    safe_open(str(path), framework="pt", device="cpu"))
+            except ValueError as exc:
+                raise ConversionError(str(exc)) from None
             except (SafetensorError, OSError) as exc:
-                raise ConversionError(f"{self.folder / file}: not a readable safetensors "
-                                      f"file ({exc})") from None
+                raise ConversionError(f"{path}: not a readable safetensors file "
+                                      f"({exc})") from None
         return self._handles[file]
 
     def __enter__(self) -> "SafetensorsFolder":
@@ -124,7 +139,13 @@ class SafetensorsFolder:
         return handle
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle_with(name).get_slice(name).get_shape())
+        self._handle_with(name)
+        return tuple(self._headers[self.location[name]][name][1])
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype's torch name ("bfloat16", "int32", ...)."""
+        self._handle_with(name)
+        return self._headers[self.location[name]][name][0]
 
     def get(self, name: str) -> torch.Tensor:
         return self._handle_with(name).get_tensor(name)
@@ -142,6 +163,9 @@ def plan_sources(files: SafetensorsFolder, arch: Architecture, name: str,
     expected = arch.to_hf(name, torch.empty(shape, device="meta"), config, offset, layout)
     for stored_name, want in zip(stored, expected.values(), strict=True):
         got = files.shape(stored_name)
+        if files.dtype(stored_name) not in FLOAT_DTYPES and want.is_floating_point():
+            raise ConversionError(f"{files.where(stored_name)}: {stored_name} is stored as "
+                                  f"{files.dtype(stored_name)}, not a floating-point weight")
         if got != tuple(want.shape):
             raise ConversionError(f"{files.where(stored_name)}: {stored_name} has shape "
                                   f"{list(got)}, but config.json implies {list(want.shape)}")

@@ -9,12 +9,12 @@ copies); without it the kind is recognised from the file names.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from paratron.checkpoint.files import TOKENIZER_INFO as INFO
+from paratron.checkpoint.files import read_tokenizer_info
+from paratron.checkpoint.untrusted import inside
 from paratron.convert.errors import ConversionError
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -34,19 +34,26 @@ class TokenizerFiles:
 
 def describe(folder: Path) -> TokenizerFiles | None:
     """What tokenizer `folder` holds, or None when it holds none."""
-    info_path = folder / INFO
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("tokenizer_type") == "GPT2BPETokenizer" and info.get("vocab_file"):
-            return TokenizerFiles("gpt2", {"vocab.json": folder / info["vocab_file"],
-                                           "merges.txt": folder / info["merge_file"]})
-        model = info.get("tokenizer_model")
-        if model not in (None, "."):
-            raise ConversionError(f"{folder}: the run's tokenizer is {model} "
-                                  f"({info.get('tokenizer_type')}), which transformers does "
+    try:
+        info = read_tokenizer_info(folder)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    if info is not None:
+        if (info["tokenizer_type"] == "GPT2BPETokenizer" and info["vocab_file"]
+                and info["merge_file"]):
+            return TokenizerFiles("gpt2", {"vocab.json": info["vocab_file"],
+                                           "merges.txt": info["merge_file"]})
+        model = info["tokenizer_model"]
+        if model not in (None, folder):
+            raise ConversionError(f"{folder}: the run's tokenizer is {model.name} "
+                                  f"({info['tokenizer_type']}), which transformers does "
                                   f"not load as it is; give --tokenizer-model with a Hugging "
                                   f"Face tokenizer folder")
-    present = {name: folder / name for name in HF_FILES if (folder / name).is_file()}
+    try:  # a link may lead only inside the folder (or a cache snapshot's blobs)
+        present = {name: inside(folder, name, str(folder)) for name in HF_FILES
+                   if (folder / name).is_file()}
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
     if not present:
         return None
     if "tokenizer.json" not in present and "tokenizer_config.json" not in present:
