@@ -78,19 +78,15 @@ class JsonlWriter:
 
 
 def write_json_atomically(path: str, record: dict, flag: str) -> None:
-    """Write a JSON file under a temporary name and rename it, so it is whole or absent."""
-    parent = os.path.dirname(os.path.abspath(path))
-    temp = f"{path}.tmp-{os.getpid()}"
+    """Write a JSON file under a temporary name and rename it, so it is whole or absent
+    (the temporary file is created exclusively: a planted link is never followed)."""
+    from paratron.checkpoint.files import write_atomic
     try:
-        os.makedirs(parent, exist_ok=True)
-        with open(temp, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=2)
-            fh.write("\n")
-        os.replace(temp, path)
-    except OSError as exc:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise ConfigError(f"{flag} {path}: cannot write it ({exc.strerror})") from None
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, json.dumps(record, indent=2) + "\n")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{flag} {path}: cannot write it "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
 class ScalarWriters:

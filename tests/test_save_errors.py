@@ -1,0 +1,82 @@
+"""A checkpoint save that the system refuses (a full disk, a file-size limit, an
+unwritable folder) stops the run with one line naming the path and the cause, and
+leaves no half-written checkpoint behind; the previous checkpoint stays the latest."""
+
+import errno
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from paratron.checkpoint import checkpointing, files
+from test_checkpoint import FLAGS, save, steps
+from test_training import make_trainer
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+TRAIN = ("--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 8 "
+         "--max-position-embeddings 8 --vocab-size 32 --mock-data --device cpu "
+         "--micro-batch-size 1 --global-batch-size 2 --lr 1e-3 --train-iters 2 "
+         "--num-workers 0 --eval-iters 0 --log-interval 1").split()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_disk_full_during_a_save_is_one_line_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                background):
+    trainer = make_trainer(*FLAGS)
+    steps(trainer, 1)
+    save(trainer, tmp_path)
+    steps(trainer, 1)
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(checkpointing, "_write", full)
+    with pytest.raises(files.CheckpointError) as error:
+        result = checkpointing.save_checkpoint(
+            tmp_path, 2, trainer.models, trainer.pg, trainer.optimizer,
+            config=trainer.cfg.to_dict(), background=background)
+        result.finish()
+    message = str(error.value)
+    assert "No space left on device" in message and "model_optim_rank_00000" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", files.LATEST]
+    assert files.read_latest(tmp_path) == 1
+
+
+def _limit_file_size():
+    """A file-size limit of 4 KiB: writes past it fail with EFBIG (signal ignored), the
+    way a full disk fails them, even for root."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_train_with_a_save_the_disk_refuses_is_one_line(tmp_path):
+    save_dir = tmp_path / "save"
+    proc = subprocess.run([sys.executable, "-m", "paratron", "train", *TRAIN, "--save",
+                           str(save_dir)], capture_output=True, text=True, timeout=120,
+                          env=ENV, preexec_fn=_limit_file_size)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert len(err.splitlines()) == 1, err
+    assert "File too large" in err and str(save_dir) in err, err
+    assert not [p for p in save_dir.iterdir() if p.name.startswith("iter_")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_train_into_a_read_only_folder_is_one_line(tmp_path):
+    save_dir = tmp_path / "save"
+    save_dir.mkdir()
+    save_dir.chmod(0o555)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "paratron", "train", *TRAIN, "--save",
+                               str(save_dir)], capture_output=True, text=True, timeout=120,
+                              env=ENV)
+    finally:
+        save_dir.chmod(0o755)
+    err = proc.stderr.strip()
+    assert proc.returncode in (1, 2) and "Traceback" not in err, err[-3000:]
+    assert len(err.splitlines()) == 1 and "Permission denied" in err, err
