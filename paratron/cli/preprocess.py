@@ -10,6 +10,11 @@ list. ``--partitions`` and ``--keep-sequential-samples`` are accepted for
 compatibility: documents always keep their input order and ``--workers``
 alone sets the parallelism. Sentence splitting (``--split-sentences``) uses
 NLTK's punkt model when it is installed, else a punctuation-based splitter.
+
+A line longer than ``--max-line-length`` characters (default 32 Mi) is a bad
+line, like malformed JSON or a ``null`` text: the run stops naming it, or
+skips and counts it with ``--skip-bad-lines``. An interrupted run (Ctrl-C,
+SIGTERM) or a failed write leaves no output and no temporary files.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import argparse
 import sys
 
 from paratron.data.errors import DataError
-from paratron.data.preprocess import preprocess_data
+from paratron.data.preprocess import Terminated, preprocess_data
+from paratron.data.readers import MAX_LINE_LENGTH
 from paratron.data.tokenizer import PATCH_TOKENIZER_TYPES, TOKENIZER_TYPES
 
 
@@ -75,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--split-sentences", action="store_true", help="one sequence per sentence")
     group.add_argument("--keep-newlines", action="store_true", help="keep newlines between split sentences")
     group.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip malformed JSON lines (and report how many) instead of stopping")
+                       help="skip bad lines (malformed JSON, a null or missing text, a line over "
+                            "--max-line-length) and report how many, instead of stopping")
+    group.add_argument("--max-line-length", type=int, default=MAX_LINE_LENGTH,
+                       help="longest input line accepted, in characters (default %(default)s = 32 Mi); "
+                            "longer lines are bad lines, read in pieces and never held in memory")
     group = parser.add_argument_group("tokenization process")
     group.add_argument("--append-eod", action="store_true", help="append the eod token to every document")
     group.add_argument("--lang", type=str, default="english", help="language for NLTK sentence splitting")
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             log_interval=args.log_interval,
             skip_bad_lines=args.skip_bad_lines,
+            max_line_length=args.max_line_length,
             progress=False if args.no_progress_bar else None,
             **tokenizer_kwargs(args),
         )
@@ -115,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit("interrupted; no output written") from None
+    except Terminated:
+        raise SystemExit("terminated (SIGTERM); no output written") from None
     return 0
 
 

@@ -63,13 +63,14 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.dataset_index, self.dataset_sample_index = self._indices(cache_path)
 
     def _indices(self, cache_path: str | None):
-        from paratron.data.gpt_dataset import _atomic_save, _atomic_write_text
+        from paratron.data.gpt_dataset import _atomic_save, _atomic_write_text, load_cached_arrays
 
         if cache_path:
             base = os.path.join(cache_path, f"{self.description_hash}-BlendedDataset-{self.split_name}")
             paths = [f"{base}-dataset_index.npy", f"{base}-dataset_sample_index.npy"]
-            if all(os.path.isfile(p) for p in paths):
-                return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+            cached = load_cached_arrays(paths)
+            if cached is not None and self._indices_fit(*cached):
+                return cached
         if self.size is not None:
             dataset_index, sample_index = build_blending_indices(self.weights, self.size)
         else:
@@ -90,6 +91,16 @@ class BlendedDataset(torch.utils.data.Dataset):
             except OSError as exc:
                 raise DataError(f"cannot write blend index cache in {cache_path} ({exc.strerror})") from None
         return dataset_index, sample_index
+
+    def _indices_fit(self, dataset_index: np.ndarray, sample_index: np.ndarray) -> bool:
+        """Whether cached blend indices are usable: right shape, and pointing at existing samples."""
+        if dataset_index.ndim != 1 or dataset_index.shape != sample_index.shape or not len(dataset_index):
+            return False
+        if self.size is not None and len(dataset_index) != self.size:
+            return False
+        if int(dataset_index.min()) < 0 or int(dataset_index.max()) >= len(self.datasets):
+            return False
+        return int(sample_index.min()) >= 0
 
     def __len__(self) -> int:
         return int(self.dataset_index.shape[0])

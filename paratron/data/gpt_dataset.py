@@ -37,10 +37,17 @@ Each dataset maps a sample index to a dict of tensors:
 Samples are a pure function of (files, split, seed, seq_length, number of
 samples requested, sample index) — never of the parallel layout. The index
 arrays are built once, saved as ``.npy`` under a name keyed by the MD5 of a
-JSON description of everything they depend on, and memory-mapped afterwards.
+JSON description of everything they depend on (including a SHA-256 of the
+corpus's sequence lengths, so re-running ``preprocess`` into the same prefix
+can never reuse indices of the old data), and memory-mapped afterwards; a
+cached file that cannot be read is rebuilt.
 In a multi-process job, build on one rank first (or on all: files are written
 under a temporary name and renamed, so concurrent builders cannot leave a
 partial file) and then call the builder on the other ranks, which hit the cache.
+
+Every sample's token ids are checked against the tokenizer's vocabulary as
+the sample is read: a corpus tokenized with another tokenizer stops with the
+file and document named, not an ``IndexError`` deep in the embedding.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ import numpy as np
 import torch
 
 from paratron.data.errors import DataError
-from paratron.data.indexed_dataset import IndexedDataset, dataset_exists, idx_path
+from paratron.data.indexed_dataset import IndexedDataset, bin_path, dataset_exists, idx_path
 from paratron.data.indices import build_gpt_indices, parse_split, split_matrix, split_range
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -80,6 +87,7 @@ class GPTDatasetConfig:
     create_attention_mask: bool = False
     cache_path: str | None = None
     split: str = DEFAULT_SPLIT
+    vocab_size: int | None = None  # token ids must lie in [0, vocab_size); None: unchecked
 
 
 def pad_id_for(tokenizer) -> int:
@@ -185,8 +193,9 @@ class GPTDataset(torch.utils.data.Dataset):
         if cache:
             base = os.path.join(cache, f"{self.description_hash}-GPTDataset-{self.split_name}")
             paths = [f"{base}-{n}.npy" for n in names]
-            if all(os.path.isfile(p) for p in paths):
-                return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+            cached = load_cached_arrays(paths)
+            if cached is not None and self._indices_fit(*cached):
+                return cached
         arrays = build_gpt_indices(
             self.low_level.sequence_lengths,
             self.sequence_ids,
@@ -208,6 +217,19 @@ class GPTDataset(torch.utils.data.Dataset):
             return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
         return arrays
 
+    def _indices_fit(self, document_index, sample_index, shuffle_index) -> bool:
+        """Shape and range checks on cached indices, so a damaged cache file is rebuilt, not used."""
+        arrays = (document_index, sample_index, shuffle_index)
+        if not all(np.issubdtype(a.dtype, np.integer) and a.size for a in arrays):
+            return False
+        if document_index.ndim != 1 or sample_index.ndim != 2 or sample_index.shape[1] != 2:
+            return False
+        if shuffle_index.shape != (sample_index.shape[0] - 1,):
+            return False
+        bounds = ((document_index, len(self.low_level)), (sample_index[:, 0], len(document_index)),
+                  (shuffle_index, len(shuffle_index)))
+        return all(int(a.min()) >= 0 and int(a.max()) < limit for a, limit in bounds)
+
     # -- samples -------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -228,7 +250,25 @@ class GPTDataset(torch.utils.data.Dataset):
             parts = [get(int(doc[pos_beg]), off_beg)]
             parts += [get(int(doc[p])) for p in range(pos_beg + 1, pos_end)]
             parts.append(get(int(doc[pos_end]), 0, off_end + 1))
-        return np.concatenate(parts).astype(np.int64)
+        tokens = np.concatenate(parts)
+        vocab = self.config.vocab_size
+        if vocab is not None and len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            self._refuse_token(parts, [int(doc[p]) for p in range(pos_beg, pos_end + 1)], vocab)
+        return tokens.astype(np.int64)
+
+    def _refuse_token(self, parts: list[np.ndarray], sequences: list[int], vocab: int) -> None:
+        """Raise a DataError naming the file, document and id of the first token outside the vocabulary."""
+        for part, sequence in zip(parts, sequences):
+            outside = np.flatnonzero((part < 0) | (part >= vocab))
+            if len(outside):
+                break
+        token = int(part[outside[0]])
+        locate = getattr(self.low_level, "locate", None)
+        where = locate(sequence) if locate else f"the {self.split_name} data, sequence {sequence}"
+        raise DataError(
+            f"{where} holds token id {token}, outside the tokenizer's vocabulary of {vocab} ids; "
+            "tokenize the data with the tokenizer given for training"
+        )
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -261,6 +301,16 @@ def _md5(description: dict) -> str:
     return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
+def load_cached_arrays(paths: Sequence[str]) -> tuple[np.ndarray, ...] | None:
+    """The cached ``.npy`` files memory-mapped, or None when one is missing or unreadable (then rebuild)."""
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    try:
+        return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
 def _atomic_save(path: str, array: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
     try:
@@ -289,15 +339,35 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 class IndexedCorpus(IndexedDataset):
-    """An :class:`IndexedDataset` that also describes itself for the index cache."""
+    """An :class:`IndexedDataset` that also describes itself for the index cache.
+
+    The description holds a SHA-256 of the sequence lengths, the only part of
+    the corpus the sample indices depend on: preprocessing new text into the
+    same prefix changes it (and so the cache key) even when the number of
+    documents and the file sizes stay the same, while copies of the same data
+    on different machines share one cache. Hashing reads 4 bytes per
+    sequence (about 0.2 s for 10^8 sequences), once per opened corpus.
+    """
+
+    _lengths_sha256: str | None = None
 
     def describe(self) -> dict:
+        if self._lengths_sha256 is None:
+            lengths = np.ascontiguousarray(self.sequence_lengths)
+            self._lengths_sha256 = hashlib.sha256(memoryview(lengths).cast("B")).hexdigest()
         return {
             "path_prefix": os.path.abspath(self.prefix),
             "sequences": int(self.sequence_count),
             "documents": int(self.num_documents),
             "idx_bytes": os.path.getsize(idx_path(self.prefix)),
+            "sequence_lengths_sha256": self._lengths_sha256,
         }
+
+    def locate(self, sequence: int) -> str:
+        """``<prefix>.bin: document D`` (and the sequence, when documents hold several) for messages."""
+        document = int(np.searchsorted(self.document_indices, sequence, side="right")) - 1
+        split = self.document_indices[document + 1] - self.document_indices[document] > 1
+        return f"{bin_path(self.prefix)}: document {document}" + (f" (sequence {sequence})" if split else "")
 
 
 def open_corpus(prefix: str) -> IndexedCorpus:
@@ -308,7 +378,10 @@ def open_corpus(prefix: str) -> IndexedCorpus:
             f"data prefix '{prefix}' does not exist (missing {', '.join(missing)}); "
             "--data-path takes the path without .bin/.idx, e.g. my_corpus_text_document"
         )
-    return IndexedCorpus(prefix)
+    corpus = IndexedCorpus(prefix)
+    if not np.issubdtype(corpus.dtype, np.integer):
+        raise DataError(f"{idx_path(prefix)}: tokens are {corpus.dtype}; a GPT corpus holds integer token ids")
+    return corpus
 
 
 # --------------------------------------------------------------------------- sample counts
@@ -537,6 +610,7 @@ def build_train_valid_test_datasets(
         create_attention_mask=create_attention_mask,
         cache_path=cache_path,
         split=split or "",
+        vocab_size=int(tokenizer.vocab_size),
     )
 
     def splits_of(prefix: str | None, matrix, split_sizes) -> list[GPTDataset | None]:

@@ -12,17 +12,26 @@ which parses the JSON, tokenizes the whole batch in one ``encode_batch`` call
 and returns flat numpy arrays, which the main process appends to the output
 with one write per batch. No per-token Python work anywhere.
 
-How it fails: malformed input raises :class:`DataError` naming ``file:line``,
-outputs are written under temporary names and renamed only when everything
-succeeded, so a failed run leaves no partial ``.bin``/``.idx`` behind.
+How it fails: malformed input (bad JSON, a ``null`` or missing text, a line
+over ``max_line_length`` characters) raises :class:`DataError` naming
+``file:line``, or is counted and skipped with ``skip_bad_lines``; an OS error
+while writing (a full disk, a read-only folder) is a DataError naming the
+file and the cause. Outputs are written under temporary names
+(``<output>.tmp-<host>-<pid>``, created exclusively) and renamed only when
+everything succeeded; the temporaries are removed on every way out,
+including SIGTERM (turned into :class:`Terminated` while a run is going), and
+a run also removes those that killed runs (SIGKILL) left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence, TextIO
@@ -30,11 +39,19 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 import numpy as np
 
 from paratron.data.errors import DataError
-from paratron.data.indexed_dataset import IndexedDatasetWriter, optimal_dtype
+from paratron.data.indexed_dataset import (
+    IndexedDatasetWriter,
+    optimal_dtype,
+    remove_stale_temporaries,
+    temporary_path,
+    write_error,
+)
 from paratron.data.readers import (
     JSON_LIST,
     JSONL,
+    MAX_LINE_LENGTH,
     TEXT,
+    BadLine,
     document_text,
     expand_inputs,
     iter_raw,
@@ -46,6 +63,14 @@ from paratron.data.tokenizer import Tokenizer, build_tokenizer
 #: Documents per batch handed to a worker, and the most characters in one batch.
 BATCH_DOCUMENTS = 256
 BATCH_CHARS = 4 << 20
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during :func:`preprocess_data`; raised so that its cleanup runs.
+
+    A BaseException, like KeyboardInterrupt: no ``except Exception`` on the way
+    up may swallow a request to stop.
+    """
 
 
 @dataclass
@@ -93,30 +118,35 @@ class _Encoder:
         skipped: list[str] = []
         nbytes = 0
         for number, payload in items:
-            if fmt == TEXT:
-                obj = {job.json_keys[0]: payload}
-                nbytes += len(payload) + 1
-            else:
-                try:
-                    if fmt == JSONL:
-                        nbytes += len(payload)
-                        obj = parse_json_line(path, number, payload)
-                    elif not isinstance(payload, dict):
-                        raise DataError(f"{path}:{number}: expected a JSON object, got {type(payload).__name__}")
-                    else:
-                        obj = payload
-                except DataError as err:
-                    if not job.skip_bad_lines:
-                        raise
-                    skipped.append(str(err))
-                    continue
+            try:
+                obj = self._record(fmt, path, number, payload)
+                values = [document_text(obj, key, path, number) for key in job.json_keys]
+            except DataError as err:
+                if not job.skip_bad_lines:
+                    raise
+                skipped.append(str(err))
+                continue
+            if isinstance(payload, str):  # a JSONL or text line; a JSON list is measured below
+                nbytes += len(payload) + (fmt == TEXT)
             numbers.append(number)
-            for key in job.json_keys:
-                texts[key].append(document_text(obj, key, path, number))
+            for key, value in zip(job.json_keys, values):
+                texts[key].append(value)
         if fmt == JSON_LIST:
             nbytes = sum(len(t) if isinstance(t, str) else sum(map(len, t)) for ts in texts.values() for t in ts)
         encoded = {key: self._encode_key(texts[key], path, numbers) for key in job.json_keys}
         return len(numbers), nbytes, encoded, skipped
+
+    def _record(self, fmt: str, path: str, number: int, payload) -> dict:
+        """One input record as a dict; DataError (naming ``path:number``) for a bad one."""
+        if isinstance(payload, BadLine):
+            raise DataError(payload.message)
+        if fmt == TEXT:
+            return {self.job.json_keys[0]: payload}
+        if fmt == JSONL:
+            return parse_json_line(path, number, payload)
+        if not isinstance(payload, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(payload).__name__}")
+        return payload
 
     def _encode_key(self, docs: list, path: str, numbers: list[int]):
         """Flat ids, per-sequence lengths and sequences per document for one key of a batch."""
@@ -173,6 +203,9 @@ _worker_encoder: _Encoder | None = None
 
 def _init_worker(job: _Job) -> None:
     global _worker_encoder
+    # A worker ends when the pool terminates it; the parent's SIGTERM handler (see
+    # _sigterm_raises) is for the parent alone.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The processes are the parallelism; keep the Rust tokenizer single-threaded in each.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_encoder = _Encoder(job)
@@ -183,15 +216,15 @@ def _encode_in_worker(batch):
     return _worker_encoder(batch)
 
 
-def _batches(files: Sequence[str], counter: dict) -> Iterator[tuple[str, str, list]]:
-    """Batches of raw records, in input order; records per file are counted in ``counter``."""
+def _batches(files: Sequence[str], max_line_length: int) -> Iterator[tuple[str, str, list]]:
+    """Batches of raw records, in input order; DataError for a file without any."""
     for path in files:
-        fmt, items = iter_raw(path)
-        counter[path] = 0
+        fmt, items = iter_raw(path, max_line_length)
+        count = 0
         batch: list = []
         chars = 0
         for item in items:
-            counter[path] += 1
+            count += 1
             batch.append(item)
             chars += len(item[1]) if isinstance(item[1], str) else 1000
             if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARS:
@@ -199,7 +232,7 @@ def _batches(files: Sequence[str], counter: dict) -> Iterator[tuple[str, str, li
                 batch, chars = [], 0
         if batch:
             yield fmt, path, batch
-        if counter[path] == 0:
+        if count == 0:
             raise DataError(f"{path}: empty input file (no documents)")
 
 
@@ -211,6 +244,35 @@ def _progress_bar(progress: bool | None, file: TextIO):
         return None
     from tqdm import tqdm
     return tqdm(file=file, unit=" docs", desc="Tokenizing", dynamic_ncols=True, mininterval=0.5)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread.
+
+    By default SIGTERM ends the process on the spot, skipping every ``except``
+    and ``finally``: the temporary outputs would stay forever. Python can only
+    install handlers from the main thread; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the cleanup short
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_quietly(paths: Sequence[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
 
 
 def output_prefix_for(output_prefix: str, key: str, split_sentences: bool) -> str:
@@ -237,18 +299,23 @@ def preprocess_data(
     log: Callable[[str], None] | None = None,
     progress: bool | None = None,
     progress_file: TextIO | None = None,
+    max_line_length: int = MAX_LINE_LENGTH,
 ) -> PreprocessResult:
     """Tokenize ``input`` (a file, glob or comma-separated list) into indexed datasets.
 
     Returns a :class:`PreprocessResult`. Raises :class:`DataError` on bad
-    input, leaving no output files behind. ``log`` receives progress lines
+    input or a failed write, and :class:`Terminated` on SIGTERM, leaving no
+    output or temporary files behind. ``log`` receives progress lines
     (default: stderr). ``progress`` shows a bar with documents/s on
     ``progress_file`` (default stderr) in place of the periodic lines: True,
-    False, or None for "when that file is a terminal".
+    False, or None for "when that file is a terminal". Lines longer than
+    ``max_line_length`` characters are bad lines.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}")
+    if max_line_length < 1:
+        raise DataError(f"--max-line-length must be at least 1, got {max_line_length}")
     if not json_keys:
         raise DataError("--json-keys needs at least one key")
     files = expand_inputs(input)
@@ -274,65 +341,38 @@ def preprocess_data(
         raise DataError(f"{out_dir}: output folder does not exist (from --output-prefix {output_prefix})")
 
     prefixes = {k: output_prefix_for(output_prefix, k, split_sentences) for k in json_keys}
-    tag = f".tmp-{os.getpid()}"
-    temp = {k: (p + ".bin" + tag, p + ".idx" + tag) for k, p in prefixes.items()}
+    for p in prefixes.values():
+        remove_stale_temporaries(p + ".bin")
+        remove_stale_temporaries(p + ".idx")
+    temp = {k: (temporary_path(p + ".bin"), temporary_path(p + ".idx")) for k, p in prefixes.items()}
     dtype = optimal_dtype(tokenizer.vocab_size)
-    writers = {k: IndexedDatasetWriter(temp[k][0], dtype) for k in json_keys}
+    writers: dict[str, IndexedDatasetWriter] = {}
     result = PreprocessResult(output_prefixes=prefixes)
-    counter: dict[str, int] = {}
-    pool = None
     start = time.time()
     bar = _progress_bar(progress, progress_file or sys.stderr)
-    next_log = log_interval if log_interval > 0 and bar is None else None
-    try:
-        batches = _batches(files, counter)
-        if workers == 1:
-            encoded_batches = map(_Encoder(job, tokenizer), batches)
-        else:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
-            encoded_batches = pool.imap(_encode_in_worker, batches, chunksize=1)
-        for ndocs, nbytes, encoded, skipped in encoded_batches:
-            result.skipped.extend(skipped)
-            result.documents += ndocs
-            result.input_bytes += nbytes
+    with _sigterm_raises():
+        try:
+            for key in json_keys:
+                writers[key] = IndexedDatasetWriter(temp[key][0], dtype, exclusive=True)
+            with _encoding(job, tokenizer, _batches(files, max_line_length), workers) as encoded_batches:
+                _write_batches(encoded_batches, writers, result, log, bar, log_interval)
+            if result.documents == 0:
+                what = f" after skipping {len(result.skipped)} bad lines" if result.skipped else ""
+                first = f" (first: {result.skipped[0]})" if result.skipped else ""
+                raise DataError(f"{input}: no documents{what}{first}")
+            for key in json_keys:
+                writers[key].finalize(temp[key][1])
+            for key in json_keys:
+                _publish(temp[key][0], prefixes[key] + ".bin")
+                _publish(temp[key][1], prefixes[key] + ".idx")
+        except BaseException:
+            for w in writers.values():
+                w.close()
+            _remove_quietly([p for paths in temp.values() for p in paths])
+            raise
+        finally:
             if bar is not None:
-                bar.update(ndocs)
-            for key, (flat, lengths, per_doc) in encoded.items():
-                writers[key].add_batch(flat, lengths, per_doc)
-                if key == json_keys[0]:
-                    result.sequences += len(lengths)
-                    result.tokens += int(flat.size)
-            if next_log is not None and result.documents >= next_log:
-                elapsed = max(time.time() - start, 1e-9)
-                log(
-                    f"Processed {result.documents} documents ({result.documents / elapsed:.1f} docs/s, "
-                    f"{result.input_bytes / elapsed / 1024 / 1024:.2f} MB/s)."
-                )
-                next_log = (result.documents // log_interval + 1) * log_interval
-        if result.documents == 0:
-            what = f" after skipping {len(result.skipped)} bad lines" if result.skipped else ""
-            raise DataError(f"{input}: no documents{what}")
-        for key in json_keys:
-            writers[key].finalize(temp[key][1])
-        for key in json_keys:
-            os.replace(temp[key][0], prefixes[key] + ".bin")
-            os.replace(temp[key][1], prefixes[key] + ".idx")
-    except BaseException:
-        for w in writers.values():
-            w.close()
-        for paths in temp.values():
-            for p in paths:
-                if os.path.exists(p):
-                    os.unlink(p)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+                bar.close()
     result.seconds = time.time() - start
     elapsed = max(result.seconds, 1e-9)
     log(
@@ -343,3 +383,52 @@ def preprocess_data(
     if result.skipped:
         log(f"Skipped {len(result.skipped)} bad lines (first: {result.skipped[0]})")
     return result
+
+
+@contextlib.contextmanager
+def _encoding(job: _Job, tokenizer: Tokenizer, batches: Iterator, workers: int):
+    """The encoded batches, in input order: encoded here, or by a pool of workers ended on exit."""
+    if workers == 1:
+        yield map(_Encoder(job, tokenizer), batches)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+    try:
+        yield pool.imap(_encode_in_worker, batches, chunksize=1)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _write_batches(encoded_batches, writers: dict, result: PreprocessResult, log, bar, log_interval: int) -> None:
+    """Append every encoded batch to the writers, counting into ``result`` and reporting progress."""
+    first_key = next(iter(writers))
+    start = time.time()
+    next_log = log_interval if log_interval > 0 and bar is None else None
+    for ndocs, nbytes, encoded, skipped in encoded_batches:
+        result.skipped.extend(skipped)
+        result.documents += ndocs
+        result.input_bytes += nbytes
+        if bar is not None:
+            bar.update(ndocs)
+        for key, (flat, lengths, per_doc) in encoded.items():
+            writers[key].add_batch(flat, lengths, per_doc)
+            if key == first_key:
+                result.sequences += len(lengths)
+                result.tokens += int(flat.size)
+        if next_log is not None and result.documents >= next_log:
+            elapsed = max(time.time() - start, 1e-9)
+            log(
+                f"Processed {result.documents} documents ({result.documents / elapsed:.1f} docs/s, "
+                f"{result.input_bytes / elapsed / 1024 / 1024:.2f} MB/s)."
+            )
+            next_log = (result.documents // log_interval + 1) * log_interval
+
+
+def _publish(temporary: str, final: str) -> None:
+    """Rename a complete temporary output to its final name."""
+    try:
+        os.replace(temporary, final)
+    except OSError as exc:
+        raise write_error(final, exc) from None

@@ -10,6 +10,12 @@ Formats, decided per file from its name and first character:
   else JSON lines;
 * ``*.txt`` and anything else that does not start with ``{`` or ``[``: plain
   text, one document per non-blank line.
+
+A line (of JSONL or text) longer than ``max_line_length`` characters
+(:data:`MAX_LINE_LENGTH`, 32 Mi, by default; ``--max-line-length`` raises it)
+is a bad line: it is read in pieces and dropped, never held in memory whole,
+so one runaway line (a whole crawl dump without newlines) costs seconds and
+megabytes instead of minutes and gigabytes.
 """
 
 from __future__ import annotations
@@ -19,11 +25,29 @@ import gzip
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from paratron.data.errors import DataError
 
 JSONL, JSON_LIST, TEXT = "jsonl", "json", "text"
+
+#: The longest line read, in characters (32 Mi: a document of about 8 million tokens).
+MAX_LINE_LENGTH = 1 << 25
+#: Characters read at a time while skipping the rest of an overlong line.
+_SKIP_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """Stands in for a line that could not be read (too long), with the message saying why.
+
+    It travels to whoever parses the line (a preprocessing worker, the SFT
+    reader), which stops on it or, with ``--skip-bad-lines``, counts it as
+    skipped, exactly as for malformed JSON.
+    """
+
+    message: str
 
 
 def expand_inputs(pattern: str) -> list[str]:
@@ -68,30 +92,60 @@ def detect_format(path: str) -> str:
     return TEXT
 
 
-def iter_raw(path: str) -> tuple[str, Iterator[tuple[int, Any]]]:
+def _bounded_lines(f, path: str, max_line_length: int) -> Iterator[tuple[int, str | BadLine]]:
+    """Numbered lines of ``f``; a line over ``max_line_length`` characters becomes a :class:`BadLine`.
+
+    ``readline(limit)`` never returns more than ``limit`` characters, so an
+    overlong line is detected after reading just past the limit, and its
+    remainder is consumed in pieces of :data:`_SKIP_CHUNK`.
+    """
+    number = 0
+    while line := f.readline(max_line_length + 1):
+        number += 1
+        if len(line) <= max_line_length or line.endswith("\n"):
+            yield number, line
+            continue
+        length = len(line)
+        while not line.endswith("\n"):
+            line = f.readline(_SKIP_CHUNK)
+            if not line:
+                break
+            length += len(line) - line.endswith("\n")
+        yield number, BadLine(
+            f"{path}:{number}: line of {length} characters is longer than the limit of {max_line_length} "
+            "(raise it with --max-line-length)"
+        )
+
+
+def _is_blank(line: str | BadLine) -> bool:
+    return isinstance(line, str) and not line.strip()
+
+
+def iter_raw(path: str, max_line_length: int = MAX_LINE_LENGTH) -> tuple[str, Iterator[tuple[int, Any]]]:
     """``(format, iterator of (line number, payload))`` for one input file.
 
     The payload is the raw line for JSONL (parsed later, by a worker), the
     object for a JSON list (line = item number, from 1), the line's text for
-    plain text (blank lines skipped). Raises DataError for an unreadable
+    plain text (blank lines skipped), or a :class:`BadLine` for a line longer
+    than ``max_line_length`` characters. Raises DataError for an unreadable
     file or a malformed JSON list.
     """
     fmt = detect_format(path)
 
-    def lines() -> Iterator[tuple[int, str]]:
+    def lines() -> Iterator[tuple[int, str | BadLine]]:
         try:
             with open_text(path) as f:
-                for number, line in enumerate(f, start=1):
-                    yield number, line
+                yield from _bounded_lines(f, path, max_line_length)
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except (OSError, EOFError) as exc:
             raise DataError(f"{path}: cannot read ({exc})") from None
 
     if fmt == JSONL:
-        return fmt, ((n, line) for n, line in lines() if line.strip())
+        return fmt, ((n, line) for n, line in lines() if not _is_blank(line))
     if fmt == TEXT:
-        return fmt, ((n, line.rstrip("\r\n")) for n, line in lines() if line.strip())
+        return fmt, ((n, line if isinstance(line, BadLine) else line.rstrip("\r\n"))
+                     for n, line in lines() if not _is_blank(line))
     try:
         with open_text(path) as f:
             items = json.load(f)
@@ -104,8 +158,10 @@ def iter_raw(path: str) -> tuple[str, Iterator[tuple[int, Any]]]:
     return fmt, ((n, item) for n, item in enumerate(items, start=1))
 
 
-def parse_json_line(path: str, number: int, line: str) -> dict:
-    """One JSONL line as a dict; DataError ``file:line: malformed JSON`` otherwise."""
+def parse_json_line(path: str, number: int, line: str | BadLine) -> dict:
+    """One JSONL line as a dict; DataError ``file:line: malformed JSON`` (or why it is a BadLine) otherwise."""
+    if isinstance(line, BadLine):
+        raise DataError(line.message)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -115,13 +171,15 @@ def parse_json_line(path: str, number: int, line: str) -> dict:
     return obj
 
 
-def iter_records(path: str, skip_bad_lines: bool = False, skipped: list | None = None) -> Iterator[tuple[int, dict]]:
+def iter_records(
+    path: str, skip_bad_lines: bool = False, skipped: list | None = None, max_line_length: int = MAX_LINE_LENGTH
+) -> Iterator[tuple[int, dict]]:
     """Parsed objects of a JSONL or JSON-list file, with their line (or item) numbers.
 
     With ``skip_bad_lines`` a malformed line is left out and its error appended
     to ``skipped``; otherwise it raises DataError.
     """
-    fmt, items = iter_raw(path)
+    fmt, items = iter_raw(path, max_line_length)
     if fmt == TEXT:
         raise DataError(f"{path}: expected JSON or JSONL records")
     for number, payload in items:
@@ -150,7 +208,8 @@ def document_text(obj: dict, key: str, path: str, number: int):
     A record in Alpaca form (instruction/input/output, or query/response)
     without a ``text`` field gives, for ``key == "text"``, its non-empty
     fields joined by blank lines, so an SFT file can also be used for
-    continued pretraining.
+    continued pretraining. A ``null`` value is bad input (DataError naming
+    the line), not an empty document: it usually means a broken export.
     """
     value = obj.get(key)
     if value is None and key == "text" and any(f in obj for f in ("instruction", "query")):
@@ -165,7 +224,7 @@ def document_text(obj: dict, key: str, path: str, number: int):
         if key not in obj:
             present = ", ".join(sorted(obj)[:8]) or "none"
             raise DataError(f"{path}:{number}: missing key '{key}' (keys present: {present}); see --json-keys")
-        return ""
+        raise DataError(f"{path}:{number}: key '{key}' is null (expected a string)")
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):

@@ -52,7 +52,15 @@ import numpy as np
 import torch
 
 from paratron.data.errors import DataError
-from paratron.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter, dataset_exists, optimal_dtype
+from paratron.data.indexed_dataset import (
+    IndexedDataset,
+    IndexedDatasetWriter,
+    bin_path,
+    dataset_exists,
+    optimal_dtype,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from paratron.data.indices import parse_split, split_matrix, split_range
 from paratron.data.readers import expand_inputs, iter_records
 
@@ -280,25 +288,27 @@ class SFTDataset(torch.utils.data.Dataset):
 def write_sft_indexed(conversations: Sequence[tuple[np.ndarray, np.ndarray]], output_prefix: str, vocab_size: int):
     """Write tokenized conversations as ``<prefix>_input_ids_document`` and ``<prefix>_loss_mask_document``."""
     ids_prefix, mask_prefix = f"{output_prefix}_input_ids_document", f"{output_prefix}_loss_mask_document"
-    tag = f".tmp-{os.getpid()}"
-    ids_writer = IndexedDatasetWriter(ids_prefix + ".bin" + tag, optimal_dtype(vocab_size))
-    mask_writer = IndexedDatasetWriter(mask_prefix + ".bin" + tag, np.uint8)
+    finals = [prefix + ext for prefix in (ids_prefix, mask_prefix) for ext in (".bin", ".idx")]
+    for path in finals:
+        remove_stale_temporaries(path)
+    temps = [temporary_path(path) for path in finals]
+    writers: list[IndexedDatasetWriter] = []
     try:
+        writers.append(IndexedDatasetWriter(temps[0], optimal_dtype(vocab_size), exclusive=True))
+        writers.append(IndexedDatasetWriter(temps[2], np.uint8, exclusive=True))
         for ids, mask in conversations:
-            ids_writer.add_document(ids)
-            mask_writer.add_document(mask)
-        ids_writer.finalize(ids_prefix + ".idx" + tag)
-        mask_writer.finalize(mask_prefix + ".idx" + tag)
-        for prefix in (ids_prefix, mask_prefix):
-            for ext in (".bin", ".idx"):
-                os.replace(prefix + ext + tag, prefix + ext)
+            writers[0].add_document(ids)
+            writers[1].add_document(mask)
+        writers[0].finalize(temps[1])
+        writers[1].finalize(temps[3])
+        for temp, final in zip(temps, finals):
+            os.replace(temp, final)
     except BaseException:
-        for w in (ids_writer, mask_writer):
+        for w in writers:
             w.close()
-        for prefix in (ids_prefix, mask_prefix):
-            for ext in (".bin", ".idx"):
-                if os.path.exists(prefix + ext + tag):
-                    os.unlink(prefix + ext + tag)
+        for temp in temps:
+            if os.path.exists(temp):
+                os.unlink(temp)
         raise
     return ids_prefix, mask_prefix
 
@@ -313,10 +323,33 @@ def read_sft_indexed(prefix: str) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(ids_ds.document(d), mask_ds.document(d)) for d in range(ids_ds.num_documents)]
 
 
+def _check_vocabulary(conversations: Sequence[tuple[np.ndarray, np.ndarray]], vocab_size: int, where: str) -> None:
+    """DataError naming the file and conversation when a token id is outside the vocabulary.
+
+    Indexed SFT data may have been tokenized with another tokenizer; an SFT
+    corpus is small enough to check whole at start-up (vectorised, a few
+    thousand conversations at a time), before the embedding meets an
+    impossible id.
+    """
+    piece = 4096
+    for lo in range(0, len(conversations), piece):
+        ids = [c[0] for c in conversations[lo : lo + piece]]
+        tokens = np.concatenate(ids)
+        outside = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+        if len(outside):
+            d = lo + int(np.searchsorted(np.cumsum([len(x) for x in ids]), outside[0], side="right"))
+            raise DataError(
+                f"{where}: conversation {d} holds token id {int(tokens[outside[0]])}, outside the tokenizer's "
+                f"vocabulary of {vocab_size} ids; tokenize the data with the tokenizer given for training"
+            )
+
+
 def _load(path: str, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     base = path.removesuffix("_input_ids_document")
     if dataset_exists(f"{base}_input_ids_document"):
-        return read_sft_indexed(base)
+        conversations = read_sft_indexed(base)
+        _check_vocabulary(conversations, int(tokenizer.vocab_size), bin_path(f"{base}_input_ids_document"))
+        return conversations
     return [tokenize_conversation(m, tokenizer) for m in load_conversations(path)]
 
 
