@@ -30,17 +30,85 @@ class ConfigError(ValueError):
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, type=None, choices=None,
-        action: str | None = None, nargs=None, group: str | None = None, metavar=None):
+        action: str | None = None, nargs=None, group: str | None = None, metavar=None,
+        positive: bool = False, maximum: int | None = None):
     """A config field with its command-line flag.
 
     `flag` defaults to `--` + the field name with dashes; booleans become switches
     (store_true, or store_false when the default is True and the flag negates it).
+    Numbers (`type` int or float) are finite and not negative; `positive` also refuses
+    zero (a size, a divisor, an interval) and `maximum` caps them (see `number_problem`).
     """
     meta = dict(help=help, flag=flag, type=type, choices=choices, action=action,
-                nargs=nargs, group=group, metavar=metavar)
+                nargs=nargs, group=group, metavar=metavar, positive=positive,
+                maximum=maximum)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# Seeds numpy's legacy generator takes are below 2**32; Paratron adds rank offsets
+# (100 per pipeline stage, 2718 + TP rank, 1024 + 100 per expert rank) to --seed.
+MAX_SEED = 2 ** 31 - 1
+
+
+def number_problem(value: Any, kind: type, positive: bool | None = False,
+                   maximum: int | None = None) -> str | None:
+    """What is wrong with `value` as a setting of numeric type `kind` (int or float), or
+    None. Every number Paratron takes is a count, a size, a rate or a coefficient: NaN,
+    infinities and negative values mean nothing for any of them and would otherwise
+    surface steps later as a traceback in torch or numpy, or as a silently broken run.
+    `positive` None checks the kind only (the range is checked elsewhere)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not an integer" if kind is int else "is not a number"
+    if kind is int and not isinstance(value, int):
+        return "is not a whole number"
+    if not math.isfinite(value):
+        return "is not a finite number"
+    if positive is None:
+        return None
+    if positive and value <= 0:
+        return "must be positive"
+    if value < 0:
+        return "must be 0 or more"
+    if maximum is not None and value > maximum:
+        return f"must be at most {maximum}"
+    return None
+
+
+def parse_number(text: Any, kind: type) -> Any:
+    """`text` (a command-line or YAML value) as an int or a float. An integer may be
+    written as 1e9 or 64.0 when its value is whole; anything else is returned as is,
+    for `number_problem` to name."""
+    if isinstance(text, str):
+        try:
+            return kind(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return text
+        text = value
+    if kind is int and isinstance(text, float) and math.isfinite(text) and text == int(text):
+        return int(text)
+    return text
+
+
+class NumberType:
+    """argparse `type` of a numeric flag: converts with `parse_number`, so that NaN,
+    infinities and fractions of integers are invalid values like any other text. The
+    range is left to the command (`check_numbers` for the config tree's flags, which
+    also sees the values that come from elsewhere)."""
+
+    def __init__(self, kind: type):
+        self.kind = kind
+        self.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
+
+    def __call__(self, text):
+        value = parse_number(text, self.kind)
+        if number_problem(value, self.kind, None):
+            raise ValueError(text)
+        return value
 
 
 @dataclass
@@ -49,36 +117,39 @@ class TransformerConfig:
 
     GROUP: ClassVar[str] = "network size"
 
-    num_layers: int | None = opt(None, "Number of transformer layers.", type=int)
-    hidden_size: int | None = opt(None, "Transformer hidden size.", type=int)
+    num_layers: int | None = opt(None, "Number of transformer layers.", type=int, positive=True)
+    hidden_size: int | None = opt(None, "Transformer hidden size.", type=int, positive=True)
     ffn_hidden_size: int | None = opt(None, "MLP hidden size; default 4 x hidden-size "
-                                      "(x 2/3, down to a multiple of 64, with --swiglu).", type=int)
-    num_attention_heads: int | None = opt(None, "Number of attention heads.", type=int)
+                                      "(x 2/3, down to a multiple of 64, with --swiglu).", type=int,
+                                      positive=True)
+    num_attention_heads: int | None = opt(None, "Number of attention heads.", type=int,
+                                          positive=True)
     group_query_attention: bool = opt(False, "Use grouped-query attention.")
     num_query_groups: int = opt(1, "Number of key/value head groups with "
-                                "--group-query-attention.", type=int)
+                                "--group-query-attention.", type=int, positive=True)
     kv_channels: int | None = opt(None, "Head dimension; default hidden-size / "
-                                  "num-attention-heads.", type=int)
+                                  "num-attention-heads.", type=int, positive=True)
     max_position_embeddings: int | None = opt(None, "Maximum sequence length the position "
-                                              "embeddings cover.", type=int)
+                                              "embeddings cover.", type=int, positive=True)
     position_embedding_type: str = opt("learned_absolute", "Position embedding type.",
                                        choices=["learned_absolute", "rope", "yarn", "none"])
     use_rotary_position_embeddings: bool = opt(False, "Deprecated spelling of "
                                                "--position-embedding-type rope.")
-    rotary_base: float = opt(10000.0, "RoPE base (theta).", type=float)
+    rotary_base: float = opt(10000.0, "RoPE base (theta).", type=float, positive=True)
     rotary_percent: float = opt(1.0, "Fraction of the head dimension that is rotated.",
                                 type=float)
     rotary_interleaved: bool = opt(False, "Rotate interleaved pairs (GPT-J style) instead "
                                    "of halves.")
     rotary_seq_len_interpolation_factor: float | None = opt(
-        None, "Linear position interpolation factor for RoPE.", type=float)
+        None, "Linear position interpolation factor for RoPE.", type=float, positive=True)
     use_rope_scaling: bool = opt(False, "Llama-3.x style RoPE frequency scaling.")
-    rope_scaling_factor: float = opt(8.0, "Factor for --use-rope-scaling.", type=float)
+    rope_scaling_factor: float = opt(8.0, "Factor for --use-rope-scaling.", type=float,
+                                     positive=True)
     rotary_scaling_factor: float = opt(1.0, "YaRN scaling factor (DeepSeek-V2 uses 40).",
-                                       type=float)
+                                       type=float, positive=True)
     original_max_position_embeddings: int | None = opt(
         None, "Context length the model was trained for before YaRN / Llama-3 scaling.",
-        type=int)
+        type=int, positive=True)
     beta_fast: float = opt(32.0, "YaRN beta_fast.", type=float)
     beta_slow: float = opt(1.0, "YaRN beta_slow.", type=float)
     mscale: float = opt(1.0, "YaRN mscale.", type=float)
@@ -96,10 +167,11 @@ class TransformerConfig:
                              "multi-latent attention always normalises its latents.")
     untie_embeddings_and_output_weights: bool = opt(False, "Separate output layer weights.")
     make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this "
-                                            "(times TP).", type=int)
-    padded_vocab_size: int | None = opt(None, "Use exactly this vocabulary size.", type=int)
+                                            "(times TP).", type=int, positive=True)
+    padded_vocab_size: int | None = opt(None, "Use exactly this vocabulary size.", type=int,
+                                        positive=True)
     vocab_size: int | None = opt(None, "Vocabulary size of the NullTokenizer or of "
-                                 "mock data without a tokenizer.", type=int)
+                                 "mock data without a tokenizer.", type=int, positive=True)
     extra_vocab_size: int = opt(0, "Extra tokens added to the tokenizer's vocabulary "
                                 "(Pai-Megatron-Patch).", type=int)
     attention_dropout: float = opt(0.1, "Dropout on attention probabilities.", type=float,
@@ -129,7 +201,7 @@ class TransformerConfig:
                                           group="performance")
     cross_entropy_chunk_size: int = opt(4096, "Tokens per chunk of "
                                         "--cross-entropy-loss-fusion.", type=int,
-                                        group="performance")
+                                        group="performance", positive=True)
     torch_compile: bool = opt(False, "Compile each transformer layer with torch.compile.",
                               group="performance")
     torch_compile_backend: str = opt("inductor", "torch.compile backend of --torch-compile.",
@@ -138,8 +210,9 @@ class TransformerConfig:
     # Mixture of experts
     num_experts: int | None = opt(None, "Number of routed experts.", type=int, group="moe")
     moe_ffn_hidden_size: int | None = opt(None, "Hidden size of each routed expert.",
-                                          type=int, group="moe")
-    moe_router_topk: int = opt(2, "Experts each token is routed to.", type=int, group="moe")
+                                          type=int, group="moe", positive=True)
+    moe_router_topk: int = opt(2, "Experts each token is routed to.", type=int, group="moe",
+                               positive=True)
     moe_layer_freq: str = opt("1", "MoE every N layers, or a pattern list like "
                               "([0]+[1]*26).", group="moe")
     moe_shared_expert_intermediate_size: int | None = opt(
@@ -154,7 +227,7 @@ class TransformerConfig:
     moe_router_score_function: str = opt("softmax", "Router score function.",
                                          choices=["softmax", "sigmoid"], group="moe")
     moe_router_topk_scaling_factor: float | None = opt(None, "Scale of routed weights.",
-                                                       type=float, group="moe")
+                                                       type=float, group="moe", positive=True)
     moe_router_num_groups: int | None = opt(None, "Expert groups for group-limited routing.",
                                             type=int, group="moe")
     moe_router_group_topk: int | None = opt(None, "Groups selected per token.", type=int,
@@ -163,7 +236,7 @@ class TransformerConfig:
                                               group="moe")
     moe_expert_capacity_factor: float | None = opt(None, "Expert capacity factor "
                                                    "(dropless when unset).", type=float,
-                                                   group="moe")
+                                                   group="moe", positive=True)
     moe_pad_expert_input_to_capacity: bool = opt(False, "Pad expert inputs to capacity.",
                                                  group="moe")
     moe_token_drop_policy: str = opt("probs", "Which tokens are dropped over capacity.",
@@ -218,19 +291,19 @@ class ParallelConfig:
 
     GROUP: ClassVar[str] = "distributed"
 
-    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size.", type=int)
-    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.", type=int)
-    context_parallel_size: int = opt(1, "Context-parallel size.", type=int)
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size.", type=int, positive=True)
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.", type=int, positive=True)
+    context_parallel_size: int = opt(1, "Context-parallel size.", type=int, positive=True)
     cp_comm_type: str = opt("p2p", "Context-parallel communication.",
                             choices=["p2p", "all_gather", "a2a"])
-    expert_model_parallel_size: int = opt(1, "Expert-parallel size.", type=int)
+    expert_model_parallel_size: int = opt(1, "Expert-parallel size.", type=int, positive=True)
     expert_tensor_parallel_size: int | None = opt(None, "Tensor-parallel size of experts.",
-                                                  type=int)
+                                                  type=int, positive=True)
     sequence_parallel: bool = opt(False, "Sequence parallelism inside TP regions.")
     num_layers_per_virtual_pipeline_stage: int | None = opt(
-        None, "Layers per virtual pipeline stage (interleaved 1F1B).", type=int)
+        None, "Layers per virtual pipeline stage (interleaved 1F1B).", type=int, positive=True)
     num_virtual_stages_per_pipeline_rank: int | None = opt(
-        None, "Virtual stages per pipeline rank (interleaved 1F1B).", type=int)
+        None, "Virtual stages per pipeline rank (interleaved 1F1B).", type=int, positive=True)
     decoder_first_pipeline_num_layers: int | None = opt(None, "Layers on the first stage.",
                                                         type=int)
     decoder_last_pipeline_num_layers: int | None = opt(None, "Layers on the last stage.",
@@ -242,12 +315,14 @@ class ParallelConfig:
     use_distributed_optimizer: bool = opt(False, "Shard optimizer state over data parallel.")
     overlap_grad_reduce: bool = opt(False, "Overlap gradient reduction with backward.")
     overlap_param_gather: bool = opt(False, "Overlap parameter all-gather with forward.")
-    ddp_bucket_size: int | None = opt(None, "Gradient bucket size in elements.", type=int)
+    ddp_bucket_size: int | None = opt(None, "Gradient bucket size in elements.", type=int,
+                                      positive=True)
     distributed_backend: str = opt("nccl", "Collective backend (gloo is used on CPU).",
                                    choices=["nccl", "gloo"])
     distributed_timeout_minutes: float = opt(10, "Minutes a collective may wait before the "
-                                             "job stops.", type=float)
-    world_size: int | None = opt(None, "World size when not launched by torchrun.", type=int)
+                                             "job stops.", type=float, positive=True)
+    world_size: int | None = opt(None, "World size when not launched by torchrun.", type=int,
+                                 positive=True)
     rank: int | None = opt(None, "Rank when not launched by torchrun.", type=int)
     local_rank: int | None = opt(None, "Local rank (set by older launchers).", type=int,
                                  flag="--local-rank")
@@ -266,20 +341,23 @@ class TrainingConfig:
 
     GROUP: ClassVar[str] = "training"
 
-    micro_batch_size: int = opt(1, "Samples per micro-batch per data-parallel rank.", type=int)
+    micro_batch_size: int = opt(1, "Samples per micro-batch per data-parallel rank.", type=int,
+                                positive=True)
     global_batch_size: int | None = opt(None, "Samples per optimizer step; default "
-                                        "micro-batch-size x data-parallel size.", type=int)
+                                        "micro-batch-size x data-parallel size.", type=int,
+                                        positive=True)
     rampup_batch_size: list[str] | None = opt(None, "Batch-size ramp-up (start increment "
                                               "samples).", nargs="*")
     train_iters: int | None = opt(None, "Training iterations.", type=int)
     train_samples: int | None = opt(None, "Training samples (instead of --train-iters).",
                                     type=int)
     exit_interval: int | None = opt(None, "Exit after an iteration divisible by this.",
-                                    type=int)
-    exit_duration_in_mins: int | None = opt(None, "Exit after this many minutes.", type=int)
+                                    type=int, positive=True)
+    exit_duration_in_mins: int | None = opt(None, "Exit after this many minutes.", type=int,
+                                            positive=True)
     exit_signal_handler: bool = opt(False, "Save and exit on SIGTERM/SIGINT.")
     skip_train: bool = opt(False, "Only evaluate.")
-    seed: int = opt(1234, "Random seed.", type=int, group="initialization")
+    seed: int = opt(1234, "Random seed.", type=int, group="initialization", maximum=MAX_SEED)
     device: str = opt("auto", "Where to train: CUDA when present, else CPU.",
                       choices=["auto", "cuda", "cpu"])
     train_mode: str = opt("pretrain", "Pai-Megatron-Patch train mode.",
@@ -297,15 +375,15 @@ class TrainingConfig:
     fp16: bool = opt(False, "fp16 weights and compute with dynamic loss scaling.",
                      group="mixed precision")
     loss_scale: float | None = opt(None, "Static loss scale (dynamic when unset).",
-                                   type=float, group="mixed precision")
+                                   type=float, group="mixed precision", positive=True)
     initial_loss_scale: float = opt(2.0 ** 32, "Initial dynamic loss scale.", type=float,
-                                    group="mixed precision")
+                                    group="mixed precision", positive=True)
     min_loss_scale: float = opt(1.0, "Minimum dynamic loss scale.", type=float,
-                                group="mixed precision")
+                                group="mixed precision", positive=True)
     loss_scale_window: int = opt(1000, "Clean steps before the loss scale doubles.", type=int,
-                                 group="mixed precision")
+                                 group="mixed precision", positive=True)
     hysteresis: int = opt(2, "Overflows tolerated before the loss scale halves.", type=int,
-                          group="mixed precision")
+                          group="mixed precision", positive=True)
     fp8: str | None = opt(None, "FP8 format.", flag=("--fp8-format", "--fp8"),
                           choices=["e4m3", "hybrid"],
                           group="mixed precision")
@@ -313,7 +391,7 @@ class TrainingConfig:
                           choices=["tensorwise", "delayed", "mxfp8", "blockwise"],
                           group="mixed precision")
     eval_interval: int = opt(1000, "Iterations between evaluations.", type=int,
-                             group="validation")
+                             group="validation", positive=True)
     eval_iters: int = opt(100, "Batches per evaluation.", type=int, group="validation")
 
 
@@ -331,24 +409,26 @@ class OptimizerConfig:
                               choices=["constant", "linear", "cosine", "inverse-square-root",
                                        "WSD"])
     lr_decay_iters: int | None = opt(None, "Iterations to decay over (default train-iters).",
-                                     type=int)
-    lr_decay_samples: int | None = opt(None, "Samples to decay over.", type=int)
+                                     type=int, positive=True)
+    lr_decay_samples: int | None = opt(None, "Samples to decay over.", type=int, positive=True)
     lr_warmup_iters: int = opt(0, "Warm-up iterations.", type=int)
     lr_warmup_samples: int = opt(0, "Warm-up samples.", type=int)
     lr_warmup_fraction: float | None = opt(None, "Warm-up as a fraction of the decay "
-                                           "iterations.", type=float)
+                                           "iterations.", type=float, maximum=1)
     lr_warmup_init: float = opt(0.0, "Learning rate at the start of warm-up.", type=float)
     lr_wsd_decay_style: str = opt("exponential", "Annealing shape of WSD.",
                                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
-    lr_wsd_decay_iters: int | None = opt(None, "Annealing iterations of WSD.", type=int)
-    lr_wsd_decay_samples: int | None = opt(None, "Annealing samples of WSD.", type=int)
+    lr_wsd_decay_iters: int | None = opt(None, "Annealing iterations of WSD.", type=int,
+                                         positive=True)
+    lr_wsd_decay_samples: int | None = opt(None, "Annealing samples of WSD.", type=int,
+                                           positive=True)
     weight_decay: float = opt(0.01, "Weight decay (not on biases and norm weights).",
                               type=float, group="regularization")
     clip_grad: float = opt(1.0, "Clip gradients to this global norm (0 disables).",
                            type=float, group="regularization")
     adam_beta1: float = opt(0.9, "Adam beta1.", type=float, group="regularization")
     adam_beta2: float = opt(0.999, "Adam beta2.", type=float, group="regularization")
-    adam_eps: float = opt(1e-8, "Adam epsilon.", type=float, group="regularization")
+    adam_eps: float = opt(1e-8, "Adam epsilon.", type=float, group="regularization", positive=True)
     sgd_momentum: float = opt(0.9, "SGD momentum.", type=float, group="regularization")
     optimizer_cpu_offload: bool = opt(False, "Keep optimizer state on the CPU.",
                                       group="optimizer")
@@ -374,7 +454,7 @@ class DataConfig:
     valid_data_path: list[str] | None = opt(None, "Separate validation data.", nargs="*")
     test_data_path: list[str] | None = opt(None, "Separate test data.", nargs="*")
     split: str = opt("969, 30, 1", "Train, validation, test proportions.")
-    seq_length: int | None = opt(None, "Sequence length of a sample.", type=int)
+    seq_length: int | None = opt(None, "Sequence length of a sample.", type=int, positive=True)
     mock_data: bool = opt(False, "Deterministic synthetic tokens (no files needed).")
     num_workers: int = opt(2, "Data-loader worker processes.", type=int)
     data_cache_path: str | None = opt(None, "Where sample indices are cached.")
@@ -385,7 +465,8 @@ class DataConfig:
     dataset: str = opt("MMAP", "Dataset kind (Pai-Megatron-Patch).",
                        choices=["MMAP", "JSON-SFT", "MMAP-SFT", "RAW"])
     sft: bool = opt(False, "Supervised fine-tuning data: loss only on responses.")
-    max_padding_length: int | None = opt(None, "Pad SFT samples to this length.", type=int)
+    max_padding_length: int | None = opt(None, "Pad SFT samples to this length.", type=int,
+                                         positive=True)
     sequence_packing: bool = opt(False, "Pack SFT samples into seq-length.")
     tokenizer_type: str | None = opt(None, "Tokenizer kind.", group="tokenizer",
                                      choices=["GPT2BPETokenizer", "HuggingFaceTokenizer", "GPTSentencePieceTokenizer",
@@ -406,7 +487,8 @@ class CheckpointConfig:
     GROUP: ClassVar[str] = "checkpointing"
 
     save: str | None = opt(None, "Directory to save checkpoints to.")
-    save_interval: int | None = opt(None, "Iterations between checkpoints.", type=int)
+    save_interval: int | None = opt(None, "Iterations between checkpoints.", type=int,
+                                    positive=True)
     no_save_optim: bool = opt(False, "Do not save the optimizer state.")
     no_save_rng: bool = opt(False, "Do not save RNG states.")
     load: str | None = opt(None, "Directory to load a checkpoint from.")
@@ -427,7 +509,7 @@ class LoggingConfig:
 
     GROUP: ClassVar[str] = "logging"
 
-    log_interval: int = opt(100, "Iterations between log lines.", type=int)
+    log_interval: int = opt(100, "Iterations between log lines.", type=int, positive=True)
     log_throughput: bool = opt(False, "Log TFLOP/s per GPU and tokens/s.")
     log_params_norm: bool = opt(False, "Log the norm of the parameters.")
     log_num_zeros_in_grad: bool = opt(False, "Log the count of zero gradients (Paratron "
@@ -443,7 +525,8 @@ class LoggingConfig:
     wandb_exp_name: str | None = opt(None, "Weights & Biases run name.")
     wandb_save_dir: str | None = opt(None, "Weights & Biases directory.")
     peak_tflops: float | None = opt(None, "Dense peak TFLOP/s of one device for MFU (default: "
-                                    "the GPU's published figure; none on a CPU).", type=float)
+                                    "the GPU's published figure; none on a CPU).", type=float,
+                                    positive=True)
     metrics_jsonl: str | None = opt(None, "Write one JSON object per log interval and per "
                                     "evaluation to this file.", metavar="PATH")
     performance_summary: str | None = opt(None, "Write iteration times, throughput, MFU, peak "
@@ -540,6 +623,8 @@ def build_parser(prog: str = "paratron train") -> argparse.ArgumentParser:
                 for key in ("type", "choices", "nargs", "metavar"):
                     if m[key] is not None:
                         kwargs[key] = m[key]
+                if m["type"] in (int, float):
+                    kwargs["type"] = NumberType(m["type"])
             group.add_argument(*_flags_of(f), **kwargs)
     compat = parser.add_argument_group(
         "accepted for compatibility with Megatron-LM scripts (no effect in Paratron)")
@@ -575,19 +660,72 @@ def _reject_unknown(unknown: list[str], parser, where: str = "") -> None:
         raise ConfigError(f"unexpected argument {unknown[0]!r}{where}; values follow their flag")
 
 
-def _yaml_defaults(path: str, parser) -> dict[str, Any]:
-    """Read a YAML file keyed by flag names (dashes or underscores, with or without --)."""
+# A --config file lists flags: a few hundred values at most (long --data-path blends
+# included). Larger files, or aliases that expand past this, are refused unread.
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_NODES = 100_000
+
+
+def _expanded_nodes(node, memo: dict, open_nodes: set) -> int:
+    """Nodes of a composed YAML document with every alias expanded, as `safe_load`'s
+    result would hold them (counted once per node, so an alias bomb costs nothing)."""
+    import yaml
+
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_nodes:
+        raise ConfigError("an alias refers to a node that contains it")
+    open_nodes.add(key)
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    memo[key] = 1 + sum(_expanded_nodes(child, memo, open_nodes) for child in children)
+    open_nodes.discard(key)
+    return memo[key]
+
+
+def _read_yaml(path: str) -> Any:
+    """A --config file's document, refused in one line when it is not a regular file,
+    too large, not YAML, or expands (through aliases) past YAML_MAX_NODES values."""
     import yaml
 
     try:
-        with open(path) as fh:
-            doc = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: file not found") from None
+        with open(path, "rb") as fh:
+            if not os.path.isfile(path):
+                raise ConfigError(f"--config {path}: not a regular file")
+            text = fh.read(YAML_MAX_BYTES + 1)
+    except OSError as exc:
+        reason = "file not found" if isinstance(exc, FileNotFoundError) else exc.strerror
+        raise ConfigError(f"--config {path}: {reason}") from None
+    if len(text) > YAML_MAX_BYTES:
+        raise ConfigError(f"--config {path}: larger than {YAML_MAX_BYTES >> 20} MiB; a "
+                          f"flag file is a short list of flags")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}, set()) > YAML_MAX_NODES:
+            raise ConfigError(f"more than {YAML_MAX_NODES} values once its aliases are "
+                              f"expanded")
+        return loader.construct_document(node)
+    except ConfigError as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"--config {path}{line}: not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_defaults(path: str, parser) -> dict[str, Any]:
+    """Read a YAML file keyed by flag names (dashes or underscores, with or without --)."""
+    doc = _read_yaml(path) or {}
     if not isinstance(doc, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
     by_flag = {s: a for a in parser._actions for s in a.option_strings}
@@ -712,8 +850,9 @@ def _rank0_print(line: str) -> None:
         print(line)
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """A Config from Megatron dest names (for tests and library use); finalized and validated."""
+def config_from_dict(values: dict[str, Any], training: bool = True) -> Config:
+    """A Config from Megatron dest names (for tests and library use); finalized and
+    validated (without the training-only checks when `training` is False)."""
     cfg = Config()
     where = _dest_to_section()
     for dest, value in values.items():
@@ -721,12 +860,30 @@ def config_from_dict(values: dict[str, Any]) -> Config:
             raise ConfigError(f"unknown setting {dest!r}")
         setattr(getattr(cfg, where[dest]), dest, value)
     finalize(cfg)
-    validate(cfg)
+    validate(cfg, training)
     return cfg
 
 
+def check_numbers(cfg: Config) -> None:
+    """Refuse a numeric setting that is not a finite, non-negative number of its field's
+    type (or zero where the field must be positive), naming its flag. Values reach the
+    tree from flags, --config files, presets, checkpoints' recorded configs and library
+    calls; this is the one check they all pass."""
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        for f in _fields_with_flags(type(values)):
+            m, value = f.metadata, getattr(values, f.name)
+            if m["type"] not in (int, float) or value is None:
+                continue
+            problem = number_problem(value, m["type"], m["positive"], m["maximum"])
+            if problem:
+                raise ConfigError(f"{_flags_of(f)[0]} {problem}, got {value!r}")
+
+
 def finalize(cfg: Config) -> None:
-    """Fill in the values Megatron derives from others."""
+    """Fill in the values Megatron derives from others (after `check_numbers`, since
+    the derivations compute with them)."""
+    check_numbers(cfg)
     m, t, o, p = cfg.model, cfg.training, cfg.optimizer, cfg.parallel
     if m.use_rotary_position_embeddings:
         m.position_embedding_type = "rope"
@@ -764,9 +921,11 @@ def finalize(cfg: Config) -> None:
         o.lr_warmup_iters = int(o.lr_warmup_fraction * o.lr_decay_iters)
 
 
-def validate(cfg: Config) -> None:
-    """Refuse inconsistent or not-yet-available settings, one line each."""
-    m, p, t, o, d = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.data
+def validate(cfg: Config, training: bool = True) -> None:
+    """Refuse inconsistent or not-yet-available settings, one line each. `training`
+    False leaves out what only a training run needs (iterations, learning-rate
+    schedule, optimizer), for a model rebuilt to generate or convert."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.training, cfg.data
     required = [("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
                 ("--num-attention-heads", m.num_attention_heads),
                 ("--seq-length", d.seq_length)]
@@ -816,23 +975,8 @@ def validate(cfg: Config) -> None:
                               f"choose from core_attn, mlp, layernorm")
     if not 0 <= m.attention_dropout < 1 or not 0 <= m.hidden_dropout < 1:
         raise ConfigError("--attention-dropout and --hidden-dropout must be in [0, 1)")
-    if t.train_iters is None:
-        raise ConfigError("give --train-iters or --train-samples")
-    if t.train_iters is not None and t.train_samples is not None \
-            and t.train_iters != t.train_samples // t.global_batch_size:
-        raise ConfigError("--train-iters and --train-samples are both set; give only one")
-    if o.lr is None:
-        raise ConfigError("--lr is required")
-    if o.min_lr > o.lr:
-        raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
-    if o.lr_decay_iters is not None and o.lr_warmup_iters > o.lr_decay_iters:
-        raise ConfigError(f"--lr-warmup-iters {o.lr_warmup_iters} exceeds --lr-decay-iters "
-                          f"{o.lr_decay_iters}; shorten the warm-up or lengthen the decay")
-    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
-        raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
-    if o.lr_wsd_decay_iters is not None and o.lr_decay_iters is not None \
-            and o.lr_wsd_decay_iters > o.lr_decay_iters:
-        raise ConfigError("--lr-wsd-decay-iters exceeds --lr-decay-iters")
+    if training:
+        _validate_schedule(cfg)
     if cfg.data_parallel_size == 0:
         raise ConfigError(f"world size is not divisible by tensor x pipeline x context "
                           f"parallel size ({p.model_parallel_size}); change the sizes or "
@@ -877,6 +1021,31 @@ def validate(cfg: Config) -> None:
     _validate_logging(cfg)
     _validate_memory_and_speed(cfg)
     _refuse_unavailable(cfg)
+
+
+def _validate_schedule(cfg: Config) -> None:
+    """Iterations, learning-rate schedule and optimizer: what a training run needs."""
+    t, o = cfg.training, cfg.optimizer
+    if t.train_iters is None:
+        raise ConfigError("give --train-iters or --train-samples")
+    if t.train_iters is not None and t.train_samples is not None \
+            and t.train_iters != t.train_samples // t.global_batch_size:
+        raise ConfigError("--train-iters and --train-samples are both set; give only one")
+    if o.lr is None:
+        raise ConfigError("--lr is required")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
+    if o.lr_decay_iters is not None and o.lr_warmup_iters > o.lr_decay_iters:
+        raise ConfigError(f"--lr-warmup-iters {o.lr_warmup_iters} exceeds --lr-decay-iters "
+                          f"{o.lr_decay_iters}; shorten the warm-up or lengthen the decay")
+    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
+        raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if o.lr_wsd_decay_iters is not None and o.lr_decay_iters is not None \
+            and o.lr_wsd_decay_iters > o.lr_decay_iters:
+        raise ConfigError("--lr-wsd-decay-iters exceeds --lr-decay-iters")
+    if o.optimizer == "adam" and max(o.adam_beta1, o.adam_beta2) >= 1:
+        raise ConfigError(f"--adam-beta1 {o.adam_beta1} and --adam-beta2 {o.adam_beta2} "
+                          f"must both be below 1")
 
 
 # Features whose flags parse today but whose implementation arrives later. Each entry

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from paratron.cli.preprocess import tokenizer_kwargs
-from paratron.config import ConfigError
+from paratron.config import MAX_SEED, ConfigError, NumberType
 from paratron.convert.errors import ConversionError
 from paratron.data.errors import DataError
 from paratron.data.tokenizer import TOKENIZER_TYPES, HuggingFaceTokenizer, build_tokenizer
@@ -30,6 +30,7 @@ from paratron.inference import (Sampling, check_generation_layout, checkpoint_to
                                 generate, load_paratron_model, shard_model)
 from paratron.parallel.launch import init_distributed
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.training.memory_plan import device_memory_bytes
 
 PROG = "paratron generate"
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--load", help="Paratron checkpoint directory (the training --save)")
     source.add_argument("--hf", help="Hugging Face model folder (config.json + safetensors)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=None,
+    g.add_argument("--tensor-model-parallel-size", type=NumberType(int), default=None,
                    help="TP ranks (default: every launched process)")
     g.add_argument("--bf16", action="store_true", help="run the model in bfloat16")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -58,22 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="a text file with one prompt per line")
-    g.add_argument("--max-new-tokens", type=int, required=True)
+    g.add_argument("--max-new-tokens", type=NumberType(int), required=True)
     g.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at the end-of-document token")
     g = parser.add_argument_group("sampling")
     g.add_argument("--greedy", action="store_true", help="the most likely token (default)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus p")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--top-k", type=NumberType(int), default=0,
+                   help="sample among the k most likely")
+    g.add_argument("--top-p", type=NumberType(float), default=1.0,
+                   help="sample within the nucleus p")
+    g.add_argument("--temperature", type=NumberType(float), default=1.0)
+    g.add_argument("--seed", type=NumberType(int), default=1234)
     g = parser.add_argument_group("tokenizer (default: the one the model came with)")
     g.add_argument("--tokenizer-type", default=None, help=f"one of {', '.join(TOKENIZER_TYPES)}")
     g.add_argument("--patch-tokenizer-type", default=None, help=argparse.SUPPRESS)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
     g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
+    g.add_argument("--vocab-size", type=NumberType(int), default=None, help="for NullTokenizer")
     g = parser.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="one JSON object per completion")
     return parser
@@ -170,9 +173,11 @@ def _load(args, pg: ProcessGroups, log):
 
 
 def run(args) -> int:
-    sampling = sampling_of(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    sampling = sampling_of(args)
     prompts = read_prompts(args)
     pg, device = _setup(args)
     log = (lambda line: print(line, file=sys.stderr)) if pg.rank == 0 else (lambda line: None)
@@ -185,7 +190,7 @@ def run(args) -> int:
     start = time.perf_counter()
     completions = generate(model, ids, args.max_new_tokens, sampling=sampling,
                            eod=None if args.ignore_eos else stop,
-                           vocab_size=vocab_size)
+                           vocab_size=vocab_size, memory_bytes=device_memory_bytes(device.type))
     elapsed = time.perf_counter() - start
     if pg.rank != 0:
         return 0

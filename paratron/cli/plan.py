@@ -20,7 +20,7 @@ import copy
 import os
 import sys
 
-from paratron.config import ConfigError, parse_args
+from paratron.config import ConfigError, NumberType, parse_args
 
 PROG = "paratron plan"
 
@@ -40,10 +40,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _machine_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, allow_abbrev=False, add_help=False)
-    parser.add_argument("--num-gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory-gb", type=float, required=True)
-    parser.add_argument("--memory-headroom", type=float, default=0.1)
-    parser.add_argument("--max-rows", type=int, default=30)
+    # NaN and infinities are invalid values; the ranges are checked in `build`.
+    parser.add_argument("--num-gpus", type=NumberType(int), required=True)
+    parser.add_argument("--gpu-memory-gb", type=NumberType(float), required=True)
+    parser.add_argument("--memory-headroom", type=NumberType(float), default=0.1)
+    parser.add_argument("--max-rows", type=NumberType(int), default=30)
     return parser
 
 
@@ -115,8 +116,9 @@ def build(argv: list[str]):
     return cfg, machine, _pinned(rest, cfg)
 
 
-def _check_model(cfg) -> None:
-    """Refuse model and batch settings that no layout could fix, before enumerating."""
+def _check_model(cfg):
+    """Refuse model and batch settings that no layout could fix, before enumerating;
+    the run on one GPU with one micro-batch per step."""
     from paratron.training.memory_plan import Layout, layout_config
 
     base = copy.deepcopy(cfg)
@@ -127,7 +129,17 @@ def _check_model(cfg) -> None:
     p.account_for_embedding_in_pipeline_split = False
     p.account_for_loss_in_pipeline_split = False
     p.sequence_parallel = False
-    layout_config(base, Layout(1))
+    return layout_config(base, Layout(1))
+
+
+def _floor_per_gpu(single, num_gpus: int) -> float:
+    """What the busiest GPU holds at the very least in any layout: one GPU's state and
+    one micro-batch's activations, spread perfectly over all of them. A model far too
+    big is answered from this in a moment instead of planning every layout tensor by
+    tensor."""
+    from paratron.training.memory_plan import minimum_rank_bytes
+
+    return minimum_rank_bytes(single) / num_gpus
 
 
 def _table(rows, budget: float, title: str, width: int):
@@ -172,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg, machine, pinned = build(argv)
-        _check_model(cfg)
+        floor = _floor_per_gpu(_check_model(cfg), machine.num_gpus)
+        budget = machine.gpu_memory_gb * GIB * (1 - machine.memory_headroom)
+        if floor > budget:
+            print(f"recommendation: none fits in {gib(budget)} GiB per GPU; even spread "
+                  f"evenly over {machine.num_gpus} GPUs the run needs at least {gib(floor)} "
+                  f"GiB per GPU: add GPUs, or shrink the model, --micro-batch-size or "
+                  f"--seq-length")
+            return 1
         candidates, refused = plan(cfg, machine.num_gpus, pinned)
     except ConfigError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
@@ -182,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: error: no split of {machine.num_gpus} GPUs is valid "
                          f"({layout.label()}: {why})\n")
         return 2
-    budget = machine.gpu_memory_gb * GIB * (1 - machine.memory_headroom)
     ranked = sorted(candidates, key=lambda c: preference(c, budget))
     name = cfg.model_size or "model"
     title = (f"{name} on {machine.num_gpus} x {machine.gpu_memory_gb:g} GiB: per-GPU "

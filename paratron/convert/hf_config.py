@@ -20,7 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from paratron.config import Config, ConfigError, TransformerConfig, finalize, moe_layer_pattern
+from paratron.config import (Config, ConfigError, TransformerConfig, finalize, moe_layer_pattern,
+                             number_problem)
 from paratron.convert.errors import ConversionError
 from paratron.model.moe import check_moe_config
 from paratron.model.rotary import yarn_mscale
@@ -40,6 +41,47 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return hf
+
+
+# The numeric keys the readers use, as (type, positive): each is checked before any
+# reader computes with it, so a string, NaN or zero divisor in config.json is refused
+# naming the key instead of failing inside the arithmetic.
+_NUMBERS: dict[str, tuple[type, bool]] = {
+    **dict.fromkeys(
+        ("n_embd", "n_head", "n_layer", "n_positions", "n_inner", "hidden_size",
+         "num_attention_heads", "num_hidden_layers", "intermediate_size",
+         "max_position_embeddings", "original_max_position_embeddings",
+         "num_key_value_heads", "head_dim", "vocab_size", "num_experts_per_tok",
+         "moe_intermediate_size", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+         "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group", "decoder_sparse_step"),
+        (int, True)),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts",
+                     "first_k_dense_replace", "n_shared_experts"), (int, False)),
+    **dict.fromkeys(("rope_theta", "factor", "routed_scaling_factor"), (float, True)),
+    **dict.fromkeys(
+        ("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "router_aux_loss_coef",
+         "aux_loss_alpha", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+         "attention_factor", "low_freq_factor", "high_freq_factor",
+         "partial_rotary_factor"), (float, False)),
+}
+
+
+def _check_numbers(hf: dict) -> None:
+    """Refuse a numeric key of config.json (or of its rope settings) that is not a
+    finite number of its kind, or is zero or negative where that means nothing."""
+    where = [(hf, "")] + [(hf[name], f"{name}.") for name in ("rope_scaling", "rope_parameters")
+                          if isinstance(hf.get(name), dict)]
+    for values, prefix in where:
+        for key, value in values.items():
+            if key in _NUMBERS and value is not None:
+                problem = number_problem(value, *_NUMBERS[key])
+                if problem:
+                    raise ConversionError(f"config.json ({hf.get('model_type')}): "
+                                          f"{prefix}{key} {value!r} {problem}")
+    for layer in hf.get("mlp_only_layers") or []:
+        if number_problem(layer, int):
+            raise ConversionError(f"config.json ({hf.get('model_type')}): mlp_only_layers "
+                                  f"holds {layer!r}; expected layer numbers")
 
 
 def _need(hf: dict, key: str, *aliases: str) -> Any:
@@ -364,7 +406,9 @@ def check_model_type(hf: dict) -> str:
 
 def hf_to_paratron_fields(hf: dict) -> dict[str, Any]:
     """TransformerConfig field values (Megatron dest names) for a Hugging Face config."""
-    fields = _READERS[check_model_type(hf)](hf)
+    reader = _READERS[check_model_type(hf)]
+    _check_numbers(hf)
+    fields = reader(hf)
     fields.update(padded_vocab_size=_need(hf, "vocab_size"),
                   init_method_std=hf.get("initializer_range", 0.02),
                   # Inference-exact by default; fine-tuning sets its own dropout.
@@ -399,4 +443,7 @@ def transformer_config(fields: dict[str, Any]) -> TransformerConfig:
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """The TransformerConfig of a Hugging Face `config.json` dict."""
-    return transformer_config(hf_to_paratron_fields(hf))
+    try:
+        return transformer_config(hf_to_paratron_fields(hf))
+    except ConfigError as exc:  # a value the config tree refuses, named by its flag
+        raise ConversionError(f"config.json ({hf.get('model_type')}): {exc}") from None

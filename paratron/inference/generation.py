@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from paratron.inference.kv_cache import InferenceParams
+from paratron.inference.kv_cache import InferenceParams, cache_bytes
 from paratron.inference.sampling import Sampling
 from paratron.model.moe import moe_layers
 from paratron.parallel.tensor_parallel import GatherFromTensorParallelRegion
@@ -38,6 +38,41 @@ def check_generation_layout(pg) -> None:
         raise ValueError(f"generation runs one model replica: launch exactly "
                          f"--tensor-model-parallel-size ({pg.tp_size}) processes, not "
                          f"{pg.world_size}")
+
+
+def check_prompt_ids(prompts: list[list[int]], vocab_rows: int) -> None:
+    """Every prompt id must name a row of the embedding (a NullTokenizer passes numbers
+    through as they are written)."""
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= t < vocab_rows]
+        if bad:
+            raise ValueError(f"prompt {i + 1} holds token id {bad[0]}, outside the model's "
+                             f"vocabulary (0 to {vocab_rows - 1}); check the prompt and "
+                             f"--vocab-size")
+
+
+def generation_bytes(model, rows: int, width: int, total: int) -> int:
+    """A lower bound of what generating `rows` rows of `total` positions (prompts of
+    `width`) allocates on one rank beyond the model: the token, mask and position
+    buffers, the full key/value cache and the prefill's logits."""
+    pg, config = model.pg, model.config
+    element = next(model.parameters()).element_size()
+    vocab = config.padded_vocab_size // pg.tp_size
+    return (rows * total * (8 + 1 + 8 + 8)
+            + cache_bytes(config, rows, total, pg.tp_size, element)
+            + rows * width * vocab * element)
+
+
+def _check_memory(model, rows: int, width: int, total: int, memory_bytes: int | None) -> None:
+    if memory_bytes is None:
+        return
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = weights + generation_bytes(model, rows, width, total)
+    if need > memory_bytes:
+        raise ValueError(f"{rows} prompt rows of up to {width} tokens plus {total - width} new "
+                         f"tokens need at least {need / 2 ** 30:.1f} GiB (model, key/value "
+                         f"cache, logits) but the device has {memory_bytes / 2 ** 30:.1f} "
+                         f"GiB; lower --max-new-tokens or give fewer or shorter prompts")
 
 
 def _batch(prompts: list[list[int]], rows: int, length: int, device) -> tuple:
@@ -73,10 +108,13 @@ def _same_on_every_rank(ids: torch.Tensor, pg) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
              sampling: Sampling | None = None, eod: int | Sequence[int] | None = None,
-             vocab_size: int | None = None) -> list[list[int]]:
+             vocab_size: int | None = None, memory_bytes: int | None = None
+             ) -> list[list[int]]:
     """The new token ids of each prompt: `max_new_tokens` of them, or fewer when a stop
     id (`eod`: one id or several) comes first; it is kept and the row stops there.
     `vocab_size`: ids at and above it (the embedding's padding rows) are never chosen.
+    `memory_bytes`: the device's memory; a generation that cannot fit in it beside the
+    model is refused before anything is allocated.
     Collective over the model's TP group: every rank calls it with the same prompts."""
     sampling = sampling or Sampling(greedy=True)
     stop = [] if eod is None else [int(eod)] if isinstance(eod, int) else [int(i) for i in eod]
@@ -86,6 +124,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
         raise ValueError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     pg, config = model.pg, model.config
     check_generation_layout(pg)
+    check_prompt_ids(prompts, config.padded_vocab_size)
     width = max(len(p) for p in prompts)
     total = width + max_new_tokens
     if config.position_embedding_type == "learned_absolute" \
@@ -97,6 +136,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
     if pg.tp_size > 1 and moe_layers(model):
         # MoE layers split the tokens of a step over the TP ranks: pad the batch.
         rows = -(-rows // pg.tp_size) * pg.tp_size
+    _check_memory(model, rows, width, total, memory_bytes)
     device = next(model.parameters()).device
     tokens, real, positions = _batch(prompts, rows, total, device)
     cache = InferenceParams(rows, total, key_padding_mask=real)

@@ -17,6 +17,18 @@ from __future__ import annotations
 import torch
 
 
+def cache_bytes(config, batch: int, length: int, tp_size: int, element_bytes: int) -> int:
+    """Bytes the cache of `batch` rows and `length` positions holds on one TP rank once
+    full: keys and values of this rank's query groups for MHA/GQA, the latent and the
+    rope key for multi-latent attention, in every layer."""
+    if config.multi_latent_attention:
+        per_position = config.kv_lora_rank + config.qk_pos_emb_head_dim
+    else:
+        groups = max(config.num_query_groups // tp_size, 1)
+        per_position = 2 * groups * config.kv_channels
+    return config.num_layers * batch * length * per_position * element_bytes
+
+
 class InferenceParams:
     def __init__(self, max_batch_size: int, max_sequence_length: int,
                  key_padding_mask: torch.Tensor | None = None):

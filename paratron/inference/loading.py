@@ -11,13 +11,12 @@ on the training run's TP size.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
 
 from paratron.checkpoint import find_latest_valid, load_checkpoint, read_metadata
-from paratron.checkpoint.files import TOKENIZER_DIR, TOKENIZER_INFO
+from paratron.checkpoint.files import TOKENIZER_DIR, read_tokenizer_info
 from paratron.checkpoint.state import load_model
 from paratron.config import SECTIONS, Config, config_from_dict
 from paratron.data.errors import DataError
@@ -50,7 +49,9 @@ def find_checkpoint(load_dir: str | os.PathLike, log: Callable[[str], None] = pr
 
 
 def config_for_generation(saved: dict, tp: int, padded_vocab_size: int | None) -> Config:
-    """The run's Config from its `to_dict()`, laid out for generation at TP `tp`."""
+    """The run's Config from its `to_dict()`, laid out for generation at TP `tp`. Only
+    the model is checked: a checkpoint written by `paratron convert` records no
+    iterations or learning rate, and generation needs none."""
     flat: dict = {}
     for section in SECTIONS:
         flat.update(saved.get(section) or {})
@@ -61,7 +62,7 @@ def config_for_generation(saved: dict, tp: int, padded_vocab_size: int | None) -
     flat.update(tensor_model_parallel_size=tp, world_size=tp)
     if padded_vocab_size is not None:
         flat["padded_vocab_size"] = padded_vocab_size
-    return config_from_dict(flat)
+    return config_from_dict(flat, training=False)
 
 
 def load_paratron_model(load_dir: str | os.PathLike, pg, *,
@@ -97,19 +98,16 @@ def checkpoint_tokenizer(load_dir: str | os.PathLike, cfg: Config) -> Tokenizer:
     """The tokenizer the run used: its files copied to `<load>/tokenizer/`, else the
     paths the run's config names (NullTokenizer for --mock-data with --vocab-size)."""
     folder = Path(load_dir) / TOKENIZER_DIR
-    info_file = folder / TOKENIZER_INFO
-    if info_file.is_file():
-        try:
-            info = json.loads(info_file.read_text())
-        except json.JSONDecodeError as error:
-            raise DataError(f"{info_file}: not JSON ({error.msg})") from None
-
-        def local(name):
-            return None if not name else str(folder if name == "." else folder / name)
-        return build_tokenizer(info.get("tokenizer_type"),
-                               vocab_file=local(info.get("vocab_file")),
-                               merge_file=local(info.get("merge_file")),
-                               tokenizer_model=local(info.get("tokenizer_model")),
+    try:
+        info = read_tokenizer_info(folder)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    if info is not None:
+        def local(path):
+            return None if path is None else str(path)
+        return build_tokenizer(info["tokenizer_type"], vocab_file=local(info["vocab_file"]),
+                               merge_file=local(info["merge_file"]),
+                               tokenizer_model=local(info["tokenizer_model"]),
                                vocab_size=cfg.model.vocab_size)
     d = cfg.data
     kind = d.tokenizer_type or d.patch_tokenizer_type

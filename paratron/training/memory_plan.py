@@ -42,7 +42,11 @@ Recommendation rule (`recommend`): among the layouts whose total stays under
 from __future__ import annotations
 
 import copy
+import itertools
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from paratron.config import (Config, ConfigError, finalize, moe_layer_pattern,
                              pipeline_split, validate, virtual_stages)
@@ -193,24 +197,41 @@ def model_parameters(cfg: Config, chunk: Chunk) -> list[ParamShape]:
     """The parameters of one model chunk on one rank, in `module.parameters()` order
     (which fixes the gradient buffer's bucket layout)."""
     m, lay = cfg.model, Layout.of(cfg)
-    tp, h, vocab = lay.tp, m.hidden_size, m.padded_vocab_size
-    tied = not m.untie_embeddings_and_output_weights
-    out: list[ParamShape] = []
-    if chunk.is_first:
-        out.append(ParamShape("embedding.word_embeddings.weight", vocab // tp * h))
-        if m.position_embedding_type == "learned_absolute":
-            out.append(ParamShape("embedding.position_embeddings.weight",
-                                  m.max_position_embeddings * h))
+    out = _embedding_parameters(cfg, chunk)
     moe = moe_layer_pattern(m)
     for layer in chunk.layers:
-        out += _norm("input_layernorm", h, m) + _attention(m, tp)
-        out += _norm("pre_mlp_layernorm", h, m)
-        out += (_moe(m, tp, lay.ep, lay.expert_tp) if moe[layer]
-                else _mlp(m, m.ffn_hidden_size, tp))
-    if chunk.is_last:
-        out += _norm("decoder.final_layernorm", h, m)
-        if not (tied and chunk.is_first):
-            out.append(ParamShape("output_layer.weight", vocab // tp * h))
+        out += _layer_parameters(m, lay, moe[layer])
+    return out + _head_parameters(cfg, chunk)
+
+
+def _embedding_parameters(cfg: Config, chunk: Chunk) -> list[ParamShape]:
+    m, tp = cfg.model, Layout.of(cfg).tp
+    if not chunk.is_first:
+        return []
+    out = [ParamShape("embedding.word_embeddings.weight",
+                      m.padded_vocab_size // tp * m.hidden_size)]
+    if m.position_embedding_type == "learned_absolute":
+        out.append(ParamShape("embedding.position_embeddings.weight",
+                              m.max_position_embeddings * m.hidden_size))
+    return out
+
+
+def _layer_parameters(m, lay: Layout, moe: bool) -> list[ParamShape]:
+    """One transformer layer's parameters on one rank (dense or MoE)."""
+    out = _norm("input_layernorm", m.hidden_size, m) + _attention(m, lay.tp)
+    out += _norm("pre_mlp_layernorm", m.hidden_size, m)
+    return out + (_moe(m, lay.tp, lay.ep, lay.expert_tp) if moe
+                  else _mlp(m, m.ffn_hidden_size, lay.tp))
+
+
+def _head_parameters(cfg: Config, chunk: Chunk) -> list[ParamShape]:
+    """The final norm and (unless tied to this chunk's embedding) the output layer."""
+    m, tp = cfg.model, Layout.of(cfg).tp
+    if not chunk.is_last:
+        return []
+    out = _norm("decoder.final_layernorm", m.hidden_size, m)
+    if m.untie_embeddings_and_output_weights or not chunk.is_first:
+        out.append(ParamShape("output_layer.weight", m.padded_vocab_size // tp * m.hidden_size))
     return out
 
 
@@ -261,16 +282,21 @@ def grad_buffers(params: list[ParamShape], layout: Layout,
 
 def _owned_elements(buf: Buffer, sharded: bool, dp_rank: int) -> int:
     """Parameter elements of `buf` this rank updates (padding excluded)."""
-    elements = 0
+    elements, first = 0, 0
     for start, numel in buf.buckets:
         lo, hi = start, start + numel
         if sharded:
             shard = numel // buf.dp_size
             lo = start + (dp_rank % buf.dp_size) * shard
             hi = lo + shard
-        for p_start, p_numel in buf.params:
-            a, b = max(lo, p_start), min(hi, p_start + p_numel)
-            elements += max(0, b - a)
+        # Buckets and parameters both run in buffer order: skip the parameters that end
+        # before this bucket once, rather than scanning all of them for every bucket.
+        while first < len(buf.params) and sum(buf.params[first]) <= lo:
+            first += 1
+        for p_start, p_numel in itertools.islice(buf.params, first, None):
+            if p_start >= hi:
+                break
+            elements += min(hi, p_start + p_numel) - max(lo, p_start)
     return elements
 
 
@@ -461,6 +487,15 @@ def layer_saved_bytes(cfg: Config, layer: int, device: str = "cuda") -> int:
     return total + _mlp_saved(m, a, a.tokens, m.ffn_hidden_size // lay.tp)
 
 
+def _layer_bytes(cfg: Config, device: str):
+    """layer number -> `layer_saved_bytes`, worked out once per kind (dense, MoE): the
+    layers of a kind save the same, and a deep model has many."""
+    moe = moe_layer_pattern(cfg.model)
+    first = {kind: moe.index(kind) for kind in (False, True) if kind in moe}
+    by_kind = {kind: layer_saved_bytes(cfg, n, device) for kind, n in first.items()}
+    return lambda layer: by_kind[moe[layer]]
+
+
 def _recompute_chunks(cfg: Config, layers: range) -> list[tuple[list[int], bool]]:
     """(global layer numbers, recomputed?) per checkpoint chunk, as TransformerBlock."""
     m, local = cfg.model, list(layers)
@@ -492,11 +527,12 @@ def chunk_saved_bytes(cfg: Config, chunk: Chunk, device: str = "cuda") -> int:
         rot = (m.qk_pos_emb_head_dim if m.multi_latent_attention
                else int(m.kv_channels * m.rotary_percent))
         total += 2 * FP32 * a.tokens * rot          # cos and sin tables
+    saved = _layer_bytes(cfg, device)
     for layers, recomputed in plan:
         if recomputed:
             total += a.width * a.sharded * h        # the chunk's input only
         else:
-            total += sum(layer_saved_bytes(cfg, n, device) for n in layers)
+            total += sum(saved(n) for n in layers)
     if chunk.is_last:
         total += _norm_saved(m, a, a.sharded, h) + a.width * a.tokens * h
         total += FP32 * a.tokens * vocab            # softmax, reused as the gradient
@@ -512,8 +548,8 @@ def _working_set(cfg: Config, chunk: Chunk, device: str) -> int:
     replayed = [layers for layers, recomputed in _recompute_chunks(cfg, chunk.layers)
                 if recomputed]
     if replayed:
-        total += max(sum(layer_saved_bytes(cfg, n, device) for n in layers)
-                     for layers in replayed)
+        saved = _layer_bytes(cfg, device)
+        total += max(sum(saved(n) for n in layers) for layers in replayed)
     if chunk.is_last:
         total += (a.width + FP32) * a.tokens * (m.padded_vocab_size // lay.tp)
     return total
@@ -585,6 +621,86 @@ def peak_rank_memory(cfg: Config, device: str = "cuda") -> RankMemory:
     return max((rank_memory(cfg, r, 0, device)
                 for r in range(cfg.parallel.pipeline_model_parallel_size)),
                key=lambda mem: mem.total)
+
+
+# ------------------------------------------------------------------ before launching
+def minimum_rank_bytes(cfg: Config, pp_rank: int = 0, device: str = "cuda") -> int:
+    """A lower bound of what one rank of pipeline stage `pp_rank` allocates: its weights,
+    fp32 gradients and optimizer state (sharded over DP x CP with the distributed
+    optimizer, bucket padding left out) and the activations of the micro-batches the
+    1F1B schedule keeps in flight (one per stage ahead, one only when interleaved).
+    Unlike `rank_memory` it costs a few operations per layer whatever the sizes, so
+    absurd settings are refused in a moment rather than planned tensor by tensor."""
+    lay, t, o = Layout.of(cfg), cfg.training, cfg.optimizer
+    width = dtype_bytes(cfg)
+    moe = moe_layer_pattern(cfg.model)
+    per_kind = {kind: sum(x.numel for x in _layer_parameters(cfg.model, lay, kind))
+                for kind in set(moe)}
+    saved = _layer_bytes(cfg, device)
+    elements = activations = 0
+    chunks = rank_chunks(cfg, pp_rank)
+    for chunk in chunks:
+        head = _embedding_parameters(cfg, chunk) + _head_parameters(cfg, chunk)
+        elements += sum(x.numel for x in head) + sum(per_kind[moe[n]] for n in chunk.layers)
+        activations += chunk_saved_bytes(cfg, chunk, device)
+    micro = t.global_batch_size // (t.micro_batch_size * max(lay.dp, 1))
+    in_flight = min(lay.pp - pp_rank, micro) if len(chunks) == 1 else 1
+    state = (2 if o.optimizer == "adam" else int(o.sgd_momentum != 0)) * FP32
+    state += FP32 if width != FP32 else 0
+    if cfg.parallel.use_distributed_optimizer:
+        state /= lay.dp * lay.cp
+    return int(elements * (width + FP32 + state) + activations * in_flight)
+
+
+def device_memory_bytes(device: str) -> int:
+    """Memory of the device a rank runs on: the GPU's (LOCAL_RANK's) total, or for the
+    CPU the machine's physical memory, lowered to the container's limit when one is
+    set (cgroup v2 or v1)."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))
+                                                ).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as fh:
+                total = min(total, int(fh.read().strip()))
+        except (OSError, ValueError):  # absent, or "max" (no limit)
+            continue
+    return total
+
+
+def run_device(cfg: Config) -> str:
+    """"cuda" or "cpu": where `paratron train` will run (--device auto picks CUDA when
+    present)."""
+    if cfg.training.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.training.device
+
+
+def check_fits_device(cfg: Config, tokenizer_vocab_size: int | None = None) -> None:
+    """Refuse, in one line and before anything is allocated, a run whose smallest
+    possible footprint (`minimum_rank_bytes` of the first and last pipeline stages)
+    exceeds the memory of its device; on a CPU the ranks of this machine share it.
+    Meant to run before the process group exists, once the config is validated."""
+    from paratron.training.trainer import resolve_vocab_size
+
+    device = run_device(cfg)
+    est = copy.deepcopy(cfg)
+    try:
+        est.model.padded_vocab_size = resolve_vocab_size(est, tokenizer_vocab_size)
+    except ConfigError:  # known only once the tokenizer is read: leave it out
+        est.model.padded_vocab_size = 0
+    pp = cfg.parallel.pipeline_model_parallel_size
+    need = max(minimum_rank_bytes(est, r, device) for r in {0, pp - 1})
+    ranks = 1 if device == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    have = device_memory_bytes(device)
+    if need * ranks > have:
+        per = f" x {ranks} ranks" if ranks > 1 else ""
+        raise ConfigError(
+            f"this run needs at least {gib(need)} GiB per rank{per} (weights, gradients, "
+            f"optimizer state, activations) but the {device} has {gib(have)} GiB; lower "
+            f"--num-layers, --hidden-size, --seq-length or --micro-batch-size, or split "
+            f"the model over more ranks ('paratron plan' shows the layouts)")
 
 
 # ------------------------------------------------------------------ planning
