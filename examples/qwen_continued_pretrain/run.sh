@@ -100,7 +100,7 @@ echo "== continued pretraining: $NPROC processes, TP=$TP"
     --master_addr localhost --master_port "${MASTER_PORT:-29500}" -m paratron train \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size 1 \
     --use-mcore-models --transformer-impl transformer_engine \
-    "${MODEL_ARGS[@]}" --normalization RMSNorm --swiglu --disable-bias-linear "${BIAS[@]}" \
+    "${MODEL_ARGS[@]}" --normalization RMSNorm --norm-epsilon 1e-6 --swiglu --disable-bias-linear "${BIAS[@]}" \
     --position-embedding-type rope --rotary-percent 1.0 --rotary-base 1000000 \
     --untie-embeddings-and-output-weights \
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HF_MODEL" \

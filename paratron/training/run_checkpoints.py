@@ -25,7 +25,6 @@ RNG states restored (creating a data iterator draws from torch's generator).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +33,8 @@ from paratron.checkpoint.files import RUN_CONFIG, TOKENIZER_DIR, TOKENIZER_INFO
 from paratron.checkpoint.checkpointing import (PendingSave, load_checkpoint, load_rng_states,
                                                save_checkpoint)
 from paratron.config import Config, ConfigError, config_to_yaml
+from paratron.model.identity import (TOKENS, first_difference, flag_fix,
+                                     saved_model_config, vocabulary_difference)
 
 # Files of a tokenizer folder worth keeping (a Hugging Face model folder also holds the
 # weights, which are not copied).
@@ -52,6 +53,11 @@ def find_checkpoint(load_dir: str, *, required: bool, log: Callable[[str], None]
                 f"(iter_{newer[-1]:07d}.tmp is incomplete); loading the previous checkpoint, "
                 f"iteration {found[0]}")
         return found
+    broken = files.list_iterations(load_dir)
+    if broken:  # corrupt ones were named above; starting afresh would hide the damage
+        raise ConfigError(f"--load {load_dir}: no complete checkpoint (iterations "
+                          f"{', '.join(map(str, broken[:5]))} are incomplete or corrupt); "
+                          f"remove them to start afresh, or give another --load")
     why = "no checkpoint"
     if Path(load_dir, "config.json").is_file() and any(Path(load_dir).glob("*.safetensors")):
         why = ("a Hugging Face model, not a Paratron checkpoint: convert it with `paratron "
@@ -88,9 +94,9 @@ def save_tokenizer(cfg: Config, save_dir: str) -> None:
     sources = tokenizer_files(cfg)
     if not sources or (target / TOKENIZER_INFO).is_file():
         return
-    target.mkdir(parents=True, exist_ok=True)
+    files.make_dir(target)
     for source in sources:
-        shutil.copyfile(source, target / source.name)
+        files.copy_atomic(source, target / source.name)
     info = {"tokenizer_type": d.tokenizer_type or d.patch_tokenizer_type,
             "vocab_file": Path(d.vocab_file).name if d.vocab_file else None,
             "merge_file": Path(d.merge_file).name if d.merge_file else None,
@@ -124,6 +130,7 @@ class RunCheckpoints:
         if found is None:
             return
         iteration, path = found
+        self._check_same_model(path, tr)
         load_optim = not (c.no_load_optim or c.finetune)
         try:
             meta = load_checkpoint(path, tr.models, tr.pg, tr.optimizer if load_optim else None,
@@ -142,6 +149,46 @@ class RunCheckpoints:
         self.last_saved = tr.state.iteration
         self.log(f" successfully loaded checkpoint from {c.load} at iteration {iteration}")
 
+    def _check_same_model(self, path: Path, tr) -> None:
+        """Refuse a checkpoint of another model (see `paratron.model.identity`): its
+        tensors would be loaded by name, skipped or cut, into a model they do not fit.
+        The parallel layout and run-only settings may differ; --finetune loads weights
+        too, so it is checked alike."""
+        c = self.cfg
+        record = (files.read_metadata(path).get("config") or {}).get("model")
+        if record is None:
+            self.log(f"WARNING: {path} records no model configuration; its tensors are "
+                     f"loaded by name and shape only")
+            return
+        try:
+            saved = saved_model_config(record)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"--load {c.load}: {path / files.METADATA}: the recorded model "
+                              f"configuration is unusable ({error}); give a checkpoint "
+                              f"Paratron wrote") from None
+        run = tr.cfg.model
+        found = (first_difference(saved, run)
+                 or vocabulary_difference(saved, run, self._run_tokens(tr)))
+        if found is None:
+            return
+        key, there, here = found
+        if key == TOKENS:
+            raise ConfigError(f"--load {c.load}: the checkpoint's vocabulary covers {there} "
+                              f"tokens, this run's tokenizer has {here}; give the tokenizer "
+                              f"the checkpoint was trained with")
+        fix = flag_fix(key, saved)
+        fix += " or --use-checkpoint-args" if fix.startswith("give") else \
+            " or give --use-checkpoint-args"
+        raise ConfigError(f"--load {c.load}: {path.name} is a checkpoint of another model: "
+                          f"{key} is {there} there, {here} here; {fix}")
+
+    @staticmethod
+    def _run_tokens(tr) -> int | None:
+        """The tokens this run's vocabulary holds before padding, when known."""
+        m = tr.cfg.model
+        base = tr.tokenizer_vocab_size if tr.tokenizer_vocab_size is not None else m.vocab_size
+        return None if base is None else base + m.extra_vocab_size
+
     def restore_rng(self, tr) -> None:
         """Restore RNG states once the data iterator exists (see the module docstring)."""
         if self._rng_from is not None:
@@ -156,9 +203,14 @@ class RunCheckpoints:
             return None
         self.wait()
         if tr.pg.rank == 0:
-            Path(c.save).mkdir(parents=True, exist_ok=True)
-            save_tokenizer(tr.cfg, c.save)
-            files.write_atomic(Path(c.save) / RUN_CONFIG, config_to_yaml(tr.cfg))
+            try:
+                Path(c.save).mkdir(parents=True, exist_ok=True)
+                save_tokenizer(tr.cfg, c.save)
+                files.write_atomic(Path(c.save) / RUN_CONFIG, config_to_yaml(tr.cfg))
+            except OSError as error:
+                raise files.CheckpointError(f"--save {c.save}: cannot write "
+                                            f"{error.filename or c.save} ({error.strerror})"
+                                            ) from None
         s = tr.state
         train_state = {"iteration": s.iteration,
                        "consumed_train_samples": s.consumed_train_samples,

@@ -37,6 +37,7 @@ from paratron.training.lr_schedule import LRSchedule
 from paratron.training.metrics import TrainingMetrics
 from paratron.training.optimizer import MixedPrecisionOptimizer
 from paratron.training.run_checkpoints import RunCheckpoints
+from paratron.training.run_lock import hold_save_folder
 
 
 def select_device(choice: str) -> torch.device:
@@ -101,6 +102,18 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.pg = pg or ProcessGroups.single()
         self.device = select_device(cfg.training.device)
+        # One run per --save folder, locked before anything is written there.
+        self.save_lock = hold_save_folder(cfg.checkpoint.save, self.pg)
+        try:
+            self._build(datasets, tokenizer_vocab_size)
+        except BaseException:
+            self.release_save_folder()
+            raise
+
+    def _build(self, datasets: tuple, tokenizer_vocab_size: int | None) -> None:
+        """The model chunks, optimizer, data and metrics, then the state from --load."""
+        cfg, log = self.cfg, self.log
+        self.tokenizer_vocab_size = tokenizer_vocab_size  # the resume compares vocabularies
         self.dtype = params_dtype(cfg.training)
         cfg.model.padded_vocab_size = resolve_vocab_size(cfg, tokenizer_vocab_size)
         seed_everything(cfg.training.seed, self.pg, self.device)
@@ -301,8 +314,19 @@ class Trainer:
         """Write a checkpoint of this iteration to --save (None without --save)."""
         return self.checkpoints.save(self)
 
+    def release_save_folder(self) -> None:
+        """Let another run write to --save (at the end of `train`, or when building failed)."""
+        if self.save_lock is not None:
+            self.save_lock.release()
+
     # ----------------------------------------------------------------- loop
     def train(self) -> TrainState:
+        try:
+            return self._train()
+        finally:
+            self.release_save_folder()
+
+    def _train(self) -> TrainState:
         finished = False
         try:
             with ExitConditions(self.cfg.training, self.pg.world_size, self.device) as exits:
