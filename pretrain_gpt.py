@@ -6,7 +6,7 @@ when pointed at this file; it is the same as `paratron train <flags>`.
 
 import sys
 
-from paratron.cli.train import main
+from paratron.cli.main import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -231,3 +231,16 @@ def test_config_file_size_is_capped(tmp_path, capsys):
     path.write_text("# padding\n" * 200_000)
     assert train_main(TINY + ["--config", str(path)]) == 2
     _one_line(capsys.readouterr().err, "paratron train", str(path), "MiB")
+
+
+@pytest.mark.parametrize("flags", [["--num-layers", "100000", "--hidden-size", "65536",
+                                    "--num-attention-heads", "64"],
+                                   ["--seq-length", "1e9", "--max-position-embeddings", "1e9"]])
+def test_train_refuses_a_run_beyond_the_device_in_one_line(flags):
+    """`paratron train` itself runs the check, before any process group or tensor."""
+    base = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
+            "--max-position-embeddings 16 --vocab-size 64 --mock-data --device cpu "
+            "--micro-batch-size 1 --global-batch-size 1 --lr 1e-3 --train-iters 1").split()
+    done, seconds = _run_limited("train", *base, *flags)
+    _one_line(done.stderr, "paratron train", "GiB per rank")
+    assert done.returncode == 2 and seconds < 60

@@ -305,3 +305,26 @@ def test_checkpoint_tensor_of_another_dtype_than_the_index_is_corrupt(checkpoint
     said = []
     assert find_latest_valid(path.parent, log=said.append) is None
     assert "int32" in said[-1] and "the index says float32" in said[-1], said
+
+
+@pytest.mark.parametrize("planted", ["folder", "file"])
+def test_tokenizer_copies_are_not_written_through_a_link(tmp_path, outside, planted):
+    from paratron.config import parse_args
+    from paratron.training.run_checkpoints import save_tokenizer
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    cfg = parse_args(["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
+                      str(tmp_path / "vocab.json"), "--merge-file", str(tmp_path / "merges.txt"),
+                      "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+                      "--seq-length", "8", "--max-position-embeddings", "8",
+                      "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3"])
+    save_dir = tmp_path / "save"
+    save_dir.mkdir()
+    if planted == "folder":
+        (save_dir / "tokenizer").symlink_to(outside, target_is_directory=True)
+    else:
+        (save_dir / "tokenizer").mkdir()
+        (save_dir / "tokenizer" / "vocab.json").symlink_to(outside / "secret.txt")
+    with pytest.raises(ValueError, match="symbolic link"):
+        save_tokenizer(cfg, str(save_dir))
+    untouched(outside)

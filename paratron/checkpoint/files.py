@@ -31,8 +31,8 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -99,12 +99,27 @@ def refuse_link(path: str | os.PathLike) -> None:
                               f"links: remove it")
 
 
+def create_temporary(target: Path) -> tuple[int, Path]:
+    """(fd, path) of a new file beside `target` under a random name, created exclusively
+    (O_EXCL | O_NOFOLLOW: never an existing file or a planted link) with the umask's
+    permissions, as any other file Paratron writes (mkstemp's 0600 would hide it from
+    a colleague's account)."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    while True:
+        path = target.with_name(f".{target.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text`: written to a new file created exclusively under a
     random name in the same folder (so no planted link is followed), synced, renamed."""
     path = Path(path)
     refuse_link(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -121,7 +136,7 @@ def copy_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Copy `source` to `target` the way `write_atomic` writes (never through a link)."""
     target = Path(target)
     refuse_link(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)
+    fd, tmp = create_temporary(target)
     try:
         with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
             shutil.copyfileobj(src, out)

@@ -20,14 +20,18 @@ padded for that TP with Megatron's rule. Paratron checkpoints hold logical (unsh
 tensors, so any layout loads them whatever sizes were recorded.
 
 The output is written to a temporary folder next to --save-dir and renamed at the end:
-after an error nothing exists at --save-dir. A refused input is one line on stderr.
+after an error, SIGTERM or Ctrl-C nothing exists at --save-dir (nor the temporary folder).
+A refused input, or a destination that cannot be written, is one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -162,16 +166,55 @@ def run(args: argparse.Namespace, warn) -> str:
     return f"converted {model.source} ({args.loader}) -> {out} ({args.saver})"
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived during the conversion (a BaseException, as
+    KeyboardInterrupt, so no `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def signals_raise():
+    """Turn SIGTERM and SIGINT into `Stopped` for the block, so the temporary output
+    folder is removed on the way out instead of left behind by a killed process. Once
+    one arrived, further ones are ignored until the block ends: the cleanup runs whole.
+    Handlers can only be set from the main thread; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     def warn(line: str) -> None:
         sys.stderr.write(line + "\n")
 
     try:
         args = build_parser().parse_args(argv)
-        print(run(args, warn))
+        with signals_raise():
+            print(run(args, warn))
     except (ConversionError, ConfigError, DataError) as exc:
         sys.stderr.write(f"paratron convert: error: {exc}\n")
         return 2
+    except Stopped as exc:
+        sys.stderr.write(f"paratron convert: stopped by {exc}; nothing written at "
+                         f"--save-dir\n")
+        return 128 + exc.signum
     except KeyboardInterrupt:
         sys.stderr.write("paratron convert: interrupted; nothing written at --save-dir\n")
         return 130

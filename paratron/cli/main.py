@@ -7,7 +7,13 @@ never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# torch's C++ side logs a warning for every store call that a dead peer leaves unanswered;
+# Paratron names the peer in one line, so only torch's errors are shown (set before torch
+# is imported; a user's own setting wins).
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 COMMANDS = {
     "train": ("paratron.cli.train", "train a model (Megatron-LM flags)"),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from paratron.checkpoint.files import CheckpointError
 from paratron.config import ConfigError, parse_args
 from paratron.data.errors import DataError
-from paratron.parallel.launch import PeerFailure
+from paratron.parallel.launch import PeerFailure, record_for_launcher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,12 +18,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         pretrain(cfg)
     except (ConfigError, DataError) as exc:
-        sys.stderr.write(f"paratron train: error: {exc}\n")
-        return 2
-    except (PeerFailure, NonFiniteError) as exc:
-        sys.stderr.write(f"paratron train: error: {exc}\n")
-        return 1
+        return _fail(exc, 2)
+    except (PeerFailure, NonFiniteError, CheckpointError) as exc:
+        return _fail(exc, 1)
     return 0
+
+
+def _fail(exc: Exception, code: int) -> int:
+    """One line on stderr, also handed to torchrun for its failure summary."""
+    line = f"paratron train: error: {exc}"
+    sys.stderr.write(line + "\n")
+    record_for_launcher(line)
+    return code
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ no memory, no initialisation, and exactly the parameters the real model will hav
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import re
 import shutil
+import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from paratron.checkpoint.state import VOCAB_ROWS, resize_rows
 from paratron.config import TransformerConfig
@@ -115,10 +119,22 @@ def progress(total: int, what: str):
                 leave=False, dynamic_ncols=True)
 
 
+# The temporary folder beside --save-dir; the host keeps a run on another machine that
+# shares the folder from taking this one's for a dead process's.
+STAGING = ".{name}.converting-{host}-{pid}"
+# Errors that mean the destination cannot take the files, whichever file was written.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 @contextmanager
 def staged_output(save_dir: str | os.PathLike, flag: str = "--save-dir") -> Iterator[Path]:
     """A temporary folder next to `save_dir`, renamed to it when the block succeeds and
-    removed when it fails, so `save_dir` is either complete or absent."""
+    removed when it fails, so `save_dir` is either complete or absent.
+
+    The folder is created exclusively (an existing one, or a link planted at its name,
+    is never reused or followed); folders that runs killed outright left behind are
+    removed first. A destination that cannot be written (read-only, full) is one line.
+    """
     target = Path(save_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConversionError(f"{flag} {target}: already exists and is not empty; choose a "
@@ -129,15 +145,60 @@ def staged_output(save_dir: str | os.PathLike, flag: str = "--save-dir") -> Iter
     except OSError as exc:
         raise ConversionError(f"{flag} {target}: cannot create its parent ({exc.strerror})"
                               ) from None
-    tmp = parent / f".{target.name}.converting-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    remove_stale_stages(parent, target.name)
+    tmp = parent / STAGING.format(name=target.name, host=socket.gethostname(), pid=os.getpid())
+    try:
+        tmp.mkdir()
+    except FileExistsError:
+        raise ConversionError(f"{flag} {target}: {tmp} already exists (left by an earlier "
+                              f"run with this process id, or put there); remove it") from None
+    except OSError as exc:
+        raise ConversionError(f"{flag} {target}: cannot create {tmp.name} in {parent} "
+                              f"({exc.strerror})") from None
     try:
         yield tmp
         if target.exists():
             target.rmdir()  # empty (checked above)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        cause = _write_failure(exc, tmp)
+        if cause is None:
+            raise
+        raise ConversionError(f"{flag} {target}: cannot write the converted files ({cause}); "
+                              f"nothing was kept") from None
+
+
+def _write_failure(exc: BaseException, tmp: Path) -> str | None:
+    """Why writing into `tmp` failed, when `exc` says that it did; None for any other
+    error (a source that cannot be read is its loader's to explain)."""
+    if isinstance(exc, OSError):
+        name = exc.filename and Path(os.fsdecode(exc.filename))
+        if exc.errno in _WRITE_ERRNOS or (name and tmp in (name, *name.parents)):
+            return exc.strerror or str(exc)
+        return None
+    if isinstance(exc, SafetensorError) and "serializ" in str(exc):  # safetensors' writes
+        return re.sub(r" \(os error \d+\)$", "", str(exc).rsplit(": ", 1)[-1])
+    return None
+
+
+def remove_stale_stages(parent: Path, name: str) -> None:
+    """Remove the temporary folders of `name` whose process is gone (killed before its
+    cleanup ran). A live process's folder, and anything that is not a plain folder (a
+    link put there), are left alone."""
+    prefix = STAGING.format(name=name, host=socket.gethostname(), pid="")
+    for entry in parent.glob(glob.escape(prefix) + "*"):
+        pid = entry.name[len(prefix):]
+        if (pid.isdigit() and int(pid) > 0 and int(pid) != os.getpid()
+                and not _alive(int(pid)) and entry.is_dir() and not entry.is_symlink()):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True

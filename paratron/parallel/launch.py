@@ -8,8 +8,13 @@ process drives the GPU of its local rank and talks NCCL; without it, gloo on the
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import threading
+import time
 import warnings
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -27,7 +32,8 @@ def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
     `backend` is honoured on GPUs; on a machine without CUDA the collectives run on gloo.
     One process with no job to join (no WORLD_SIZE, MASTER_ADDR or init_method)
     initialises nothing: the single-process layout needs no groups. Calling it again
-    once initialised only returns the device. The TP and CP sizes decide
+    once initialised only returns the device (and restarts this rank's heartbeat, so a
+    job initialised elsewhere gets one too). The TP and CP sizes decide
     CUDA_DEVICE_MAX_CONNECTIONS, which must be settled before this process's GPU is
     first touched.
     """
@@ -44,6 +50,7 @@ def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
             warnings.warn(warning, stacklevel=2)
     device = _device(rank, local_rank)
     if dist.is_initialized():
+        start_heartbeat()
         return device
     if init_method is None:
         if world_size == 1 and "MASTER_ADDR" not in env:
@@ -58,6 +65,7 @@ def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
                             world_size=world_size, rank=rank,
                             timeout=timedelta(minutes=timeout_minutes),
                             device_id=device if use_cuda and backend == "nccl" else None)
+    start_heartbeat()
     return device
 
 
@@ -107,7 +115,21 @@ def _device(rank: int, local_rank: int | None) -> torch.device:
 
 
 # ---------------------------------------------------------------------- failures
-FAILED_KEY = "paratron/failed_rank"
+# A rank that fails says so through the rendezvous store; a rank that dies or is stopped
+# cannot, so every rank also beats a counter in the store from a daemon thread. When a
+# collective fails or times out, the survivor reads both and names the culprit.
+FAILED_KEY = "paratron/failed_rank"  # the first failure reported: "<rank>|<error>"
+HEARTBEAT_S = 1.0    # how often a rank beats
+SILENCE_S = 4.0      # a rank whose heartbeat stands still this long is gone or stopped
+STORE_WAIT_S = 5.0   # how long one store call may block while explaining a failure
+
+
+def _heartbeat_key(rank: int) -> str:
+    return f"paratron/heartbeat/{rank}"
+
+
+def _reported_key(rank: int) -> str:
+    return f"paratron/failed/{rank}"
 
 
 class PeerFailure(RuntimeError):
@@ -121,38 +143,175 @@ def _store():
         return None
 
 
-def report_failure(rank: int, exc: BaseException) -> None:
-    """Write the first failure of the job to the rendezvous store, for the other ranks."""
+class _Heartbeat(threading.Thread):
+    """Adds one to this rank's heartbeat counter every HEARTBEAT_S seconds.
+
+    It talks through its own connection to the store: calls on one connection are
+    serialised, and the main thread may block on it (waiting for a key while groups are
+    built), which would otherwise silence a rank that is alive. It ends quietly when the
+    process group is destroyed or the store goes away (its host rank died; that is
+    explained by the survivors, not here). A stopped process stops its heartbeat too.
+    """
+
+    def __init__(self, store, rank: int):
+        super().__init__(name=f"paratron-heartbeat-{rank}", daemon=True)
+        self.store, self.key, self.stopped = store, _heartbeat_key(rank), threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_S) and dist.is_initialized():
+            try:
+                self.store.add(self.key, 1)
+            except Exception:  # noqa: BLE001 - the store is gone; nothing left to tell
+                return
+
+
+def stop_heartbeat() -> None:
+    """Stop this process's heartbeat (before the process group is destroyed)."""
+    for thread in threading.enumerate():
+        if isinstance(thread, _Heartbeat):
+            thread.stopped.set()
+            thread.join(HEARTBEAT_S)
+
+
+def start_heartbeat() -> None:
+    """Beat for this rank of the initialised job (none for a single process, or for a
+    store that cannot open a second connection). The first beat is written before the
+    thread starts: a rank with a counter is one whose silence means something."""
+    stop_heartbeat()
     store = _store()
-    if store is None:
+    if store is None or dist.get_world_size() == 1:
         return
+    rank = dist.get_rank()
+    try:
+        store = store.clone()
+        # Never time out: a beat that fails prints a c10d warning, and a store host that
+        # is stopped is explained by the survivors' failure analysis, not here.
+        store.set_timeout(timedelta(days=1))
+        store.add(_heartbeat_key(rank), 1)
+    except (RuntimeError, NotImplementedError):
+        return
+    _Heartbeat(store, rank).start()
+
+
+def report_failure(rank: int, exc: BaseException, store) -> None:
+    """Record this rank's failure, and make it the job's first one if no rank was earlier."""
     message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-    try:
-        store.compare_set(FAILED_KEY, "", f"{rank}|{message}")
-    except RuntimeError:  # the store lived on a rank that is gone
-        pass
+    store.set(_reported_key(rank), message)
+    store.compare_set(FAILED_KEY, "", f"{rank}|{message}")
 
 
-def failed_rank() -> tuple[int, str] | None:
+def failed_rank(store) -> tuple[int, str] | None:
     """The rank that reported a failure first, and its error, if any did."""
-    store = _store()
-    try:
-        if store is None or not store.check([FAILED_KEY]):
-            return None
-        rank, message = store.get(FAILED_KEY).decode().split("|", 1)
-        return int(rank), message
-    except (RuntimeError, ValueError):
+    if not store.check([FAILED_KEY]):
         return None
+    rank, message = store.get(FAILED_KEY).decode().split("|", 1)
+    return int(rank), message
+
+
+def silent_ranks(store, rank: int) -> list[int]:
+    """The other ranks that neither beat within SILENCE_S nor reported a failure: they
+    died or were stopped. Returns as soon as every other rank has shown a sign of life;
+    ranks that never beat (no heartbeat on that rank) are not judged."""
+    def beats(r):
+        return int(store.add(_heartbeat_key(r), 0))
+
+    def quiet(r):
+        return beats(r) == seen[r] and not store.check([_reported_key(r)])
+
+    seen = {r: beats(r) for r in range(dist.get_world_size()) if r != rank}
+    waiting = [r for r, count in seen.items() if count > 0]
+    deadline = time.monotonic() + SILENCE_S
+    while waiting and time.monotonic() < deadline:
+        time.sleep(HEARTBEAT_S / 2)
+        waiting = [r for r in waiting if quiet(r)]
+    return waiting
 
 
 def explain_failure(rank: int, exc: BaseException) -> BaseException:
-    """The error to raise on this rank: its own, or a PeerFailure naming the rank whose
-    failure made this one's collectives fail or time out (--distributed-timeout-minutes)."""
-    first = failed_rank()
-    if first is None:
-        report_failure(rank, exc)
-        first = failed_rank()
+    """The error to raise on this rank: its own, or a PeerFailure naming the rank that
+    made this one's collectives fail or time out (--distributed-timeout-minutes): one
+    that died or was stopped without a word, else the first that reported a failure."""
+    store = _store()
+    if store is None:
+        return exc
+    timeout = store.timeout
+    try:
+        with _cpp_warnings_hidden():
+            store.set_timeout(timedelta(seconds=STORE_WAIT_S))
+            report_failure(rank, exc, store)
+            silent = silent_ranks(store, rank)
+            first = failed_rank(store)
+    except RuntimeError:  # the store itself is unreachable (DistError is one)
+        return _store_lost(rank, exc)
+    finally:
+        stop_heartbeat()  # this rank is done: its silence now means nothing
+        try:
+            store.set_timeout(timeout)
+        except RuntimeError:
+            pass
+    if silent:
+        names = ", ".join(map(str, silent))
+        return PeerFailure(f"rank{'s' if len(silent) > 1 else ''} {names} stopped answering "
+                           f"(no heartbeat for {SILENCE_S:g} s: the process died or is "
+                           f"stopped); rank {rank} stopped waiting for it")
     if first is None or first[0] == rank:
         return exc
     return PeerFailure(f"rank {first[0]} failed ({first[1]}); rank {rank} stopped "
                        f"waiting for it")
+
+
+def _store_lost(rank: int, exc: BaseException) -> BaseException:
+    """The rendezvous store does not answer: under torchrun its agent holds it; launched
+    by hand (--init-method, MASTER_ADDR) rank 0 does, so rank 0 is the one that is gone."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return PeerFailure(f"the rendezvous store (torchrun's agent) stopped answering; "
+                           f"rank {rank} stopped")
+    if rank == 0:
+        return exc
+    return PeerFailure(f"rank 0 stopped answering (the rendezvous store it hosts is "
+                       f"unreachable: the process died or is stopped); rank {rank} stopped "
+                       f"waiting for it")
+
+
+@contextmanager
+def _cpp_warnings_hidden():
+    """Silence file descriptor 2 for the block. A store call that fails because its host
+    is gone makes c10d print a warning with a C++ stack there, before Python sees the
+    exception; the one line that explains the failure is all this rank should print."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextmanager
+def failures_explained(rank: int):
+    """Raise explain_failure's error for an exception of the block (multi-rank jobs)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised, naming the rank that failed
+        raise explain_failure(rank, exc) from exc
+
+
+def record_for_launcher(message: str) -> None:
+    """Hand torchrun the line this rank printed before exiting with an error.
+
+    torchrun's summary shows, as root cause, the failure with the earliest timestamp and
+    the message of its TORCHELASTIC_ERROR_FILE (else only an exit code). A survivor that
+    names a vanished rank writes it there, so the summary names that rank too.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as fh:
+            # torch's ErrorHandler layout; the summary prints py_callstack as the traceback.
+            json.dump({"message": {"message": message, "extraInfo": {
+                "py_callstack": message, "timestamp": str(int(time.time()))}}}, fh)
+    except OSError:
+        pass

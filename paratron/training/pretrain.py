@@ -12,10 +12,11 @@ from typing import Callable
 import torch
 
 from paratron.config import Config, ConfigError, format_config
-from paratron.parallel.launch import explain_failure, init_distributed
+from paratron.parallel.launch import failures_explained, init_distributed, stop_heartbeat
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.data.tokenizer import PATCH_TOKENIZER_TYPES
 from paratron.checkpoint.files import TOKENIZER_DIR
+from paratron.training.memory_plan import check_fits_device
 from paratron.training.trainer import Trainer, TrainState, resolve_vocab_size
 
 
@@ -91,6 +92,7 @@ def setup_process_groups(cfg: Config) -> ProcessGroups:
 
 
 def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
+    check_fits_device(cfg)  # before any process group or tensor exists
     pg = setup_process_groups(cfg)
     if pg.rank != 0:
         log = lambda line: None  # noqa: E731 - one rank reports, as Megatron's last rank
@@ -103,15 +105,15 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     cfg.model.padded_vocab_size = resolve_vocab_size(cfg, vocab)
     if pg.world_size == 1:
         return _build_and_train(cfg, tokenizer, vocab, log, pg)
-    try:
+    # A rank that fails tells the others through the rendezvous store, and every rank
+    # beats there: a rank whose collectives fail or time out reports the rank that failed,
+    # died or was stopped instead of its own error.
+    with failures_explained(pg.rank):
         state = _build_and_train(cfg, tokenizer, vocab, log, pg)
-    except Exception as exc:  # noqa: BLE001 - re-raised, naming the rank that failed
-        # A rank that fails tells the others through the rendezvous store; a rank whose
-        # collectives then fail or time out reports that rank instead of its own error.
-        raise explain_failure(pg.rank, exc) from exc
-    # Leave together: a rank tearing its process group down while a peer still talks to
-    # it would abort the peer.
-    torch.distributed.barrier()
+        # Leave together: a rank tearing its process group down while a peer still talks
+        # to it would abort the peer.
+        torch.distributed.barrier()
+    stop_heartbeat()
     torch.distributed.destroy_process_group()
     return state
 
