@@ -3,16 +3,13 @@ the previous complete one is used with a warning, and with none left the refusal
 line. Nothing raises a Python exception other than the one-line ValueError."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from paratron.checkpoint import files
 from paratron.checkpoint.files import LATEST, find_latest_valid
+from cli_utils import train
 from test_checkpoint import FLAGS, save, steps
 from test_training import make_trainer
 
@@ -121,25 +118,12 @@ def test_unicode_digits_in_a_folder_name_are_not_an_iteration(two):
     assert files.list_iterations(two) == [2, 1]
 
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-TRAIN = ("--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 8 "
-         "--max-position-embeddings 8 --vocab-size 32 --mock-data --device cpu "
-         "--micro-batch-size 1 --global-batch-size 2 --lr 1e-3 "
-         "--num-workers 0 --eval-iters 0 --log-interval 1").split()
-
-
-def _train(*flags):
-    return subprocess.run([sys.executable, "-m", "paratron", "train", *TRAIN, *flags],
-                          capture_output=True, text=True, timeout=120, env=ENV)
-
-
 def test_resume_past_a_corrupt_checkpoint_and_refuse_when_none_is_left(tmp_path):
     save_dir = tmp_path / "save"
-    first = _train("--train-iters", "2", "--save", str(save_dir), "--save-interval", "1")
+    first = train("--train-iters", "2", "--save", str(save_dir), "--save-interval", "1")
     assert first.returncode == 0, first.stderr[-2000:]
     _meta(save_dir, _set("files", []))
-    resumed = _train("--train-iters", "3", "--load", str(save_dir), "--save", str(save_dir))
+    resumed = train("--train-iters", "3", "--load", str(save_dir), "--save", str(save_dir))
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
     out = resumed.stdout + resumed.stderr
     assert "loading the previous complete checkpoint, iteration 1" in out, out[-3000:]
@@ -148,7 +132,7 @@ def test_resume_past_a_corrupt_checkpoint_and_refuse_when_none_is_left(tmp_path)
         folder = save_dir / f"iter_{it:07d}"
         if folder.exists():
             (folder / "metadata.json").write_text("[" * 100_000)
-    refused = _train("--train-iters", "4", "--load", str(save_dir))
+    refused = train("--train-iters", "4", "--load", str(save_dir))
     err = refused.stderr.strip()
     assert refused.returncode == 2 and "Traceback" not in err, err
     assert len(err.splitlines()) == 1 and "no complete checkpoint" in err, err

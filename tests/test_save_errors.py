@@ -6,23 +6,13 @@ import errno
 import os
 import resource
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from paratron.checkpoint import checkpointing, files
+from cli_utils import one_line_error, train
 from test_checkpoint import FLAGS, save, steps
 from test_training import make_trainer
-
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-TRAIN = ("--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 8 "
-         "--max-position-embeddings 8 --vocab-size 32 --mock-data --device cpu "
-         "--micro-batch-size 1 --global-batch-size 2 --lr 1e-3 --train-iters 2 "
-         "--num-workers 0 --eval-iters 0 --log-interval 1").split()
-
 
 @pytest.mark.parametrize("background", [False, True])
 def test_disk_full_during_a_save_is_one_line_and_leaves_nothing(tmp_path, monkeypatch,
@@ -56,13 +46,9 @@ def _limit_file_size():
 
 def test_train_with_a_save_the_disk_refuses_is_one_line(tmp_path):
     save_dir = tmp_path / "save"
-    proc = subprocess.run([sys.executable, "-m", "paratron", "train", *TRAIN, "--save",
-                           str(save_dir)], capture_output=True, text=True, timeout=120,
-                          env=ENV, preexec_fn=_limit_file_size)
-    err = proc.stderr.strip()
-    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
-    assert len(err.splitlines()) == 1, err
-    assert "File too large" in err and str(save_dir) in err, err
+    proc = train("--save", str(save_dir), preexec_fn=_limit_file_size)
+    one_line_error(proc, "File too large", str(save_dir))
+    assert proc.returncode == 1
     assert not [p for p in save_dir.iterdir() if p.name.startswith("iter_")]
 
 
@@ -72,11 +58,7 @@ def test_train_into_a_read_only_folder_is_one_line(tmp_path):
     save_dir.mkdir()
     save_dir.chmod(0o555)
     try:
-        proc = subprocess.run([sys.executable, "-m", "paratron", "train", *TRAIN, "--save",
-                               str(save_dir)], capture_output=True, text=True, timeout=120,
-                              env=ENV)
+        proc = train("--save", str(save_dir))
     finally:
         save_dir.chmod(0o755)
-    err = proc.stderr.strip()
-    assert proc.returncode in (1, 2) and "Traceback" not in err, err[-3000:]
-    assert len(err.splitlines()) == 1 and "Permission denied" in err, err
+    one_line_error(proc, "Permission denied")

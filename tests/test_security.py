@@ -7,10 +7,8 @@ the previous complete checkpoint is used)."""
 import json
 import os
 import struct
-import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,30 +19,9 @@ from paratron.checkpoint.files import LATEST, find_latest_valid, write_atomic
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_loader import SafetensorsFolder
 from paratron.convert.tokenizer_files import describe
+from cli_utils import one_line_error, train
 from test_checkpoint import FLAGS, save, steps
 from test_training import make_trainer
-
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-TRAIN = ("--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 8 "
-         "--max-position-embeddings 8 --vocab-size 32 --mock-data --device cpu "
-         "--micro-batch-size 1 --global-batch-size 2 --lr 1e-3 --train-iters 2 "
-         "--num-workers 0 --eval-iters 0 --log-interval 1").split()
-
-
-def train(*flags):
-    return subprocess.run([sys.executable, "-m", "paratron", "train", *TRAIN, *flags],
-                          capture_output=True, text=True, timeout=120, env=ENV)
-
-
-def one_line_error(proc, *words):
-    err = proc.stderr.strip()
-    assert proc.returncode in (1, 2), proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and len(err.splitlines()) == 1, proc.stderr
-    for word in words:
-        assert word in err, err
-    return err
-
 
 @pytest.fixture
 def outside(tmp_path):
