@@ -154,6 +154,23 @@ def test_a_fifo_in_place_of_a_shard_is_refused_not_waited_on(checkpoint):
     assert result and "not a regular file" in result[0][0], result
 
 
+def test_a_fifo_in_place_of_a_hugging_face_shard_is_refused(tmp_path):
+    folder = _hf_folder(tmp_path / "hf", weight_map={"w": "model-00001.safetensors"})
+    os.mkfifo(folder / "model-00001.safetensors")
+    result = []
+
+    def load():
+        try:
+            with SafetensorsFolder(folder) as found:
+                found.get("w")
+        except ConversionError as error:
+            result.append(str(error))
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert result and "not a regular file" in result[0], result
+
+
 def test_a_checkpoint_folder_linked_from_elsewhere_is_not_loaded(checkpoint, tmp_path):
     _, path = checkpoint
     victim = tmp_path / "victim"
