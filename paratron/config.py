@@ -919,6 +919,16 @@ def finalize(cfg: Config) -> None:
         o.lr_decay_iters = t.train_iters
     if o.lr_warmup_fraction is not None and o.lr_decay_iters:
         o.lr_warmup_iters = int(o.lr_warmup_fraction * o.lr_decay_iters)
+    _default_tokenizer(cfg.data)
+
+
+def _default_tokenizer(d: DataConfig) -> None:
+    """GPT-2's vocab.json and merges.txt without --tokenizer-type name the GPT-2 BPE
+    tokenizer: Megatron-LM's pretrain_gpt.py defaults --tokenizer-type to it
+    (args_defaults), so scripts written for it give the two files alone."""
+    if (d.tokenizer_type is None and d.patch_tokenizer_type is None
+            and d.vocab_file is not None and d.merge_file is not None):
+        d.tokenizer_type = "GPT2BPETokenizer"
 
 
 def validate(cfg: Config, training: bool = True) -> None:
@@ -978,9 +988,11 @@ def validate(cfg: Config, training: bool = True) -> None:
     if training:
         _validate_schedule(cfg)
     if cfg.data_parallel_size == 0:
+        world = int(os.environ.get("WORLD_SIZE", p.world_size or 1))
         raise ConfigError(f"world size is not divisible by tensor x pipeline x context "
-                          f"parallel size ({p.model_parallel_size}); change the sizes or "
-                          f"the number of processes")
+                          f"parallel size ({p.model_parallel_size}): this launch has {world} "
+                          f"process{'es' if world > 1 else ''}; change the sizes or the "
+                          f"number of processes")
     from paratron.parallel.process_groups import check_layout
     try:
         check_layout(int(os.environ.get("WORLD_SIZE", p.world_size or 1)),
@@ -1255,12 +1267,10 @@ def _refuse_unavailable(cfg: Config) -> None:
 
 
 def format_config(cfg: Config) -> str:
-    """Megatron's 'arguments' block: every setting, one per line, sorted."""
-    rows = []
-    for section in SECTIONS:
-        for k, v in vars(getattr(cfg, section)).items():
-            rows.append((k, v))
-    rows.sort()
+    """Megatron's 'arguments' block: every setting, one per line, sorted; a setting two
+    sections share (copied by `finalize`) once."""
+    rows = sorted({k: v for section in SECTIONS
+                   for k, v in vars(getattr(cfg, section)).items()}.items())
     width = max(len(k) for k, _ in rows) + 2
     lines = ["------------------------ arguments ------------------------"]
     lines += [f"  {k} {'.' * (width - len(k))} {v}" for k, v in rows]

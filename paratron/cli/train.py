@@ -7,7 +7,7 @@ import sys
 from paratron.checkpoint.files import CheckpointError
 from paratron.config import ConfigError, parse_args
 from paratron.data.errors import DataError
-from paratron.parallel.launch import PeerFailure, record_for_launcher
+from paratron.parallel.launch import PeerFailure, launcher_rank, record_for_launcher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_args(argv)
+    except (ConfigError, DataError) as exc:
+        # Every rank of a launch refuses the same flags alike, before any process group
+        # exists: rank 0 says it, the others only hand it to the launcher.
+        return _fail(exc, 2, speak=launcher_rank() == 0)
+    try:
         pretrain(cfg)
     except (ConfigError, DataError) as exc:
         return _fail(exc, 2)
@@ -24,10 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fail(exc: Exception, code: int) -> int:
-    """One line on stderr, also handed to torchrun for its failure summary."""
+def _fail(exc: Exception, code: int, speak: bool = True) -> int:
+    """One line on stderr (unless `speak` is False), also handed to torchrun for its
+    failure summary."""
     line = f"paratron train: error: {exc}"
-    sys.stderr.write(line + "\n")
+    if speak:
+        sys.stderr.write(line + "\n")
     record_for_launcher(line)
     return code
 

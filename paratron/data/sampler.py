@@ -8,6 +8,13 @@ the samples ``[consumed, consumed + global_batch_size)``, whatever the
 data-parallel size — only who holds which sample changes — and a resumed run
 continues at exactly the next sample. Ranks and sizes are plain numbers; this
 module knows nothing of process groups.
+
+Validation reads with ``wrap_around``: past the last sample it starts again at the
+first. A resumed run builds its validation split for its own evaluation settings, so
+the samples an earlier run with more or longer evaluations consumed can outnumber it;
+reading on from ``consumed_samples`` modulo the split keeps every evaluation possible,
+and a run resumed with unchanged settings never wraps, so it reads what the
+uninterrupted run read.
 """
 
 from __future__ import annotations
@@ -39,9 +46,12 @@ class MegatronPretrainingSampler:
         data_parallel_rank: int,
         data_parallel_size: int,
         drop_last: bool = True,
+        wrap_around: bool = False,
     ) -> None:
         _check_sampler_args(total_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
-        if consumed_samples >= total_samples:
+        if wrap_around:
+            consumed_samples %= total_samples
+        elif consumed_samples >= total_samples:
             raise ValueError(f"all {total_samples} samples already consumed ({consumed_samples})")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
@@ -49,6 +59,7 @@ class MegatronPretrainingSampler:
         self.data_parallel_rank = data_parallel_rank
         self.step = micro_batch_size * data_parallel_size
         self.drop_last = drop_last
+        self.wrap_around = wrap_around
 
     def __len__(self) -> int:
         return self.total_samples
@@ -57,6 +68,9 @@ class MegatronPretrainingSampler:
         begin = self.data_parallel_rank * self.micro_batch_size
         end = begin + self.micro_batch_size
         start = self.consumed_samples
+        if self.wrap_around:
+            yield from self._wrapping(start + begin, start + end)
+            return
         while start + self.step <= self.total_samples:
             yield list(range(start + begin, start + end))
             start += self.step
@@ -65,6 +79,12 @@ class MegatronPretrainingSampler:
             last = list(range(start, self.total_samples))[begin:end]
             if last:
                 yield last
+
+    def _wrapping(self, begin: int, end: int) -> Iterator[list[int]]:
+        """Endless: this rank's slices, sample indices taken modulo the dataset."""
+        while True:
+            yield [i % self.total_samples for i in range(begin, end)]
+            begin, end = begin + self.step, end + self.step
 
 
 class MegatronPretrainingRandomSampler:
@@ -137,12 +157,14 @@ def build_pretraining_data_loader(
     num_workers: int = 0,
     dataloader_type: str = "single",
     data_sharding: bool = True,
+    wrap_around: bool = False,
 ) -> torch.utils.data.DataLoader | None:
     """A DataLoader over ``dataset`` that yields this rank's micro-batches (``--num-workers`` workers).
 
     ``dataloader_type`` is Megatron's ``--dataloader-type``: ``single`` (one
     ordered pass, :class:`MegatronPretrainingSampler`) or ``cyclic``
-    (:class:`MegatronPretrainingRandomSampler`, endless). Returns None for a
+    (:class:`MegatronPretrainingRandomSampler`, endless); ``wrap_around`` makes
+    ``single`` endless too, for validation (see the module docstring). Returns None for a
     missing or empty dataset (e.g. a split with zero weight).
     """
     if dataset is None or len(dataset) == 0:
@@ -154,6 +176,7 @@ def build_pretraining_data_loader(
             micro_batch_size=micro_batch_size,
             data_parallel_rank=data_parallel_rank,
             data_parallel_size=data_parallel_size,
+            wrap_around=wrap_around,
         )
     elif dataloader_type == "cyclic":
         sampler = MegatronPretrainingRandomSampler(

@@ -69,6 +69,15 @@ def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
     return device
 
 
+def launcher_rank() -> int:
+    """This process's rank as the launcher's environment says (torchrun's RANK), before
+    any process group exists; 0 for a process launched alone."""
+    try:
+        return int(os.environ.get("RANK", 0))
+    except ValueError:
+        return 0
+
+
 CUDA_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
 
 
@@ -143,6 +152,32 @@ def _store():
         return None
 
 
+class _ForkGuard:
+    """A lock held around every beat and, for at most STORE_WAIT_S, by a thread that
+    forks (DataLoader workers are forked): a child forked while the heartbeat is inside
+    the store's C++ client would inherit that client's locks held and wait on them
+    forever. Fork hooks are process-wide by nature, hence one guard per process."""
+
+    def __init__(self):
+        self.lock, self.held = threading.Lock(), False
+        os.register_at_fork(before=self.before_fork, after_in_parent=self.after_fork,
+                            after_in_child=self.after_fork)
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+    def before_fork(self) -> None:  # a beat stuck on a stopped store host must not block
+        self.held = self.lock.acquire(timeout=STORE_WAIT_S)
+
+    def after_fork(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
+
+
 class _Heartbeat(threading.Thread):
     """Adds one to this rank's heartbeat counter every HEARTBEAT_S seconds.
 
@@ -153,6 +188,8 @@ class _Heartbeat(threading.Thread):
     explained by the survivors, not here). A stopped process stops its heartbeat too.
     """
 
+    beating = _ForkGuard()
+
     def __init__(self, store, rank: int):
         super().__init__(name=f"paratron-heartbeat-{rank}", daemon=True)
         self.store, self.key, self.stopped = store, _heartbeat_key(rank), threading.Event()
@@ -160,7 +197,8 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(HEARTBEAT_S) and dist.is_initialized():
             try:
-                self.store.add(self.key, 1)
+                with self.beating:
+                    self.store.add(self.key, 1)
             except Exception:  # noqa: BLE001 - the store is gone; nothing left to tell
                 return
 

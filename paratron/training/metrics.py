@@ -4,7 +4,9 @@ Per iteration the trainer hands over the step's loss, gradient norm and zero cou
 `TrainingMetrics` keeps the interval's sums, warns on loss spikes, writes the
 per-iteration scalars, and at each `--log-interval` prints Megatron's log line (with
 TFLOP/s, MFU and tokens/s under `--log-throughput`), the memory line once, the timers
-block (`--timing-log-level`) and the straggler report. Evaluation is timed apart from
+block (`--timing-log-level`) and the straggler report. The first iteration of a run
+also gets a short line when the log interval does not fall on it: a slow iteration
+with a long interval would otherwise look like a hang. Evaluation is timed apart from
 the iterations. At the end it writes the performance summary.
 
 Megatron writes TensorBoard from the last rank; so do these metrics (TensorBoard, W&B,
@@ -162,6 +164,19 @@ class TrainingMetrics:
                          num_zeros, moe_losses)
         if state.iteration % self.cfg.logging.log_interval == 0:
             self._report_interval(state)
+        elif len(self.iteration_seconds) == 1:
+            self.log(self._first_line(state, seconds, loss))
+
+    def _first_line(self, state, seconds: float, loss: float) -> str:
+        """The first iteration's sign of life: its time, its loss and when the next line
+        comes. Console only: the interval's sums, timers and writers are left alone, and
+        it does not read as Megatron's log line, which log parsers count."""
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        interval = self.cfg.logging.log_interval
+        upcoming = (state.iteration // interval + 1) * interval
+        return (f" [{stamp}] first iteration done: iteration {state.iteration}/"
+                f"{self.cfg.training.train_iters} took {seconds:.1f} s (loss {loss:.4f}); "
+                f"next log line at iteration {upcoming} (--log-interval {interval})")
 
     def _write_step(self, state, loss, stepped, grad_norm, num_zeros, moe_losses) -> None:
         """Megatron's per-iteration TensorBoard / W&B scalars."""

@@ -96,7 +96,6 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     pg = setup_process_groups(cfg)
     if pg.rank != 0:
         log = lambda line: None  # noqa: E731 - one rank reports, as Megatron's last rank
-    log(format_config(cfg))
     tokenizer = build_tokenizer_for(cfg)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
     if tokenizer is None:
@@ -126,5 +125,8 @@ def _build_and_train(cfg: Config, tokenizer, vocab: int | None, log, pg) -> Trai
         torch.distributed.barrier()
     if pg.rank != 0:
         datasets = build_datasets(cfg, tokenizer)
+    # The settings block comes once the cheap refusals (tokenizer, vocabulary, data
+    # paths) have had their say: a one-line refusal is not buried under it.
+    log(format_config(cfg))
     trainer = Trainer(cfg, datasets, tokenizer_vocab_size=vocab, log=log, pg=pg)
     return trainer.train()

@@ -25,7 +25,9 @@ RNG states restored (creating a data iterator draws from torch's generator).
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 from paratron.checkpoint import files
@@ -35,11 +37,17 @@ from paratron.checkpoint.checkpointing import (PendingSave, load_checkpoint, loa
 from paratron.config import Config, ConfigError, config_to_yaml
 from paratron.model.identity import (TOKENS, first_difference, flag_fix,
                                      saved_model_config, vocabulary_difference)
+from paratron.training.lr_schedule import LRSchedule
 
 # Files of a tokenizer folder worth keeping (a Hugging Face model folder also holds the
 # weights, which are not copied).
 _TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json",
                     "added_tokens.json", "*.model", "*.tiktoken", "chat_template*")
+# The flag behind each field of the learning-rate schedule.
+_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "warmup_steps": "--lr-warmup-iters",
+                   "decay_steps": "--lr-decay-iters", "decay_style": "--lr-decay-style",
+                   "init_lr": "--lr-warmup-init", "wsd_decay_steps": "--lr-wsd-decay-iters",
+                   "wsd_decay_style": "--lr-wsd-decay-style"}
 
 
 def find_checkpoint(load_dir: str, *, required: bool, log: Callable[[str], None]):
@@ -146,6 +154,8 @@ class RunCheckpoints:
                 setattr(tr.state, key, value)
         if not c.no_load_rng:
             self._rng_from = path
+        if load_optim:
+            self._warn_schedule_change(path, tr)
         self.last_saved = tr.state.iteration
         self.log(f" successfully loaded checkpoint from {c.load} at iteration {iteration}")
 
@@ -181,6 +191,34 @@ class RunCheckpoints:
             " or give --use-checkpoint-args"
         raise ConfigError(f"--load {c.load}: {path.name} is a checkpoint of another model: "
                           f"{key} is {there} there, {here} here; {fix}")
+
+    def _warn_schedule_change(self, path: Path, tr) -> None:
+        """Say when the resumed run's learning-rate schedule is not the checkpoint's. The
+        checkpoint gives the step count, this run's flags the schedule, and
+        --lr-decay-iters defaults to --train-iters: asking for a few more iterations
+        would otherwise silently stretch (or cut) the decay already under way."""
+        saved = files.read_metadata(path).get("config") or {}
+        optimizer, training = saved.get("optimizer"), saved.get("training")
+        if not (isinstance(optimizer, dict) and isinstance(training, dict)):
+            return
+        try:
+            before = LRSchedule.from_config(SimpleNamespace(**optimizer),
+                                            training.get("train_iters"))
+        except (AttributeError, TypeError):  # an older or foreign record: nothing to compare
+            return
+        now = tr.schedule
+        changed = [f"{_SCHEDULE_FLAGS[f.name]} {getattr(before, f.name)} there, "
+                   f"{getattr(now, f.name)} here" for f in fields(now)
+                   if getattr(before, f.name) != getattr(now, f.name)]
+        if not changed:
+            return
+        old_iters, new_iters = training.get("train_iters"), tr.cfg.training.train_iters
+        cause = (f" (--train-iters is {new_iters} here, {old_iters} there, and "
+                 f"--lr-decay-iters defaults to it)" if old_iters != new_iters else "")
+        keep = (f"; give --lr-decay-iters {before.decay_steps} to keep the checkpoint's decay"
+                if before.decay_steps != now.decay_steps else "")
+        self.log(f"WARNING: the learning-rate schedule changes on this resume{cause}: "
+                 f"{'; '.join(changed)}{keep}")
 
     @staticmethod
     def _run_tokens(tr) -> int | None:
