@@ -9,9 +9,11 @@ the real folder instead (e.g. Qwen/Qwen2.5-7B or deepseek-ai/DeepSeek-V2-Lite).
 
     python examples/tiny_hf_model.py --arch qwen2 --text corpus.jsonl --out tiny-qwen
 
-The vocabulary of the model is the tokenizer's plus --extra-vocab-size, padded up to
-a multiple of 128 (Megatron's --make-vocab-size-divisible-by default), so the
-training flags of the examples describe exactly this model.
+The vocabulary of the model is the tokenizer's padded up to a multiple of 128
+(Megatron's --make-vocab-size-divisible-by default), or, with --extra-vocab-size, the
+tokenizer's plus those rows exactly, unpadded, as Pai-Megatron-Patch's DeepSeek-V2
+tokenizer counts it; so the training flags of the examples describe exactly this model
+and an export after training keeps its vocabulary.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         train_bpe_tokenizer(text_files(args.text, work), args.out, vocab_size=args.vocab_size)
     tokens = HuggingFaceTokenizer(args.out).vocab_size
-    vocab = -(-(tokens + args.extra_vocab_size) // 128) * 128
+    vocab = tokens + args.extra_vocab_size if args.extra_vocab_size else -(-tokens // 128) * 128
     model_type, sizes = ARCHS[args.arch]
     eod = HuggingFaceTokenizer(args.out).eod
     positions = args.max_position_embeddings or (163840 if model_type == "deepseek_v2" else 4096)
@@ -111,8 +113,9 @@ def main(argv=None) -> int:
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(args.out)
     params = sum(t.numel() for t in model.parameters())
+    how = f"+ {args.extra_vocab_size} extra" if args.extra_vocab_size else "padded to 128"
     print(f"wrote {args.out}: {model_type}, {params:,} parameters, vocabulary {vocab} "
-          f"({tokens} tokens + {args.extra_vocab_size} extra, padded to 128)")
+          f"({tokens} tokens {how})")
     return 0
 
 

@@ -4,7 +4,7 @@
 #   2. paratron convert: Hugging Face -> Paratron at TP/PP/EP, with MP_PP0_LAYERS
 #      layers on the first pipeline stage
 #   3. continued pretraining with run_mcore_deepseek.sh (the launch.json flag set)
-#   4. SFT on Alpaca zh JSON (MP_DATASET_TYPE=raw) from the converted checkpoint
+#   4. SFT on Alpaca-format JSON (MP_DATASET_TYPE=raw) from the converted checkpoint
 #   5. paratron convert: the fine-tuned checkpoint -> Hugging Face, and the loss of the
 #      start and fine-tuned models on the Alpaca data, computed by transformers
 #
@@ -16,18 +16,22 @@
 #   EP2 with 6 layers on the first stage for pretraining, TP=PP=EP=1 for the raw-JSON SFT
 #   (the A2.4B model needs more than one 80 GB GPU there; set SFT_TP/SFT_PP/SFT_EP).
 #
-# Settings: HF_MODEL, INPUT (pretraining JSONL, key "text"), SFT_INPUT (Alpaca JSON),
-# OUT (./deepseek-v2-output), PRETRAIN_ITERS, SFT_ITERS.
+# Your data: INPUT=corpus.jsonl (pretraining, one {"text": ...} a line) and
+# SFT_INPUT=alpaca.json (a JSON list of {instruction, input, output}). Without them the
+# example makes samples on the spot (examples/sample_data.py), so a fresh clone needs
+# nothing else.
+# Settings: HF_MODEL, INPUT, SFT_INPUT (default: OUT/sample/corpus.jsonl and
+# OUT/sample/alpaca.json), OUT (./deepseek-v2-output), PRETRAIN_ITERS, SFT_ITERS.
 set -euo pipefail
 
 EXAMPLE=deepseek_v2/run.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-INPUT="${INPUT:-$DATA/pretrain/c4_demo.jsonl}"
-SFT_INPUT="${SFT_INPUT:-$DATA/sft/alpaca_zh_demo.json}"
 OUT="${OUT:-$PWD/deepseek-v2-output}"
-for name in INPUT SFT_INPUT; do
-    [ -f "${!name}" ] || fail "$name=${!name} not found; set $name to your file"
-done
+check_given INPUT SFT_INPUT
+if [ -z "${INPUT:-}" ] || [ -z "${SFT_INPUT:-}" ]; then
+    sample_data "$OUT/sample"
+    INPUT="${INPUT:-$OUT/sample/corpus.jsonl}"; SFT_INPUT="${SFT_INPUT:-$OUT/sample/alpaca.json}"
+fi
 mkdir -p "$OUT"
 
 case "$SIZE" in

@@ -11,7 +11,7 @@
 #                      nodes, RANK = node rank, KUBERNETES_CONTAINER_RESOURCE_GPU = GPUs per
 #                      node, MASTER_ADDR/MASTER_PORT as PAI-DLC sets them)
 #   MODEL_SIZE         A2.4B (DeepSeek-V2-Lite), A21B (DeepSeek-V2), or tiny (the CPU
-#                      example's 3-layer model built by make_tiny_deepseek.py)
+#                      example's 3-layer model built by examples/tiny_hf_model.py)
 #   BATCH_SIZE         micro-batch size;   GLOBAL_BATCH_SIZE  samples per step
 #   LR MIN_LR          peak and final learning rate (cosine decay)
 #   SEQ_LEN PAD_LEN    sequence length; padding length of SFT samples
@@ -104,6 +104,7 @@ A2.4B)
     MOE_INTERMEDIATE_SIZE=1408; SHARED_EXPERT_INTERMEDIATE_SIZE=2816; NUM_EXPERTS=64
     ROUTER_TOPK=6; MOE_LAYER_FREQ="([0]+[1]*26)"; KV_LORA_RANK=512; QK_HEAD_DIM=128
     QK_POS_EMB_HEAD_DIM=64; V_HEAD_DIM=128; EXTRA_VOCAB_SIZE=2400
+    MAX_POSITION_EMBEDDINGS=163840
     model_options=(--model-size deepseek-v2-lite)
     ;;
 A21B)
@@ -111,14 +112,17 @@ A21B)
     MOE_INTERMEDIATE_SIZE=1536; SHARED_EXPERT_INTERMEDIATE_SIZE=3072; NUM_EXPERTS=160
     ROUTER_TOPK=6; MOE_LAYER_FREQ="([0]+[1]*59)"; KV_LORA_RANK=512; QK_HEAD_DIM=128
     QK_POS_EMB_HEAD_DIM=64; V_HEAD_DIM=128; EXTRA_VOCAB_SIZE=2400
+    MAX_POSITION_EMBEDDINGS=163840
     model_options=(--model-size deepseek-v2 --q-lora-rank 1536)
     ;;
 tiny)
-    # Matches make_tiny_deepseek.py: every layer MoE, DeepSeek's routing and YaRN.
+    # Matches examples/tiny_hf_model.py --arch deepseek_v2: every layer MoE, DeepSeek's
+    # routing and YaRN.
     NUM_LAYERS=3; HIDDEN_SIZE=64; NUM_ATTN_HEADS=4; INTERMEDIATE_SIZE=128
     MOE_INTERMEDIATE_SIZE=32; SHARED_EXPERT_INTERMEDIATE_SIZE=64; NUM_EXPERTS=4
     ROUTER_TOPK=2; MOE_LAYER_FREQ=1; KV_LORA_RANK=16; QK_HEAD_DIM=16
     QK_POS_EMB_HEAD_DIM=8; V_HEAD_DIM=16; EXTRA_VOCAB_SIZE=2400
+    MAX_POSITION_EMBEDDINGS=163840
     model_options=(--moe-router-pre-softmax --original-max-position-embeddings 4096
                    --mscale 0.707 --mscale-all-dim 0.707)
     ;;
@@ -182,6 +186,9 @@ NAME="${PREFIX}-lr-${LR}-minlr-${MIN_LR}-bs-${BATCH_SIZE}-gbs-${GLOBAL_BATCH_SIZ
 SAVE_PATH="${OUTPUT_BASEPATH}/checkpoint/${NAME}"
 TENSORBOARD_DIR="${OUTPUT_BASEPATH}/tensorboard/${NAME}_$(date "+%Y.%m.%d-%H.%M.%S")"
 
+# --max-position-embeddings is the model's context (YaRN's 4096 x 40), not SEQ_LEN as
+# Pai-Megatron-Patch passes: rotary positions need no table of that size, and so the
+# checkpoint, and its Hugging Face export, keep the base model's value.
 train_options=(
     --save "$SAVE_PATH" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
@@ -191,7 +198,7 @@ train_options=(
     --global-batch-size "$GLOBAL_BATCH_SIZE" --num-layers "$NUM_LAYERS"
     --hidden-size "$HIDDEN_SIZE" --num-attention-heads "$NUM_ATTN_HEADS"
     --ffn-hidden-size "$INTERMEDIATE_SIZE" --seq-length "$SEQ_LEN"
-    --max-position-embeddings "$SEQ_LEN" --max-padding-length "$PAD_LEN"
+    --max-position-embeddings "$MAX_POSITION_EMBEDDINGS" --max-padding-length "$PAD_LEN"
     --log-interval 1 --log-throughput --eval-interval 10000 --eval-iters 10
     --save-interval "$SAVE_INTERVAL" --tensorboard-queue-size 1
     --tensorboard-dir "$TENSORBOARD_DIR" --log-timers-to-tensorboard

@@ -3,14 +3,17 @@
 #   1. tokenize a JSONL corpus with the GPT-2 BPE into Megatron .bin/.idx files
 #   2. train a GPT-2 style model with tensor and pipeline parallelism under torchrun
 #
-# SIZE=tiny (default) runs on the CPU in a few minutes: 4 gloo processes, TP2 x PP2,
-# a 4-layer model with hidden size 64 on the C4 sample.
+# SIZE=tiny (default) runs on the CPU in a minute or two: 4 gloo processes, TP2 x PP2,
+# a 4-layer model with hidden size 64.
 # SIZE=full is the 124M model of the notes (12 layers, hidden 768, 12 heads,
 # sequence 512, fp16, global batch 16, 1000 iterations) on the GPUs of this machine.
 #
+# Your data: INPUT=corpus.jsonl (one {"text": ...} a line). Without it the example makes
+# a sample on the spot (examples/sample_data.py), so a fresh clone needs nothing else.
 # Settings (environment variables, all optional):
-#   INPUT, VOCAB_FILE, MERGE_FILE  corpus (JSONL, key "text") and GPT-2 tokenizer files;
-#                                  default: the samples in ../shared/data
+#   INPUT      the corpus (default: OUT/sample/corpus.jsonl, made on the spot)
+#   VOCAB_FILE, MERGE_FILE  GPT-2's tokenizer files (gpt2-vocab.json, gpt2-merges.txt);
+#              default: a small byte-level BPE in that format trained on INPUT
 #   OUT        where data files, sample-index cache and logs go (./gpt2-pretrain-output)
 #   NPROC TP PP  processes, tensor- and pipeline-parallel sizes (tiny: 4 2 2;
 #                full: the GPU count, 2, 2)
@@ -20,13 +23,19 @@ set -euo pipefail
 
 EXAMPLE=gpt2_pretrain/run.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-INPUT="${INPUT:-$DATA/pretrain/c4_demo.jsonl}"
-VOCAB_FILE="${VOCAB_FILE:-$DATA/gpt2/gpt2-vocab.json}"
-MERGE_FILE="${MERGE_FILE:-$DATA/gpt2/gpt2-merges.txt}"
 OUT="${OUT:-$PWD/gpt2-pretrain-output}"
-for name in INPUT VOCAB_FILE MERGE_FILE; do
-    [ -f "${!name}" ] || fail "$name=${!name} not found; set $name to your file"
-done
+check_given INPUT VOCAB_FILE MERGE_FILE
+if [ -n "${VOCAB_FILE:-}${MERGE_FILE:-}" ] && [ -z "${VOCAB_FILE:-}" -o -z "${MERGE_FILE:-}" ]; then
+    fail "give both VOCAB_FILE and MERGE_FILE (GPT-2's tokenizer files), or neither for a BPE trained on INPUT"
+fi
+if [ -z "${INPUT:-}" ]; then
+    sample_data "$OUT/sample"
+    INPUT="$OUT/sample/corpus.jsonl"
+fi
+if [ -z "${VOCAB_FILE:-}" ]; then
+    sample_data "$OUT/tokenizer" --gpt2-bpe "$INPUT"
+    VOCAB_FILE="$OUT/tokenizer/gpt2-vocab.json"; MERGE_FILE="$OUT/tokenizer/gpt2-merges.txt"
+fi
 
 case "$SIZE" in
 tiny)
@@ -36,7 +45,7 @@ tiny)
     TRAINING=(--micro-batch-size 2 --global-batch-size 8 --train-iters "${TRAIN_ITERS:-60}"
               --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 2)
     SYSTEM=(--device cpu --distributed-backend gloo --num-workers 0)
-    SPLIT=98,2,0  # 300 documents leave none for a 0.1% test split
+    SPLIT=98,2,0  # a small corpus leaves no document for a 0.1% test split
     ;;
 full)
     NPROC="${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}"

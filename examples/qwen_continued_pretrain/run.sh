@@ -14,17 +14,21 @@
 # SIZE=full: HF_MODEL=/path/to/Qwen2.5-7B on this machine's GPUs with the tutorial's
 #   sizes (TP2, sequence 4096, global batch 64, 10000 iterations).
 #
-# Settings: MODEL qwen2.5|qwen3, HF_MODEL (full: required), INPUT (JSONL, key "text";
-# default ../shared/data/pretrain/c4_demo.jsonl), OUT (./qwen-cpt-output), NPROC, TP,
-# TRAIN_ITERS, MASTER_PORT.
+# Your data: INPUT=corpus.jsonl (one {"text": ...} a line). Without it the example makes
+# a sample on the spot (examples/sample_data.py), so a fresh clone needs nothing else.
+# Settings: MODEL qwen2.5|qwen3, HF_MODEL (full: required), INPUT (default:
+# OUT/sample/corpus.jsonl), OUT (./qwen-cpt-output), NPROC, TP, TRAIN_ITERS, MASTER_PORT.
 set -euo pipefail
 
 EXAMPLE=qwen_continued_pretrain/run.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-INPUT="${INPUT:-$DATA/pretrain/c4_demo.jsonl}"
 OUT="${OUT:-$PWD/qwen-cpt-output}"
 MODEL="${MODEL:-qwen2.5}"
-[ -f "$INPUT" ] || fail "INPUT=$INPUT not found; set INPUT to a JSONL file with a \"text\" key"
+check_given INPUT
+if [ -z "${INPUT:-}" ]; then
+    sample_data "$OUT/sample"
+    INPUT="$OUT/sample/corpus.jsonl"
+fi
 case "$MODEL" in
 qwen2.5) ARCH=qwen2; BIAS=(--add-qkv-bias) ;;
 qwen3)   ARCH=qwen3; BIAS=(--qk-layernorm) ;;
