@@ -444,3 +444,20 @@ def test_uneven_first_stage_that_does_not_fit_is_one_line(tmp_path, capsys):
     assert code != 0 and line.startswith("paratron convert: error:") and \
         "3 on the first stage" in line and "first-pipeline-num-layers" in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("run_setting", [{"torch_compile": True}, {"cpu_offloading": True},
+                                         {"cross_entropy_loss_fusion": True},
+                                         {"recompute_granularity": "full"}])
+def test_settings_of_the_run_do_not_block_an_export(run_setting):
+    """Export checks that config.json reads back as the same model with the test a resume
+    applies (`model_identity`): how a run was executed is not part of the model."""
+    import dataclasses
+    from paratron.convert.hf_config import hf_to_paratron_fields
+    from paratron.convert.hf_export import hf_config_from_paratron
+    config = transformers.AutoConfig.for_model("llama", **{**TINY_QWEN2,
+                                                           "num_hidden_layers": 2})
+    base = transformer_config(hf_to_paratron_fields(config.to_dict()))
+    hf = hf_config_from_paratron(dataclasses.replace(base, **run_setting), "llama", 256,
+                                 torch.float32)
+    assert hf["num_hidden_layers"] == base.num_layers

@@ -36,6 +36,7 @@ def test_module_entry_point(reference):
     assert _losses(_run([sys.executable, "-m", "paratron.train"])) == reference
 
 
+@pytest.mark.slow
 def test_pretrain_gpt_shim_under_torchrun(reference):
     out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                 "--master_port", "29517", str(ROOT / "pretrain_gpt.py")])
@@ -45,6 +46,7 @@ def test_pretrain_gpt_shim_under_torchrun(reference):
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                                     ["--use-distributed-optimizer"]])
+@pytest.mark.slow
 def test_torchrun_two_processes_train_like_one(reference, layout):
     """The launch path itself: torchrun's environment, process groups, data on every rank."""
     out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

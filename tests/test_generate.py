@@ -262,7 +262,7 @@ def test_cli_hf_folder_equals_transformers(bpe_folder, tmp_path, capsys):
     code, out, err = _run_cli(capsys, "--hf", tmp_path, "--prompt", prompt,
                               "--max-new-tokens", 8)
     assert code == 0, err
-    assert out == prompt + tokenizer.decode(expected) + "\n\n"
+    assert out == prompt + tokenizer.decode(expected) + "\n"
 
 
 @pytest.mark.parametrize("args,fragment", [

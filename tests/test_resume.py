@@ -61,6 +61,7 @@ def _saved_tensors(path):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path, layout):
     nproc, extra = LAYOUTS[layout]
     flags = FLAGS + extra
@@ -85,6 +86,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, layout):
         assert torch.equal(want[name], got[name]), name
 
 
+@pytest.mark.slow
 def test_crash_while_writing_a_checkpoint_falls_back_to_the_previous(tmp_path):
     save = tmp_path / "ckpt"
     flags = FLAGS + ["--save", str(save), "--save-interval", "4", "--train-iters", "12"]

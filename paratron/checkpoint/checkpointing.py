@@ -67,6 +67,7 @@ def _all_gather_object(obj) -> list:
 def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict | None = None) -> dict:
     """Write one safetensors file, synced; returns its size and checksum."""
     save_file(tensors, str(path), metadata=header)
+    files.follow_umask(path)
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
     return {"size": path.stat().st_size, "sha256": files.file_digest(path)}

@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -112,6 +113,37 @@ def create_temporary(target: Path) -> tuple[int, Path]:
             return os.open(path, flags, 0o666), path
         except FileExistsError:
             continue
+
+
+def umask() -> int:
+    """The process's umask, read without changing it: from /proc/self/status where Linux
+    has it, else from the permissions a new file gets. (os.umask can only be read by
+    setting it, which would race with a background save creating files meanwhile.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    fd, probe = create_temporary(Path(tempfile.gettempdir()) / "umask-probe")
+    os.close(fd)
+    try:
+        return 0o666 & ~os.stat(probe).st_mode  # the bits a new file lacks
+    finally:
+        os.unlink(probe)
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file another library created (safetensors and mkstemp create theirs 0600)
+    the permissions the umask gives any new file, so a colleague's account or an
+    evaluation job under another user can read weights as it reads the logs. Opened
+    without following a link, so a link put in the file's place changes nothing."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

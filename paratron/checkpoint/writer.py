@@ -47,6 +47,7 @@ class LogicalCheckpointWriter:
         name = f"model_part_{len(self.written):05d}.safetensors"
         path = self.tmp / name
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(path))
+        files.follow_umask(path)
         with open(path, "rb+") as fh:
             os.fsync(fh.fileno())
         self.written[name] = {"size": path.stat().st_size, "sha256": files.file_digest(path)}

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace, warn) -> str:
     from paratron.convert import hf_export, paratron_io
     from paratron.convert.hf_source import read_hf_folder
     from paratron.convert.megatron_legacy import read_megatron_checkpoint
+    from paratron.convert.streaming import check_new_folder
     from paratron.convert.tokenizer_files import describe
 
     if args.saver in _MEGATRON_SAVERS:
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace, warn) -> str:
     if args.make_vocab_size_divisible_by < 1:
         raise ConversionError("--make-vocab-size-divisible-by must be positive")
     max_shard = hf_export.parse_size(args.max_shard_size)
+    check_new_folder(args.save_dir)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
     if loader == "hf":

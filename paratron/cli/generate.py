@@ -6,8 +6,10 @@
         --max-new-tokens 128 --greedy --tensor-model-parallel-size 2 --bf16
 
 Greedy unless --top-k, --top-p or --temperature asks for sampling. Each completion is
-printed as the prompt followed by the generated text, blocks separated by a blank line
-(`--json`: one JSON object a line with the prompt, the completion and its token ids).
+printed as the prompt followed by the generated text (without the end-of-document
+token), completions separated by a line of dashes, since generated text may hold blank
+lines (`--json`: one JSON object a line with the prompt, the completion and its token
+ids).
 Under torchrun every process is a tensor-parallel rank and rank 0 prints.
 """
 
@@ -27,12 +29,14 @@ from paratron.convert.errors import ConversionError
 from paratron.data.errors import DataError
 from paratron.data.tokenizer import TOKENIZER_TYPES, HuggingFaceTokenizer, build_tokenizer
 from paratron.inference import (Sampling, check_generation_layout, checkpoint_tokenizer,
-                                generate, load_paratron_model, shard_model)
+                                completion_text, generate, load_paratron_model, shard_model)
 from paratron.parallel.launch import init_distributed
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.memory_plan import device_memory_bytes
 
 PROG = "paratron generate"
+DEFAULT_NEW_TOKENS = 64
+SEPARATOR = "-" * 40  # between completions
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
                        "tokenizer.model")
 
@@ -59,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="a text file with one prompt per line")
-    g.add_argument("--max-new-tokens", type=NumberType(int), required=True)
+    g.add_argument("--max-new-tokens", type=NumberType(int), default=None,
+                   help=f"tokens to generate per prompt (default {DEFAULT_NEW_TOKENS}, or "
+                   f"what the model's learned positions leave after the longest prompt)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at the end-of-document token")
     g = parser.add_argument_group("sampling")
@@ -172,8 +178,20 @@ def _load(args, pg: ProcessGroups, log):
     return model, tokenizer, _hf_stop_ids(args.hf, tokenizer), None
 
 
+def new_tokens(args, config, ids: list[list[int]]) -> int:
+    """--max-new-tokens, or by default DEFAULT_NEW_TOKENS capped to the positions a
+    learned position embedding has left after the longest prompt (a small model trained
+    at --seq-length 128 then completes a prompt instead of refusing the default)."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    if config.position_embedding_type != "learned_absolute":
+        return DEFAULT_NEW_TOKENS
+    room = config.max_position_embeddings - max(len(p) for p in ids)
+    return max(min(DEFAULT_NEW_TOKENS, room), 1)  # none left: generate() says so
+
+
 def run(args) -> int:
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
@@ -187,20 +205,21 @@ def run(args) -> int:
     empty = [i for i, p in enumerate(ids) if not p]
     if empty:
         raise DataError(f"prompt {empty[0] + 1} has no tokens; give some text")
+    budget = new_tokens(args, model.config, ids)
     start = time.perf_counter()
-    completions = generate(model, ids, args.max_new_tokens, sampling=sampling,
+    completions = generate(model, ids, budget, sampling=sampling,
                            eod=None if args.ignore_eos else stop,
                            vocab_size=vocab_size, memory_bytes=device_memory_bytes(device.type))
     elapsed = time.perf_counter() - start
     if pg.rank != 0:
         return 0
-    for prompt, new in zip(prompts, completions):
-        text = tokenizer.decode(new)
+    for i, (prompt, prompt_ids, new) in enumerate(zip(prompts, ids, completions)):
+        text = completion_text(tokenizer, prompt_ids, new, () if args.ignore_eos else stop)
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text, "token_ids": new},
                              ensure_ascii=False))
         else:
-            print(prompt + text + "\n")
+            print(("" if i == 0 else SEPARATOR + "\n") + prompt + text)
     count = sum(len(c) for c in completions)
     log(f"generated {count} tokens for {len(prompts)} prompts in {elapsed:.2f} s "
         f"({count / max(elapsed, 1e-9):.1f} tokens/s)")

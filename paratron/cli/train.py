@@ -26,10 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, 2)
     except (PeerFailure, NonFiniteError, CheckpointError) as exc:
         return _fail(exc, 1)
+    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler, one process
+        return _fail("interrupted (SIGINT) before the next checkpoint; --exit-signal-handler "
+                     "saves on Ctrl-C", 130)
     return 0
 
 
-def _fail(exc: Exception, code: int, speak: bool = True) -> int:
+def _fail(exc: Exception | str, code: int, speak: bool = True) -> int:
     """One line on stderr (unless `speak` is False), also handed to torchrun for its
     failure summary."""
     line = f"paratron train: error: {exc}"

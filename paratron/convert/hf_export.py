@@ -15,7 +15,6 @@ trimmed; routed experts are written one tensor per expert, as on the Hub.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -23,7 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from paratron.checkpoint.files import follow_umask
 from paratron.config import TransformerConfig, moe_layer_pattern
+from paratron.model.identity import model_identity
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import hf_to_paratron_fields, transformer_config
 from paratron.convert.hf_loader import INDEX_FILE, SINGLE_FILE
@@ -158,62 +159,21 @@ def hf_config_from_paratron(c: TransformerConfig, model_type: str, vocab_size: i
     return hf
 
 
-# Settings that do not change what a trained model computes at inference (training
-# schedule, losses, dispatch and kernels, vocabulary padding, derived flags).
-_NOT_COMPUTED = {
-    "padded_vocab_size", "vocab_size", "make_vocab_size_divisible_by", "extra_vocab_size",
-    "attention_dropout", "hidden_dropout", "init_method_std", "recompute_activations",
-    "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
-    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_load_balancing_type",
-    "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_router_bias_update_rate",
-    "sequence_parallel", "cp_comm_type", "group_query_attention",
-    "use_rotary_position_embeddings", "moe_layer_freq",
-}
-_MLA = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
-_YARN = ("rotary_scaling_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-_ROTARY = ("rotary_base", "rotary_percent", "rotary_interleaved",
-           "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor")
-
-
 def _effective(c: TransformerConfig) -> dict:
-    """The settings of `c` that change what the model computes."""
-    out = {k: v for k, v in dataclasses.asdict(c).items() if k not in _NOT_COMPUTED}
-    drop = set()
-    if c.multi_latent_attention:  # MLA always normalises its latents (qk_layernorm moot)
-        drop |= {"kv_channels", "num_query_groups", "qk_layernorm"}
-    else:
-        drop |= set(_MLA)
-    if not c.uses_yarn():
-        drop |= set(_YARN)
-        if c.mscale and c.mscale_all_dim:
-            drop -= {"mscale", "mscale_all_dim"}
-    elif not (c.mscale and c.mscale_all_dim):
+    """What config.json must carry back for the model `c`: the settings that make it what
+    it is (`model_identity`, the same test a resume applies), plus the context length a
+    rotary model's config.json states, and YaRN's temperature pair and router groups as
+    config.json spells their absence."""
+    out = model_identity(c)
+    out["max_position_embeddings"] = c.max_position_embeddings
+    if c.uses_yarn() and not (c.mscale and c.mscale_all_dim):
         out["mscale"], out["mscale_all_dim"] = 1.0, 0.0
-    if not c.use_rope_scaling:
-        drop.add("rope_scaling_factor")
-    if not c.uses_yarn() and not c.use_rope_scaling:
-        drop.add("original_max_position_embeddings")
-    else:
-        out["original_max_position_embeddings"] = c.rope_original_max_positions()
-    if c.uses_yarn():  # rope + --rotary-scaling-factor under MLA is YaRN too
-        out["position_embedding_type"] = "yarn"
-    if c.position_embedding_type == "learned_absolute":
-        drop |= set(_ROTARY)
-    moe_fields = [k for k in out if k.startswith("moe_")] + ["num_experts"]
-    if not c.num_experts:
-        drop |= set(moe_fields)
-    else:
-        pattern = moe_layer_pattern(c)
-        out["moe_pattern"] = pattern
-        out["moe_router_topk_scaling_factor"] = c.moe_router_topk_scaling_factor or 1.0
-        out["moe_shared_expert_intermediate_size"] = c.moe_shared_expert_intermediate_size or 0
-        if all(pattern):
-            drop.add("ffn_hidden_size")
-        if not c.moe_router_num_groups:
-            drop |= {"moe_router_num_groups", "moe_router_group_topk"}
-        if c.moe_expert_capacity_factor is None:
-            drop |= {"moe_pad_expert_input_to_capacity", "moe_token_drop_policy"}
-    return {k: v for k, v in out.items() if k not in drop}
+    elif not c.uses_yarn() and c.mscale and c.mscale_all_dim:
+        out["mscale"], out["mscale_all_dim"] = c.mscale, c.mscale_all_dim
+    if c.num_experts and not c.moe_router_num_groups:
+        out.pop("moe_router_num_groups", None)
+        out.pop("moe_router_group_topk", None)
+    return out
 
 
 def check_round_trip(c: TransformerConfig, hf: dict, model_type: str) -> None:
@@ -302,8 +262,9 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        save_file(self.pending, str(self.folder / f"part-{len(self.shards):05d}.safetensors"),
-                  metadata={"format": "pt"})
+        path = self.folder / f"part-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        follow_umask(path)
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

@@ -126,6 +126,16 @@ STAGING = ".{name}.converting-{host}-{pid}"
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
+def check_new_folder(save_dir: str | os.PathLike, flag: str = "--save-dir") -> Path:
+    """`save_dir` as a path where a conversion may write: absent or an empty folder.
+    Checked before the source is read, so a refusal comes before any note about it."""
+    target = Path(save_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConversionError(f"{flag} {target}: already exists and is not empty; choose a "
+                              f"new folder or remove it")
+    return target
+
+
 @contextmanager
 def staged_output(save_dir: str | os.PathLike, flag: str = "--save-dir") -> Iterator[Path]:
     """A temporary folder next to `save_dir`, renamed to it when the block succeeds and
@@ -135,10 +145,7 @@ def staged_output(save_dir: str | os.PathLike, flag: str = "--save-dir") -> Iter
     is never reused or followed); folders that runs killed outright left behind are
     removed first. A destination that cannot be written (read-only, full) is one line.
     """
-    target = Path(save_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConversionError(f"{flag} {target}: already exists and is not empty; choose a "
-                              f"new folder or remove it")
+    target = check_new_folder(save_dir, flag)
     parent = target.parent if str(target.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

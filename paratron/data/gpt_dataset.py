@@ -52,10 +52,12 @@ file and document named, not an ``IndexError`` deep in the embedding.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import io
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -63,7 +65,8 @@ import numpy as np
 import torch
 
 from paratron.data.errors import DataError
-from paratron.data.indexed_dataset import IndexedDataset, bin_path, dataset_exists, idx_path
+from paratron.data.indexed_dataset import (IndexedDataset, bin_path, create_exclusive, dataset_exists,
+                                       idx_path)
 from paratron.data.indices import build_gpt_indices, parse_split, split_matrix, split_range
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -312,9 +315,12 @@ def load_cached_arrays(paths: Sequence[str]) -> tuple[np.ndarray, ...] | None:
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+    # Created exclusively with the umask's permissions (mkstemp's 0600 hides the cache
+    # from other users sharing it).
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{secrets.token_hex(8)}.npy")
+    fh = create_exclusive(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with fh as f:
             np.save(f, np.asarray(array), allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
@@ -324,9 +330,10 @@ def _atomic_save(path: str, array: np.ndarray) -> None:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".txt")
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{secrets.token_hex(8)}.txt")  # as _atomic_save
+    fh = create_exclusive(tmp)
     try:
-        with os.fdopen(fd, "w") as f:
+        with io.TextIOWrapper(fh, encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -370,13 +377,30 @@ class IndexedCorpus(IndexedDataset):
         return f"{bin_path(self.prefix)}: document {document}" + (f" (sequence {sequence})" if split else "")
 
 
+def _existing_prefix_hint(prefix: str) -> str | None:
+    """'did you mean ...' naming a dataset that exists where `prefix` points: the name
+    with .bin/.idx dropped, `paratron preprocess`'s `_text_document` (or another key)
+    added, or the closest prefix in the folder."""
+    folder, name = os.path.split(prefix)
+    try:
+        names = [f.removesuffix(".idx") for f in os.listdir(folder or ".") if f.endswith(".idx")]
+    except OSError:
+        return None
+    found = sorted(n for n in names if dataset_exists(os.path.join(folder, n)))
+    stem = name[:-4] if name.endswith((".bin", ".idx")) else name
+    close = ([stem] if stem in found else [f for f in found if f.startswith(stem + "_")][:1]
+             or difflib.get_close_matches(name, found, n=1))
+    return f"did you mean --data-path {os.path.join(folder, close[0])}?" if close else None
+
+
 def open_corpus(prefix: str) -> IndexedCorpus:
     """Open ``<prefix>.bin/.idx`` for sampling, with a clear error when it does not exist."""
     if not dataset_exists(prefix):
         missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
         raise DataError(
             f"data prefix '{prefix}' does not exist (missing {', '.join(missing)}); "
-            "--data-path takes the path without .bin/.idx, e.g. my_corpus_text_document"
+            + (_existing_prefix_hint(prefix)
+               or "--data-path takes the path without .bin/.idx, e.g. my_corpus_text_document")
         )
     corpus = IndexedCorpus(prefix)
     if not np.issubdtype(corpus.dtype, np.integer):

@@ -168,3 +168,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
         ends = [i for i, token in enumerate(new) if token in stop]
         out.append(new[:ends[0] + 1] if ends else new)
     return out
+
+
+def completion_text(tokenizer, prompt: list[int], new: list[int], stop: Sequence[int] = ()
+                    ) -> str:
+    """The text `new` adds after `prompt`, without a final stop token (`<|endoftext|>`
+    is the end of the text, not part of it).
+
+    Decoded with the prompt and cut after the prompt's own text, so the spacing is the
+    tokenizer's: decoding the new ids alone loses the space a word-level tokenizer puts
+    between ids ("1 2 3" + "114" would read "1 2 3114") and the leading space some
+    SentencePiece pieces carry."""
+    if new and new[-1] in stop:
+        new = new[:-1]
+    before = tokenizer.decode(prompt)
+    whole = tokenizer.decode(list(prompt) + list(new))
+    return whole[len(before):] if whole.startswith(before) else tokenizer.decode(new)

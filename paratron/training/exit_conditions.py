@@ -6,11 +6,21 @@ A scheduler (SLURM, Kubernetes) sends SIGTERM before it kills a job; with
 exits cleanly instead of losing everything since the last save. SIGINT (Ctrl-C) does
 the same. Every rank must stop at the same iteration, so the decision is one all-reduce
 (MAX) over all ranks per iteration — only when a signal handler or a time limit is set.
+
+Without `--exit-signal-handler` a signal stops the run at once, as in Megatron, but
+with one line per rank naming the signal and the last iteration trained rather than
+a traceback from wherever the signal landed (a collective, a data loader); a single
+process keeps Python's KeyboardInterrupt, which a notebook user expects. Under
+torchrun a Ctrl-C reaches every rank and torchrun itself, which forwards the signal
+and then reports it: the ranks' lines are all that Paratron adds.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
 import time
 
 import torch
@@ -24,12 +34,18 @@ class ExitConditions:
         self.t, self.world_size, self.device = training_config, world_size, device
         self.start = time.monotonic()
         self.received: int | None = None
+        self.iteration: int | None = None  # the last one `reason` was asked about
         self._previous: dict = {}
 
     def __enter__(self) -> "ExitConditions":
         if self.t.exit_signal_handler:
-            for sig in _SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+            handler = self._on_signal
+        elif self.world_size > 1 and threading.current_thread() is threading.main_thread():
+            handler = self._stop_now  # one process (a notebook too) keeps KeyboardInterrupt
+        else:
+            return self
+        for sig in _SIGNALS:
+            self._previous[sig] = signal.signal(sig, handler)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -40,10 +56,26 @@ class ExitConditions:
     def _on_signal(self, signum, frame) -> None:
         self.received = signum
 
+    def _stop_now(self, signum, frame) -> None:
+        """One line, then exit with 128 + the signal number as a shell reports a killed
+        process. `os._exit`: unwinding from here could wait in a collective on ranks
+        that are already gone; a checkpoint being written is left as an interrupted
+        save, which the next start recognises and skips."""
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        done = "during its first iteration" if self.iteration is None else \
+            f"after iteration {self.iteration}"
+        sys.stdout.flush()
+        sys.stderr.write(f"paratron train: rank {rank} stopped by "
+                         f"{signal.Signals(signum).name} {done}; nothing saved since the "
+                         f"last checkpoint (--exit-signal-handler saves before exiting)\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
     def reason(self, iteration: int) -> str | None:
         """Why the run should stop after `iteration`, or None (collective when a signal
         handler or a duration is set: every rank gets the same answer)."""
         t = self.t
+        self.iteration = iteration
         if t.exit_interval and iteration % t.exit_interval == 0:
             return f"--exit-interval {t.exit_interval}"
         if not (t.exit_signal_handler or t.exit_duration_in_mins):

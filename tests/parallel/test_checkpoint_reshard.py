@@ -77,6 +77,7 @@ def _run(flags, layout, fn, save_dir):
                                                ("gpt2", "single", "pp2"),
                                                ("moe", "ep2_distopt", "single"),
                                                ("moe", "single", "ep2_distopt")])
+@pytest.mark.slow
 def test_resume_in_another_layout(tmp_path, arch, saved, loaded):
     flags = COMMON + {"llama": LLAMA, "gpt2": GPT2, "moe": MOE}[arch] + ["--train-iters", str(ITERS)]
     reference = _trainer(flags, "single").train().losses
@@ -86,6 +87,7 @@ def test_resume_in_another_layout(tmp_path, arch, saved, loaded):
     np.testing.assert_allclose(rest, reference[SAVED_AT:], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_at_tp2_pp2_dp2_checkpoint_at_dp4_and_tp4(tmp_path):
     """Saved by 8 ranks at TP2 x PP2 x DP2 with the distributed optimizer; resumed by 4
     ranks at TP1 PP1 DP4 and by 8 at TP4 PP1 DP2 (GQA with 2 groups: K/V replicated)."""

@@ -98,6 +98,7 @@ def _convert(*flags) -> None:
     assert convert(["--model-type", "GPT", *flags]) == 0
 
 
+@pytest.mark.slow
 def test_seven_architectures_round_trip_through_tp2_pp2(tmp_path):
     originals, hf_models, cases = {}, {}, {}
     for name, (model_type, vocab, overrides) in CASES.items():

@@ -89,6 +89,7 @@ def _survivor_error(proc: subprocess.Popen) -> tuple[str, float]:
     return err, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_named_by_the_survivor():
     with _Job() as job:
         survivor, victim = _by_hand(job, "init-method")
@@ -101,6 +102,7 @@ def test_a_killed_rank_is_named_by_the_survivor():
     assert seconds < TIMEOUT_S + 20
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_is_named_after_the_distributed_timeout():
     with _Job() as job:
         survivor, victim = _by_hand(job, "MASTER_ADDR")
@@ -112,6 +114,7 @@ def test_a_stopped_rank_is_named_after_the_distributed_timeout():
     assert TIMEOUT_S <= seconds < TIMEOUT_S + 20
 
 
+@pytest.mark.slow
 def test_a_killed_store_host_is_named():
     # Launched by hand, rank 0 holds the rendezvous store: its heartbeats cannot be read,
     # and that itself names it.
@@ -150,6 +153,7 @@ def _exited(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.slow
 def test_torchrun_root_cause_names_the_stopped_rank():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()), "-m", "paratron", "train", *FLAGS]

@@ -87,6 +87,7 @@ FP32_CASES = [(arch, layout) for arch in ("llama", "gpt2") for layout in LAYOUTS
 
 
 @pytest.mark.parametrize("arch,layout", FP32_CASES)
+@pytest.mark.slow
 def test_fp32_equals_single_process(references, arch, layout):
     flags, ref_losses, ref_weights = references[arch, "fp32"]
     world, extra = LAYOUTS[layout]
@@ -105,6 +106,7 @@ BF16_CASES = [(arch, layout) for arch in ("llama", "gpt2") for layout in LAYOUTS
 
 
 @pytest.mark.parametrize("arch,layout", BF16_CASES)
+@pytest.mark.slow
 def test_bf16_stays_within_one_percent(references, arch, layout):
     flags, ref_losses, _ = references[arch, "bf16"]
     world, extra = LAYOUTS[layout]

@@ -57,6 +57,7 @@ def references():
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.slow
 def test_pipeline_equals_single_process(references, layout, tied):
     world, layers, extra = LAYOUTS[layout]
     ref_losses, ref_weights = references[layers, tied]

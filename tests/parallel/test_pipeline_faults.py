@@ -46,6 +46,7 @@ def _failing_stage(failing_rank, failing_call, flags=FLAGS):
 
 
 @pytest.mark.parametrize("failing", [0, 1])
+@pytest.mark.slow
 def test_a_failing_stage_stops_every_rank_and_is_named(failing):
     # The stage fails in its 10th forward (third iteration); the other one is then
     # blocked waiting for activations or gradients and gives up within the 6 s timeout.

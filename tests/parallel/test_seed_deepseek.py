@@ -138,6 +138,7 @@ def _train(load, data, layout, tmp_path, **changes) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_seed_000_deepseek_arguments_train_and_loss_falls(seed_files, tmp_path):
     """With the seed's lr of 1e-5 sixteen steps move the loss by thousandths, less than
     batch-to-batch variation; so the same run with lr 0 (same batches, same layout)
