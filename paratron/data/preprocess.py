@@ -206,6 +206,7 @@ def _init_worker(job: _Job) -> None:
     # A worker ends when the pool terminates it; the parent's SIGTERM handler (see
     # _sigterm_raises) is for the parent alone.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held while forked
     # The processes are the parallelism; keep the Rust tokenizer single-threaded in each.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_encoder = _Encoder(job)
@@ -393,7 +394,13 @@ def _encoding(job: _Job, tokenizer: Tokenizer, batches: Iterator, workers: int):
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+    # SIGTERM waits until the pool is whole: raised half-way through building it, it would
+    # leave workers no one ends, and the exit would wait on them forever.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     try:
         yield pool.imap(_encode_in_worker, batches, chunksize=1)
     finally:
