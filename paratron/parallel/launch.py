@@ -9,7 +9,9 @@ process drives the GPU of its local rank and talks NCCL; without it, gloo on the
 from __future__ import annotations
 
 import json
+import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -61,12 +63,98 @@ def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
                              f"{world_size} processes")
         init_method = "env://"
     use_cuda = device.type == "cuda"
-    dist.init_process_group(backend if use_cuda else "gloo", init_method=init_method,
-                            world_size=world_size, rank=rank,
-                            timeout=timedelta(minutes=timeout_minutes),
+    timeout = timedelta(minutes=timeout_minutes)
+    store = _round_store(world_size, timeout) if init_method == "env://" else None
+    dist.init_process_group(backend if use_cuda else "gloo",
+                            init_method=None if store else init_method, store=store,
+                            world_size=world_size, rank=rank, timeout=timeout,
                             device_id=device if use_cuda and backend == "nccl" else None)
+    if store is not None:
+        _mark_when_terminated()
     start_heartbeat()
     return device
+
+
+# ------------------------------------------------------------------ restart rounds
+# torchrun keeps its store across the rounds it restarts the workers in (the store of
+# the static rendezvous is made once; with c10d rendezvous it is shared, see
+# pytorch/pytorch#135712), and env:// hands the workers that store as it is. Gloo and
+# NCCL publish each rank's address under fixed keys in it, so a restarted rank can read
+# the address of the previous round's rank 0 and fail with "Connection refused". Each
+# round therefore works under a prefix of its own.
+def restart_round() -> int:
+    """Which of torchrun's restart rounds this is (0 for the first, or without torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    except ValueError:
+        return 0
+
+
+def _round_prefix(round_: int) -> str:
+    return f"paratron/round_{round_}/"
+
+
+def _round_store(world_size: int, timeout: timedelta):
+    """A client of torchrun's store under this round's prefix, or None when torchrun does
+    not hand its workers its store (a launch by hand: env:// makes a fresh store)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(_round_prefix(restart_round()), store)
+
+
+def _base_store():
+    """The store under every prefix (torchrun's own, under torchrun), or None."""
+    store = _store()
+    return store._underlying_non_prefix_store if isinstance(store, dist.PrefixStore) else store
+
+
+def _ended_key(round_: int, rank: int) -> str:
+    return f"paratron/round_{round_}/ended/{rank}"
+
+
+def mark_ended(rank: int, why: str) -> None:
+    """Note that `rank` was alive when this round ended for it (an error it reported, or
+    a signal: torchrun stops the other ranks when one dies), so that the next round can
+    tell which rank died."""
+    store = _base_store()
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(_ended_key(restart_round(), rank), why)
+
+
+def _mark_when_terminated() -> None:
+    """Under torchrun: when the agent stops this rank (SIGTERM, because another one
+    died), note it before going down as the signal would have taken it."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return
+
+    rank = dist.get_rank()
+
+    def terminated(signum, frame):
+        mark_ended(rank, signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    signal.signal(signal.SIGTERM, terminated)
+
+
+def previous_round_report() -> str | None:
+    """For a restarted round: which ranks of the previous round ended without a word,
+    that is, died (None in the first round)."""
+    round_, store = restart_round(), _base_store()
+    if round_ == 0 or store is None:
+        return None
+    try:
+        gone = [r for r in range(dist.get_world_size())
+                if not store.check([_ended_key(round_ - 1, r)])]
+    except Exception:  # noqa: BLE001 - the report is a courtesy; never block a restart
+        return f"torchrun restart round {round_}"
+    who = (f"rank{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))} died"
+           if gone else "every rank stopped on a signal or an error")
+    return f"torchrun restart round {round_}: in the previous round {who}"
 
 
 def launcher_rank() -> int:
@@ -234,6 +322,7 @@ def start_heartbeat() -> None:
 def report_failure(rank: int, exc: BaseException, store) -> None:
     """Record this rank's failure, and make it the job's first one if no rank was earlier."""
     message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+    mark_ended(rank, message)
     store.set(_reported_key(rank), message)
     store.compare_set(FAILED_KEY, "", f"{rank}|{message}")
 

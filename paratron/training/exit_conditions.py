@@ -26,6 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from paratron.parallel.launch import mark_ended
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -64,6 +66,7 @@ class ExitConditions:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
         done = "during its first iteration" if self.iteration is None else \
             f"after iteration {self.iteration}"
+        mark_ended(rank, signal.Signals(signum).name)  # alive: a restarted round can tell
         sys.stdout.flush()
         sys.stderr.write(f"paratron train: rank {rank} stopped by "
                          f"{signal.Signals(signum).name} {done}; nothing saved since the "

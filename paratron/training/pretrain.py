@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from paratron.config import Config, ConfigError, format_config
-from paratron.parallel.launch import failures_explained, init_distributed, stop_heartbeat
+from paratron.parallel.launch import (failures_explained, init_distributed,
+                                      previous_round_report, stop_heartbeat)
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.data.tokenizer import PATCH_TOKENIZER_TYPES
 from paratron.checkpoint.files import TOKENIZER_DIR
@@ -96,6 +97,8 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     pg = setup_process_groups(cfg)
     if pg.rank != 0:
         log = lambda line: None  # noqa: E731 - one rank reports, as Megatron's last rank
+    if (restarted := previous_round_report()) is not None:
+        log(restarted)
     tokenizer = build_tokenizer_for(cfg)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
     if tokenizer is None:
