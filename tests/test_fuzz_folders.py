@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from paratron.checkpoint import files
+from file_audit import FileAudit
 from paratron.cli.main import main
 
 CASES = 240
@@ -193,47 +194,21 @@ def mutate_idx(folder: Path, rng) -> None:
 MUTATIONS = [mutate_metadata, mutate_latest, mutate_header, mutate_idx]
 
 
-# -------------------------------------------------------------------------- auditing
-class Audit:
-    """Files opened, written, renamed or removed while `active`."""
-
-    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-    def __init__(self):
-        self.active, self.reads, self.writes = False, [], []
-        sys.addaudithook(self.hook)
-
-    def hook(self, event, args):
-        if not self.active:
-            return
-        if event in ("open", "os.open") and isinstance(args[0], (str, bytes, os.PathLike)):
-            mode, flags = (args[1] or "r", args[2]) if event == "open" else ("", args[2])
-            writes = any(c in str(mode) for c in "wax+") or (flags or 0) & self.WRITE_FLAGS
-            (self.writes if writes else self.reads).append(os.path.realpath(args[0]))
-        elif event in ("os.rename", "os.replace", "os.remove", "os.rmdir", "os.mkdir",
-                       "os.symlink", "os.truncate", "shutil.rmtree", "shutil.copyfile"):
-            self.writes += [os.path.realpath(a) for a in args[:2]
-                            if isinstance(a, (str, bytes, os.PathLike))]
-
-
 def test_random_mutations_of_a_run_folder_never_give_a_traceback(pristine, tmp_path):
     honeypot = pristine.parent / "honeypot"
     honeypot.mkdir(exist_ok=True)
     (honeypot / "secret.txt").write_text("secret\n")
     code, out, err = _run(_argv(_copy(pristine, tmp_path / "warm")))  # imports done
     assert code == 0, err
-    audit, rng, codes = Audit(), random.Random(20261204), {}
+    audit, rng, codes = FileAudit(), random.Random(20261204), {}
     sys.dont_write_bytecode, started = True, time.perf_counter()
     try:
         for case in range(CASES):
             mutate = MUTATIONS[case % len(MUTATIONS)]
             folder = _copy(pristine, tmp_path / f"case{case:03d}")
             what = mutate(folder, rng)
-            audit.reads, audit.writes, audit.active = [], [], True
-            try:
+            with audit:
                 code, out, err = _run(_argv(folder))
-            finally:
-                audit.active = False
             label = f"case {case} ({what})"
             assert code in (0, 1, 2), f"{label}: exit {code}\n{err[-3000:]}"
             assert "Traceback" not in err, f"{label}:\n{err[-3000:]}"

@@ -7,7 +7,6 @@ the previous complete checkpoint is used)."""
 import json
 import os
 import struct
-import sys
 import threading
 
 import pytest
@@ -20,6 +19,7 @@ from paratron.convert.errors import ConversionError
 from paratron.convert.hf_loader import SafetensorsFolder
 from paratron.convert.tokenizer_files import describe
 from cli_utils import one_line_error, train
+from file_audit import FileAudit
 from test_checkpoint import FLAGS, save, steps
 from test_training import make_trainer
 
@@ -81,29 +81,7 @@ def _edit_metadata(path, edit):
     (path / "metadata.json").write_text(json.dumps(meta))
 
 
-class OpenAudit:
-    """Every file a block of code opens (through Python's `open` / `os.open` audit
-    events)."""
-
-    def __init__(self):
-        self.paths: list[str] = []
-        self.active = False
-        sys.addaudithook(self._hook)
-
-    def _hook(self, event, args):
-        if self.active and event in ("open", "os.open") and isinstance(args[0], (str, bytes)):
-            self.paths.append(os.path.realpath(args[0]))
-
-    def __enter__(self):
-        self.paths.clear()
-        self.active = True
-        return self
-
-    def __exit__(self, *exc):
-        self.active = False
-
-
-AUDIT = OpenAudit()
+AUDIT = FileAudit()
 
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 
 from paratron.checkpoint.state import VOCAB_ROWS, resize_rows
 from paratron.config import TransformerConfig
+from paratron.data.indexed_dataset import process_alive
 from paratron.convert.errors import ConversionError
 from paratron.convert.tokenizer_files import TokenizerFiles
 from paratron.model.gpt import GPTModel
@@ -197,15 +198,6 @@ def remove_stale_stages(parent: Path, name: str) -> None:
     for entry in parent.glob(glob.escape(prefix) + "*"):
         pid = entry.name[len(prefix):]
         if (pid.isdigit() and int(pid) > 0 and int(pid) != os.getpid()
-                and not _alive(int(pid)) and entry.is_dir() and not entry.is_symlink()):
+                and not process_alive(int(pid)) and entry.is_dir() and not entry.is_symlink()):
             shutil.rmtree(entry, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True

@@ -95,16 +95,21 @@ def temporary_path(path: str) -> str:
     return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
-def _process_is_gone(pid: int) -> bool:
-    if pid == os.getpid():  # opened before this run's own: left by an earlier process with this id
-        return True
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine is running (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except OSError:  # e.g. another user's process: alive
         return False
-    return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
+
+
+def _process_is_gone(pid: int) -> bool:
+    # This run's own pid: temporaries are cleaned before this run creates any, so such a
+    # file was left by an earlier process that had the same id.
+    return pid == os.getpid() or not process_alive(pid)
 
 
 def remove_stale_temporaries(path: str) -> list[str]:

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from paratron.parallel.launch import mark_ended
+from paratron.parallel.launch import launcher_rank, mark_ended
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -63,7 +63,7 @@ class ExitConditions:
         process. `os._exit`: unwinding from here could wait in a collective on ranks
         that are already gone; a checkpoint being written is left as an interrupted
         save, which the next start recognises and skips."""
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        rank = dist.get_rank() if dist.is_initialized() else launcher_rank()
         done = "during its first iteration" if self.iteration is None else \
             f"after iteration {self.iteration}"
         mark_ended(rank, signal.Signals(signum).name)  # alive: a restarted round can tell
