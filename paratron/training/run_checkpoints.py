@@ -138,7 +138,8 @@ class RunCheckpoints:
         if found is None:
             return
         iteration, path = found
-        self._check_same_model(path, tr)
+        recorded = files.read_metadata(path).get("config") or {}  # the run that saved it
+        self._check_same_model(path, recorded.get("model"), tr)
         load_optim = not (c.no_load_optim or c.finetune)
         try:
             meta = load_checkpoint(path, tr.models, tr.pg, tr.optimizer if load_optim else None,
@@ -155,17 +156,16 @@ class RunCheckpoints:
         if not c.no_load_rng:
             self._rng_from = path
         if load_optim:
-            self._warn_schedule_change(path, tr)
+            self._warn_schedule_change(recorded, tr)
         self.last_saved = tr.state.iteration
         self.log(f" successfully loaded checkpoint from {c.load} at iteration {iteration}")
 
-    def _check_same_model(self, path: Path, tr) -> None:
+    def _check_same_model(self, path: Path, record, tr) -> None:
         """Refuse a checkpoint of another model (see `paratron.model.identity`): its
         tensors would be loaded by name, skipped or cut, into a model they do not fit.
         The parallel layout and run-only settings may differ; --finetune loads weights
         too, so it is checked alike."""
         c = self.cfg
-        record = (files.read_metadata(path).get("config") or {}).get("model")
         if record is None:
             self.log(f"WARNING: {path} records no model configuration; its tensors are "
                      f"loaded by name and shape only")
@@ -192,12 +192,11 @@ class RunCheckpoints:
         raise ConfigError(f"--load {c.load}: {path.name} is a checkpoint of another model: "
                           f"{key} is {there} there, {here} here; {fix}")
 
-    def _warn_schedule_change(self, path: Path, tr) -> None:
+    def _warn_schedule_change(self, saved: dict, tr) -> None:
         """Say when the resumed run's learning-rate schedule is not the checkpoint's. The
         checkpoint gives the step count, this run's flags the schedule, and
         --lr-decay-iters defaults to --train-iters: asking for a few more iterations
         would otherwise silently stretch (or cut) the decay already under way."""
-        saved = files.read_metadata(path).get("config") or {}
         optimizer, training = saved.get("optimizer"), saved.get("training")
         if not (isinstance(optimizer, dict) and isinstance(training, dict)):
             return
