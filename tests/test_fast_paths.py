@@ -66,11 +66,11 @@ def test_chunked_cross_entropy_bf16_gradient_is_bf16_and_equal():
 def _tp2_cross_entropy(chunk):
     pg = ProcessGroups.build(2, 1)
     logits, target = _logits(v=64)
-    mine = logits[..., 32 * pg.tp_rank:32 * (pg.tp_rank + 1)]
+    mine = logits[..., 32 * pg.tp.rank:32 * (pg.tp.rank + 1)]
     loss, grad = _loss_and_grad(chunked_vocab_parallel_cross_entropy, mine, target,
                                 pg=pg, chunk_tokens=chunk)
     parts = [torch.empty_like(grad) for _ in range(2)]
-    dist.all_gather(parts, grad.contiguous(), group=pg.tp_group)
+    dist.all_gather(parts, grad.contiguous(), group=pg.tp.group)
     return loss, torch.cat(parts, dim=-1)
 
 

@@ -168,11 +168,11 @@ def test_bad_sampling_values_are_refused(kwargs, fragment):
         Sampling(**kwargs)
 
 
-@pytest.mark.parametrize("sizes,flag", [(dict(pp_size=2), "--pipeline-model-parallel-size"),
-                                        (dict(cp_size=2), "--context-parallel-size")])
+@pytest.mark.parametrize("sizes,flag", [(dict(pp=2), "--pipeline-model-parallel-size"),
+                                        (dict(cp=2), "--context-parallel-size")])
 def test_pipeline_and_context_parallel_are_refused(sizes, flag):
     with pytest.raises(ValueError, match=flag):
-        check_generation_layout(ProcessGroups(world_size=2, **sizes))
+        check_generation_layout(ProcessGroups.sizes_only(world_size=2, **sizes))
 
 
 # ---------------------------------------------------------------- the command line

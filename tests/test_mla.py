@@ -201,7 +201,7 @@ def test_mla_selective_recompute_replays_dropout():
 
 def _check_tensor_parallel(tp: int) -> list[str]:
     pg = ProcessGroups.build(tp=tp, pp=1)
-    r = pg.tp_rank
+    r = pg.tp.rank
     s, b = 8, 2
     checked = []
     for q_lora_rank in (None, 24):

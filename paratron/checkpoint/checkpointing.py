@@ -45,8 +45,8 @@ from paratron.checkpoint.state import (collect_tensors, distributed, load_model,
 
 def layout_of(models, pg) -> dict:
     """The process layout a checkpoint was written from (RNG states depend on it)."""
-    return {"world_size": pg.world_size, "tp": pg.tp_size, "pp": pg.pp_size,
-            "dp": pg.dp_size, "cp": pg.cp_size, "ep": pg.ep_size, "etp": pg.etp_size,
+    return {"world_size": pg.world_size, "tp": pg.tp.size, "pp": pg.pp.size,
+            "dp": pg.dp.size, "cp": pg.cp.size, "ep": pg.ep.size, "etp": pg.etp.size,
             "virtual_stages": len(models),
             "distributed_optimizer": any(getattr(m, "sharded", False) for m in models)}
 

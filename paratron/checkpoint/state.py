@@ -103,17 +103,17 @@ def _all_gather(t: torch.Tensor, size: int, group) -> list[torch.Tensor]:
 def gather_logical(local: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
     """The unsharded tensor from every rank's `local` (shaped like `param`)."""
     if getattr(param, "expert_parallel", False):
-        etp = _all_gather(local, pg.etp_size, pg.etp_group)
-        per_ep = _all_gather(torch.stack(etp), pg.ep_size, pg.ep_group)
+        etp = _all_gather(local, pg.etp.size, pg.etp.group)
+        per_ep = _all_gather(torch.stack(etp), pg.ep.size, pg.ep.group)
         return expert_gather([list(x.unbind(0)) for x in per_ep], param)
-    return gather_tensor(_all_gather(local, pg.tp_size, pg.tp_group), param)
+    return gather_tensor(_all_gather(local, pg.tp.size, pg.tp.group), param)
 
 
 def shard_logical(full: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
     """This rank's part of the unsharded tensor `full` for `param`."""
     if getattr(param, "expert_parallel", False):
         return expert_shard(full, param, pg)
-    return shard_tensor(full, param, pg.tp_size, pg.tp_rank)
+    return shard_tensor(full, param, pg.tp.size, pg.tp.rank)
 
 
 def fit_vocab_rows(name: str, full: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
@@ -125,7 +125,7 @@ def fit_vocab_rows(name: str, full: torch.Tensor, param: nn.Parameter, pg) -> to
     (the run's padded size is never below the tokenizer's, so no token's row is cut)."""
     if not name.endswith(VOCAB_ROWS):
         return full
-    return resize_rows(full, full_shape(param, pg.tp_size)[0])
+    return resize_rows(full, full_shape(param, pg.tp.size)[0])
 
 
 def resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -141,10 +141,10 @@ def _writes(entry_index: int, expert: bool, pg) -> bool:
     """Whether this rank writes logical tensor number `entry_index` of its stage: one
     rank among those holding it whole, spread round-robin over the stage."""
     if expert:
-        if pg.edp_rank != 0:
+        if pg.edp.rank != 0:
             return False
-        return entry_index % (pg.ep_size * pg.etp_size) == pg.ep_rank * pg.etp_size + pg.etp_rank
-    return pg.dp_cp_rank == 0 and entry_index % pg.tp_size == pg.tp_rank
+        return entry_index % (pg.ep.size * pg.etp.size) == pg.ep.rank * pg.etp.size + pg.etp.rank
+    return pg.dp_cp.rank == 0 and entry_index % pg.tp.size == pg.tp.rank
 
 
 # ------------------------------------------------------------------ segments
@@ -169,7 +169,7 @@ def _sharding_group(entry: ParamEntry, pg):
     """(group, size) over which the distributed optimizer splits `entry`'s state."""
     if not getattr(entry.chunk, "sharded", False):
         return None, 1
-    return (pg.edp_group, pg.edp_size) if entry.expert else (pg.dp_cp_group, pg.dp_cp_size)
+    return (pg.edp.group, pg.edp.size) if entry.expert else (pg.dp_cp.group, pg.dp_cp.size)
 
 
 def _flat_state(entry: ParamEntry, segments, get, pg) -> torch.Tensor:
@@ -227,7 +227,7 @@ def collect_tensors(models, pg, optimizer=None) -> dict[str, torch.Tensor]:
             full = gather_logical(local, e.param, pg)
             if mine:
                 out[key] = full.cpu().contiguous()
-    if pg.dp_cp_rank == 0 and pg.tp_rank == 0:
+    if pg.dp_cp.rank == 0 and pg.tp.rank == 0:
         for name, t in buffer_entries(models):
             out[f"buffer/{name}"] = t.detach().cpu().contiguous()
     return out

@@ -28,15 +28,15 @@ from paratron.parallel.tensor_parallel import GatherFromTensorParallelRegion
 
 def check_generation_layout(pg) -> None:
     """Generation runs one model replica split by tensor parallelism only."""
-    for name, size in (("--pipeline-model-parallel-size", pg.pp_size),
-                       ("--context-parallel-size", pg.cp_size),
-                       ("--expert-model-parallel-size", pg.ep_size)):
+    for name, size in (("--pipeline-model-parallel-size", pg.pp.size),
+                       ("--context-parallel-size", pg.cp.size),
+                       ("--expert-model-parallel-size", pg.ep.size)):
         if size > 1:
             raise ValueError(f"generation does not support {name} {size}; use tensor "
                              f"parallelism (--tensor-model-parallel-size) only")
-    if pg.world_size != pg.tp_size:
+    if pg.world_size != pg.tp.size:
         raise ValueError(f"generation runs one model replica: launch exactly "
-                         f"--tensor-model-parallel-size ({pg.tp_size}) processes, not "
+                         f"--tensor-model-parallel-size ({pg.tp.size}) processes, not "
                          f"{pg.world_size}")
 
 
@@ -57,9 +57,9 @@ def generation_bytes(model, rows: int, width: int, total: int) -> int:
     buffers, the full key/value cache and the prefill's logits."""
     pg, config = model.pg, model.config
     element = next(model.parameters()).element_size()
-    vocab = config.padded_vocab_size // pg.tp_size
+    vocab = config.padded_vocab_size // pg.tp.size
     return (rows * total * (8 + 1 + 8 + 8)
-            + cache_bytes(config, rows, total, pg.tp_size, element)
+            + cache_bytes(config, rows, total, pg.tp.size, element)
             + rows * width * vocab * element)
 
 
@@ -92,16 +92,16 @@ def _batch(prompts: list[list[int]], rows: int, length: int, device) -> tuple:
 def _last_logits(model, logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     """The last position's full-vocabulary logits [b, v] in fp32, padding ids masked."""
     last = logits[:, -1].float()
-    if model.pg.tp_size > 1:
-        last = GatherFromTensorParallelRegion.apply(last.contiguous(), model.pg.tp_group)
+    if model.pg.tp.size > 1:
+        last = GatherFromTensorParallelRegion.apply(last.contiguous(), model.pg.tp.group)
     if vocab_size is not None and vocab_size < last.shape[-1]:
         last[:, vocab_size:] = float("-inf")
     return last
 
 
 def _same_on_every_rank(ids: torch.Tensor, pg) -> torch.Tensor:
-    if pg.tp_size > 1:
-        dist.broadcast(ids, src=dist.get_global_rank(pg.tp_group, 0), group=pg.tp_group)
+    if pg.tp.size > 1:
+        dist.broadcast(ids, src=dist.get_global_rank(pg.tp.group, 0), group=pg.tp.group)
     return ids
 
 
@@ -133,9 +133,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *,
                          f"{max_new_tokens} exceeds the model's learned positions "
                          f"({config.max_position_embeddings}); shorten one of them")
     rows = len(prompts)
-    if pg.tp_size > 1 and moe_layers(model):
+    if pg.tp.size > 1 and moe_layers(model):
         # MoE layers split the tokens of a step over the TP ranks: pad the batch.
-        rows = -(-rows // pg.tp_size) * pg.tp_size
+        rows = -(-rows // pg.tp.size) * pg.tp.size
     _check_memory(model, rows, width, total, memory_bytes)
     device = next(model.parameters()).device
     tokens, real, positions = _batch(prompts, rows, total, device)

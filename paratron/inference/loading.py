@@ -75,7 +75,7 @@ def load_paratron_model(load_dir: str | os.PathLike, pg, *,
         raise ValueError(f"{path}: the checkpoint records no configuration to rebuild "
                          f"the model from")
     embedding = meta.get("tensors", {}).get(EMBEDDING)
-    cfg = config_for_generation(meta["config"], pg.tp_size,
+    cfg = config_for_generation(meta["config"], pg.tp.size,
                                 embedding["shape"][0] if embedding else None)
     model = GPTModel(cfg.model, pg)
     load_checkpoint(path, [model], pg, load_optim=False, load_rng=False, log=log)
@@ -84,7 +84,7 @@ def load_paratron_model(load_dir: str | os.PathLike, pg, *,
 
 def shard_model(full: GPTModel, pg) -> GPTModel:
     """This rank's tensor-parallel part of a whole single-process model (same config)."""
-    if pg.tp_size == 1:
+    if pg.tp.size == 1:
         return full
     model = GPTModel(full.config, pg)
     state = full.state_dict()

@@ -47,7 +47,7 @@ def attend(module: nn.Module, q, k, v, attention_mask) -> torch.Tensor:
     pg = module.pg
 
     def run(q, k, v):
-        if pg.cp_size > 1:  # this rank's two sequence chunks against the whole sequence
+        if pg.cp.size > 1:  # this rank's two sequence chunks against the whole sequence
             return context_parallel_attention(q, k, v, pg, module.config.cp_comm_type,
                                               scale=module.softmax_scale, dropout_p=dropout)
         return core_attention(q, k, v, attention_mask, dropout, module.softmax_scale)
@@ -66,7 +66,7 @@ class SelfAttention(nn.Module):
         c = config
         self.config = c
         self.head_dim = c.kv_channels
-        tp = pg.tp_size
+        tp = pg.tp.size
         self.heads = c.num_attention_heads // tp
         # Fewer key/value groups than TP ranks: each rank keeps its group's k and v.
         self.replicated_kv = c.num_query_groups < tp
@@ -85,7 +85,7 @@ class SelfAttention(nn.Module):
         if c.qk_layernorm:
             self.q_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
             self.k_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
-            if pg.tp_size > 1:
+            if pg.tp.size > 1:
                 # Replicated, but each TP rank applies it to its own heads only: the
                 # gradient is the sum over TP, like a norm under sequence parallelism.
                 for p in (*self.q_layernorm.parameters(), *self.k_layernorm.parameters()):

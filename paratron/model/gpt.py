@@ -53,7 +53,7 @@ class LanguageModelEmbedding(nn.Module):
                 x = x + self.position_embeddings(position_ids)
             x = x.transpose(0, 1).contiguous()
             if self.sequence_parallel:
-                x = ScatterToSequenceParallelRegion.apply(x, self.pg.tp_group)
+                x = ScatterToSequenceParallelRegion.apply(x, self.pg.tp.group)
         if not self.sequence_parallel or not self.training or self.dropout == 0:
             return F.dropout(x, self.dropout, self.training)
         with self.pg.rng.fork():  # each rank holds different tokens: its own masks
@@ -101,7 +101,7 @@ class GPTModel(nn.Module):
         virtual stages) starts from exactly the single-process weights, and a tied
         output layer on the last stage starts equal to the first stage's embedding.
         """
-        tp, rank = self.pg.tp_size, self.pg.tp_rank
+        tp, rank = self.pg.tp.size, self.pg.tp.rank
         def generator(name: str) -> torch.Generator:
             return torch.Generator().manual_seed(seed * 1_000_003
                                                  + zlib.crc32(self._global(name).encode()))

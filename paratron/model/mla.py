@@ -129,11 +129,11 @@ class MLASelfAttention(nn.Module):
         super().__init__()
         pg = pg or ProcessGroups.single()
         c = config
-        if c.num_attention_heads % pg.tp_size:
+        if c.num_attention_heads % pg.tp.size:
             raise ValueError(f"--num-attention-heads {c.num_attention_heads} is not divisible "
-                             f"by TP {pg.tp_size}")
+                             f"by TP {pg.tp.size}")
         self.config, self.pg, self.layer_number = c, pg, layer_number
-        self.heads = c.num_attention_heads // pg.tp_size
+        self.heads = c.num_attention_heads // pg.tp.size
         self.q_head_dim = c.qk_head_dim + c.qk_pos_emb_head_dim
         sp, std = c.sequence_parallel, c.init_method_std
         q_out = c.num_attention_heads * self.q_head_dim
@@ -166,7 +166,7 @@ class MLASelfAttention(nn.Module):
         """inference_params (generation): the normalised latent and the rotated rope key
         of this step join the cached ones, and keys and values are expanded from all of
         them (see the module docstring)."""
-        c, group = self.config, self.pg.tp_group
+        c, group = self.config, self.pg.tp.group
         # Queries: this rank's heads for the whole sequence.
         if c.q_lora_rank is None:
             q = self.linear_q_proj(x)

@@ -385,11 +385,11 @@ class Experts(nn.Module):
         c = config
         self.activation = c.mlp_activation()
         self.grouped_gemm = c.moe_grouped_gemm
-        ffn = (c.moe_ffn_hidden_size or c.ffn_hidden_size) // pg.etp_size
-        local = c.num_experts // pg.ep_size
-        first = pg.ep_rank * local
+        ffn = (c.moe_ffn_hidden_size or c.ffn_hidden_size) // pg.etp.size
+        local = c.num_experts // pg.ep.size
+        first = pg.ep.rank * local
         swiglu = self.activation == "swiglu"
-        common = dict(etp_size=pg.etp_size, etp_rank=pg.etp_rank)
+        common = dict(etp_size=pg.etp.size, etp_rank=pg.etp.rank)
         self.linear_fc1 = ExpertLinear(c.num_experts, first, local, c.hidden_size,
                                        2 * ffn if swiglu else ffn, tensor_parallel_dim=1,
                                        layout="gate_up" if swiglu else None,
@@ -472,19 +472,19 @@ class MoELayer(nn.Module):
         super().__init__()
         c = config
         self.pg = pg = pg or ProcessGroups.single()
-        check_moe_config(c, pg.tp_size, pg.ep_size, pg.etp_size)
+        check_moe_config(c, pg.tp.size, pg.ep.size, pg.etp.size)
         self.config, self.layer_number = c, layer_number
         # Without sequence parallelism the TP ranks hold the same tokens: each dispatches
         # its 1/TP after routing them all.
-        self.split_tokens = pg.tp_size > 1 and not c.sequence_parallel
+        self.split_tokens = pg.tp.size > 1 and not c.sequence_parallel
         # Ranks over which one micro-batch's routed tokens are split (load-balancing counts).
         self.token_groups = []
-        if pg.tp_size > 1 and c.sequence_parallel:
-            self.token_groups.append(pg.tp_group)
-        if pg.cp_size > 1:
-            self.token_groups.append(pg.cp_group)
-        self.token_split = (pg.tp_size if c.sequence_parallel else 1) * pg.cp_size
-        self.router = TopKRouter(c, tokens_split_over_tp=c.sequence_parallel and pg.tp_size > 1)
+        if pg.tp.size > 1 and c.sequence_parallel:
+            self.token_groups.append(pg.tp.group)
+        if pg.cp.size > 1:
+            self.token_groups.append(pg.cp.group)
+        self.token_split = (pg.tp.size if c.sequence_parallel else 1) * pg.cp.size
+        self.router = TopKRouter(c, tokens_split_over_tp=c.sequence_parallel and pg.tp.size > 1)
         self.experts = Experts(c, pg)
         self.shared_experts = (SharedExperts(c, pg)
                                if c.moe_shared_expert_intermediate_size else None)
@@ -503,18 +503,18 @@ class MoELayer(nn.Module):
             token_groups=tuple(self.token_groups), token_split=self.token_split)
         self._record(losses)
         if self.split_tokens:
-            tp, group = self.pg.tp_size, self.pg.tp_group
+            tp, group = self.pg.tp.size, self.pg.tp.group
             if tokens.shape[0] % tp:
                 raise ValueError(f"MoE without --sequence-parallel needs sequence x micro-batch "
                                  f"({tokens.shape[0]} tokens) divisible by TP {tp}")
             tokens = ScatterToSequenceParallelRegion.apply(tokens, group)
             probs = ScatterToSequenceParallelRegion.apply(probs, group)
-            routing_map = routing_map.chunk(tp)[self.pg.tp_rank]
+            routing_map = routing_map.chunk(tp)[self.pg.tp.rank]
         rows, tokens_per_expert, plan = self.dispatcher.dispatch(tokens, probs, routing_map)
         rows = self.experts(rows, tokens_per_expert)
         out = self.dispatcher.combine(rows, plan)
         if self.split_tokens:
-            out = GatherFromSequenceParallelRegion.apply(out, self.pg.tp_group, False)
+            out = GatherFromSequenceParallelRegion.apply(out, self.pg.tp.group, False)
         out = out.view(s, b, h)
         return out if shared is None else out + shared
 
@@ -570,10 +570,10 @@ def update_expert_bias(modules, pg: ProcessGroups, rate: float | None = None) ->
     if not routers:
         return
     counts = torch.stack([r.local_tokens_per_expert for r in routers])
-    if pg.dp_cp_size > 1:
-        dist.all_reduce(counts, group=pg.dp_cp_group)
+    if pg.dp_cp.size > 1:
+        dist.all_reduce(counts, group=pg.dp_cp.group)
     if routers[0].tokens_split_over_tp:
-        dist.all_reduce(counts, group=pg.tp_group)
+        dist.all_reduce(counts, group=pg.tp.group)
     for router, count in zip(routers, counts):
         step = rate if rate is not None else getattr(router.config,
                                                      "moe_router_bias_update_rate", 1e-3)

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from paratron.parallel.comm import all_gather, reduce_scatter
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import get_rng_state, set_rng_state
 
@@ -98,10 +99,6 @@ def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int,
 
 
 # ---------------------------------------------------------------------- collectives
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
 class AllGatherFromContextParallelRegion(torch.autograd.Function):
     """Forward: all-gather along dim 0 (in CP-rank order).
 
@@ -112,29 +109,18 @@ class AllGatherFromContextParallelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        size = _group_size(group)
-        x = x.contiguous()
-        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-        # all_gather_single is the newer name of all_gather_into_tensor.
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, x, group=group)
-        return out
+        return all_gather(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        size = _group_size(ctx.group)
-        grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
-        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        scatter(out, grad, group=ctx.group)
-        return out, None
+        return reduce_scatter(grad, ctx.group), None
 
 
 class _Ring:
     """This rank's neighbours in the CP group, as global ranks."""
 
     def __init__(self, pg: ProcessGroups):
-        size, rank, group = pg.cp_size, pg.cp_rank, pg.cp_group
+        size, rank, group = pg.cp.size, pg.cp.rank, pg.cp.group
         self.group = group
         self.next = dist.get_global_rank(group, (rank + 1) % size)
         self.prev = dist.get_global_rank(group, (rank - 1) % size)
@@ -298,12 +284,12 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     tokens in the load-balanced layout (`split_for_context_parallel`); g divides n.
     Returns [s_local, b, n x d_v] in q's dtype. At CP 1 this is plain causal SDPA.
     """
-    _check_inputs(q, k, v, pg.cp_size, comm_type)
+    _check_inputs(q, k, v, pg.cp.size, comm_type)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s, b, n = q.shape[:3]
     # SDPA's layout: [b, heads, s, d].
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-    if pg.cp_size == 1:
+    if pg.cp.size == 1:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                              scale=scale, enable_gqa=k.shape[1] != n)
     elif comm_type == "all_gather":
@@ -314,19 +300,19 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def _all_gather_attention(q, k, v, pg: ProcessGroups, scale: float, dropout_p: float):
-    cp = pg.cp_size
+    cp = pg.cp.size
     c = q.shape[2] // 2
 
     def gather(t):  # [b, g, s_local, d] -> [b, g, s, d] in sequence order
         gathered = AllGatherFromContextParallelRegion.apply(
-            t.permute(2, 0, 1, 3), pg.cp_group)  # along the sequence: dim 0
+            t.permute(2, 0, 1, 3), pg.cp.group)  # along the sequence: dim 0
         parts = gathered.chunk(2 * cp)  # rank i contributed parts 2i (chunk i), 2i+1
         order = [2 * j if j < cp else 2 * (2 * cp - 1 - j) + 1 for j in range(2 * cp)]
         return torch.cat([parts[i] for i in order]).permute(1, 2, 0, 3)
 
     k_all, v_all = gather(k), gather(v)
     outs = []
-    for half, chunk in enumerate(context_parallel_chunks(cp, pg.cp_rank)):
+    for half, chunk in enumerate(context_parallel_chunks(cp, pg.cp.rank)):
         # This chunk's queries see the keys up to the end of the chunk: causal within it.
         end = (chunk + 1) * c
         rows = torch.arange(chunk * c, end, device=q.device).unsqueeze(1)
@@ -339,7 +325,7 @@ def _all_gather_attention(q, k, v, pg: ProcessGroups, scale: float, dropout_p: f
 
 
 def _ring_attention(q, k, v, pg: ProcessGroups, scale: float, dropout_p: float):
-    cp, rank = pg.cp_size, pg.cp_rank
+    cp, rank = pg.cp.size, pg.cp.rank
     c = q.shape[2] // 2
     ring = _Ring(pg)
     k, v = k.contiguous(), v.contiguous()

@@ -83,7 +83,7 @@ def chunked_vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Ten
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     pg = pg or ProcessGroups.single()
-    group = pg.tp_group if pg.tp_size > 1 else None
-    vocab_start = pg.tp_rank * logits.shape[-1]
+    group = pg.tp.group if pg.tp.size > 1 else None
+    vocab_start = pg.tp.rank * logits.shape[-1]
     return _ChunkedVocabParallelCrossEntropy.apply(logits, target, group, vocab_start,
                                                    ignore_index, chunk_tokens)

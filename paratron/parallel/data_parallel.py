@@ -25,19 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from paratron.parallel.comm import all_gather_into, reduce_scatter_into
 from paratron.parallel.process_groups import ProcessGroups
 
 DEFAULT_BUCKET_SIZE = 40_000_000
-
-
-def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: bool):
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(output, input, group=group, async_op=async_op)
-
-
-def _all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool):
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(output, input, group=group, async_op=async_op)
 
 
 class Bucket:
@@ -110,7 +101,7 @@ class DataParallel(nn.Module):
         self.module = module
         self.pg = pg or ProcessGroups.single()
         pg = self.pg
-        dp = pg.dp_cp_size
+        dp = pg.dp_cp.size
         self.sharded = use_distributed_optimizer and dp > 1
         self.overlap_grad_reduce = overlap_grad_reduce and dp > 1
         self.overlap_param_gather = overlap_param_gather and self.sharded
@@ -118,8 +109,8 @@ class DataParallel(nn.Module):
         params = [p for p in module.parameters() if p.requires_grad]
         device = params[0].device
         # Experts are replicated over the expert-data-parallel group only.
-        groups = {False: (pg.dp_cp_group, pg.dp_cp_size, pg.dp_cp_rank),
-                  True: (pg.edp_group, pg.edp_size, pg.edp_rank)}
+        groups = {False: (pg.dp_cp.group, pg.dp_cp.size, pg.dp_cp.rank),
+                  True: (pg.edp.group, pg.edp.size, pg.edp.rank)}
         by_kind: dict[tuple[torch.dtype, bool], list[nn.Parameter]] = {}
         for p in params:
             by_kind.setdefault((p.dtype, getattr(p, "expert_parallel", False)), []).append(p)
@@ -172,7 +163,7 @@ class DataParallel(nn.Module):
         if self.sharded:
             bucket.grad_shard_out = torch.empty(bucket.shard_size, dtype=grads.dtype,
                                                 device=grads.device)
-            bucket.grad_handle = _reduce_scatter(bucket.grad_shard_out, grads, group,
+            bucket.grad_handle = reduce_scatter_into(bucket.grad_shard_out, grads, group,
                                                  async_op)
         else:
             bucket.grad_handle = dist.all_reduce(grads, group=group, async_op=async_op)
@@ -209,7 +200,7 @@ class DataParallel(nn.Module):
             for bucket in buf.buckets:
                 full = buf.param_data[bucket.offset:bucket.offset + bucket.numel]
                 mine = full[bucket.shard_start - bucket.offset:][:bucket.shard_size].clone()
-                bucket.param_handle = _all_gather(full, mine, buf.group,
+                bucket.param_handle = all_gather_into(full, mine, buf.group,
                                                   self.overlap_param_gather)
                 if not self.overlap_param_gather:
                     bucket.param_handle = None

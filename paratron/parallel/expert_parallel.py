@@ -177,8 +177,8 @@ class AllToAllDispatcher:
 
     def __init__(self, num_experts: int, pg: ProcessGroups):
         self.pg, self.num_experts = pg, num_experts
-        self.num_local_experts = num_experts // pg.ep_size
-        self.first_expert = pg.ep_rank * self.num_local_experts
+        self.num_local_experts = num_experts // pg.ep.size
+        self.first_expert = pg.ep.rank * self.num_local_experts
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
         """Returns (rows of the local experts grouped by expert, rows per local expert,
@@ -186,20 +186,20 @@ class AllToAllDispatcher:
         pg, local = self.pg, self.num_local_experts
         rows, row_probs, token_index, counts = permute(x, routing_map, probs)
         plan = _AllToAllPlan(token_index, row_probs, x.shape[0], [], [], None, None)
-        if pg.ep_size == 1 and pg.etp_size == 1:
+        if pg.ep.size == 1 and pg.etp.size == 1:
             return rows, counts.tolist(), plan
         # received[i, e]: rows that EP rank i sends to this rank's local expert e.
-        everyone = _gather_counts(counts, pg.ep_group, pg.ep_size)
+        everyone = _gather_counts(counts, pg.ep.group, pg.ep.size)
         received = everyone[:, self.first_expert:self.first_expert + local]
-        plan.input_splits = counts.view(pg.ep_size, local).sum(1).tolist()
+        plan.input_splits = counts.view(pg.ep.size, local).sum(1).tolist()
         plan.output_splits = received.sum(1).tolist()
-        if pg.ep_size > 1:
-            rows = AllToAll.apply(rows, plan.output_splits, plan.input_splits, pg.ep_group)
-        if pg.etp_size > 1:
-            received = _gather_counts(received, pg.etp_group, pg.etp_size)
+        if pg.ep.size > 1:
+            rows = AllToAll.apply(rows, plan.output_splits, plan.input_splits, pg.ep.group)
+        if pg.etp.size > 1:
+            received = _gather_counts(received, pg.etp.group, pg.etp.size)
             plan.etp_sizes = received.sum((1, 2)).tolist()
             received = received.reshape(-1, local)
-            rows = AllGatherV.apply(rows, plan.etp_sizes, pg.etp_group)
+            rows = AllGatherV.apply(rows, plan.etp_sizes, pg.etp.group)
         if local > 1:
             plan.sort_index = chunk_transpose_index(received)
             rows = rows.index_select(0, plan.sort_index)
@@ -214,9 +214,9 @@ class AllToAllDispatcher:
                                                     device=plan.sort_index.device)
             rows = rows.index_select(0, inverse)
         if plan.etp_sizes is not None:
-            rows = ReduceScatterV.apply(rows, plan.etp_sizes, pg.etp_group)
-        if pg.ep_size > 1:
-            rows = AllToAll.apply(rows, plan.input_splits, plan.output_splits, pg.ep_group)
+            rows = ReduceScatterV.apply(rows, plan.etp_sizes, pg.etp.group)
+        if pg.ep.size > 1:
+            rows = AllToAll.apply(rows, plan.input_splits, plan.output_splits, pg.ep.group)
         return unpermute(rows, plan.row_probs, plan.token_index, plan.num_tokens)
 
 
@@ -234,12 +234,12 @@ class AllGatherDispatcher:
 
     def __init__(self, num_experts: int, pg: ProcessGroups):
         self.pg, self.num_experts = pg, num_experts
-        self.num_local_experts = num_experts // pg.ep_size
-        self.first_expert = pg.ep_rank * self.num_local_experts
+        self.num_local_experts = num_experts // pg.ep.size
+        self.first_expert = pg.ep.rank * self.num_local_experts
 
     def _groups(self):
         pg = self.pg
-        return [(g, s) for g, s in ((pg.etp_group, pg.etp_size), (pg.ep_group, pg.ep_size))
+        return [(g, s) for g, s in ((pg.etp.group, pg.etp.size), (pg.ep.group, pg.ep.size))
                 if s > 1]
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
@@ -287,16 +287,16 @@ def mark_expert_parallel(param: torch.nn.Parameter, num_experts: int,
 
 def expert_full_shape(param: torch.Tensor, pg: ProcessGroups) -> list[int]:
     """The unsharded shape of an expert weight: all experts, whole expert matrices."""
-    shape = full_shape(param, pg.etp_size)
+    shape = full_shape(param, pg.etp.size)
     shape[0] = param.num_experts
     return shape
 
 
 def expert_shard(full: torch.Tensor, param: torch.Tensor, pg: ProcessGroups) -> torch.Tensor:
     """This rank's part of the unsharded expert tensor `full` [num_experts, ...]."""
-    local = param.num_experts // pg.ep_size
-    block = full[pg.ep_rank * local:(pg.ep_rank + 1) * local]
-    return shard_tensor(block, param, pg.etp_size, pg.etp_rank)
+    local = param.num_experts // pg.ep.size
+    block = full[pg.ep.rank * local:(pg.ep.rank + 1) * local]
+    return shard_tensor(block, param, pg.etp.size, pg.etp.rank)
 
 
 def expert_gather(shards: list[list[torch.Tensor]], param: torch.Tensor) -> torch.Tensor:

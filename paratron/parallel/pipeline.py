@@ -120,7 +120,7 @@ def all_reduce_embedding_grads(models, pg: ProcessGroups) -> None:
     """Tied embeddings over several stages: the first stage's embedding and the last
     stage's output layer are one weight, so their gradients are summed over the
     embedding group (before the data-parallel reduction; both are sums)."""
-    if pg.pp_size == 1 or len(pg.embedding_ranks) < 2:
+    if pg.pp.size == 1 or len(pg.embedding_ranks) < 2:
         return
     for model in models:
         for p in model.module.parameters():
@@ -183,7 +183,7 @@ class _Messages:
         self.in_flight = []
 
     def _peer(self, offset: int) -> int:
-        ranks, r = self.pg.pp_ranks, self.pg.pp_rank
+        ranks, r = self.pg.pp_ranks, self.pg.pp.rank
         return ranks[(r + offset) % len(ranks)]
 
     # Activations flow to the next stage and gradients to the previous one; with two
@@ -194,7 +194,7 @@ class _Messages:
         tag = self.ACTIVATION if to_next else self.GRADIENT
         self.pending_sends.append(dist.P2POp(dist.isend, tensor.contiguous(),
                                              self._peer(1 if to_next else -1),
-                                             group=self.pg.pp_group, tag=tag))
+                                             group=self.pg.pp.group, tag=tag))
 
     def exchange(self, recv_shape=None, dtype=None, device=None,
                  from_prev: bool = True) -> torch.Tensor | None:
@@ -206,7 +206,7 @@ class _Messages:
             buffer = torch.empty(recv_shape, dtype=dtype, device=device)
             tag = self.ACTIVATION if from_prev else self.GRADIENT
             ops = ops + [dist.P2POp(dist.irecv, buffer, self._peer(-1 if from_prev else 1),
-                                    group=self.pg.pp_group, tag=tag)]
+                                    group=self.pg.pp.group, tag=tag)]
         if not ops:
             return None
         works = dist.batch_isend_irecv(ops)
@@ -248,7 +248,7 @@ def run_schedule(order: list[Step], chunks: list[Chunk], pg: ProcessGroups,
     step runs and the number of activations held, for tests.
     """
     messages = _Messages(pg)
-    single = pg.pp_size == 1
+    single = pg.pp.size == 1
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     losses = []

@@ -19,8 +19,8 @@ A group spanning several dimensions (DP x CP for gradient reduction, TP x PP for
 model-parallel group) lists its ranks with the earlier dimension of the order fastest,
 which is also ascending global rank, so a rank's index in the list is its group rank.
 
-Fields per dimension: `<dim>_size`, `<dim>_rank` (index inside the group) and
-`<dim>_group`, for dim in tp, cp, dp, dp_cp, pp, mp (TP x PP), ep, etp, edp. Plus
+Each dimension is one record: `pg.tp.size`, `pg.tp.rank` (index inside the group) and
+`pg.tp.group`, likewise for cp, dp, dp_cp, pp, mp (TP x PP), ep, etp, edp. Plus
 `pp_ranks` (the global ranks of this rank's pipeline, for sends to the neighbouring
 stages), the embedding group (first and last stage of the pipeline, which both hold the
 tied word embeddings) and `rng`, the dropout streams (see `paratron.parallel.random`).
@@ -105,42 +105,36 @@ def layout(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1,
     }
 
 
+@dataclass(frozen=True)
+class Dimension:
+    """One parallel dimension as this rank sees it: how many ranks share it, this rank's
+    index among them, and their torch.distributed group (None at size 1 without
+    torch.distributed; code that communicates checks `size` first, since `group=None`
+    would mean the whole world to torch.distributed)."""
+
+    size: int = 1
+    rank: int = 0
+    group: dist.ProcessGroup | None = field(default=None, compare=False)
+
+
+DIMENSIONS = ("tp", "cp", "dp", "dp_cp", "pp", "mp", "ep", "etp", "edp")
+
+
 @dataclass
 class ProcessGroups:
-    """Sizes, ranks and torch.distributed groups of each parallel dimension.
+    """Each parallel dimension of this rank (`pg.tp.size`, `pg.tp.rank`, `pg.tp.group`
+    for tp, cp, dp, dp_cp, pp, mp, ep, etp, edp), plus the pipeline's global ranks, the
+    embedding group and the dropout streams."""
 
-    A group is None when its size is 1 without torch.distributed (single process);
-    code that communicates checks the size first, since `group=None` would mean the
-    whole world to torch.distributed.
-    """
-
-    tp_size: int = 1
-    tp_rank: int = 0
-    tp_group: dist.ProcessGroup | None = None
-    dp_size: int = 1
-    dp_rank: int = 0
-    dp_group: dist.ProcessGroup | None = None
-    pp_size: int = 1
-    pp_rank: int = 0
-    pp_group: dist.ProcessGroup | None = None
-    cp_size: int = 1
-    cp_rank: int = 0
-    cp_group: dist.ProcessGroup | None = None
-    dp_cp_size: int = 1
-    dp_cp_rank: int = 0
-    dp_cp_group: dist.ProcessGroup | None = None
-    mp_size: int = 1
-    mp_rank: int = 0
-    mp_group: dist.ProcessGroup | None = None
-    ep_size: int = 1
-    ep_rank: int = 0
-    ep_group: dist.ProcessGroup | None = None
-    etp_size: int = 1
-    etp_rank: int = 0
-    etp_group: dist.ProcessGroup | None = None
-    edp_size: int = 1
-    edp_rank: int = 0
-    edp_group: dist.ProcessGroup | None = None
+    tp: Dimension = Dimension()
+    cp: Dimension = Dimension()
+    dp: Dimension = Dimension()
+    dp_cp: Dimension = Dimension()
+    pp: Dimension = Dimension()
+    mp: Dimension = Dimension()
+    ep: Dimension = Dimension()
+    etp: Dimension = Dimension()
+    edp: Dimension = Dimension()
     pp_ranks: tuple[int, ...] = (0,)
     embedding_ranks: tuple[int, ...] = (0,)  # empty on middle pipeline stages
     embedding_group: dist.ProcessGroup | None = None
@@ -153,6 +147,14 @@ class ProcessGroups:
     def single(cls) -> "ProcessGroups":
         """The layout of one process: every dimension of size 1."""
         return cls()
+
+    @classmethod
+    def sizes_only(cls, world_size: int = 1, **dims: int | tuple[int, int]) -> "ProcessGroups":
+        """A layout without communicators, for planning and tests: each keyword is a
+        dimension's size, or its (size, rank)."""
+        made = {name: Dimension(*((value,) if isinstance(value, int) else value))
+                for name, value in dims.items()}
+        return cls(world_size=world_size, **made)
 
     @classmethod
     def build(cls, tp: int, pp: int, cp: int = 1, ep: int = 1, etp: int | None = None, *,
@@ -183,17 +185,26 @@ class ProcessGroups:
                 if name == "embedding":
                     fields.update(embedding_ranks=key, embedding_group=made[key])
                 else:
-                    fields.update({f"{name}_size": len(key), f"{name}_rank": key.index(rank),
-                                   f"{name}_group": made[key]})
+                    fields[name] = Dimension(len(key), key.index(rank), made[key])
                 if name == "pp":
                     fields["pp_ranks"] = key
         return cls(**fields)
 
+    def all_reduce(self, tensor: torch.Tensor, *dims: str,
+                   op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """Reduce `tensor` in place over each named dimension in turn (over several
+        disjoint dimensions that is one reduction over their product), skipping those of
+        size 1."""
+        for name in dims:
+            dim = getattr(self, name)
+            if dim.size > 1:
+                dist.all_reduce(tensor, op=op, group=dim.group)
+        return tensor
+
     @property
     def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
+        return self.pp.rank == 0
 
     @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
-
+        return self.pp.rank == self.pp.size - 1

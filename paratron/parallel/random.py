@@ -163,11 +163,11 @@ def seed_everything(seed: int, pg, device: torch.device | str = "cpu") -> None:
     `pg` is the `ProcessGroups` object; `device` is where activations (and so dropout)
     live, whose default generator the tracked streams stand in for.
     """
-    base = data_parallel_seed(seed, pg.pp_rank)
+    base = data_parallel_seed(seed, pg.pp.rank)
     random.seed(base)
     np.random.seed(base)
     torch.manual_seed(base)  # every device's default generator
     pg.rng.reset()
-    pg.rng.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, pg.tp_rank, pg.pp_rank), device)
+    pg.rng.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, pg.tp.rank, pg.pp.rank), device)
     pg.rng.add(EXPERT_PARALLEL_RNG,
-               expert_parallel_seed(seed, pg.ep_rank, pg.etp_rank, pg.pp_rank), device)
+               expert_parallel_seed(seed, pg.ep.rank, pg.etp.rank, pg.pp.rank), device)

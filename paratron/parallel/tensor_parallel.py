@@ -32,51 +32,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from paratron.parallel.comm import all_gather, group_size, reduce_scatter
 from paratron.parallel.process_groups import ProcessGroups
-
-
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over the group, out of place (the input may be another branch's gradient)."""
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return x
     x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
 
 
-def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """Concatenate every rank's x along `dim`, in group-rank order."""
-    size = _size(group)
-    if size == 1:
-        return x
-    x = x.contiguous()
-    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-    # all_gather_single is the newer name of all_gather_into_tensor.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x, group=group)
-    return out if dim == 0 else torch.cat(out.chunk(size), dim=dim)
-
-
 def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over the group and keep this rank's 1/size of dim 0."""
-    size = _size(group)
-    if size == 1:
-        return x
-    _check_divisible(x, size, 0)
-    x = x.contiguous()
-    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    scatter(out, x, group=group)
-    return out
+    _check_divisible(x, group_size(group), 0)
+    return reduce_scatter(x, group)
 
 
 def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's 1/size of `dim`."""
-    size = _size(group)
+    size = group_size(group)
     if size == 1:
         return x
     _check_divisible(x, size, dim)
@@ -124,7 +101,7 @@ class ScatterToTensorParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, -1), None
+        return all_gather(grad, ctx.group, -1), None
 
 
 class GatherFromTensorParallelRegion(torch.autograd.Function):
@@ -133,7 +110,7 @@ class GatherFromTensorParallelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_gather(x, group, -1)
+        return all_gather(x, group, -1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -150,7 +127,7 @@ class ScatterToSequenceParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, 0), None
+        return all_gather(grad, ctx.group, 0), None
 
 
 class GatherFromSequenceParallelRegion(torch.autograd.Function):
@@ -165,7 +142,7 @@ class GatherFromSequenceParallelRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, grad_is_partial=True):
         ctx.group, ctx.grad_is_partial = group, grad_is_partial
-        return _all_gather(x, group, 0)
+        return all_gather(x, group, 0)
 
     @staticmethod
     def backward(ctx, grad):
@@ -185,7 +162,7 @@ class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, 0), None
+        return all_gather(grad, ctx.group, 0), None
 
 
 def _mark(param: nn.Parameter, dim: int | None) -> nn.Parameter:
@@ -208,7 +185,7 @@ def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter],
     Reads `main_grad` (the fp32 buffer of `DataParallel`) where a parameter has one,
     else `grad`; one all-reduce per dtype. Call once per step after backward.
     """
-    if pg.tp_size == 1:
+    if pg.tp.size == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
@@ -219,7 +196,7 @@ def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter],
                 by_dtype.setdefault(grad.dtype, []).append(grad)
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=pg.tp_group)
+        dist.all_reduce(flat, group=pg.tp.group)
         for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(summed.view_as(g))
 
@@ -232,7 +209,7 @@ def all_reduce_replicated_kv_grads(params: Iterable[nn.Parameter], pg: ProcessGr
     all-reduce over TP of a [groups, ...] tensor, each rank writing its group's slot,
     gives every rank its group's total. Call once per step after backward.
     """
-    if pg.tp_size == 1:
+    if pg.tp.size == 1:
         return
     for p in params:
         if getattr(p, "tensor_parallel_layout", None) != "qkv_replicated_kv":
@@ -244,9 +221,9 @@ def all_reduce_replicated_kv_grads(params: Iterable[nn.Parameter], pg: ProcessGr
             continue
         kv = grad[-2 * head_dim:]
         slots = kv.new_zeros((groups, *kv.shape))
-        group = pg.tp_rank // (pg.tp_size // groups)
+        group = pg.tp.rank // (pg.tp.size // groups)
         slots[group] = kv
-        dist.all_reduce(slots, group=pg.tp_group)
+        dist.all_reduce(slots, group=pg.tp.group)
         kv.copy_(slots[group])
 
 
@@ -274,11 +251,11 @@ class ColumnParallelLinear(nn.Module):
                  sequence_parallel: bool = False):
         super().__init__()
         pg = pg or ProcessGroups.single()
-        if out_features % pg.tp_size:
-            raise ValueError(f"output size {out_features} is not divisible by TP {pg.tp_size}")
-        self.group, self.gather_output = pg.tp_group, gather_output
+        if out_features % pg.tp.size:
+            raise ValueError(f"output size {out_features} is not divisible by TP {pg.tp.size}")
+        self.group, self.gather_output = pg.tp.group, gather_output
         self.sequence_parallel = sequence_parallel
-        self.out_per_rank = out_features // pg.tp_size
+        self.out_per_rank = out_features // pg.tp.size
         self.weight = None if skip_weight_param_allocation else _mark(
             nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype)), 0)
         self.bias = _mark(nn.Parameter(torch.zeros(self.out_per_rank, dtype=dtype)), 0) \
@@ -311,10 +288,10 @@ class RowParallelLinear(nn.Module):
                  sequence_parallel: bool = False):
         super().__init__()
         pg = pg or ProcessGroups.single()
-        if in_features % pg.tp_size:
-            raise ValueError(f"input size {in_features} is not divisible by TP {pg.tp_size}")
-        self.group, self.sequence_parallel = pg.tp_group, sequence_parallel
-        self.weight = _mark(nn.Parameter(torch.empty(out_features, in_features // pg.tp_size,
+        if in_features % pg.tp.size:
+            raise ValueError(f"input size {in_features} is not divisible by TP {pg.tp.size}")
+        self.group, self.sequence_parallel = pg.tp.group, sequence_parallel
+        self.weight = _mark(nn.Parameter(torch.empty(out_features, in_features // pg.tp.size,
                                                      dtype=dtype)), 1)
         self.bias = None
         if bias:
@@ -345,18 +322,18 @@ class VocabParallelEmbedding(nn.Module):
                  reduce_scatter_embeddings: bool = False):
         super().__init__()
         pg = pg or ProcessGroups.single()
-        if num_embeddings % pg.tp_size:
-            raise ValueError(f"vocabulary {num_embeddings} is not divisible by TP {pg.tp_size}")
-        self.group = pg.tp_group
+        if num_embeddings % pg.tp.size:
+            raise ValueError(f"vocabulary {num_embeddings} is not divisible by TP {pg.tp.size}")
+        self.group = pg.tp.group
         self.reduce_scatter_embeddings = reduce_scatter_embeddings
-        self.per_rank = num_embeddings // pg.tp_size
-        self.vocab_start = pg.tp_rank * self.per_rank
+        self.per_rank = num_embeddings // pg.tp.size
+        self.vocab_start = pg.tp.rank * self.per_rank
         self.weight = _mark(nn.Parameter(torch.empty(self.per_rank, embedding_dim,
                                                      dtype=dtype)), 0)
         self.init_std = init_std
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if _size(self.group) == 1:
+        if group_size(self.group) == 1:
             out = F.embedding(ids, self.weight)
         else:
             local = ids - self.vocab_start
@@ -414,6 +391,6 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                                  ignore_index: int = -100) -> torch.Tensor:
     """Per-token loss (fp32, reduction none) for logits split by vocabulary over TP."""
     pg = pg or ProcessGroups.single()
-    group = pg.tp_group if pg.tp_size > 1 else None
-    vocab_start = pg.tp_rank * logits.shape[-1]
+    group = pg.tp.group if pg.tp.size > 1 else None
+    vocab_start = pg.tp.rank * logits.shape[-1]
     return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, ignore_index)

@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from paratron.parallel.data_parallel import DataParallel
@@ -66,7 +65,7 @@ def build_segments(model: DataParallel) -> list[Segment]:
                 view = p.data.view(-1)[a - start:b - start]
                 main = view if p.dtype == torch.float32 else view.detach().float().clone()
                 # Elements replicated over TP (norms, shared k/v rows) count once.
-                mask = duplicate_mask(p, pg.tp_size, pg.tp_rank)
+                mask = duplicate_mask(p, pg.tp.size, pg.tp.rank)
                 if getattr(p, "shared_embedding_copy", False):
                     mask = torch.ones(p.shape, dtype=torch.bool)  # the first stage counts it
                 if mask is not None:
@@ -143,15 +142,9 @@ class MixedPrecisionOptimizer:
         (EP), expert-TP shards and pipeline stages.
         """
         pg, sharded = self.pg, self.models[0].sharded
-
-        def over(value, names):
-            for name in names:
-                if getattr(pg, f"{name}_size") > 1:
-                    dist.all_reduce(value, group=getattr(pg, f"{name}_group"))
-
-        over(dense, (["dp_cp"] if sharded else []) + ["mp"])
+        pg.all_reduce(dense, *(["dp_cp"] if sharded else []), "mp")
         if self.has_experts:
-            over(expert, (["edp"] if sharded else []) + ["ep", "etp", "pp"])
+            pg.all_reduce(expert, *(["edp"] if sharded else []), "ep", "etp", "pp")
         return dense + expert
 
     @torch.no_grad()

@@ -132,7 +132,7 @@ class Trainer:
         seed_everything(cfg.training.seed, self.pg, self.device)
         p, t = cfg.parallel, cfg.training
         self.vpp = virtual_stages(cfg)
-        self.chunks = model_chunks(cfg.model.num_layers, self.pg.pp_size, self.pg.pp_rank,
+        self.chunks = model_chunks(cfg.model.num_layers, self.pg.pp.size, self.pg.pp.rank,
                                    self.vpp, **pipeline_split(cfg))
         self.models = []
         for chunk in self.chunks:
@@ -148,8 +148,8 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.optimizer, t.train_iters)
         self.optimizer = MixedPrecisionOptimizer(self.models, cfg.optimizer, self.schedule,
                                                  build_loss_scaler(t))
-        sequence = (cfg.data.seq_length // self.pg.cp_size
-                    // (self.pg.tp_size if p.sequence_parallel else 1))
+        sequence = (cfg.data.seq_length // self.pg.cp.size
+                    // (self.pg.tp.size if p.sequence_parallel else 1))
         self.io = StageIO((sequence, t.micro_batch_size, cfg.model.hidden_size), self.dtype,
                           self.device)
         self.train_ds, self.valid_ds, self.test_ds = datasets
@@ -157,7 +157,7 @@ class Trainer:
         self._train_iter = self._valid_iter = None
         self.moe_losses: dict[str, float] = {}
         t = cfg.training
-        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.pg.dp_size)
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.pg.dp.size)
         self.flops = flops_per_iteration(cfg.model, cfg.data.seq_length, t.global_batch_size)
         self.metrics = TrainingMetrics(cfg, self.pg, self.device, self.dtype, self.optimizer,
                                        self.flops, log)
@@ -175,28 +175,25 @@ class Trainer:
         so samples do not depend on the layout and a resumed run continues exactly).
         `wrap_around`: start again at the first sample after the last (validation)."""
         loader = build_pretraining_data_loader(
-            dataset, consumed_samples, self.cfg.training.micro_batch_size, self.pg.dp_rank,
-            self.pg.dp_size, num_workers=self.cfg.data.num_workers,
+            dataset, consumed_samples, self.cfg.training.micro_batch_size, self.pg.dp.rank,
+            self.pg.dp.size, num_workers=self.cfg.data.num_workers,
             dataloader_type=self.cfg.data.dataloader_type, wrap_around=wrap_around)
         return iter(loader) if loader is not None else None
 
     def _global_batch(self, iterator) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global batch, on the device; under
         context parallelism its two chunks of each sequence (load-balanced layout)."""
-        cp, rank = self.pg.cp_size, self.pg.cp_rank
+        cp, rank = self.pg.cp.size, self.pg.cp.rank
         return [{k: split_for_context_parallel(v.to(self.device), cp, rank, seq_dim=1)
                  for k, v in next(iterator).items()}
                 for _ in range(self.num_microbatches)]
 
     def _sum_over(self, values: list[float], *groups: str) -> list[float]:
         """Sum plain numbers (loss sums, token counts) over the named groups."""
-        t = None
-        for name in groups:
-            if getattr(self.pg, f"{name}_size") > 1:
-                if t is None:
-                    t = torch.tensor(values, dtype=torch.float64, device=self.device)
-                torch.distributed.all_reduce(t, group=getattr(self.pg, f"{name}_group"))
-        return values if t is None else t.tolist()
+        if all(getattr(self.pg, name).size == 1 for name in groups):
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.pg.all_reduce(t, *groups).tolist()
 
     def _total_tokens(self, batches) -> float:
         """Loss tokens of the whole global batch, over every micro-batch and DP rank."""
@@ -204,7 +201,7 @@ class Trainer:
         return max(self._sum_over([total], "dp", "cp")[0], 1.0)
 
     def _order(self, forward_only: bool):
-        pp, rank, m = self.pg.pp_size, self.pg.pp_rank, self.num_microbatches
+        pp, rank, m = self.pg.pp.size, self.pg.pp.rank, self.num_microbatches
         if forward_only:
             return forward_only_order(m, self.vpp)
         if self.vpp > 1:
@@ -280,7 +277,7 @@ class Trainer:
         # micro-batches and data-parallel ranks of the step.
         for layer in moe_layers([m.module for m in self.models]):
             layer.aux_loss_scale = (self.optimizer.loss_scaler.scale
-                                    / (self.num_microbatches * self.pg.dp_size))
+                                    / (self.num_microbatches * self.pg.dp.size))
         with self.timers("forward-backward"):
             loss_sum, _ = self._run(batches, total_tokens, forward_only=False)
         self.moe_losses = self._moe_losses()

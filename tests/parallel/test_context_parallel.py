@@ -161,8 +161,8 @@ def _full_reference(seq, heads, groups, d, d_v, seed):
 
 def _check_attention(cp, seq):
     pg = ProcessGroups.build(tp=1, pp=1, cp=cp)
-    assert pg.cp_size == cp
-    rank = pg.cp_rank
+    assert pg.cp.size == cp
+    rank = pg.cp.rank
     diffs = {}
     for case_id, (heads, groups, d, d_v) in enumerate(CASES):
         inputs, ref_out, ref_grads = _full_reference(seq, heads, groups, d, d_v, case_id)

@@ -73,7 +73,7 @@ def _run_at_layout(cases: dict) -> dict:
         if ep not in layouts:
             layouts[ep] = ProcessGroups.build(2, 2, 1, ep, 1 if ep > 1 else None)
         pg = layouts[ep]
-        (chunk,) = model_chunks(config.num_layers, 2, pg.pp_rank)
+        (chunk,) = model_chunks(config.num_layers, 2, pg.pp.rank)
         model = GPTModel(config, pg, pre_process=chunk.is_first, post_process=chunk.is_last,
                          layer_numbers=chunk.layers).eval()
         load_checkpoint(path, [model], pg, load_rng=False)
@@ -86,8 +86,8 @@ def _run_at_layout(cases: dict) -> dict:
                 hidden = torch.empty(IDS.shape[1], IDS.shape[0], config.hidden_size)
                 dist.recv(hidden, pg.pp_ranks[0])
                 local = model(hidden_states=hidden)
-                parts = [torch.empty_like(local) for _ in range(pg.tp_size)]
-                dist.all_gather(parts, local.contiguous(), group=pg.tp_group)
+                parts = [torch.empty_like(local) for _ in range(pg.tp.size)]
+                dist.all_gather(parts, local.contiguous(), group=pg.tp.group)
                 logits = torch.cat(parts, dim=-1)
         save_checkpoint(save_dir, 5, [model], pg, config=meta["config"], save_rng=False)
         out[name] = logits

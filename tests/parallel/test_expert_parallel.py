@@ -67,13 +67,13 @@ def shard_of(name, full, param, pg):
     if getattr(param, "expert_parallel", False):
         return expert_shard(full, param, pg)
     if name.startswith("shared_experts.linear_fc"):
-        return shard_tensor(full, param, pg.tp_size, pg.tp_rank)
+        return shard_tensor(full, param, pg.tp.size, pg.tp.rank)
     return full
 
 
 def _check_layer(pg, dp_rank, sp, dispatcher, grouped, etp_label):
     overrides = dict(moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=grouped)
-    ref_layer, runs, ref_grads = reference(moe_config(**overrides), pg.dp_size)
+    ref_layer, runs, ref_grads = reference(moe_config(**overrides), pg.dp.size)
     layer = MoELayer(moe_config(sequence_parallel=sp, **overrides), pg).train()
     params = dict(layer.named_parameters())
     assert params.keys() == dict(ref_layer.named_parameters()).keys()
@@ -81,7 +81,7 @@ def _check_layer(pg, dp_rank, sp, dispatcher, grouped, etp_label):
         for name, p in ref_layer.named_parameters():
             params[name].copy_(shard_of(name, p, params[name], pg))
     run = runs[dp_rank]
-    tp, r = pg.tp_size, pg.tp_rank
+    tp, r = pg.tp.size, pg.tp.rank
     piece = (lambda t: t.chunk(tp, dim=0)[r]) if sp else (lambda t: t)
     x = piece(run["x"]).clone().requires_grad_()
     y = layer(x)
@@ -96,7 +96,7 @@ def _check_layer(pg, dp_rank, sp, dispatcher, grouped, etp_label):
     finish_tensor_parallel_grads(layer.parameters(), pg)
     for name, p in params.items():
         expert = getattr(p, "expert_parallel", False)
-        size, group = (pg.edp_size, pg.edp_group) if expert else (pg.dp_size, pg.dp_group)
+        size, group = (pg.edp.size, pg.edp.group) if expert else (pg.dp.size, pg.dp.group)
         if size > 1:
             dist.all_reduce(p.grad, group=group)
         close(p.grad, shard_of(name, ref_grads[name], p, pg), atol=5e-6)
@@ -105,12 +105,12 @@ def _check_layer(pg, dp_rank, sp, dispatcher, grouped, etp_label):
 
 def _check_equivalence(tp, ep, etp, sps):
     pg = ProcessGroups.build(tp=tp, pp=1, ep=ep, etp=etp)
-    assert pg.ep_size == ep and pg.etp_size == etp
+    assert pg.ep.size == ep and pg.etp.size == etp
     checked = []
     for sp in sps:
         for dispatcher in ("alltoall", "allgather"):
             for grouped in (False, True) if _grouped_mm_fn() else (False,):
-                checked.append(_check_layer(pg, pg.dp_rank, sp, dispatcher, grouped,
+                checked.append(_check_layer(pg, pg.dp.rank, sp, dispatcher, grouped,
                                             f"TP{tp} EP{ep} ETP{etp}"))
     return checked
 
@@ -134,7 +134,7 @@ def test_ep2_tp2_equals_one_process_with_expert_tp_1_and_2():
 def _check_collectives():
     """The variable-size collectives and their backward against hand-made results."""
     pg = ProcessGroups.build(tp=1, pp=1, ep=2)
-    r, group = pg.ep_rank, pg.ep_group
+    r, group = pg.ep.rank, pg.ep.group
     # rank 0 sends 2 rows to itself and 1 to rank 1; rank 1 sends 0 and 3.
     send = [[2, 1], [0, 3]]
     x = (torch.arange(sum(send[r]) * 2, dtype=torch.float32).view(-1, 2) + 10 * r)
@@ -176,7 +176,7 @@ def test_chunk_transpose_and_expert_shards():
     for ep_rank in range(2):
         row = []
         for etp_rank in range(2):
-            pg = ProcessGroups(ep_size=2, ep_rank=ep_rank, etp_size=2, etp_rank=etp_rank)
+            pg = ProcessGroups.sizes_only(ep=(2, ep_rank), etp=(2, etp_rank))
             experts = Experts(config, pg)
             param = experts.linear_fc1.weight
             assert list(param.shape) == [4, 16, H]
@@ -200,7 +200,7 @@ def test_expert_initialisation_is_the_same_in_every_layout():
     for ep, etp in ((2, 1), (4, 2), (1, 2)):
         for ep_rank in range(ep):
             for etp_rank in range(etp):
-                pg = ProcessGroups(ep_size=ep, ep_rank=ep_rank, etp_size=etp, etp_rank=etp_rank)
+                pg = ProcessGroups.sizes_only(ep=(ep, ep_rank), etp=(etp, etp_rank))
                 experts = Experts(config, pg)
                 for name in ("linear_fc1", "linear_fc2"):
                     linear = getattr(experts, name)

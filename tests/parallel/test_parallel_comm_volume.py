@@ -139,10 +139,10 @@ def _rank_measure(flags, tp):
     cfg = parse_args(flags + ["--world-size", str(dist.get_world_size())])
     trainer = Trainer(cfg, (PatternData(SEQ, 120), None, None), pg=pg, log=lambda line: None)
     names = {}
-    if pg.tp_size > 1:
-        names[tuple(dist.get_process_group_ranks(pg.tp_group))] = "tp"
-    if pg.dp_size > 1:
-        names[tuple(dist.get_process_group_ranks(pg.dp_group))] = "dp"
+    if pg.tp.size > 1:
+        names[tuple(dist.get_process_group_ranks(pg.tp.group))] = "tp"
+    if pg.dp.size > 1:
+        names[tuple(dist.get_process_group_ranks(pg.dp.group))] = "dp"
     steps = []
     with CommRecorder(names) as recorder:
         for _ in range(2):  # the second step too: nothing is a first-step special case

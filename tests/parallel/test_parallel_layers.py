@@ -34,7 +34,7 @@ def shard(t, tp, rank, dim):
 
 def _check_column(tp):
     pg = ProcessGroups.build(tp=tp, pp=1)
-    r = pg.tp_rank
+    r = pg.tp.rank
     torch.manual_seed(0)
     full = nn.Linear(H, 24)
     x, dy = torch.randn(S, B, H), torch.randn(S, B, 24)
@@ -63,7 +63,7 @@ def _check_column(tp):
 
 def _check_row(tp):
     pg = ProcessGroups.build(tp=tp, pp=1)
-    r = pg.tp_rank
+    r = pg.tp.rank
     torch.manual_seed(0)
     full = nn.Linear(24, H)
     x, dy = torch.randn(S, B, 24), torch.randn(S, B, H)
@@ -80,7 +80,7 @@ def _check_row(tp):
                 layer.bias.copy_(full.bias)
             if split_here:  # a replicated input, split on entry to the TP region
                 x_in = x.clone().requires_grad_()
-                y = layer(ScatterToTensorParallelRegion.apply(x_in, pg.tp_group))
+                y = layer(ScatterToTensorParallelRegion.apply(x_in, pg.tp.group))
             else:
                 x_in = shard(x, tp, r, -1).clone().requires_grad_()
                 y = layer(x_in)
@@ -97,7 +97,7 @@ def _check_row(tp):
 
 def _check_embedding(tp):
     pg = ProcessGroups.build(tp=tp, pp=1)
-    r = pg.tp_rank
+    r = pg.tp.rank
     torch.manual_seed(0)
     vocab = 20
     full = nn.Embedding(vocab, H)
@@ -123,7 +123,7 @@ def _check_embedding(tp):
 
 def _check_cross_entropy(tp):
     pg = ProcessGroups.build(tp=tp, pp=1)
-    r = pg.tp_rank
+    r = pg.tp.rank
     torch.manual_seed(0)
     vocab = 24
     logits = torch.randn(B, S, vocab) * 3
@@ -166,7 +166,7 @@ def _check_sequence_parallel_block(tp):
     """Norm and residual on sequence shards between a column and a row layer; the
     replicated norm weights' gradients summed over TP equal the single-process ones."""
     pg = ProcessGroups.build(tp=tp, pp=1)
-    r = pg.tp_rank
+    r = pg.tp.rank
     torch.manual_seed(0)
     full = _Block()
     for p in full.parameters():
@@ -183,12 +183,12 @@ def _check_sequence_parallel_block(tp):
             q = full.get_parameter(name)
             p.copy_(q if dim is None else shard(q, tp, r, dim))
     x_in = x.clone().requires_grad_()
-    h = ScatterToSequenceParallelRegion.apply(x_in, pg.tp_group)  # [s/tp, b, h]
+    h = ScatterToSequenceParallelRegion.apply(x_in, pg.tp.group)  # [s/tp, b, h]
     h = block(h)
     close(h, shard(y_ref, tp, r, 0))
     # The loss is computed on every rank from the whole output: the gradient is not
     # partial, so the gather's backward keeps this rank's shard.
-    y = GatherFromSequenceParallelRegion.apply(h, pg.tp_group, False)
+    y = GatherFromSequenceParallelRegion.apply(h, pg.tp.group, False)
     close(y, y_ref)
     (y * dy).sum().backward()
     close(x_in.grad, x_ref.grad)

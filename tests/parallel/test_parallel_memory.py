@@ -39,7 +39,7 @@ def _param_count():
 
 def _rank_memory():
     pg = ProcessGroups.build(1, 1)
-    dp = pg.dp_size
+    dp = pg.dp.size
     cfg = parse_args(FLAGS + ["--global-batch-size", str(dp),
                               "--world-size", str(dist.get_world_size())])
     trainer = Trainer(cfg, (PatternData(SEQ, 120), None, None), pg=pg, log=lambda line: None)

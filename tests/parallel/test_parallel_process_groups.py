@@ -117,9 +117,9 @@ def test_check_layout_returns_data_parallel_sizes():
 
 def test_single_process_layout():
     pg = ProcessGroups.single()
-    assert (pg.tp_size, pg.cp_size, pg.dp_size, pg.pp_size, pg.ep_size, pg.edp_size) == \
+    assert (pg.tp.size, pg.cp.size, pg.dp.size, pg.pp.size, pg.ep.size, pg.edp.size) == \
         (1, 1, 1, 1, 1, 1)
-    assert pg.is_first_stage and pg.is_last_stage and pg.tp_group is None
+    assert pg.is_first_stage and pg.is_last_stage and pg.tp.group is None
     assert ProcessGroups.build(1, 1) == pg  # no torch.distributed needed at size 1
     with pytest.raises(ValueError):
         ProcessGroups.build(2, 1)
@@ -136,17 +136,17 @@ def _check_built_groups():
                 assert pg.embedding_ranks == tuple(mine)
                 group = pg.embedding_group
             else:
-                assert (getattr(pg, f"{name}_size"), getattr(pg, f"{name}_rank")) == \
+                assert (getattr(pg, name).size, getattr(pg, name).rank) == \
                     (len(mine), mine.index(rank)), name
-                group = getattr(pg, f"{name}_group")
+                group = getattr(pg, name).group
             assert dist.get_process_group_ranks(group) == mine, name
             # The group really connects these ranks: a sum of global ranks over it.
             total = torch.tensor([float(rank)])
             dist.all_reduce(total, group=group)
             assert total.item() == sum(mine), name
         assert pg.pp_ranks == tuple(next(g for g in expected["pp"] if rank in g))
-        assert pg.is_first_stage == (pg.pp_rank == 0)
-        assert pg.is_last_stage == (pg.pp_rank == pg.pp_size - 1)
+        assert pg.is_first_stage == (pg.pp.rank == 0)
+        assert pg.is_last_stage == (pg.pp.rank == pg.pp.size - 1)
     # Non-dividing sizes are refused before any group exists.
     made = []
     original, dist.new_group = dist.new_group, lambda *a, **k: made.append(a)

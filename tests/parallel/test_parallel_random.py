@@ -74,7 +74,7 @@ def _masks(tp, pp):
     with pg.rng.fork(EXPERT_PARALLEL_RNG):
         expert = F.dropout(x, 0.5)
     after = F.dropout(x, 0.5)
-    return pg.tp_rank, pg.dp_rank, pg.pp_rank, outside, inside, expert, after
+    return pg.tp.rank, pg.dp.rank, pg.pp.rank, outside, inside, expert, after
 
 
 @pytest.mark.parametrize("tp", [2, 4])

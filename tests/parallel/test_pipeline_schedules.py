@@ -150,7 +150,7 @@ def _reference(num_microbatches: int):
 def _execute(pg, order, vpp, num_microbatches, forward_only=False):
     """Run `order` on this rank with the toy stack; what happened, losses, gradients."""
     layers = _toy_layers()
-    chunks = model_chunks(LAYERS, pg.pp_size, pg.pp_rank, vpp)
+    chunks = model_chunks(LAYERS, pg.pp.size, pg.pp.rank, vpp)
 
     def forward(c, m, x):
         assert (x is None) == chunks[c].is_first
@@ -175,8 +175,8 @@ def _execute(pg, order, vpp, num_microbatches, forward_only=False):
 
 def _all_schedules():
     pg = ProcessGroups.build(1, PP)
-    r = pg.pp_rank
-    assert pg.pp_size == PP
+    r = pg.pp.rank
+    assert pg.pp.size == PP
     runs = {
         "1f1b": _execute(pg, one_f_one_b_order(PP, r, MICRO), 1, MICRO),
         "1f1b_16": _execute(pg, one_f_one_b_order(PP, r, 16), 1, 16),

@@ -43,10 +43,10 @@ def _rank_holds(sizes, flags):
     trainer.train_step()
     for model in trainer.models:
         model.finish_param_gather()
-    planned = planned_state_bytes(trainer.cfg, pg.pp_rank, pg.dp_cp_rank, pg.edp_rank)
+    planned = planned_state_bytes(trainer.cfg, pg.pp.rank, pg.dp_cp.rank, pg.edp.rank)
     numel = sum(p.numel() for model in trainer.models for p in model.module.parameters())
     activations = None
-    if pg.pp_size == 1:
+    if pg.pp.size == 1:
         activations = (measured_saved_bytes(trainer),
                        chunk_saved_bytes(trainer.cfg, rank_chunks(trainer.cfg, 0)[0], "cpu"))
     return held_state_bytes(trainer), planned, numel, activations

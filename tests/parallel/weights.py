@@ -26,10 +26,10 @@ def full_weights(trainer) -> dict:
                 continue
             t = p.detach()
             if getattr(p, "expert_parallel", False):
-                etp = _all_gather(t, pg.etp_size, pg.etp_group)
-                per_ep = _all_gather(torch.stack(etp), pg.ep_size, pg.ep_group)
+                etp = _all_gather(t, pg.etp.size, pg.etp.group)
+                per_ep = _all_gather(torch.stack(etp), pg.ep.size, pg.ep.group)
                 full = expert_gather([list(x.unbind(0)) for x in per_ep], p)
             else:
-                full = gather_tensor(_all_gather(t, pg.tp_size, pg.tp_group), p)
+                full = gather_tensor(_all_gather(t, pg.tp.size, pg.tp.group), p)
             out[module._global(name)] = full.float().numpy()
     return out
