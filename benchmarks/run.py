@@ -139,7 +139,8 @@ def paratron_config(bench: Bench, hf: dict, device: torch.device, iters: int,
                     extra_flags: list[str]):
     """The run's Config: the model read from the Hugging Face config, the benchmark's
     batch, and any extra Paratron flags (fast paths) on top."""
-    from paratron.config import build_parser, config_from_dict
+    from paratron.cli.args import build_parser
+    from paratron.config import config_from_dict
     from paratron.convert.hf_config import hf_to_paratron_fields
 
     values = hf_to_paratron_fields(hf)
@@ -338,7 +339,7 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from paratron.config import ConfigError
+    from paratron.options import ConfigError
 
     try:
         run(list(sys.argv[1:] if argv is None else argv))

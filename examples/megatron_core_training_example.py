@@ -39,7 +39,8 @@ import torch
 # Run from a checkout without installing: the repository root holds `paratron/`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from paratron.config import ConfigError, config_from_dict  # noqa: E402
+from paratron.config import config_from_dict  # noqa: E402
+from paratron.options import ConfigError  # noqa: E402
 from paratron.parallel.launch import PeerFailure  # noqa: E402
 from paratron.training.pretrain import setup_process_groups  # noqa: E402
 from paratron.training.trainer import Trainer  # noqa: E402
@@ -190,7 +191,7 @@ def train(args: argparse.Namespace) -> dict:
     dataset = ArithmeticSequences(args.dataset_size, args.seq_length, args.vocab_size, args.seed)
     trainer = Trainer(cfg, (dataset, None, None), log=say, pg=pg)
     params = sum(p.numel() for m in trainer.models for p in m.module.parameters())
-    say(f"world {pg.world_size} = TP {pg.tp_size} x PP {pg.pp_size} x DP {pg.dp_size}; "
+    say(f"world {pg.world_size} = TP {pg.tp.size} x PP {pg.pp.size} x DP {pg.dp.size}; "
         f"{params:,} parameters on rank 0; {steps} steps of {args.batch_size} samples; "
         f"device {trainer.device}")
     monitor = (MemoryMonitor(trainer.device, args.memory_monitor_interval).start()
@@ -218,8 +219,8 @@ def train(args: argparse.Namespace) -> dict:
         monitor.stop()
     steady = step_times[1:] or step_times  # the first step includes warm-up work
     summary = {
-        "world_size": pg.world_size, "tensor_model_parallel_size": pg.tp_size,
-        "pipeline_model_parallel_size": pg.pp_size, "data_parallel_size": pg.dp_size,
+        "world_size": pg.world_size, "tensor_model_parallel_size": pg.tp.size,
+        "pipeline_model_parallel_size": pg.pp.size, "data_parallel_size": pg.dp.size,
         "parameters_rank0": params, "steps": steps, "batch_size": args.batch_size,
         "seq_length": args.seq_length, "total_seconds": total,
         "mean_step_seconds": sum(steady) / len(steady),

@@ -21,7 +21,8 @@ import pytest
 from paratron.cli.convert import main as convert_main
 from paratron.cli.generate import main as generate_main
 from paratron.cli.train import main as train_main
-from paratron.config import ConfigError, parse_args
+from paratron.cli.args import parse_args
+from paratron.options import ConfigError
 
 TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
         "--micro-batch-size 1 --global-batch-size 1 --train-iters 1 --lr 1e-3 --mock-data "

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from paratron.cli.train import main as train_main
-from paratron.config import ConfigError, build_parser, parse_args
+from paratron.cli.args import build_parser, parse_args
+from paratron.options import ConfigError
 from seed_args import SEED_ARGS, SEED_SCRIPTS
 
 TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "

@@ -258,7 +258,7 @@ def _vscode_configurations() -> dict[str, dict]:
 def test_vscode_launch_configurations_are_valid_runs(monkeypatch):
     """Every launch.json configuration is a run Paratron accepts at its process count
     (the one-process one is run by the pdb test, the TP2 flags by the SLURM test)."""
-    from paratron.config import parse_args
+    from paratron.cli.args import parse_args
     for name, config in _vscode_configurations().items():
         args = config["args"]
         if config["module"] == "torch.distributed.run":

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import run_distributed
-from paratron.config import ConfigError, parse_args
+from paratron.cli.args import parse_args
+from paratron.options import ConfigError
 from paratron.parallel.cross_entropy import chunked_vocab_parallel_cross_entropy
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.tensor_parallel import vocab_parallel_cross_entropy

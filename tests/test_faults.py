@@ -6,7 +6,7 @@ import pytest
 
 from paratron.checkpoint import files
 from paratron.cli.train import main
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.model.gpt import GPTModel
 from paratron.training.faults import NonFiniteError
 from paratron.training.pretrain import pretrain

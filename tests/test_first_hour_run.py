@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from paratron.checkpoint import files
-from paratron.config import format_config, parse_args
+from paratron.cli.args import parse_args
+from paratron.config import format_config
 from paratron.data.errors import DataError
 from paratron.data.indexed_dataset import IndexedDatasetWriter
 from paratron.training.pretrain import pretrain

@@ -71,7 +71,7 @@ def test_pretrain_gpt_script_takes_gpt2_files_without_tokenizer_type(gpt2_corpus
 
 
 def test_explicit_tokenizer_type_is_kept():
-    from paratron.config import parse_args
+    from paratron.cli.args import parse_args
 
     cfg = parse_args([*MODEL, "--train-iters", "1", "--vocab-file", "v.json", "--merge-file",
                       "m.txt", "--tokenizer-type", "HuggingFaceTokenizer"], check=False)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.training.flops import flops_per_iteration
 
 

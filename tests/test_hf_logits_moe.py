@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from paratron.config import moe_layer_pattern  # noqa: E402
+from paratron.model.config import moe_layer_pattern  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
 from hf_utils import VOCAB, max_logit_diff, one_line_error, randomize

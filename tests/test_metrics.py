@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from paratron.config import ConfigError, parse_args
+from paratron.cli.args import parse_args
+from paratron.options import ConfigError
 from paratron.data.preprocess import preprocess_data
 from paratron.training.faults import LossSpikeDetector, straggler_line
 from paratron.training.hardware import lookup_peak_tflops, memory_line, mfu

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from paratron.config import TransformerConfig
+from paratron.model.config import TransformerConfig
 from paratron.model.mla import MLASelfAttention
 from paratron.model.rotary import build_rotary
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import seed_everything
-from paratron.parallel.sharding import shard_tensor
+from paratron.parallel.sharding import layout_of, shard_tensor
 from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
 
 HIDDEN, HEADS, KV_RANK, NOPE, ROPE, V = 64, 4, 16, 16, 8, 12
@@ -149,13 +149,13 @@ def test_mla_softmax_scale_and_mask():
 def test_mla_parameters_describe_their_sharding():
     pg = ProcessGroups.single()
     attention = MLASelfAttention(mla_config(24, sequence_parallel=True), 1, pg)
-    dims = {n: p.tensor_parallel_dim for n, p in attention.named_parameters()}
+    dims = {n: layout_of(p).dim for n, p in attention.named_parameters()}
     assert dims == {"linear_q_down_proj.weight": None, "q_layernorm.weight": None,
                     "linear_q_up_proj.weight": 0, "linear_kv_down_proj.weight": None,
                     "kv_layernorm.weight": None, "linear_kv_up_proj.weight": 0,
                     "linear_proj.weight": 1}
     marked = {n for n, p in attention.named_parameters()
-              if getattr(p, "sequence_parallel", False)}
+              if layout_of(p).grad_summed_over == "tp"}
     assert marked == {"linear_q_down_proj.weight", "q_layernorm.weight",
                       "linear_kv_down_proj.weight", "kv_layernorm.weight"}
     # Weights a per-name initialisation draws (init_std), the output projection scaled.
@@ -164,7 +164,7 @@ def test_mla_parameters_describe_their_sharding():
                          "linear_kv_up_proj", "linear_proj"}
     assert stds["linear_proj"] == pytest.approx(0.02 / 2.0)
     unmarked = MLASelfAttention(mla_config(24), 1, pg)
-    assert not any(getattr(p, "sequence_parallel", False) for p in unmarked.parameters())
+    assert not any(layout_of(p).grad_summed_over == "tp" for p in unmarked.parameters())
 
 
 def test_mla_selective_recompute_replays_dropout():

@@ -5,7 +5,8 @@ the optimizer's kernel choices give the same update."""
 import pytest
 import torch
 
-from paratron.config import ConfigError, parse_args
+from paratron.cli.args import parse_args
+from paratron.options import ConfigError
 from paratron.training.trainer import Trainer
 from test_training import BASE, PatternData
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from paratron.cli.plan import main as plan_main
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.parallel.pipeline import Chunk
 from paratron.training.memory_plan import (GIB, Layout, chunk_saved_bytes, layout_config,
                                            model_parameters, plan, rank_chunks,

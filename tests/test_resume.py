@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from paratron.checkpoint import find_latest_valid, read_latest
-from paratron.config import ConfigError, parse_args
+from paratron.cli.args import parse_args
+from paratron.options import ConfigError
 from paratron.training.trainer import Trainer
 from test_training import BASE, PatternData
 

@@ -24,7 +24,8 @@ import pytest
 from dist_utils import run_distributed
 from paratron.checkpoint import find_latest_valid, read_latest
 from paratron.cli.train import main
-from paratron.config import ConfigError, parse_args
+from paratron.cli.args import parse_args
+from paratron.options import ConfigError
 from paratron.training.trainer import Trainer
 from test_training import BASE, PatternData
 

@@ -281,7 +281,7 @@ def test_checkpoint_tensor_of_another_dtype_than_the_index_is_corrupt(checkpoint
 
 @pytest.mark.parametrize("planted", ["folder", "file"])
 def test_tokenizer_copies_are_not_written_through_a_link(tmp_path, outside, planted):
-    from paratron.config import parse_args
+    from paratron.cli.args import parse_args
     from paratron.training.run_checkpoints import save_tokenizer
     (tmp_path / "vocab.json").write_text("{}")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")

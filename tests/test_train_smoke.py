@@ -4,7 +4,7 @@ precision, through the same entry point as the command line."""
 import numpy as np
 import pytest
 
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.training.pretrain import pretrain
 
 COMMON = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.training.trainer import Trainer
 
 BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "

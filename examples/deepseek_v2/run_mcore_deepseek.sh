@@ -235,7 +235,8 @@ fi
 # any process starts.
 WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) "$PYTHON" - "${train_options[@]}" <<'PY' || exit 2
 import sys
-from paratron.config import ConfigError, parse_args
+from paratron.cli.args import parse_args
+from paratron.options import ConfigError
 try:
     parse_args(sys.argv[1:])
 except ConfigError as exc:

@@ -31,13 +31,13 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from paratron.checkpoint import rng
+from paratron.files import atomic_file, create_temporary, fsync_dir
 from paratron.checkpoint.untrusted import (SAFETENSORS_DTYPES, UntrustedFileError, inside,
                                            read_json, regular_file, safetensors_header)
 
@@ -72,20 +72,6 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or a new entry in `path` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read, described in one line."""
 
@@ -98,21 +84,6 @@ def refuse_link(path: str | os.PathLike) -> None:
     if os.path.islink(path):
         raise CheckpointError(f"{path} is a symbolic link; Paratron does not write through "
                               f"links: remove it")
-
-
-def create_temporary(target: Path) -> tuple[int, Path]:
-    """(fd, path) of a new file beside `target` under a random name, created exclusively
-    (O_EXCL | O_NOFOLLOW: never an existing file or a planted link) with the umask's
-    permissions, as any other file Paratron writes (mkstemp's 0600 would hide it from
-    a colleague's account)."""
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-             | getattr(os, "O_CLOEXEC", 0))
-    while True:
-        path = target.with_name(f".{target.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
-        try:
-            return os.open(path, flags, 0o666), path
-        except FileExistsError:
-            continue
 
 
 def umask() -> int:
@@ -147,35 +118,18 @@ def follow_umask(path: str | os.PathLike) -> None:
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text`: written to a new file created exclusively under a
-    random name in the same folder (so no planted link is followed), synced, renamed."""
-    path = Path(path)
+    """Replace `path` with `text` through `paratron.files.atomic_file`; a link at `path`
+    is refused, so the user learns someone put it there."""
     refuse_link(path)
-    fd, tmp = create_temporary(path)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path) as fh:
+        fh.write(text.encode("utf-8"))
 
 
 def copy_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Copy `source` to `target` the way `write_atomic` writes (never through a link)."""
-    target = Path(target)
     refuse_link(target)
-    fd, tmp = create_temporary(target)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(target) as out, open(source, "rb") as src:
+        shutil.copyfileobj(src, out)
 
 
 def make_dir(path: str | os.PathLike) -> Path:

@@ -1,7 +1,7 @@
 """Model and optimizer state as logical tensors: global names, unsharded shapes.
 
 Every parameter of every model chunk is described by its global name (stage-local
-layer indices made global, `GPTModel._global`) and its full shape, whatever the
+layer indices made global, `GPTModel.global_name`) and its full shape, whatever the
 layout that holds it:
 
 * `model/<name>`: the weight in the model's dtype;
@@ -17,7 +17,7 @@ group that shards them (each rank fills its slice, zeros elsewhere), then TP sha
 gathered with `parallel.sharding.gather_tensor` and expert shards with
 `expert_gather`. One rank per logical tensor writes it; the writers are spread over
 the ranks of a stage. The tied output layer of the last pipeline stage
-(`shared_embedding_copy`) is not written: it equals `embedding.word_embeddings.weight`
+(layout `tied="copy"`) is not written: it equals `embedding.word_embeddings.weight`
 and is loaded from it.
 
 Loading: each rank reads the logical tensors its parameters need and keeps its part
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from paratron.parallel.expert_parallel import expert_gather, expert_shard
-from paratron.parallel.sharding import full_shape, gather_tensor, shard_tensor
+from paratron.parallel.sharding import full_shape, gather_tensor, layout_of, shard_tensor
 
 TIED_EMBEDDING = "embedding.word_embeddings.weight"
 VOCAB_ROWS = (TIED_EMBEDDING, "output_layer.weight")
@@ -62,7 +62,7 @@ class ParamEntry:
 
     @property
     def expert(self) -> bool:
-        return getattr(self.param, "expert_parallel", False)
+        return layout_of(self.param).expert
 
 
 def param_entries(models) -> list[ParamEntry]:
@@ -71,8 +71,8 @@ def param_entries(models) -> list[ParamEntry]:
     for chunk in models:
         module = _unwrap(chunk)
         for name, p in module.named_parameters():
-            gname = module._global(name)
-            source = TIED_EMBEDDING if getattr(p, "shared_embedding_copy", False) else gname
+            gname = module.global_name(name)
+            source = TIED_EMBEDDING if layout_of(p).tied == "copy" else gname
             out.append(ParamEntry(gname, source, p, chunk))
     return out
 
@@ -85,7 +85,7 @@ def buffer_entries(models) -> list[tuple[str, torch.Tensor]]:
         params = {id(p) for p in module.parameters()}
         for name, t in module.state_dict(keep_vars=True).items():
             if id(t) not in params and isinstance(t, torch.Tensor):
-                out.append((module._global(name), t))
+                out.append((module.global_name(name), t))
     return out
 
 
@@ -102,7 +102,7 @@ def _all_gather(t: torch.Tensor, size: int, group) -> list[torch.Tensor]:
 
 def gather_logical(local: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
     """The unsharded tensor from every rank's `local` (shaped like `param`)."""
-    if getattr(param, "expert_parallel", False):
+    if layout_of(param).expert:
         etp = _all_gather(local, pg.etp.size, pg.etp.group)
         per_ep = _all_gather(torch.stack(etp), pg.ep.size, pg.ep.group)
         return expert_gather([list(x.unbind(0)) for x in per_ep], param)
@@ -111,7 +111,7 @@ def gather_logical(local: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor
 
 def shard_logical(full: torch.Tensor, param: nn.Parameter, pg) -> torch.Tensor:
     """This rank's part of the unsharded tensor `full` for `param`."""
-    if getattr(param, "expert_parallel", False):
+    if layout_of(param).expert:
         return expert_shard(full, param, pg)
     return shard_tensor(full, param, pg.tp.size, pg.tp.rank)
 
@@ -148,20 +148,11 @@ def _writes(entry_index: int, expert: bool, pg) -> bool:
 
 
 # ------------------------------------------------------------------ segments
-def segment_map(models, optimizer) -> dict[int, list[tuple[int, object]]]:
-    """id(param) -> [(offset into the flattened param, segment)] for the optimizer's
-    segments, found from the memory each segment's model view points into."""
-    params = [p for chunk in models for p in _unwrap(chunk).parameters()]
-    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), p)
-                   for p in params if p.numel())
-    out: dict[int, list[tuple[int, object]]] = {}
+def segments_by_param(optimizer) -> dict[int, list]:
+    """id(param) -> the optimizer's segments of that parameter (each knows its offset)."""
+    out: dict[int, list] = {}
     for seg in optimizer.segments:
-        ptr = seg.model_view.data_ptr()
-        owner = next((p for lo, hi, p in spans if lo <= ptr < hi), None)
-        if owner is None:
-            raise RuntimeError("an optimizer segment points outside every model parameter")
-        offset = (ptr - owner.data_ptr()) // owner.element_size()
-        out.setdefault(id(owner), []).append((offset, seg))
+        out.setdefault(id(seg.param), []).append(seg)
     return out
 
 
@@ -178,9 +169,9 @@ def _flat_state(entry: ParamEntry, segments, get, pg) -> torch.Tensor:
     other data-parallel ranks' (disjoint slices: a sum puts them together)."""
     p = entry.param
     flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-    for offset, seg in segments:
+    for seg in segments:
         value = get(seg)
-        flat[offset:offset + value.numel()] = value
+        flat[seg.offset:seg.offset + value.numel()] = value
     group, size = _sharding_group(entry, pg)
     if size > 1:
         dist.all_reduce(flat, group=group)
@@ -208,7 +199,7 @@ def collect_tensors(models, pg, optimizer=None) -> dict[str, torch.Tensor]:
     """The logical tensors this rank writes (every rank must call it: collectives)."""
     out: dict[str, torch.Tensor] = {}
     entries = [e for e in param_entries(models) if not e.is_copy]
-    segs = segment_map(models, optimizer) if optimizer is not None else {}
+    segs = segments_by_param(optimizer) if optimizer is not None else {}
     keys = optimizer_state_keys(optimizer) if optimizer is not None else []
     state = optimizer.optimizer.state if optimizer is not None else {}
     for index, e in enumerate(entries):
@@ -259,7 +250,7 @@ def load_model(models, pg, read) -> None:
 def load_optimizer(models, pg, optimizer, read, has, keys: list[str],
                    step_count: float | None) -> None:
     """Set main weights and per-element optimizer state of this rank's segments."""
-    segs = segment_map(models, optimizer)
+    segs = segments_by_param(optimizer)
     state = optimizer.optimizer.state
     for e in param_entries(models):
         segments = segs.get(id(e.param), [])
@@ -274,12 +265,12 @@ def load_optimizer(models, pg, optimizer, read, has, keys: list[str],
 
         main_name = f"optim/main/{e.source}"
         main = local_flat(main_name if has(main_name) else f"model/{e.source}")
-        for offset, seg in segments:
-            seg.main.copy_(main[offset:offset + seg.main.numel()])
+        for seg in segments:
+            seg.main.copy_(main[seg.offset:seg.offset + seg.main.numel()])
         for key in keys:
             values = local_flat(f"optim/{key}/{e.source}")
-            for offset, seg in segments:
+            for seg in segments:
                 st = state[seg.main]
-                st[key] = values[offset:offset + seg.main.numel()].clone()
+                st[key] = values[seg.offset:seg.offset + seg.main.numel()].clone()
                 if step_count is not None:
                     st["step"] = torch.tensor(step_count, dtype=torch.float32)

@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-from paratron.config import ConfigError, TransformerConfig
 from paratron.convert.errors import ConversionError
 from paratron.data.errors import DataError
+from paratron.model.config import TransformerConfig
+from paratron.options import ConfigError
 
 LOADERS = {"hf": "hf", "llama_mistral": "hf", "mixtral_hf": "hf", "paratron": "paratron",
            "megatron": "megatron", "mcore": "megatron"}

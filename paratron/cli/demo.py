@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--train-iters must be positive, got {args.train_iters}")
 
     from paratron.checkpoint.files import CheckpointError
-    from paratron.config import ConfigError
+    from paratron.options import ConfigError
     from paratron.data.errors import DataError
 
     try:
@@ -99,7 +99,7 @@ def run(args) -> int:
     """Data, training behind a progress bar, a few completions, what to do next."""
     import torch
 
-    from paratron.config import parse_args
+    from paratron.cli.args import parse_args
     from paratron.training.pretrain import pretrain
 
     if "OMP_NUM_THREADS" not in os.environ:

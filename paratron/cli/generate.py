@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from paratron.cli.args import NumberType
 from paratron.cli.preprocess import tokenizer_kwargs
-from paratron.config import MAX_SEED, ConfigError, NumberType
 from paratron.convert.errors import ConversionError
 from paratron.data.errors import DataError
 from paratron.data.tokenizer import TOKENIZER_TYPES, HuggingFaceTokenizer, build_tokenizer
 from paratron.inference import (Sampling, check_generation_layout, checkpoint_tokenizer,
                                 completion_text, generate, load_paratron_model, shard_model)
+from paratron.options import MAX_SEED, ConfigError
 from paratron.parallel.launch import init_distributed
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.memory_plan import device_memory_bytes

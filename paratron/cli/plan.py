@@ -20,7 +20,8 @@ import copy
 import os
 import sys
 
-from paratron.config import ConfigError, NumberType, parse_args
+from paratron.cli.args import NumberType, parse_args
+from paratron.options import ConfigError
 
 PROG = "paratron plan"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 
 from paratron.checkpoint.files import CheckpointError
-from paratron.config import ConfigError, parse_args
+from paratron.cli.args import parse_args
 from paratron.data.errors import DataError
+from paratron.options import ConfigError
 from paratron.parallel.launch import PeerFailure, launcher_rank, record_for_launcher
 
 

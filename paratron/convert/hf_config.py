@@ -20,11 +20,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from paratron.config import (Config, ConfigError, TransformerConfig, finalize, moe_layer_pattern,
-                             number_problem)
 from paratron.convert.errors import ConversionError
-from paratron.model.moe import check_moe_config
+from paratron.model.config import (TransformerConfig, check_moe_config, derive_model,
+                                   moe_layer_pattern)
 from paratron.model.rotary import yarn_mscale
+from paratron.options import ConfigError, check_numbers, number_problem
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -417,28 +417,25 @@ def hf_to_paratron_fields(hf: dict) -> dict[str, Any]:
 
 
 def transformer_config(fields: dict[str, Any]) -> TransformerConfig:
-    """A finalized TransformerConfig from Megatron dest names.
-
-    `paratron.config` finalizes whole run configs; its validation also wants training
-    settings (lr, iterations) and refuses multi-process runs it cannot train yet, which
-    a conversion has no business with. So this finalizes a run config that holds only
-    these model settings, with the sequence length at the model's maximum.
-    """
-    cfg = Config()
+    """A TransformerConfig from Megatron dest names, its numbers checked and its derived
+    sizes filled in as for a run. Only the model's own checks apply: a run's validation
+    also wants training settings (lr, iterations), which a conversion has no business
+    with."""
+    model = TransformerConfig()
     for name, value in fields.items():
-        if not hasattr(cfg.model, name):
+        if not hasattr(model, name):
             raise ConversionError(f"unknown TransformerConfig field {name!r}")
-        setattr(cfg.model, name, value)
-    cfg.data.seq_length = cfg.model.max_position_embeddings
-    finalize(cfg)
-    if cfg.model.num_experts:
+        setattr(model, name, value)
+    check_numbers(model)
+    derive_model(model)
+    if model.num_experts:
         # The MoE layer's own checks, as one-line conversion errors rather than at build.
         try:
-            moe_layer_pattern(cfg.model)
-            check_moe_config(cfg.model)
-        except (ValueError, ConfigError) as exc:
+            moe_layer_pattern(model)
+            check_moe_config(model)
+        except ConfigError as exc:
             raise ConversionError(f"config.json: {exc}") from None
-    return cfg.model
+    return model
 
 
 def config_from_hf(hf: dict) -> TransformerConfig:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from paratron.checkpoint.files import follow_umask
-from paratron.config import TransformerConfig, moe_layer_pattern
+from paratron.model.config import TransformerConfig, moe_layer_pattern
 from paratron.model.identity import model_identity
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import hf_to_paratron_fields, transformer_config

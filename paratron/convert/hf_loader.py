@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from paratron.checkpoint.untrusted import FLOAT_DTYPES, inside, read_json, safetensors_header
-from paratron.config import TransformerConfig
+from paratron.model.config import TransformerConfig
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import config_from_hf, read_hf_config
 from paratron.convert.hf_mapping import EMBEDDING, OUTPUT, Architecture, architecture

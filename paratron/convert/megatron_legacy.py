@@ -36,14 +36,14 @@ from typing import Callable
 
 import torch
 
-from paratron.config import TransformerConfig
+from paratron.model.config import TransformerConfig
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import _layer_pattern, transformer_config
 from paratron.convert.hf_mapping import OUTPUT
 from paratron.convert.streaming import StreamedModel, model_layout
 from paratron.parallel.expert_parallel import expert_gather
 from paratron.parallel.pipeline import model_chunks
-from paratron.parallel.sharding import gather_tensor
+from paratron.parallel.sharding import gather_tensor, layout_of
 
 FILE = "model_optim_rng.pt"
 LATEST = "latest_checkpointed_iteration.txt"
@@ -271,7 +271,7 @@ def read_megatron_checkpoint(load_dir: str | Path, *, trust_pickle: bool,
     def assemble(name: str) -> torch.Tensor:
         param = layout.params.get(name)
         ranks = where[name]
-        if param is not None and getattr(param, "expert_parallel", False):
+        if param is not None and layout_of(param).expert:
             etp_ranks = range(tp) if etp == tp else range(1)
             full = expert_gather([[piece(ranks[t, e], param) for t in etp_ranks]
                                   for e in range(ep)], param)

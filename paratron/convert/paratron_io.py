@@ -23,14 +23,15 @@ from paratron.checkpoint import files as ckpt_files
 from paratron.checkpoint.checkpointing import TensorReader
 from paratron.checkpoint.files import TOKENIZER_DIR
 from paratron.checkpoint.writer import LogicalCheckpointWriter
-from paratron.config import (Config, ConfigError, TransformerConfig, finalize, pad_vocab_size,
-                             validate)
+from paratron.config import Config, finalize, pad_vocab_size, validate
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import transformer_config
 from paratron.convert.streaming import (StreamedModel, cast, model_layout, progress,
                                         resize_vocab, staged_output)
 from paratron.convert.tokenizer_files import (TokenizerFiles, copy_into, describe,
                                              vocab_size as tokenizer_vocab_size)
+from paratron.model.config import TransformerConfig
+from paratron.options import ConfigError
 
 _TRANSFORMER_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 
@@ -150,7 +151,7 @@ def target_config(model: TransformerConfig, target: TargetLayout, vocab_size: in
                                                              * target.ep),
                                 training=dataclasses.replace(cfg.training, train_iters=1),
                                 optimizer=dataclasses.replace(cfg.optimizer, lr=1e-4))
-    finalize(probe)
+    finalize(probe, probe.parallel.world_size)
     try:
         validate(probe)
     except ConfigError as exc:
@@ -158,7 +159,7 @@ def target_config(model: TransformerConfig, target: TargetLayout, vocab_size: in
         for flag, target_flag in _TARGET_FLAGS.items():
             message = message.replace(flag, target_flag)
         raise ConversionError(f"the target layout does not fit the model: {message}") from None
-    finalize(cfg)
+    finalize(cfg, 1)
     return cfg
 
 

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 
 from paratron.checkpoint.state import VOCAB_ROWS, resize_rows
-from paratron.config import TransformerConfig
+from paratron.model.config import TransformerConfig
 from paratron.data.indexed_dataset import process_alive
 from paratron.convert.errors import ConversionError
 from paratron.convert.tokenizer_files import TokenizerFiles

@@ -1,7 +1,7 @@
 """Blending several datasets into one stream, as Megatron-LM's BlendedDataset does.
 
 Position s of the blend draws from the dataset that is furthest behind its
-share (largest ``w_i * max(s, 1) - drawn_i``), so every prefix of the stream
+share (largest `w_i * max(s, 1) - drawn_i`), so every prefix of the stream
 follows the weights as closely as possible; within a dataset, samples are
 taken in order 0, 1, 2, ... (each dataset is already shuffled). The two index
 arrays are cached next to the GPT indices when a cache folder is given.
@@ -9,8 +9,6 @@ arrays are cached next to the GPT indices when a cache folder is given.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Sequence
 
@@ -18,16 +16,23 @@ import numpy as np
 import torch
 
 from paratron.data.errors import DataError
+from paratron.data.index_cache import description_hash, load_cached_arrays, save_cached_arrays
 from paratron.data.indices import build_blending_indices, build_exhaustive_blending_indices
+
+
+def normalize(weights: Sequence[float]) -> list[float]:
+    """`weights` scaled to sum to 1, in float64 as Megatron computes them."""
+    w = np.array(weights, dtype=np.float64)
+    return (w / np.sum(w)).tolist()
 
 
 class BlendedDataset(torch.utils.data.Dataset):
     """A weighted mixture of datasets of the same split.
 
-    ``weights`` are normalised when ``size`` is given (Megatron normalises
+    `weights` are normalised when `size` is given (Megatron normalises
     them here even if the caller already did, and so must we to draw the
-    same positions). With ``size=None`` the weights must be whole numbers and
-    exactly ``weights[i]`` samples are drawn from dataset i.
+    same positions). With `size=None` the weights must be whole numbers and
+    exactly `weights[i]` samples are drawn from dataset i.
     """
 
     def __init__(
@@ -45,8 +50,7 @@ class BlendedDataset(torch.utils.data.Dataset):
         if any(w <= 0 for w in weights):
             raise DataError(f"blend weights must be positive, got {list(weights)}")
         if size is not None:
-            w = np.array(weights, dtype=np.float64)
-            weights = (w / np.sum(w)).tolist()
+            weights = normalize(weights)
         self.datasets = list(datasets)
         self.weights = list(weights)
         self.size = size
@@ -58,15 +62,13 @@ class BlendedDataset(torch.utils.data.Dataset):
             "weights": self.weights,
             "size": size,
         }
-        text = json.dumps(self.description, indent=4, sort_keys=True)
-        self.description_hash = hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+        self.description_hash = description_hash(self.description)
         self.dataset_index, self.dataset_sample_index = self._indices(cache_path)
 
     def _indices(self, cache_path: str | None):
-        from paratron.data.gpt_dataset import _atomic_save, _atomic_write_text, load_cached_arrays
-
         if cache_path:
-            base = os.path.join(cache_path, f"{self.description_hash}-BlendedDataset-{self.split_name}")
+            name = f"{self.description_hash}-BlendedDataset-{self.split_name}"
+            base = os.path.join(cache_path, name)
             paths = [f"{base}-dataset_index.npy", f"{base}-dataset_sample_index.npy"]
             cached = load_cached_arrays(paths)
             if cached is not None and self._indices_fit(*cached):
@@ -74,7 +76,8 @@ class BlendedDataset(torch.utils.data.Dataset):
         if self.size is not None:
             dataset_index, sample_index = build_blending_indices(self.weights, self.size)
         else:
-            dataset_index, sample_index = build_exhaustive_blending_indices([int(w) for w in self.weights])
+            sizes = [int(w) for w in self.weights]
+            dataset_index, sample_index = build_exhaustive_blending_indices(sizes)
         counts = np.bincount(dataset_index, minlength=len(self.datasets))
         for i, (needed, ds) in enumerate(zip(counts, self.datasets)):
             if needed > len(ds):
@@ -84,17 +87,16 @@ class BlendedDataset(torch.utils.data.Dataset):
                 )
         if cache_path:
             try:
-                os.makedirs(cache_path, exist_ok=True)
-                _atomic_write_text(f"{base}-description.txt", json.dumps(self.description, indent=4))
-                _atomic_save(paths[0], dataset_index)
-                _atomic_save(paths[1], sample_index)
+                save_cached_arrays(base, self.description, paths, (dataset_index, sample_index))
             except OSError as exc:
-                raise DataError(f"cannot write blend index cache in {cache_path} ({exc.strerror})") from None
+                raise DataError(f"cannot write blend index cache in {cache_path} "
+                                f"({exc.strerror})") from None
         return dataset_index, sample_index
 
     def _indices_fit(self, dataset_index: np.ndarray, sample_index: np.ndarray) -> bool:
-        """Whether cached blend indices are usable: right shape, and pointing at existing samples."""
-        if dataset_index.ndim != 1 or dataset_index.shape != sample_index.shape or not len(dataset_index):
+        """Whether cached blend indices are usable: right shape, pointing at existing samples."""
+        if (dataset_index.ndim != 1 or dataset_index.shape != sample_index.shape
+                or not len(dataset_index)):
             return False
         if self.size is not None and len(dataset_index) != self.size:
             return False
@@ -106,7 +108,7 @@ class BlendedDataset(torch.utils.data.Dataset):
         return int(self.dataset_index.shape[0])
 
     def sample_tokens(self, idx: int) -> np.ndarray:
-        """The ``seq_length + 1`` token ids of blended sample ``idx``."""
+        """The `seq_length + 1` token ids of blended sample `idx`."""
         d = int(self.dataset_index[idx])
         return self.datasets[d].sample_tokens(int(self.dataset_sample_index[idx]))
 

@@ -2,9 +2,9 @@
 
 Bad data must stop a run with one line that says what is wrong and where (the
 file, and the line when there is one), never with a traceback from deep inside
-numpy or json. Everything in ``paratron.data`` that detects a problem with the
-user's files raises :class:`DataError` with such a line; the command-line
-entry points turn it into ``SystemExit(message)`` (exit status 1, message on
+numpy or json. Everything in `paratron.data` that detects a problem with the
+user's files raises `DataError` with such a line; the command-line
+entry points turn it into `SystemExit(message)` (exit status 1, message on
 stderr).
 """
 
@@ -18,7 +18,7 @@ _WORKER_LAST_LINE = "DataError: "
 
 
 def _original_message(message: str) -> str:
-    """The worker's own message when ``message`` is a DataLoader's re-raised traceback."""
+    """The worker's own message when `message` is a DataLoader's re-raised traceback."""
     if not message.startswith(_WORKER_HEADER) or "\nOriginal Traceback" not in message:
         return message
     last = message.rstrip("\n").rsplit("\n", 1)[-1]

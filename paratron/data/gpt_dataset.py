@@ -1,75 +1,41 @@
-"""GPT pretraining datasets with Megatron-LM's sampling, and the one entry point the trainer calls.
+"""GPT pretraining samples with Megatron-LM's semantics, and the builder the trainer calls.
 
-Entry point::
+`build_train_valid_test_datasets` turns the data flags (`--data-path`, `--split`,
+`--mock-data`, ...) into a train, a valid and a test dataset. Each maps a sample index
+to a dict of tensors: `tokens` and `labels` int64 [S] (the labels are the tokens shifted
+by one), `loss_mask` float32 [S] (0 where `--eod-mask-loss` hides an input eod),
+`position_ids` int64 [S], and, with `--reset-attention-mask` or `create_attention_mask`,
+what the attention needs to keep documents apart (see `masks_and_position_ids`).
 
-    build_train_valid_test_datasets(
-        data_path: list[str] | None,          # --data-path: "prefix" or "w1 prefix1 w2 prefix2 ..."
-        split: str | None,                    # --split, e.g. "949,50,1" (default "969,30,1")
-        seq_length: int,                      # --seq-length
-        seed: int,                            # --seed (Megatron default 1234)
-        num_samples: tuple[int | None, int | None, int | None],
-                                              # see get_train_valid_test_num_samples
-        tokenizer=None,                       # anything with .eod, .vocab_size and optionally .pad/.bos
-                                              # (None: mock data as NullTokenizer(vocab_size - 1))
-        cache_path: str | None = None,        # --data-cache-path
-        mock: bool = False,                   # --mock-data
-        eod_mask_loss: bool = False,          # --eod-mask-loss
-        reset_position_ids: bool = False,     # --reset-position-ids
-        reset_attention_mask: bool = False,   # --reset-attention-mask
-        create_attention_mask: bool = False,  # also return Megatron's [1, S, S] mask
-        data_path_config: str | None = None,  # --data-path-config YAML
-        train_data_path / valid_data_path / test_data_path: list[str] | None = None,
-        vocab_size: int | None = None,        # only used when tokenizer is None
-    ) -> tuple[Dataset | None, Dataset | None, Dataset | None]
-
-Each dataset maps a sample index to a dict of tensors:
-
-* ``tokens`` int64 [S], ``labels`` int64 [S] (tokens shifted by one),
-* ``loss_mask`` float32 [S] (0 where ``--eod-mask-loss`` hides an input eod),
-* ``position_ids`` int64 [S] (restarting after each eod with
-  ``--reset-position-ids``),
-* with ``--reset-attention-mask``: ``document_ids`` int64 [S], the number of
-  eod tokens before each position, so position i may attend to j only when
-  ``j <= i`` and ``document_ids[i] == document_ids[j]``;
-* with ``create_attention_mask``: ``attention_mask`` bool [1, S, S] in
-  Megatron's convention (True = masked out).
-
-Samples are a pure function of (files, split, seed, seq_length, number of
-samples requested, sample index) — never of the parallel layout. The index
-arrays are built once, saved as ``.npy`` under a name keyed by the MD5 of a
-JSON description of everything they depend on (including a SHA-256 of the
-corpus's sequence lengths, so re-running ``preprocess`` into the same prefix
-can never reuse indices of the old data), and memory-mapped afterwards; a
-cached file that cannot be read is rebuilt.
-In a multi-process job, build on one rank first (or on all: files are written
-under a temporary name and renamed, so concurrent builders cannot leave a
-partial file) and then call the builder on the other ranks, which hit the cache.
-
-Every sample's token ids are checked against the tokenizer's vocabulary as
-the sample is read: a corpus tokenized with another tokenizer stops with the
-file and document named, not an ``IndexError`` deep in the embedding.
+Samples are a pure function of (files, split, seed, seq_length, number of samples
+requested, sample index), never of the parallel layout. Their index arrays are cached
+(`index_cache`), so ranks that build after the first read them back. Every sample's
+token ids are checked against the tokenizer's vocabulary as the sample is read: a corpus
+tokenized with another tokenizer stops with the file and document named, not an
+`IndexError` deep in the embedding.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import io
-import json
 import os
-import secrets
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from paratron.data.blended import BlendedDataset, normalize
+from paratron.data.data_paths import SPLIT_NAMES, load_data_path_config, parse_blend
 from paratron.data.errors import DataError
-from paratron.data.indexed_dataset import (IndexedDataset, bin_path, create_exclusive, dataset_exists,
-                                       idx_path)
-from paratron.data.indices import build_gpt_indices, parse_split, split_matrix, split_range
+from paratron.data.index_cache import description_hash, load_cached_arrays, save_cached_arrays
+from paratron.data.indexed_dataset import IndexedDataset, bin_path, dataset_exists, idx_path
+from paratron.data.indices import (blend_sizes, build_gpt_indices, parse_split, split_matrix,
+                                   split_range)
+from paratron.data.mock import MockCorpus
+from paratron.data.tokenizer import NullTokenizer
 
-SPLIT_NAMES = ("train", "valid", "test")
 #: Megatron's --split when none is given.
 DEFAULT_SPLIT = "969,30,1"
 #: Megatron's "pad" id when the tokenizer has no distinct pad token.
@@ -94,7 +60,8 @@ class GPTDatasetConfig:
 
 
 def pad_id_for(tokenizer) -> int:
-    """The pad id Megatron masks out: the tokenizer's pad, unless missing or equal to eod/eos/bos (then -1)."""
+    """The pad id Megatron masks out: the tokenizer's pad, unless missing or equal to
+    eod/eos/bos (then -1)."""
     pad = getattr(tokenizer, "pad", None)
     if pad is None or pad < 0:
         return NO_PAD
@@ -135,19 +102,25 @@ def masks_and_position_ids(
     out["position_ids"] = positions
     if reset_attention_mask:
         out["document_ids"] = document_ids
-    if create_attention_mask:
-        allowed = torch.tril(torch.ones(s, s, dtype=torch.bool))
-        if reset_attention_mask:
-            allowed &= document_ids[:, None] == document_ids[None, :]
-        out["attention_mask"] = (~allowed).unsqueeze(0)
+    if create_attention_mask:  # one document unless they are kept apart
+        documents = document_ids if reset_attention_mask else torch.zeros_like(document_ids)
+        out["attention_mask"] = packed_attention_mask(documents).unsqueeze(0)
     return out
+
+
+def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each document of a sample: [S, S], True where attention
+    is *not* allowed (Megatron's convention, which the model takes)."""
+    s = document_ids.shape[-1]
+    causal = torch.tril(torch.ones(s, s, dtype=torch.bool, device=document_ids.device))
+    return ~(causal & (document_ids[..., :, None] == document_ids[..., None, :]))
 
 
 class GPTDataset(torch.utils.data.Dataset):
     """One split of one corpus, sampled as Megatron-LM's GPTDataset samples it.
 
-    ``low_level`` is an :class:`IndexedDataset` (or the mock corpus);
-    ``sequence_ids`` are the corpus sequences in this split; ``num_samples``
+    `low_level` is an `IndexedDataset` (or the mock corpus);
+    `sequence_ids` are the corpus sequences in this split; `num_samples`
     is how many samples are needed (None: one epoch).
     """
 
@@ -171,13 +144,14 @@ class GPTDataset(torch.utils.data.Dataset):
             "dataset": low_level.describe(),
             "split_name": split_name,
             "split": config.split,
-            "split_range": [int(sequence_ids[0]), int(sequence_ids[-1]) + 1] if len(sequence_ids) else [0, 0],
+            "split_range": ([int(sequence_ids[0]), int(sequence_ids[-1]) + 1]
+                            if len(sequence_ids) else [0, 0]),
             "num_samples": num_samples,
             "seed": config.seed,
             "seq_length": config.seq_length,
             "add_extra_token_to_sequence": True,
         }
-        self.description_hash = _md5(self.description)
+        self.description_hash = description_hash(self.description)
         self.document_index, self.sample_index, self.shuffle_index = self._indices()
 
     # -- indices -------------------------------------------------------------------
@@ -208,10 +182,7 @@ class GPTDataset(torch.utils.data.Dataset):
         )
         if cache:
             try:
-                os.makedirs(cache, exist_ok=True)
-                _atomic_write_text(f"{base}-description.txt", json.dumps(self.description, indent=4))
-                for path, array in zip(paths, arrays):
-                    _atomic_save(path, array)
+                save_cached_arrays(base, self.description, paths, arrays)
             except OSError as exc:
                 raise DataError(
                     f"cannot write dataset index cache in {cache} ({exc.strerror}); "
@@ -221,7 +192,8 @@ class GPTDataset(torch.utils.data.Dataset):
         return arrays
 
     def _indices_fit(self, document_index, sample_index, shuffle_index) -> bool:
-        """Shape and range checks on cached indices, so a damaged cache file is rebuilt, not used."""
+        """Shape and range checks on cached indices, so a damaged cache file is rebuilt,
+        not used."""
         arrays = (document_index, sample_index, shuffle_index)
         if not all(np.issubdtype(a.dtype, np.integer) and a.size for a in arrays):
             return False
@@ -239,9 +211,10 @@ class GPTDataset(torch.utils.data.Dataset):
         return self.sample_index.shape[0] - 1
 
     def sample_tokens(self, idx: int) -> np.ndarray:
-        """The ``seq_length + 1`` token ids of sample ``idx`` (after the shuffle), int64."""
+        """The `seq_length + 1` token ids of sample `idx` (after the shuffle), int64."""
         if not 0 <= idx < len(self):
-            raise IndexError(f"sample {idx} out of range ({len(self)} samples in the {self.split_name} split)")
+            raise IndexError(f"sample {idx} out of range ({len(self)} samples in the "
+                             f"{self.split_name} split)")
         i = int(self.shuffle_index[idx])
         pos_beg, off_beg = (int(v) for v in self.sample_index[i])
         pos_end, off_end = (int(v) for v in self.sample_index[i + 1])
@@ -255,12 +228,14 @@ class GPTDataset(torch.utils.data.Dataset):
             parts.append(get(int(doc[pos_end]), 0, off_end + 1))
         tokens = np.concatenate(parts)
         vocab = self.config.vocab_size
-        if vocab is not None and len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        if (vocab is not None and len(tokens)
+                and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab)):
             self._refuse_token(parts, [int(doc[p]) for p in range(pos_beg, pos_end + 1)], vocab)
         return tokens.astype(np.int64)
 
     def _refuse_token(self, parts: list[np.ndarray], sequences: list[int], vocab: int) -> None:
-        """Raise a DataError naming the file, document and id of the first token outside the vocabulary."""
+        """Raise a DataError naming the file, document and id of the first token outside
+        the vocabulary."""
         for part, sequence in zip(parts, sequences):
             outside = np.flatnonzero((part < 0) | (part >= vocab))
             if len(outside):
@@ -296,57 +271,11 @@ class GPTDataset(torch.utils.data.Dataset):
 _KEY_ORDER = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "attention_mask")
 
 
-# --------------------------------------------------------------------------- cache helpers
-
-
-def _md5(description: dict) -> str:
-    text = json.dumps(description, indent=4, sort_keys=True)
-    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
-
-
-def load_cached_arrays(paths: Sequence[str]) -> tuple[np.ndarray, ...] | None:
-    """The cached ``.npy`` files memory-mapped, or None when one is missing or unreadable (then rebuild)."""
-    if not all(os.path.isfile(p) for p in paths):
-        return None
-    try:
-        return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
-    except (OSError, ValueError, EOFError):
-        return None
-
-
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    # Created exclusively with the umask's permissions (mkstemp's 0600 hides the cache
-    # from other users sharing it).
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{secrets.token_hex(8)}.npy")
-    fh = create_exclusive(tmp)
-    try:
-        with fh as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{secrets.token_hex(8)}.txt")  # as _atomic_save
-    fh = create_exclusive(tmp)
-    try:
-        with io.TextIOWrapper(fh, encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------- low-level corpora
 
 
 class IndexedCorpus(IndexedDataset):
-    """An :class:`IndexedDataset` that also describes itself for the index cache.
+    """An `IndexedDataset` that also describes itself for the index cache.
 
     The description holds a SHA-256 of the sequence lengths, the only part of
     the corpus the sample indices depend on: preprocessing new text into the
@@ -371,10 +300,12 @@ class IndexedCorpus(IndexedDataset):
         }
 
     def locate(self, sequence: int) -> str:
-        """``<prefix>.bin: document D`` (and the sequence, when documents hold several) for messages."""
+        """`<prefix>.bin: document D` (and the sequence, when documents hold several), for
+        messages."""
         document = int(np.searchsorted(self.document_indices, sequence, side="right")) - 1
         split = self.document_indices[document + 1] - self.document_indices[document] > 1
-        return f"{bin_path(self.prefix)}: document {document}" + (f" (sequence {sequence})" if split else "")
+        return (f"{bin_path(self.prefix)}: document {document}"
+                + (f" (sequence {sequence})" if split else ""))
 
 
 def _existing_prefix_hint(prefix: str) -> str | None:
@@ -394,7 +325,7 @@ def _existing_prefix_hint(prefix: str) -> str | None:
 
 
 def open_corpus(prefix: str) -> IndexedCorpus:
-    """Open ``<prefix>.bin/.idx`` for sampling, with a clear error when it does not exist."""
+    """Open `<prefix>.bin/.idx` for sampling, with a clear error when it does not exist."""
     if not dataset_exists(prefix):
         missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
         raise DataError(
@@ -404,7 +335,8 @@ def open_corpus(prefix: str) -> IndexedCorpus:
         )
     corpus = IndexedCorpus(prefix)
     if not np.issubdtype(corpus.dtype, np.integer):
-        raise DataError(f"{idx_path(prefix)}: tokens are {corpus.dtype}; a GPT corpus holds integer token ids")
+        raise DataError(f"{idx_path(prefix)}: tokens are {corpus.dtype}; a GPT corpus holds "
+                        f"integer token ids")
     return corpus
 
 
@@ -420,10 +352,10 @@ def get_train_valid_test_num_samples(
 ) -> tuple[int, int, int]:
     """Samples each split must provide, as Megatron computes them.
 
-    train = ``train_samples`` or ``train_iters * global_batch_size``;
-    valid = ``(train_iters // eval_interval + 1) * eval_iters * global_batch_size``
-    (with ``--train-samples``, ``train_iters = train_samples // global_batch_size``);
-    test = ``eval_iters * global_batch_size``.
+    train = `train_samples` or `train_iters * global_batch_size`;
+    valid = `(train_iters // eval_interval + 1) * eval_iters * global_batch_size`
+    (with `--train-samples`, `train_iters = train_samples // global_batch_size`);
+    test = `eval_iters * global_batch_size`.
     """
     if train_samples:
         train = int(train_samples)
@@ -438,119 +370,6 @@ def get_train_valid_test_num_samples(
     valid = (train_iters // eval_interval + 1) * eval_iters * global_batch_size
     test = eval_iters * global_batch_size
     return train, valid, test
-
-
-#: The name the trainer uses.
-sample_counts = get_train_valid_test_num_samples
-
-
-# --------------------------------------------------------------------------- blends
-
-
-def parse_blend(data_path: Sequence[str] | str | None) -> tuple[list[str], list[float] | None] | None:
-    """Megatron's ``--data-path`` list -> ``(prefixes, weights or None)``.
-
-    Accepts ``[prefix, ...]`` (unweighted) or ``[w1, prefix1, w2, prefix2, ...]``;
-    entries holding several whitespace-separated words (an unquoted shell
-    variable) are split first.
-    """
-    if data_path is None:
-        return None
-    if isinstance(data_path, str):
-        data_path = [data_path]
-    words = [w for entry in data_path for w in str(entry).split()]
-    if not words:
-        return None
-
-    def number(x: str) -> float | None:
-        try:
-            return float(x)
-        except ValueError:
-            return None
-
-    if len(words) % 2 == 0:
-        weights = [number(w) for w in words[0::2]]
-        if all(w is not None for w in weights):
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise DataError(f"--data-path weights must be non-negative with a positive sum: {words[0::2]}")
-            return list(words[1::2]), weights  # type: ignore[return-value]
-        if any(w is not None for w in weights):
-            raise DataError(
-                "--data-path must be either prefixes only or weight-prefix pairs, got: " + " ".join(words)
-            )
-    if any(number(w) is not None for w in words):
-        raise DataError("--data-path weight without a prefix (expected pairs 'weight prefix'): " + " ".join(words))
-    return words, None
-
-
-def normalize(weights: Sequence[float]) -> list[float]:
-    w = np.array(weights, dtype=np.float64)
-    return (w / np.sum(w)).tolist()
-
-
-def load_data_path_config(path: str) -> dict[str, Any]:
-    """Read a ``--data-path-config`` YAML file.
-
-    Accepted forms (weights may be any non-negative numbers)::
-
-        # the --data-path words as a list (or one string)
-        - 0.7
-        - /data/a_text_document
-        - 0.3
-        - /data/b_text_document
-
-        # or a mapping, optionally with a split or per-split blends
-        data_path: [0.7, /data/a_text_document, 0.3, /data/b_text_document]
-        split: 99,1,0
-        # train: [...]   valid: [...]   test: [...]   (instead of data_path)
-
-        # or a list of {path:, weight:} entries
-        - {path: /data/a_text_document, weight: 0.7}
-
-    Returns ``{"data_path": [...] or None, "split": str or None,
-    "train"/"valid"/"test": [...] or None}`` with ``--data-path``-style word lists.
-    """
-    import yaml
-
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file (given as --data-path-config)")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-
-    def words(value, where: str) -> list[str] | None:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            return value.split()
-        if isinstance(value, list):
-            out: list[str] = []
-            for item in value:
-                if isinstance(item, dict):
-                    if "path" not in item:
-                        raise DataError(f"{path}: entry {item} in {where} has no 'path'")
-                    out += [str(item.get("weight", 1.0)), str(item["path"])]
-                else:
-                    out.append(str(item))
-            return out
-        raise DataError(f"{path}: {where} must be a list or a string")
-
-    result: dict[str, Any] = {"data_path": None, "split": None, "train": None, "valid": None, "test": None}
-    if isinstance(raw, (list, str)):
-        result["data_path"] = words(raw, "the file")
-    elif isinstance(raw, dict):
-        unknown = set(raw) - {"data_path", "data-path", "split", "train", "valid", "test"}
-        if unknown:
-            raise DataError(f"{path}: unknown keys {sorted(unknown)} (expected data_path, split, train, valid, test)")
-        result["data_path"] = words(raw.get("data_path", raw.get("data-path")), "data_path")
-        result["split"] = str(raw["split"]) if raw.get("split") is not None else None
-        for name in SPLIT_NAMES:
-            result[name] = words(raw.get(name), name)
-    else:
-        raise DataError(f"{path}: expected a list or a mapping at the top level")
-    return result
 
 
 # --------------------------------------------------------------------------- builder
@@ -575,25 +394,22 @@ def build_train_valid_test_datasets(
     test_data_path: Sequence[str] | None = None,
     vocab_size: int | None = None,
 ):
-    """Build the train, valid and test datasets exactly as Megatron-LM's BlendedMegatronDatasetBuilder.
+    """The train, valid and test datasets exactly as Megatron-LM's
+    BlendedMegatronDatasetBuilder builds them.
 
-    See the module docstring for the arguments. A split with zero weight in
-    ``--split`` (or without a per-split path) is ``None``. One prefix without
-    weight gives a :class:`GPTDataset`; weighted prefixes give a
-    :class:`~paratron.data.blended.BlendedDataset` of ``sum_i ceil(N * w_i)``
-    samples over per-corpus datasets of ``ceil(ceil(N * w_i) * 1.005)``.
+    The arguments are the data flags of the same names; `num_samples` comes from
+    `get_train_valid_test_num_samples`; `tokenizer` is anything with `.eod`,
+    `.vocab_size` and optionally `.pad`/`.bos` (None: mock data read as
+    `NullTokenizer(vocab_size - 1)`). A split with zero weight in `--split` (or without
+    a per-split path) is None. One prefix without weight gives a `GPTDataset`; weighted
+    prefixes give a `BlendedDataset` of `sum_i ceil(N * w_i)` samples over per-corpus
+    datasets of `ceil(ceil(N * w_i) * 1.005)`.
     """
-    from paratron.data.blended import BlendedDataset
-    from paratron.data.indices import blend_sizes
-    from paratron.data.mock import MockCorpus
-
     if tokenizer is None:
         # Mock data without a tokenizer: behave as NullTokenizer(vocab_size - 1),
         # whose vocabulary is vocab_size ids with the last one as eod.
         if vocab_size is None:
             raise DataError("give a tokenizer (--tokenizer-type ...) or --vocab-size")
-        from paratron.data.tokenizer import NullTokenizer
-
         tokenizer = NullTokenizer(int(vocab_size) - 1)
     if seq_length is None or seq_length < 1:
         raise DataError(f"--seq-length must be a positive number, got {seq_length}")
@@ -617,7 +433,8 @@ def build_train_valid_test_datasets(
     if blend is not None and any(b is not None for b in blend_per_split):
         raise DataError("give either --data-path or --train/valid/test-data-path, not both")
     if blend is None and all(b is None for b in blend_per_split) and not mock:
-        raise DataError("no training data: give --data-path (or --data-path-config, --train-data-path) or --mock-data")
+        raise DataError("no training data: give --data-path (or --data-path-config, "
+                        "--train-data-path) or --mock-data")
 
     if mock:
         split = "1,1,1"
@@ -638,7 +455,8 @@ def build_train_valid_test_datasets(
     )
 
     def splits_of(prefix: str | None, matrix, split_sizes) -> list[GPTDataset | None]:
-        corpus = MockCorpus(tokenizer.vocab_size, tokenizer.eod) if prefix is None else open_corpus(prefix)
+        corpus = (MockCorpus(tokenizer.vocab_size, tokenizer.eod) if prefix is None
+                  else open_corpus(prefix))
         n = len(corpus)
         out: list[GPTDataset | None] = []
         for i, bounds in enumerate(matrix):
@@ -655,7 +473,8 @@ def build_train_valid_test_datasets(
                 where = "mock data" if prefix is None else prefix
                 raise DataError(
                     f"the {SPLIT_NAMES[i]} split of {where} holds {end - begin} of {n} sequences "
-                    f"({tokens} tokens) with --split {split}; it needs at least 2 tokens (change --split or add data)"
+                    f"({tokens} tokens) with --split {split}; it needs at least 2 tokens "
+                    f"(change --split or add data)"
                 )
             out.append(GPTDataset(corpus, prefix, ids, split_sizes[i], SPLIT_NAMES[i], config))
         return out
@@ -668,8 +487,10 @@ def build_train_valid_test_datasets(
         if weights is None:
             per_prefix_sizes = [[None, None, None] for _ in prefixes]
         else:
-            targets = [[None if n is None else blend_sizes([w], n, 0.0)[0] for n in split_sizes] for w in weights]
-            per_prefix_sizes = [[None if n is None else blend_sizes([w], n)[0] for n in split_sizes] for w in weights]
+            targets = [[None if n is None else blend_sizes([w], n, 0.0)[0] for n in split_sizes]
+                       for w in weights]
+            per_prefix_sizes = [[None if n is None else blend_sizes([w], n)[0]
+                                 for n in split_sizes] for w in weights]
         mids = [splits_of(p, matrix, s) for p, s in zip(prefixes, per_prefix_sizes)]
         result: list = [None, None, None]
         for i in range(3):
@@ -680,7 +501,8 @@ def build_train_valid_test_datasets(
                 continue
             if weights is not None:
                 if split_sizes[i] is None:
-                    raise DataError("weighted --data-path needs a number of samples for every split")
+                    raise DataError("weighted --data-path needs a number of samples for every "
+                                    "split")
                 size = sum(t[i] for t in targets)
                 result[i] = BlendedDataset(datasets, weights, size, SPLIT_NAMES[i], cache_path)
             else:

@@ -1,9 +1,9 @@
-"""Megatron-LM's indexed dataset: the ``.bin`` / ``.idx`` file pair, read and written.
+"""Megatron-LM's indexed dataset: the `.bin` / `.idx` file pair, read and written.
 
-Users arrive with corpora that Megatron-LM's ``tools/preprocess_data.py`` has
+Users arrive with corpora that Megatron-LM's `tools/preprocess_data.py` has
 already tokenized, so Paratron reads and writes exactly the same bytes.
 
-Layout of ``<prefix>.idx`` (all integers little-endian)::
+Layout of `<prefix>.idx` (all integers little-endian):
 
     9 bytes   magic b"MMIDIDX\\x00\\x00"
     uint64    version, always 1
@@ -16,8 +16,8 @@ Layout of ``<prefix>.idx`` (all integers little-endian)::
               sequence of document d (an empty document repeats the previous
               entry)
 
-``<prefix>.bin`` holds the token ids of all sequences back to back, no header.
-A "sequence" is a whole document, or one sentence with ``--split-sentences``.
+`<prefix>.bin` holds the token ids of all sequences back to back, no header.
+A "sequence" is a whole document, or one sentence with `--split-sentences`.
 
 Reading memory-maps both files, so opening a corpus of any size costs O(1)
 memory and every rank of a job can share the pages.
@@ -34,6 +34,7 @@ from typing import BinaryIO, Iterable, Sequence
 import numpy as np
 
 from paratron.data.errors import DataError
+from paratron.files import EXCLUSIVE_FLAGS
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -78,7 +79,7 @@ def bin_path(prefix: str) -> str:
 
 
 def dataset_exists(prefix: str) -> bool:
-    """True when both ``<prefix>.idx`` and ``<prefix>.bin`` are files."""
+    """True when both `<prefix>.idx` and `<prefix>.bin` are files."""
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
 
 
@@ -86,10 +87,10 @@ def dataset_exists(prefix: str) -> bool:
 
 
 def temporary_path(path: str) -> str:
-    """Where ``path`` is written before it is complete: ``<path>.tmp-<host>-<pid>``.
+    """Where `path` is written before it is complete: `<path>.tmp-<host>-<pid>`.
 
     The host and process id let a later run tell a leftover of a dead process
-    (removed by :func:`remove_stale_temporaries`) from the file of a run still
+    (removed by `remove_stale_temporaries`) from the file of a run still
     going, even when several machines share the folder.
     """
     return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
@@ -113,13 +114,13 @@ def _process_is_gone(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
-    """Delete the temporaries of ``path`` that runs on this host left when they died.
+    """Delete the temporaries of `path` that runs on this host left when they died.
 
     A run killed with SIGKILL (or a machine that lost power) cannot clean up
     after itself; the next run writing the same output does it. Only files of
     processes that no longer exist are touched: another run writing the same
     prefix at the same time keeps its files. Also recognises the older
-    ``<path>.tmp-<pid>`` form. Returns the paths removed.
+    `<path>.tmp-<pid>` form. Returns the paths removed.
     """
     host = socket.gethostname()
     removed = []
@@ -137,12 +138,11 @@ def remove_stale_temporaries(path: str) -> list[str]:
 
 def create_exclusive(path: str) -> BinaryIO:
     """Open a new file for writing; fails if anything (a file, a planted link) is already there."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    return os.fdopen(os.open(path, flags, 0o666), "wb")
+    return os.fdopen(os.open(path, EXCLUSIVE_FLAGS, 0o666), "wb")
 
 
 def write_error(path: str, exc: OSError) -> DataError:
-    """One line for an OS error while writing ``path`` (full disk, read-only folder, ...)."""
+    """One line for an OS error while writing `path` (full disk, read-only folder, ...)."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, FileExistsError):
         reason += "; another run may be writing the same output"
@@ -169,7 +169,7 @@ def write_index(
 ) -> None:
     """Write a complete .idx file for the given sequence lengths and document index.
 
-    ``exclusive`` creates the file with :func:`create_exclusive` (for
+    `exclusive` creates the file with `create_exclusive` (for
     temporary names, which must never already exist).
     """
     lengths = np.asarray(sequence_lengths, dtype=np.int32)
@@ -186,16 +186,16 @@ def write_index(
 
 
 class IndexedDatasetWriter:
-    """Append documents to a ``.bin`` file and write the matching ``.idx`` at the end.
+    """Append documents to a `.bin` file and write the matching `.idx` at the end.
 
     The writer keeps only the per-sequence lengths in memory (4 bytes each);
-    token ids go straight to disk. ``add_document`` takes one document;
-    ``add_batch`` takes many at once as flat arrays, which is what the
+    token ids go straight to disk. `add_document` takes one document;
+    `add_batch` takes many at once as flat arrays, which is what the
     preprocessing workers produce and avoids per-document Python work.
 
-    ``exclusive`` creates both files with :func:`create_exclusive`, as
+    `exclusive` creates both files with `create_exclusive`, as
     temporary names must be. An OS error while writing (a full disk, a
-    read-only folder) is raised as a :class:`DataError` naming the file.
+    read-only folder) is raised as a `DataError` naming the file.
     """
 
     def __init__(self, bin_file: str, dtype=np.int32, exclusive: bool = False) -> None:
@@ -210,8 +210,9 @@ class IndexedDatasetWriter:
         self._doc_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         self._num_sequences = 0
 
-    def add_document(self, token_ids: Iterable[int], sequence_lengths: Sequence[int] | None = None) -> None:
-        """Add one document. ``sequence_lengths`` splits it into sentences; default: one sequence.
+    def add_document(self, token_ids: Iterable[int],
+                     sequence_lengths: Sequence[int] | None = None) -> None:
+        """Add one document. `sequence_lengths` splits it into sentences; default: one sequence.
 
         An empty document (no tokens) adds no sequence, and its document-index
         entry repeats the previous one, as Megatron's writer does.
@@ -221,17 +222,19 @@ class IndexedDatasetWriter:
             sequence_lengths = [ids.size] if ids.size else []
         lengths = np.asarray(sequence_lengths, dtype=np.int32)
         if int(lengths.sum()) != ids.size:
-            raise ValueError(f"sentence lengths sum to {int(lengths.sum())}, document has {ids.size} tokens")
+            raise ValueError(f"sentence lengths sum to {int(lengths.sum())}, "
+                             f"document has {ids.size} tokens")
         self._write(ids.tobytes(order="C"))
         self._lengths.append(lengths)
         self._num_sequences += len(lengths)
         self._doc_ends.append(np.array([self._num_sequences], dtype=np.int64))
 
-    def add_batch(self, flat_ids: np.ndarray, sequence_lengths: np.ndarray, sequences_per_document: np.ndarray) -> None:
+    def add_batch(self, flat_ids: np.ndarray, sequence_lengths: np.ndarray,
+                  sequences_per_document: np.ndarray) -> None:
         """Add many documents at once.
 
-        ``flat_ids`` are all their tokens back to back, ``sequence_lengths`` the
-        length of every sequence (no zeros), ``sequences_per_document`` how many
+        `flat_ids` are all their tokens back to back, `sequence_lengths` the
+        length of every sequence (no zeros), `sequences_per_document` how many
         sequences each document has (0 for an empty document).
         """
         flat_ids = np.asarray(flat_ids)
@@ -250,7 +253,8 @@ class IndexedDatasetWriter:
         if other.dtype != self.dtype:
             raise DataError(f"{idx_path(prefix)}: tokens are {other.dtype}, expected {self.dtype}")
         self._lengths.append(np.array(other.sequence_lengths, dtype=np.int32))
-        self._doc_ends.append(self._num_sequences + np.array(other.document_indices[1:], dtype=np.int64))
+        ends = np.array(other.document_indices[1:], dtype=np.int64)
+        self._doc_ends.append(self._num_sequences + ends)
         self._num_sequences += len(other)
         with open(bin_path(prefix), "rb") as f:
             while chunk := f.read(1 << 24):
@@ -270,12 +274,14 @@ class IndexedDatasetWriter:
             raise write_error(self.bin_file, exc) from None
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         try:
-            write_index(idx_file, self.dtype, lengths, np.concatenate(self._doc_ends), self.exclusive)
+            write_index(idx_file, self.dtype, lengths, np.concatenate(self._doc_ends),
+                        self.exclusive)
         except OSError as exc:
             raise write_error(idx_file, exc) from None
 
     def close(self) -> None:
-        """Close the .bin without writing an index (used when aborting; a failing flush is ignored)."""
+        """Close the .bin without writing an index (used when aborting; a failing flush is
+        ignored)."""
         if not self._file.closed:
             try:
                 self._file.close()
@@ -291,7 +297,8 @@ class IndexedDatasetWriter:
 _CHUNK = 1 << 16
 
 
-def _first_bad_sequence(lengths: np.ndarray, pointers: np.ndarray, itemsize: int, bin_size: int) -> int | None:
+def _first_bad_sequence(lengths: np.ndarray, pointers: np.ndarray, itemsize: int,
+                        bin_size: int) -> int | None:
     """The first sequence whose length or pointer is impossible, or None when all are sound.
 
     Sound means: length >= 0; the pointer a multiple of the token size, at or
@@ -332,15 +339,15 @@ def _first_bad_document(document_indices: np.ndarray, num_sequences: int) -> int
 
 
 class IndexedDataset:
-    """Read-only view of a Megatron ``.bin/.idx`` pair, memory-mapped.
+    """Read-only view of a Megatron `.bin/.idx` pair, memory-mapped.
 
-    ``ds[i]`` is sequence ``i`` as a numpy array (a view into the mapped
-    file); ``ds.get(i, offset, length)`` a slice of it. ``sequence_lengths``,
-    ``sequence_pointers`` and ``document_indices`` are the arrays from the
+    `ds[i]` is sequence `i` as a numpy array (a view into the mapped
+    file); `ds.get(i, offset, length)` a slice of it. `sequence_lengths`,
+    `sequence_pointers` and `document_indices` are the arrays from the
     .idx, also memory-mapped.
 
-    The constructor validates the pair and raises :class:`DataError` naming
-    the file for anything that would otherwise read outside the ``.bin`` or
+    The constructor validates the pair and raises `DataError` naming
+    the file for anything that would otherwise read outside the `.bin` or
     crash later: a missing or unreadable file, a wrong magic or version, an
     unknown dtype, counts that do not fit the file size, a negative length,
     a pointer that is misaligned, decreasing, overlapping or outside the .bin,
@@ -358,28 +365,33 @@ class IndexedDataset:
         ipath, bpath = idx_path(prefix), bin_path(prefix)
         for path in (ipath, bpath):
             if not os.path.isfile(path):
-                raise DataError(f"{path}: no such file (data prefix '{prefix}' needs {prefix}.bin and {prefix}.idx)")
+                raise DataError(f"{path}: no such file (data prefix '{prefix}' needs "
+                                f"{prefix}.bin and {prefix}.idx)")
         try:
             self._read_header(ipath)
             self._map_index(ipath)
             bin_size = os.path.getsize(bpath)
             self._validate(ipath, bpath, bin_size)
             # numpy cannot map an empty file; an empty dataset needs no mapping anyway.
-            self._bin_map = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+            self._bin_map = (np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size
+                             else np.zeros(0, np.uint8))
         except OSError as exc:
-            raise DataError(f"{exc.filename or prefix}: cannot read ({exc.strerror or exc})") from None
+            raise DataError(f"{exc.filename or prefix}: cannot read "
+                            f"({exc.strerror or exc})") from None
 
     def _read_header(self, ipath: str) -> None:
         idx_size = os.path.getsize(ipath)
         with open(ipath, "rb") as f:
             header = f.read(HEADER_SIZE)
         if len(header) < 9 or header[:9] != INDEX_MAGIC:
-            raise DataError(f"{ipath}: not a Megatron indexed dataset index (bad magic {header[:9]!r})")
+            raise DataError(f"{ipath}: not a Megatron indexed dataset index "
+                            f"(bad magic {header[:9]!r})")
         if len(header) < HEADER_SIZE:
             raise DataError(f"{ipath}: truncated header ({idx_size} bytes)")
         (version,) = struct.unpack("<Q", header[9:17])
         if version != INDEX_VERSION:
-            raise DataError(f"{ipath}: unsupported index version {version} (expected {INDEX_VERSION})")
+            raise DataError(f"{ipath}: unsupported index version {version} "
+                            f"(expected {INDEX_VERSION})")
         code = header[17]
         if code not in DTYPE_CODES:
             raise DataError(f"{ipath}: unknown token dtype code {code}")
@@ -403,7 +415,8 @@ class IndexedDataset:
         self._idx_map = np.memmap(ipath, mode="r", dtype=np.uint8)
         buf = self._idx_map
         self.sequence_lengths = np.frombuffer(buf, dtype="<i4", count=n, offset=HEADER_SIZE)
-        self.sequence_pointers = np.frombuffer(buf, dtype="<i8", count=n, offset=HEADER_SIZE + 4 * n)
+        self.sequence_pointers = np.frombuffer(buf, dtype="<i8", count=n,
+                                               offset=HEADER_SIZE + 4 * n)
         self.document_indices = np.frombuffer(
             buf, dtype="<i8", count=self.document_count, offset=HEADER_SIZE + 12 * n
         )
@@ -421,25 +434,29 @@ class IndexedDataset:
                 f"{ipath}: corrupt document index (entry {bad} is {int(docs[bad])}, after "
                 f"{int(docs[bad - 1])}; entries must grow from 0 to {n})"
             )
-        bad = _first_bad_sequence(self.sequence_lengths, self.sequence_pointers, self.dtype.itemsize, bin_size)
+        bad = _first_bad_sequence(self.sequence_lengths, self.sequence_pointers,
+                                  self.dtype.itemsize, bin_size)
         if bad is not None:
             raise DataError(self._sequence_problem(bad, ipath, bpath, bin_size))
 
     def _sequence_problem(self, i: int, ipath: str, bpath: str, bin_size: int) -> str:
-        """One line on why sequence ``i`` failed :func:`_first_bad_sequence`."""
-        length, start, size = int(self.sequence_lengths[i]), int(self.sequence_pointers[i]), self.dtype.itemsize
+        """One line on why sequence `i` failed `_first_bad_sequence`."""
+        length, start = int(self.sequence_lengths[i]), int(self.sequence_pointers[i])
+        size = self.dtype.itemsize
         where = f"{ipath}: corrupt index: sequence {i}"
         if length < 0:
             return f"{where} has a negative length ({length})"
         if start < 0 or start > bin_size:
             return f"{where} starts at byte {start}, outside {bpath} ({bin_size} bytes)"
         if start % size:
-            return f"{where} starts at byte {start}, not a multiple of the token size ({size} bytes)"
+            return (f"{where} starts at byte {start}, not a multiple of the token size "
+                    f"({size} bytes)")
         if start + length * size > bin_size:
             return (f"{bpath}: truncated data file ({bin_size} bytes, but sequence {i} of {ipath} "
                     f"ends at byte {start + length * size})")
         previous = int(self.sequence_pointers[i - 1]) + int(self.sequence_lengths[i - 1]) * size
-        return f"{where} starts at byte {start}, inside sequence {i - 1} (which ends at byte {previous})"
+        return (f"{where} starts at byte {start}, inside sequence {i - 1} "
+                f"(which ends at byte {previous})")
 
     # Pickling (DataLoader workers started with spawn) reopens the files by name.
     def __getstate__(self):
@@ -464,22 +481,24 @@ class IndexedDataset:
         return self.get(int(i))
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        """Tokens ``[offset, offset + length)`` of sequence ``i`` (to its end when length is None)."""
+        """Tokens `[offset, offset + length)` of sequence `i` (to its end when length is None)."""
         if not 0 <= i < self.sequence_count:
-            raise IndexError(f"sequence {i} out of range for {self.prefix} ({self.sequence_count} sequences)")
+            raise IndexError(f"sequence {i} out of range for {self.prefix} "
+                             f"({self.sequence_count} sequences)")
         if length is None:
             length = int(self.sequence_lengths[i]) - offset
         start = int(self.sequence_pointers[i]) + int(offset) * self.dtype.itemsize
         return np.frombuffer(self._bin_map, dtype=self.dtype, count=int(length), offset=start)
 
     def document(self, d: int) -> np.ndarray:
-        """All tokens of document ``d`` (its sequences joined)."""
+        """All tokens of document `d` (its sequences joined)."""
         first, last = int(self.document_indices[d]), int(self.document_indices[d + 1])
         if first == last:
             return np.zeros(0, dtype=self.dtype)
         start = int(self.sequence_pointers[first])
         count = int(np.sum(self.sequence_lengths[first:last], dtype=np.int64))
-        end = int(self.sequence_pointers[last - 1]) + int(self.sequence_lengths[last - 1]) * self.dtype.itemsize
-        if end - start != count * self.dtype.itemsize:  # gaps between its sequences (not as Megatron writes)
+        itemsize, tail = self.dtype.itemsize, last - 1
+        end = int(self.sequence_pointers[tail]) + int(self.sequence_lengths[tail]) * itemsize
+        if end - start != count * itemsize:  # gaps between its sequences (Megatron writes none)
             return np.concatenate([self.get(i) for i in range(first, last)])
         return np.frombuffer(self._bin_map, dtype=self.dtype, count=count, offset=start)

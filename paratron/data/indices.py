@@ -1,7 +1,7 @@
 """The index arithmetic behind Megatron-LM's GPT and blended datasets, in numpy.
 
-These functions decide which tokens make up training sample ``k``. They
-reproduce Megatron-LM's ``GPTDataset`` / ``BlendedDataset`` / ``helpers.cpp``
+These functions decide which tokens make up training sample `k`. They
+reproduce Megatron-LM's `GPTDataset` / `BlendedDataset` / `helpers.cpp`
 results exactly (same arrays, same dtypes), so that the same arguments give the
 same samples in both frameworks, but without a C++ extension: the sample index
 is computed with a cumulative sum and a binary search instead of a token loop.
@@ -9,19 +9,19 @@ is computed with a cumulative sum and a binary search instead of a token loop.
 Vocabulary (all counts are of *sequences*: a sequence is a document, or one
 sentence of a sentence-split corpus):
 
-* split: ``--split 949,50,1`` is normalised to fractions; the split ``i`` of a
-  corpus of N sequences is ``range(round(b_i * N), round(b_{i+1} * N))`` where
-  ``b`` are the cumulative fractions.
-* epochs: the smallest E with ``E * tokens_in_split >= num_samples * S + 1``.
+* split: `--split 949,50,1` is normalised to fractions; the split `i` of a
+  corpus of N sequences is `range(round(b_i * N), round(b_{i+1} * N))` where
+  `b` are the cumulative fractions.
+* epochs: the smallest E with `E * tokens_in_split >= num_samples * S + 1`.
 * document index: the split's sequence ids tiled E times and shuffled with
-  ``numpy.random.RandomState(seed)``; when the last epoch is used less than
-  80 %, epochs ``1..E-1`` and the last epoch are shuffled separately and
+  `numpy.random.RandomState(seed)`; when the last epoch is used less than
+  80 %, epochs `1..E-1` and the last epoch are shuffled separately and
   concatenated, so the partly used epoch cannot crowd out whole ones.
-* sample index: sample k is the ``S + 1`` tokens starting at token ``k * S`` of
+* sample index: sample k is the `S + 1` tokens starting at token `k * S` of
   the concatenation of the document index (consecutive samples share one
   token: the last label of one is the first input of the next). Entry k is
-  ``(position in the document index, offset in that sequence)``.
-* shuffle index: ``arange(num_samples)`` shuffled by the same generator after
+  `(position in the document index, offset in that sequence)`.
+* shuffle index: `arange(num_samples)` shuffled by the same generator after
   the document index (in two parts when the last epoch was separated).
 """
 
@@ -42,10 +42,11 @@ SEPARATE_LAST_EPOCH_THRESHOLD = 0.80
 
 
 def parse_split(split: str) -> list[float]:
-    """``"949,50,1"`` -> normalised ``[0.949, 0.05, 0.001]`` (missing parts are 0)."""
+    """`"949,50,1"` -> normalised `[0.949, 0.05, 0.001]` (missing parts are 0)."""
     parts = [float(x) for x in re.findall(r"[.0-9]+", split or "")]
     if not parts or len(parts) > 3:
-        raise DataError(f"--split '{split}' must be one to three non-negative numbers, e.g. 949,50,1")
+        raise DataError(f"--split '{split}' must be one to three non-negative numbers, "
+                        f"e.g. 949,50,1")
     parts += [0.0] * (3 - len(parts))
     total = float(np.sum(np.array(parts, dtype=np.float64)))
     if total <= 0:
@@ -54,7 +55,7 @@ def parse_split(split: str) -> list[float]:
 
 
 def split_matrix(fractions: list[float]) -> list[tuple[float, float] | None]:
-    """Cumulative bounds per split; ``None`` for a split with zero weight (Megatron's "book-ends")."""
+    """Cumulative bounds per split; `None` for a split with zero weight (Megatron's "book-ends")."""
     bounds = [0.0]
     for f in fractions:
         bounds.append(bounds[-1] + f)
@@ -62,15 +63,17 @@ def split_matrix(fractions: list[float]) -> list[tuple[float, float] | None]:
 
 
 def split_range(bounds: tuple[float, float], num_sequences: int) -> tuple[int, int]:
-    """Sequence ids ``[begin, end)`` of a split (``round`` as Python rounds, like Megatron)."""
-    return int(round(bounds[0] * float(num_sequences))), int(round(bounds[1] * float(num_sequences)))
+    """Sequence ids `[begin, end)` of a split (`round` as Python rounds, like Megatron)."""
+    begin, end = (int(round(b * float(num_sequences))) for b in bounds)
+    return begin, end
 
 
 # --------------------------------------------------------------------------- epochs
 
 
 def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int | None) -> int:
-    """Smallest E with ``E * tokens_per_epoch >= num_samples * seq_length + 1`` (1 when num_samples is None)."""
+    """Smallest E with `E * tokens_per_epoch >= num_samples * seq_length + 1` (1 when
+    num_samples is None)."""
     if num_samples is None:
         return 1
     if tokens_per_epoch <= 0:
@@ -79,7 +82,8 @@ def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int |
     return max(1, -(-needed // tokens_per_epoch))
 
 
-def separate_last_epoch(tokens_per_epoch: int, seq_length: int, num_samples: int, num_epochs: int) -> bool:
+def separate_last_epoch(tokens_per_epoch: int, seq_length: int, num_samples: int,
+                        num_epochs: int) -> bool:
     """Whether the last epoch is shuffled apart from the others (used < 80 %)."""
     if num_epochs == 1:
         return False
@@ -96,7 +100,7 @@ def separate_last_epoch(tokens_per_epoch: int, seq_length: int, num_samples: int
 def build_document_index(
     sequence_ids: np.ndarray, num_epochs: int, rng: np.random.RandomState, separate_last: bool
 ) -> np.ndarray:
-    """The split's sequence ids repeated ``num_epochs`` times and shuffled (int32)."""
+    """The split's sequence ids repeated `num_epochs` times and shuffled (int32)."""
     if separate_last and num_epochs > 1:
         first = build_document_index(sequence_ids, num_epochs - 1, rng, False)
         last = build_document_index(sequence_ids, 1, rng, False)
@@ -116,16 +120,16 @@ def build_sample_index(
     num_epochs: int,
     tokens_per_epoch: int,
 ) -> np.ndarray:
-    """Start of every sample as ``(position in document_index, token offset)``; shape ``[n + 1, 2]``.
+    """Start of every sample as `(position in document_index, token offset)`; shape `[n + 1, 2]`.
 
-    There are ``n = (num_epochs * tokens_per_epoch - 1) // seq_length`` samples;
+    There are `n = (num_epochs * tokens_per_epoch - 1) // seq_length` samples;
     sample k spans from row k to row k + 1 inclusive of one extra token. Row
-    k is where token ``k * seq_length`` of the concatenated document index
-    lies. Row 0 is always ``(0, 0)``, even when the first sequence is empty,
+    k is where token `k * seq_length` of the concatenated document index
+    lies. Row 0 is always `(0, 0)`, even when the first sequence is empty,
     exactly as Megatron's loop writes it.
 
     Vectorised: a running sum of the lengths along the document index and one
-    ``searchsorted`` for all sample starts, instead of a loop over tokens. The
+    `searchsorted` for all sample starts, instead of a loop over tokens. The
     dtype is int32 when every value fits, else int64 (as Megatron).
     """
     if seq_length < 1:
@@ -142,7 +146,8 @@ def build_sample_index(
     # i.e. the non-empty sequence that contains token k * S.
     position = np.searchsorted(ends, starts, side="right")
     offset = starts - (ends[position] - lengths[position])
-    largest = max(len(document_index), int(np.max(sequence_lengths)) if len(sequence_lengths) else 0)
+    longest = int(np.max(sequence_lengths)) if len(sequence_lengths) else 0
+    largest = max(len(document_index), longest)
     dtype = np.int32 if largest <= np.iinfo(np.int32).max else np.int64
     index = np.empty((num_samples + 1, 2), dtype=dtype)
     index[:, 0] = position
@@ -151,8 +156,10 @@ def build_sample_index(
     return index
 
 
-def build_shuffle_index(num_samples: int, total_size: int, rng: np.random.RandomState) -> np.ndarray:
-    """``arange(total_size)`` shuffled as two blocks ``[0, num_samples)`` and ``[num_samples, total_size)``."""
+def build_shuffle_index(num_samples: int, total_size: int,
+                        rng: np.random.RandomState) -> np.ndarray:
+    """`arange(total_size)` shuffled as two blocks `[0, num_samples)` and
+    `[num_samples, total_size)`."""
     dtype = np.uint32 if total_size < np.iinfo(np.uint32).max - 1 else np.int64
     first = np.arange(num_samples, dtype=dtype)
     rng.shuffle(first)
@@ -170,10 +177,11 @@ def build_gpt_indices(
     num_samples: int | None,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Document, sample and shuffle index of one split, exactly as Megatron-LM's GPTDataset builds them.
+    """Document, sample and shuffle index of one split, exactly as Megatron-LM's
+    GPTDataset builds them.
 
-    ``sequence_lengths`` are the lengths of all sequences of the corpus,
-    ``sequence_ids`` the ids in this split; ``num_samples`` None means one
+    `sequence_lengths` are the lengths of all sequences of the corpus,
+    `sequence_ids` the ids in this split; `num_samples` None means one
     epoch's worth.
     """
     sequence_ids = np.asarray(sequence_ids, dtype=np.int32)
@@ -184,10 +192,12 @@ def build_gpt_indices(
             "a sample needs at least 2 (use more data or change --split)"
         )
     num_epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
-    separate = num_samples is not None and separate_last_epoch(tokens_per_epoch, seq_length, num_samples, num_epochs)
+    separate = num_samples is not None and separate_last_epoch(tokens_per_epoch, seq_length,
+                                                               num_samples, num_epochs)
     rng = np.random.RandomState(seed)
     document_index = build_document_index(sequence_ids, num_epochs, rng, separate)
-    sample_index = build_sample_index(sequence_lengths, document_index, seq_length, num_epochs, tokens_per_epoch)
+    sample_index = build_sample_index(sequence_lengths, document_index, seq_length, num_epochs,
+                                      tokens_per_epoch)
     total = sample_index.shape[0] - 1
     if separate:
         before_last = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
@@ -201,18 +211,19 @@ def build_gpt_indices(
 
 
 def blend_sizes(weights: list[float], size: int, surplus: float = 0.005) -> list[int]:
-    """Samples to build per dataset for a blend of ``size`` samples: ``ceil(ceil(size * w) * (1 + surplus))``."""
+    """Samples to build per dataset for a blend of `size` samples:
+    `ceil(ceil(size * w) * (1 + surplus))`."""
     return [int(math.ceil(math.ceil(size * w) * (1 + surplus))) for w in weights]
 
 
 def build_blending_indices(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which dataset and which of its samples fills each of ``size`` blended positions.
+    """Which dataset and which of its samples fills each of `size` blended positions.
 
-    Position s goes to the dataset with the largest ``w_i * max(s, 1) - count_i``
+    Position s goes to the dataset with the largest `w_i * max(s, 1) - count_i`
     (the lowest index on ties), Megatron's greedy rule evaluated in double
     precision exactly as its C++ helper does, so the blend follows the weights
     as closely as possible at every prefix and matches Megatron position for
-    position. Returns ``(dataset_index int16, dataset_sample_index int64)``.
+    position. Returns `(dataset_index int16, dataset_sample_index int64)`.
     """
     w = [float(x) for x in weights]
     dataset_index = np.zeros(size, dtype=np.int16)
@@ -251,9 +262,9 @@ def _greedy_loop(w: list[float], size: int) -> np.ndarray:
 def _greedy_two(w0: float, w1: float, size: int, block: int = 1 << 16) -> np.ndarray:
     """The greedy rule for two datasets, vectorised over blocks of positions.
 
-    With two datasets the state before position t is just ``c0``, dataset 0's
-    count so far. In exact arithmetic the rule keeps ``c0 - w0 * t`` in
-    ``(-w0, 1 - w0]``, so ``c0(t) = floor(w0 * t + 1 - w0)``. Floating point
+    With two datasets the state before position t is just `c0`, dataset 0's
+    count so far. In exact arithmetic the rule keeps `c0 - w0 * t` in
+    `(-w0, 1 - w0]`, so `c0(t) = floor(w0 * t + 1 - w0)`. Floating point
     can break a near-tie the other way, which shifts the count by one for a
     step or two before the rule pulls it back. So: guess all counts of a
     block with the closed form, then repeat "re-decide every position from the
@@ -294,9 +305,10 @@ def _greedy_two(w0: float, w1: float, size: int, block: int = 1 << 16) -> np.nda
 
 
 def build_exhaustive_blending_indices(sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Blend that takes exactly ``sizes[i]`` samples from dataset i (used for unweighted blends of whole datasets).
+    """Blend that takes exactly `sizes[i]` samples from dataset i (used for unweighted
+    blends of whole datasets).
 
-    Same greedy rule with weights ``sizes / sum(sizes)``; a dataset leaves the
+    Same greedy rule with weights `sizes / sum(sizes)`; a dataset leaves the
     competition once all its samples are used.
     """
     total = int(sum(sizes))

@@ -1,11 +1,11 @@
-"""Mock pretraining data (``--mock-data``), the same corpus Megatron-LM generates.
+"""Mock pretraining data (`--mock-data`), the same corpus Megatron-LM generates.
 
 The corpus has 100,000 documents whose lengths are drawn once from
-``numpy.random.default_rng(0)`` between 1 and 4095 tokens; document d is
-``1, 2, ..., L_d - 1`` (modulo the vocabulary size) followed by the eod token.
-It is sampled through the ordinary :class:`~paratron.data.gpt_dataset.GPTDataset`
-with Megatron's fixed ``1,1,1`` split, so ``--mock-data`` gives the same
-samples here as in Megatron-LM for the same ``--seed`` and ``--seq-length``:
+`numpy.random.default_rng(0)` between 1 and 4095 tokens; document d is
+`1, 2, ..., L_d - 1` (modulo the vocabulary size) followed by the eod token.
+It is sampled through the ordinary `paratron.data.gpt_dataset.GPTDataset`
+with Megatron's fixed `1,1,1` split, so `--mock-data` gives the same
+samples here as in Megatron-LM for the same `--seed` and `--seq-length`:
 a sample depends only on (seed, sequence length, sample index) — and on the
 number of samples requested once that exceeds one pass over the ~68 M tokens
 of a split. Nothing is read from disk, and "next token = this token + 1"
@@ -28,14 +28,16 @@ class MockCorpus:
         self.vocab_size = int(vocab_size)
         self.eod = int(eod)
         rng = np.random.default_rng(seed=self.seed)
-        self.sequence_lengths = rng.integers(low=1, high=self.max_sequence_length, size=self.size, dtype=np.int32)
+        self.sequence_lengths = rng.integers(low=1, high=self.max_sequence_length, size=self.size,
+                                             dtype=np.int32)
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, idx: int) -> np.ndarray:
         length = int(self.sequence_lengths[idx])
-        return np.concatenate([(np.arange(length - 1, dtype=np.int64) + 1) % self.vocab_size, [self.eod]])
+        tokens = (np.arange(length - 1, dtype=np.int64) + 1) % self.vocab_size
+        return np.concatenate([tokens, [self.eod]])
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         if length is None:

@@ -1,25 +1,25 @@
-"""Tokenize raw text into Megatron ``.bin/.idx`` files (the library side of ``paratron preprocess``).
+"""Tokenize raw text into Megatron `.bin/.idx` files (the library side of `paratron preprocess`).
 
-Produces the same files as Megatron-LM's ``tools/preprocess_data.py`` for the
-same input and tokenizer: ``<prefix>_<key>_document.bin/.idx`` per JSON key
-(``_sentence`` with sentence splitting), documents in input order, ``eod``
-appended to every non-empty document with ``append_eod``, an empty document
+Produces the same files as Megatron-LM's `tools/preprocess_data.py` for the
+same input and tokenizer: `<prefix>_<key>_document.bin/.idx` per JSON key
+(`_sentence` with sentence splitting), documents in input order, `eod`
+appended to every non-empty document with `append_eod`, an empty document
 kept as an empty entry of the document index.
 
 How it is fast: the main process reads lines and hands batches of a few
-hundred documents to ``workers`` processes (in order, ``Pool.imap``), each of
-which parses the JSON, tokenizes the whole batch in one ``encode_batch`` call
+hundred documents to `workers` processes (in order, `Pool.imap`), each of
+which parses the JSON, tokenizes the whole batch in one `encode_batch` call
 and returns flat numpy arrays, which the main process appends to the output
 with one write per batch. No per-token Python work anywhere.
 
-How it fails: malformed input (bad JSON, a ``null`` or missing text, a line
-over ``max_line_length`` characters) raises :class:`DataError` naming
-``file:line``, or is counted and skipped with ``skip_bad_lines``; an OS error
+How it fails: malformed input (bad JSON, a `null` or missing text, a line
+over `max_line_length` characters) raises `DataError` naming
+`file:line`, or is counted and skipped with `skip_bad_lines`; an OS error
 while writing (a full disk, a read-only folder) is a DataError naming the
 file and the cause. Outputs are written under temporary names
-(``<output>.tmp-<host>-<pid>``, created exclusively) and renamed only when
+(`<output>.tmp-<host>-<pid>`, created exclusively) and renamed only when
 everything succeeded; the temporaries are removed on every way out,
-including SIGTERM (turned into :class:`Terminated` while a run is going), and
+including SIGTERM (turned into `Terminated` while a run is going), and
 a run also removes those that killed runs (SIGKILL) left behind.
 """
 
@@ -66,9 +66,9 @@ BATCH_CHARS = 4 << 20
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived during :func:`preprocess_data`; raised so that its cleanup runs.
+    """SIGTERM arrived during `preprocess_data`; raised so that its cleanup runs.
 
-    A BaseException, like KeyboardInterrupt: no ``except Exception`` on the way
+    A BaseException, like KeyboardInterrupt: no `except Exception` on the way
     up may swallow a request to stop.
     """
 
@@ -132,12 +132,13 @@ class _Encoder:
             for key, value in zip(job.json_keys, values):
                 texts[key].append(value)
         if fmt == JSON_LIST:
-            nbytes = sum(len(t) if isinstance(t, str) else sum(map(len, t)) for ts in texts.values() for t in ts)
+            nbytes = sum(len(t) if isinstance(t, str) else sum(map(len, t))
+                         for ts in texts.values() for t in ts)
         encoded = {key: self._encode_key(texts[key], path, numbers) for key in job.json_keys}
         return len(numbers), nbytes, encoded, skipped
 
     def _record(self, fmt: str, path: str, number: int, payload) -> dict:
-        """One input record as a dict; DataError (naming ``path:number``) for a bad one."""
+        """One input record as a dict; DataError (naming `path:number`) for a bad one."""
         if isinstance(payload, BadLine):
             raise DataError(payload.message)
         if fmt == TEXT:
@@ -145,7 +146,8 @@ class _Encoder:
         if fmt == JSONL:
             return parse_json_line(path, number, payload)
         if not isinstance(payload, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(payload).__name__}")
+            raise DataError(f"{path}:{number}: expected a JSON object, "
+                            f"got {type(payload).__name__}")
         return payload
 
     def _encode_key(self, docs: list, path: str, numbers: list[int]):
@@ -171,14 +173,16 @@ class _Encoder:
                     raise DataError(f"{path}:{number}: {err}") from None
             raise
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                           count=int(lengths.sum()))
         if flat.size:
             lo, hi = int(flat.min()), int(flat.max())
             if lo < 0 or hi >= self.tokenizer.vocab_size:
                 bad = hi if hi >= self.tokenizer.vocab_size else lo
                 position = int(np.flatnonzero(flat == bad)[0])
                 sentence = int(np.searchsorted(np.cumsum(lengths), position, side="right"))
-                doc = int(np.searchsorted(np.cumsum([len(s) for s in sentences_of]), sentence, side="right"))
+                doc_ends = np.cumsum([len(s) for s in sentences_of])
+                doc = int(np.searchsorted(doc_ends, sentence, side="right"))
                 raise DataError(
                     f"{path}:{numbers[doc]}: token id {bad} is outside the vocabulary "
                     f"(size {self.tokenizer.vocab_size} of {self.tokenizer.name})"
@@ -238,7 +242,7 @@ def _batches(files: Sequence[str], max_line_length: int) -> Iterator[tuple[str, 
 
 
 def _progress_bar(progress: bool | None, file: TextIO):
-    """A documents/s bar on ``file`` when asked (None: when it is a terminal)."""
+    """A documents/s bar on `file` when asked (None: when it is a terminal)."""
     if progress is None:
         progress = hasattr(file, "isatty") and file.isatty()
     if not progress:
@@ -249,10 +253,10 @@ def _progress_bar(progress: bool | None, file: TextIO):
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread.
+    """While the block runs, SIGTERM raises `Terminated` in the main thread.
 
-    By default SIGTERM ends the process on the spot, skipping every ``except``
-    and ``finally``: the temporary outputs would stay forever. Python can only
+    By default SIGTERM ends the process on the spot, skipping every `except`
+    and `finally`: the temporary outputs would stay forever. Python can only
     install handlers from the main thread; elsewhere the block runs unchanged.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -260,7 +264,8 @@ def _sigterm_raises():
         return
 
     def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the cleanup short
+        # Once: a second SIGTERM must not cut the cleanup short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated(f"terminated by signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -277,7 +282,7 @@ def _remove_quietly(paths: Sequence[str]) -> None:
 
 
 def output_prefix_for(output_prefix: str, key: str, split_sentences: bool) -> str:
-    """Megatron's output naming: ``<prefix>_<key>_document`` (``_sentence`` when split)."""
+    """Megatron's output naming: `<prefix>_<key>_document` (`_sentence` when split)."""
     return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
@@ -302,15 +307,15 @@ def preprocess_data(
     progress_file: TextIO | None = None,
     max_line_length: int = MAX_LINE_LENGTH,
 ) -> PreprocessResult:
-    """Tokenize ``input`` (a file, glob or comma-separated list) into indexed datasets.
+    """Tokenize `input` (a file, glob or comma-separated list) into indexed datasets.
 
-    Returns a :class:`PreprocessResult`. Raises :class:`DataError` on bad
-    input or a failed write, and :class:`Terminated` on SIGTERM, leaving no
-    output or temporary files behind. ``log`` receives progress lines
-    (default: stderr). ``progress`` shows a bar with documents/s on
-    ``progress_file`` (default stderr) in place of the periodic lines: True,
+    Returns a `PreprocessResult`. Raises `DataError` on bad
+    input or a failed write, and `Terminated` on SIGTERM, leaving no
+    output or temporary files behind. `log` receives progress lines
+    (default: stderr). `progress` shows a bar with documents/s on
+    `progress_file` (default stderr) in place of the periodic lines: True,
     False, or None for "when that file is a terminal". Lines longer than
-    ``max_line_length`` characters are bad lines.
+    `max_line_length` characters are bad lines.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if workers < 1:
@@ -339,13 +344,15 @@ def preprocess_data(
     )
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
-        raise DataError(f"{out_dir}: output folder does not exist (from --output-prefix {output_prefix})")
+        raise DataError(f"{out_dir}: output folder does not exist "
+                        f"(from --output-prefix {output_prefix})")
 
     prefixes = {k: output_prefix_for(output_prefix, k, split_sentences) for k in json_keys}
     for p in prefixes.values():
         remove_stale_temporaries(p + ".bin")
         remove_stale_temporaries(p + ".idx")
-    temp = {k: (temporary_path(p + ".bin"), temporary_path(p + ".idx")) for k, p in prefixes.items()}
+    temp = {k: (temporary_path(p + ".bin"), temporary_path(p + ".idx"))
+            for k, p in prefixes.items()}
     dtype = optimal_dtype(tokenizer.vocab_size)
     writers: dict[str, IndexedDatasetWriter] = {}
     result = PreprocessResult(output_prefixes=prefixes)
@@ -355,7 +362,8 @@ def preprocess_data(
         try:
             for key in json_keys:
                 writers[key] = IndexedDatasetWriter(temp[key][0], dtype, exclusive=True)
-            with _encoding(job, tokenizer, _batches(files, max_line_length), workers) as encoded_batches:
+            batches = _batches(files, max_line_length)
+            with _encoding(job, tokenizer, batches, workers) as encoded_batches:
                 _write_batches(encoded_batches, writers, result, log, bar, log_interval)
             if result.documents == 0:
                 what = f" after skipping {len(result.skipped)} bad lines" if result.skipped else ""
@@ -378,7 +386,8 @@ def preprocess_data(
     elapsed = max(result.seconds, 1e-9)
     log(
         f"Done: {result.documents} documents, {result.tokens} tokens in {result.seconds:.2f} s "
-        f"({result.documents / elapsed:.1f} docs/s, {result.input_bytes / elapsed / 1024 / 1024:.2f} MB/s)"
+        f"({result.documents / elapsed:.1f} docs/s, "
+        f"{result.input_bytes / elapsed / 1024 / 1024:.2f} MB/s)"
         + "".join(f"; wrote {p}.bin/.idx" for p in prefixes.values())
     )
     if result.skipped:
@@ -408,8 +417,9 @@ def _encoding(job: _Job, tokenizer: Tokenizer, batches: Iterator, workers: int):
         pool.join()
 
 
-def _write_batches(encoded_batches, writers: dict, result: PreprocessResult, log, bar, log_interval: int) -> None:
-    """Append every encoded batch to the writers, counting into ``result`` and reporting progress."""
+def _write_batches(encoded_batches, writers: dict, result: PreprocessResult, log, bar,
+                   log_interval: int) -> None:
+    """Append every encoded batch to the writers, counting into `result` and reporting progress."""
     first_key = next(iter(writers))
     start = time.time()
     next_log = log_interval if log_interval > 0 and bar is None else None

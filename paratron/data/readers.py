@@ -1,18 +1,18 @@
 """Reading raw text corpora: JSONL (optionally gzipped), JSON lists, plain text.
 
 Used by preprocessing and by the SFT dataset, so both accept the same inputs
-and report bad input the same way (``file:line: what is wrong``).
+and report bad input the same way (`file:line: what is wrong`).
 
 Formats, decided per file from its name and first character:
 
-* ``*.jsonl`` (and ``*.jsonl.gz``): one JSON object per line (Megatron's input);
-* ``*.json``: a JSON list of objects (Alpaca style) when it starts with ``[``,
+* `*.jsonl` (and `*.jsonl.gz`): one JSON object per line (Megatron's input);
+* `*.json`: a JSON list of objects (Alpaca style) when it starts with `[`,
   else JSON lines;
-* ``*.txt`` and anything else that does not start with ``{`` or ``[``: plain
+* `*.txt` and anything else that does not start with `{` or `[`: plain
   text, one document per non-blank line.
 
-A line (of JSONL or text) longer than ``max_line_length`` characters
-(:data:`MAX_LINE_LENGTH`, 32 Mi, by default; ``--max-line-length`` raises it)
+A line (of JSONL or text) longer than `max_line_length` characters
+(`MAX_LINE_LENGTH`, 32 Mi, by default; `--max-line-length` raises it)
 is a bad line: it is read in pieces and dropped, never held in memory whole,
 so one runaway line (a whole crawl dump without newlines) costs seconds and
 megabytes instead of minutes and gigabytes.
@@ -43,7 +43,7 @@ class BadLine:
     """Stands in for a line that could not be read (too long), with the message saying why.
 
     It travels to whoever parses the line (a preprocessing worker, the SFT
-    reader), which stops on it or, with ``--skip-bad-lines``, counts it as
+    reader), which stops on it or, with `--skip-bad-lines`, counts it as
     skipped, exactly as for malformed JSON.
     """
 
@@ -51,7 +51,8 @@ class BadLine:
 
 
 def expand_inputs(pattern: str) -> list[str]:
-    """Files named by ``--input``: a path, a glob, or a comma-separated list of either; sorted per glob."""
+    """Files named by `--input`: a path, a glob, or a comma-separated list of either;
+    sorted per glob."""
     files: list[str] = []
     for part in [p for p in pattern.split(",") if p]:
         if os.path.isfile(part):
@@ -67,7 +68,7 @@ def expand_inputs(pattern: str) -> list[str]:
 
 
 def open_text(path: str):
-    """Open a text file for reading as UTF-8, transparently un-gzipping ``*.gz``."""
+    """Open a text file for reading as UTF-8, transparently un-gzipping `*.gz`."""
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, "r", encoding="utf-8")
@@ -93,11 +94,11 @@ def detect_format(path: str) -> str:
 
 
 def _bounded_lines(f, path: str, max_line_length: int) -> Iterator[tuple[int, str | BadLine]]:
-    """Numbered lines of ``f``; a line over ``max_line_length`` characters becomes a :class:`BadLine`.
+    """Numbered lines of `f`; a line over `max_line_length` characters becomes a `BadLine`.
 
-    ``readline(limit)`` never returns more than ``limit`` characters, so an
+    `readline(limit)` never returns more than `limit` characters, so an
     overlong line is detected after reading just past the limit, and its
-    remainder is consumed in pieces of :data:`_SKIP_CHUNK`.
+    remainder is consumed in pieces of `_SKIP_CHUNK`.
     """
     number = 0
     while line := f.readline(max_line_length + 1):
@@ -112,8 +113,8 @@ def _bounded_lines(f, path: str, max_line_length: int) -> Iterator[tuple[int, st
                 break
             length += len(line) - line.endswith("\n")
         yield number, BadLine(
-            f"{path}:{number}: line of {length} characters is longer than the limit of {max_line_length} "
-            "(raise it with --max-line-length)"
+            f"{path}:{number}: line of {length} characters is longer than the limit of "
+            f"{max_line_length} (raise it with --max-line-length)"
         )
 
 
@@ -121,13 +122,14 @@ def _is_blank(line: str | BadLine) -> bool:
     return isinstance(line, str) and not line.strip()
 
 
-def iter_raw(path: str, max_line_length: int = MAX_LINE_LENGTH) -> tuple[str, Iterator[tuple[int, Any]]]:
-    """``(format, iterator of (line number, payload))`` for one input file.
+def iter_raw(path: str, max_line_length: int = MAX_LINE_LENGTH
+             ) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """`(format, iterator of (line number, payload))` for one input file.
 
     The payload is the raw line for JSONL (parsed later, by a worker), the
     object for a JSON list (line = item number, from 1), the line's text for
-    plain text (blank lines skipped), or a :class:`BadLine` for a line longer
-    than ``max_line_length`` characters. Raises DataError for an unreadable
+    plain text (blank lines skipped), or a `BadLine` for a line longer
+    than `max_line_length` characters. Raises DataError for an unreadable
     file or a malformed JSON list.
     """
     fmt = detect_format(path)
@@ -150,7 +152,8 @@ def iter_raw(path: str, max_line_length: int = MAX_LINE_LENGTH) -> tuple[str, It
         with open_text(path) as f:
             items = json.load(f)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, "
+                        f"column {exc.colno})") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(items, list):
@@ -159,25 +162,28 @@ def iter_raw(path: str, max_line_length: int = MAX_LINE_LENGTH) -> tuple[str, It
 
 
 def parse_json_line(path: str, number: int, line: str | BadLine) -> dict:
-    """One JSONL line as a dict; DataError ``file:line: malformed JSON`` (or why it is a BadLine) otherwise."""
+    """One JSONL line as a dict; DataError `file:line: malformed JSON` (or why it is a
+    BadLine) otherwise."""
     if isinstance(line, BadLine):
         raise DataError(line.message)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{number}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+        raise DataError(f"{path}:{number}: malformed JSON ({exc.msg}, "
+                        f"column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
 def iter_records(
-    path: str, skip_bad_lines: bool = False, skipped: list | None = None, max_line_length: int = MAX_LINE_LENGTH
+    path: str, skip_bad_lines: bool = False, skipped: list | None = None,
+    max_line_length: int = MAX_LINE_LENGTH,
 ) -> Iterator[tuple[int, dict]]:
     """Parsed objects of a JSONL or JSON-list file, with their line (or item) numbers.
 
-    With ``skip_bad_lines`` a malformed line is left out and its error appended
-    to ``skipped``; otherwise it raises DataError.
+    With `skip_bad_lines` a malformed line is left out and its error appended
+    to `skipped`; otherwise it raises DataError.
     """
     fmt, items = iter_raw(path, max_line_length)
     if fmt == TEXT:
@@ -186,7 +192,8 @@ def iter_records(
         try:
             obj = parse_json_line(path, number, payload) if fmt == JSONL else payload
             if not isinstance(obj, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(f"{path}:{number}: expected a JSON object, "
+                                f"got {type(obj).__name__}")
         except DataError as err:
             if not skip_bad_lines:
                 raise
@@ -203,12 +210,12 @@ ALPACA_FIELDS = (("instruction", "query"), ("input",), ("output", "response"))
 
 
 def document_text(obj: dict, key: str, path: str, number: int):
-    """The value of ``key`` in a record: a string, or a list of strings (pre-split sentences).
+    """The value of `key` in a record: a string, or a list of strings (pre-split sentences).
 
     A record in Alpaca form (instruction/input/output, or query/response)
-    without a ``text`` field gives, for ``key == "text"``, its non-empty
+    without a `text` field gives, for `key == "text"`, its non-empty
     fields joined by blank lines, so an SFT file can also be used for
-    continued pretraining. A ``null`` value is bad input (DataError naming
+    continued pretraining. A `null` value is bad input (DataError naming
     the line), not an empty document: it usually means a broken export.
     """
     value = obj.get(key)
@@ -223,7 +230,8 @@ def document_text(obj: dict, key: str, path: str, number: int):
     if value is None:
         if key not in obj:
             present = ", ".join(sorted(obj)[:8]) or "none"
-            raise DataError(f"{path}:{number}: missing key '{key}' (keys present: {present}); see --json-keys")
+            raise DataError(f"{path}:{number}: missing key '{key}' (keys present: {present}); "
+                            "see --json-keys")
         raise DataError(f"{path}:{number}: key '{key}' is null (expected a string)")
     if isinstance(value, str):
         return value
@@ -241,11 +249,11 @@ _SENTENCE_END = re.compile(r"(?<=[.!?。！？])([\"')\]”’]*)\s+(?=\S)")
 
 
 def regex_sentence_splitter(text: str, keep_newlines: bool = False) -> list[str]:
-    """Split text after ``. ! ?`` (and CJK full stops) followed by whitespace.
+    """Split text after `. ! ?` (and CJK full stops) followed by whitespace.
 
     The fallback when NLTK's punkt model is not installed: it does not know
     abbreviations ("Dr. Smith" is split), which only changes where sentence
-    boundaries fall, never which text is kept. With ``keep_newlines`` the
+    boundaries fall, never which text is kept. With `keep_newlines` the
     whitespace after a sentence stays at its end, so joining the sentences
     gives back the text.
     """
@@ -259,7 +267,8 @@ def regex_sentence_splitter(text: str, keep_newlines: bool = False) -> list[str]
 
 
 def make_sentence_splitter(lang: str = "english", keep_newlines: bool = False):
-    """NLTK's punkt splitter when NLTK and its model are installed, else :func:`regex_sentence_splitter`."""
+    """NLTK's punkt splitter when NLTK and its model are installed, else
+    `regex_sentence_splitter`."""
     try:
         import nltk  # type: ignore[import-not-found]
 

@@ -1,18 +1,18 @@
-"""Batch sampling from ``consumed_samples``, Megatron-LM's ``MegatronPretrainingSampler``.
+"""Batch sampling from `consumed_samples`, Megatron-LM's `MegatronPretrainingSampler`.
 
-The dataset is read in order from ``consumed_samples``. Every group of
-``micro_batch_size * data_parallel_size`` consecutive samples is one
+The dataset is read in order from `consumed_samples`. Every group of
+`micro_batch_size * data_parallel_size` consecutive samples is one
 micro-batch step of the whole job, and data-parallel rank r takes the r-th
-slice of ``micro_batch_size`` samples of it. A global batch is therefore always
-the samples ``[consumed, consumed + global_batch_size)``, whatever the
+slice of `micro_batch_size` samples of it. A global batch is therefore always
+the samples `[consumed, consumed + global_batch_size)`, whatever the
 data-parallel size — only who holds which sample changes — and a resumed run
 continues at exactly the next sample. Ranks and sizes are plain numbers; this
 module knows nothing of process groups.
 
-Validation reads with ``wrap_around``: past the last sample it starts again at the
+Validation reads with `wrap_around`: past the last sample it starts again at the
 first. A resumed run builds its validation split for its own evaluation settings, so
 the samples an earlier run with more or longer evaluations consumed can outnumber it;
-reading on from ``consumed_samples`` modulo the split keeps every evaluation possible,
+reading on from `consumed_samples` modulo the split keeps every evaluation possible,
 and a run resumed with unchanged settings never wraps, so it reads what the
 uninterrupted run read.
 """
@@ -32,11 +32,12 @@ def _check_sampler_args(total_samples: int, micro_batch_size: int, data_parallel
     if micro_batch_size <= 0 or data_parallel_size <= 0:
         raise ValueError("micro_batch_size and data_parallel_size must be positive")
     if not 0 <= data_parallel_rank < data_parallel_size:
-        raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        raise ValueError(f"data_parallel_rank {data_parallel_rank} not in "
+                         f"[0, {data_parallel_size})")
 
 
 class MegatronPretrainingSampler:
-    """Yields this rank's micro-batches (lists of sample indices) from ``consumed_samples`` on."""
+    """Yields this rank's micro-batches (lists of sample indices) from `consumed_samples` on."""
 
     def __init__(
         self,
@@ -88,15 +89,15 @@ class MegatronPretrainingSampler:
 
 
 class MegatronPretrainingRandomSampler:
-    """``--dataloader-type cyclic``: Megatron's random sampler, epoch after epoch without end.
+    """`--dataloader-type cyclic`: Megatron's random sampler, epoch after epoch without end.
 
-    Each epoch is a ``torch.randperm`` seeded with the epoch number; the epoch
-    and the position in it follow from ``consumed_samples``, so resuming
-    continues exactly. With ``data_sharding`` (Megatron's default) every
+    Each epoch is a `torch.randperm` seeded with the epoch number; the epoch
+    and the position in it follow from `consumed_samples`, so resuming
+    continues exactly. With `data_sharding` (Megatron's default) every
     data-parallel rank shuffles its own contiguous bucket of the dataset, so,
     as in Megatron, the samples *do* depend on the data-parallel size; without
     it one permutation is dealt round-robin over the ranks. Only the
-    ``single`` sampler above gives layout-independent batches.
+    `single` sampler above gives layout-independent batches.
     """
 
     def __init__(
@@ -117,7 +118,8 @@ class MegatronPretrainingRandomSampler:
         self.data_sharding = data_sharding
         self.step = micro_batch_size * data_parallel_size
         if total_samples < self.step:
-            raise ValueError(f"{total_samples} samples cannot fill one micro-batch on every rank ({self.step})")
+            raise ValueError(f"{total_samples} samples cannot fill one micro-batch on every rank "
+                             f"({self.step})")
 
     def __len__(self) -> int:
         return self.total_samples
@@ -131,7 +133,8 @@ class MegatronPretrainingRandomSampler:
         epoch = self.consumed_samples // active
         in_epoch = self.consumed_samples % active
         if in_epoch % self.step:
-            raise ValueError(f"consumed_samples {self.consumed_samples} is not a multiple of {self.step}")
+            raise ValueError(f"consumed_samples {self.consumed_samples} is not a multiple of "
+                             f"{self.step}")
         g = torch.Generator()
         g.manual_seed(epoch)
         if self.data_sharding:
@@ -159,12 +162,12 @@ def build_pretraining_data_loader(
     data_sharding: bool = True,
     wrap_around: bool = False,
 ) -> torch.utils.data.DataLoader | None:
-    """A DataLoader over ``dataset`` that yields this rank's micro-batches (``--num-workers`` workers).
+    """A DataLoader over `dataset` that yields this rank's micro-batches (`--num-workers` workers).
 
-    ``dataloader_type`` is Megatron's ``--dataloader-type``: ``single`` (one
-    ordered pass, :class:`MegatronPretrainingSampler`) or ``cyclic``
-    (:class:`MegatronPretrainingRandomSampler`, endless); ``wrap_around`` makes
-    ``single`` endless too, for validation (see the module docstring). Returns None for a
+    `dataloader_type` is Megatron's `--dataloader-type`: `single` (one
+    ordered pass, `MegatronPretrainingSampler`) or `cyclic`
+    (`MegatronPretrainingRandomSampler`, endless); `wrap_around` makes
+    `single` endless too, for validation (see the module docstring). Returns None for a
     missing or empty dataset (e.g. a split with zero weight).
     """
     if dataset is None or len(dataset) == 0:

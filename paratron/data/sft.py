@@ -1,45 +1,16 @@
 """Supervised fine-tuning data: conversations in, samples with a loss only on the answers out.
 
-Input records (JSON list or JSONL, one record per conversation):
+Records (JSON list or JSONL, one per conversation) are Alpaca's `{"instruction",
+"input", "output"}` (with an optional `system`; or `{"query", "response"}`) or chat
+`{"messages": [{"role", "content"}, ...]}`. Each becomes a list of messages, rendered to
+token ids with the tokenizer's chat template when it has one, else in Stanford Alpaca's
+layout, with a mask covering exactly the response tokens plus one eod after each.
 
-* Alpaca: ``{"instruction", "input", "output"}`` (``input`` may be empty;
-  an optional ``system``), or ``{"query", "response"}``;
-* chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
-
-Each record becomes a list of messages (Alpaca's user message is the
-instruction, plus a blank line and the input when there is one) and is
-rendered to token ids with a 0/1 mask marking the assistant's tokens:
-
-* with the tokenizer's chat template (Hugging Face tokenizers that have one):
-  the text the template adds for each assistant turn, after the prompt the
-  template ends with ``add_generation_prompt=True``, is the response (its
-  trailing whitespace counts as prompt);
-* otherwise the default template (Stanford Alpaca's layout)::
-
-      {system}\\n\\n                      (only when there is a system message)
-      ### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}<eod>
-      ### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}<eod>   (further turns)
-
-  preceded by the tokenizer's BOS when it has one distinct from eod.
-
-The loss covers exactly the response tokens plus one eod after each
-response (added when the response does not already end with eod). A
-conversation longer than the sample is cut at the end.
-
-Samples have the keys of the GPT dataset (``tokens``, ``labels``,
-``loss_mask``, ``position_ids``) for ``S`` positions:
-
-* padding: one conversation per sample, padded to ``max_padding_length`` (or
-  the sequence length) with loss 0 on the padding;
-* ``sequence_packing``: conversations packed in order into samples of
-  ``seq_length`` positions; ``position_ids`` restart at 0 for each
-  conversation and ``document_ids`` number them (padding at the end is one
-  more "document"), so attention must stay within a document:
-  :func:`packed_attention_mask` builds the block-diagonal causal mask.
-
-Conversations can be read straight from JSON, or written once to indexed
-files with :func:`write_sft_indexed` (``<prefix>_input_ids_document`` and
-``<prefix>_loss_mask_document``) and read from there.
+Samples have the GPT dataset's keys for `S` positions: one conversation per sample,
+padded with loss 0, or with `sequence_packing` conversations packed in order,
+`position_ids` restarting and `document_ids` numbering them so attention stays within
+one. A conversation longer than the sample is cut at the end. Conversations are read
+from JSON, or written once to indexed files with `write_sft_indexed` and read from there.
 """
 
 from __future__ import annotations
@@ -52,6 +23,7 @@ import numpy as np
 import torch
 
 from paratron.data.errors import DataError
+from paratron.data.gpt_dataset import packed_attention_mask
 from paratron.data.indexed_dataset import (
     IndexedDataset,
     IndexedDatasetWriter,
@@ -73,15 +45,17 @@ ROLES = ("system", "user", "assistant")
 
 
 def record_to_messages(record: dict, where: str) -> list[dict]:
-    """One input record as a list of ``{"role", "content"}`` messages."""
+    """One input record as a list of `{"role", "content"}` messages."""
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: 'messages' must be a non-empty list")
         out = []
         for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: each message needs a role ({'/'.join(ROLES)}) and a string content")
+            if (not isinstance(m, dict) or m.get("role") not in ROLES
+                    or not isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: each message needs a role ({'/'.join(ROLES)}) "
+                                f"and a string content")
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise DataError(f"{where}: conversation has no assistant message to learn from")
@@ -90,7 +64,8 @@ def record_to_messages(record: dict, where: str) -> list[dict]:
         prompt = record.get("instruction", record.get("query"))
         answer = record.get("output", record.get("response"))
         if not isinstance(prompt, str) or not isinstance(answer, str):
-            raise DataError(f"{where}: needs string 'instruction' and 'output' (or 'query' and 'response')")
+            raise DataError(f"{where}: needs string 'instruction' and 'output' "
+                            f"(or 'query' and 'response')")
         extra = record.get("input") or ""
         if not isinstance(extra, str):
             raise DataError(f"{where}: 'input' must be a string")
@@ -98,7 +73,8 @@ def record_to_messages(record: dict, where: str) -> list[dict]:
         out = [{"role": "system", "content": record["system"]}] if record.get("system") else []
         return out + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     keys = ", ".join(sorted(record)[:8])
-    raise DataError(f"{where}: not an SFT record (needs instruction/output, query/response or messages; has {keys})")
+    raise DataError(f"{where}: not an SFT record (needs instruction/output, query/response "
+                    f"or messages; has {keys})")
 
 
 def load_conversations(path: str, skip_bad_lines: bool = False) -> list[list[dict]]:
@@ -118,10 +94,11 @@ def load_conversations(path: str, skip_bad_lines: bool = False) -> list[list[dic
 
 
 def tokenize_conversation(messages: list[dict], tokenizer, use_chat_template: bool | None = None):
-    """``(ids, mask)`` int64 arrays: the rendered conversation and 1 on response tokens (+ eod)."""
+    """`(ids, mask)` int64 arrays: the rendered conversation and 1 on response tokens (+ eod)."""
     if use_chat_template is None:
         use_chat_template = bool(getattr(tokenizer, "chat_template", None))
-    pieces = _template_pieces(messages, tokenizer) if use_chat_template else _default_pieces(messages)
+    pieces = (_template_pieces(messages, tokenizer) if use_chat_template
+              else _default_pieces(messages))
     eod = int(tokenizer.eod)
     ids: list[int] = []
     mask: list[int] = []
@@ -139,6 +116,13 @@ def tokenize_conversation(messages: list[dict], tokenizer, use_chat_template: bo
 
 
 def _default_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
+    """(text, is response) pieces in Stanford Alpaca's layout (`tokenize_conversation`
+    puts the tokenizer's BOS in front when it has one distinct from eod):
+
+        {system}\\n\\n                      (only when there is a system message)
+        ### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}<eod>
+        ### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}<eod>   (further turns)
+    """
     pieces: list[tuple[str, bool]] = []
     prompt = ""
     for m in messages:
@@ -154,6 +138,9 @@ def _default_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
 
 
 def _template_pieces(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """(text, is response) pieces from the tokenizer's chat template: what the template
+    adds for an assistant turn after the prompt it ends with `add_generation_prompt=True`
+    is the response (its trailing whitespace counts as prompt)."""
     pieces: list[tuple[str, bool]] = []
     done = ""  # text of the conversation rendered so far
     for i, m in enumerate(messages):
@@ -162,8 +149,8 @@ def _template_pieces(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
         before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
         after = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
         if not before.startswith(done) or not after.startswith(before):
-            raise DataError("the tokenizer's chat template does not render conversations incrementally; "
-                            "SFT cannot tell prompt from response with it")
+            raise DataError("the tokenizer's chat template does not render conversations "
+                            "incrementally; SFT cannot tell prompt from response with it")
         response = after[len(before):]
         stripped = response.rstrip()
         pieces.append((before[len(done):], False))
@@ -173,14 +160,6 @@ def _template_pieces(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
 
 
 # --------------------------------------------------------------------------- samples
-
-
-def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask ``[S, S]``, True where attention is *not* allowed (Megatron's convention)."""
-    s = document_ids.shape[-1]
-    causal = torch.tril(torch.ones(s, s, dtype=torch.bool, device=document_ids.device))
-    same = document_ids[..., :, None] == document_ids[..., None, :]
-    return ~(causal & same)
 
 
 @dataclass(frozen=True)
@@ -193,10 +172,10 @@ class _Bin:
 class SFTDataset(torch.utils.data.Dataset):
     """SFT samples from tokenized conversations; see the module docstring.
 
-    ``conversations`` is a list of ``(ids, mask)``; ``num_samples`` is how
+    `conversations` is a list of `(ids, mask)`; `num_samples` is how
     many samples the trainer needs (the conversations, or packed samples,
     are repeated over as many epochs as that takes, each epoch shuffled with
-    ``numpy.random.RandomState(seed)``); ``None`` means one epoch.
+    `numpy.random.RandomState(seed)`); `None` means one epoch.
     """
 
     def __init__(
@@ -214,7 +193,8 @@ class SFTDataset(torch.utils.data.Dataset):
             raise DataError("no SFT conversations")
         self.conversations = conversations
         self.packing = sequence_packing
-        self.length = seq_length if sequence_packing or not max_padding_length else max_padding_length
+        self.length = (seq_length if sequence_packing or not max_padding_length
+                       else max_padding_length)
         self.pad = int(pad)
         self.create_attention_mask = create_attention_mask
         if sequence_packing:
@@ -260,13 +240,13 @@ class SFTDataset(torch.utils.data.Dataset):
         members = self.units[int(self.order[idx])].members
         for d, i in enumerate(members):
             ids, mask = self.conversations[i]
-            keep = s + 1 if not self.packing else s - at + 1  # a conversation longer than that is cut
+            keep = s + 1 if not self.packing else s - at + 1  # a longer conversation is cut
             ids = torch.from_numpy(np.array(ids[:keep], dtype=np.int64))
             mask = torch.from_numpy(np.array(mask[: len(ids)], dtype=np.float32))
             n = len(ids) - 1
             tokens[at : at + n] = ids[:-1]
             labels[at : at + n] = ids[1:]
-            loss_mask[at : at + n] = mask[1:]  # a position is trained when its label is a response token
+            loss_mask[at : at + n] = mask[1:]  # trained where the label is a response token
             document_ids[at : at + n] = d
             if self.packing:
                 position_ids[at : at + n] = torch.arange(n)
@@ -285,9 +265,12 @@ class SFTDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- indexed form
 
 
-def write_sft_indexed(conversations: Sequence[tuple[np.ndarray, np.ndarray]], output_prefix: str, vocab_size: int):
-    """Write tokenized conversations as ``<prefix>_input_ids_document`` and ``<prefix>_loss_mask_document``."""
-    ids_prefix, mask_prefix = f"{output_prefix}_input_ids_document", f"{output_prefix}_loss_mask_document"
+def write_sft_indexed(conversations: Sequence[tuple[np.ndarray, np.ndarray]], output_prefix: str,
+                      vocab_size: int):
+    """Write tokenized conversations as `<prefix>_input_ids_document` and
+    `<prefix>_loss_mask_document`."""
+    ids_prefix = f"{output_prefix}_input_ids_document"
+    mask_prefix = f"{output_prefix}_loss_mask_document"
     finals = [prefix + ext for prefix in (ids_prefix, mask_prefix) for ext in (".bin", ".idx")]
     for path in finals:
         remove_stale_temporaries(path)
@@ -314,16 +297,18 @@ def write_sft_indexed(conversations: Sequence[tuple[np.ndarray, np.ndarray]], ou
 
 
 def read_sft_indexed(prefix: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Conversations written by :func:`write_sft_indexed` (``prefix`` with or without the suffix)."""
+    """Conversations written by `write_sft_indexed` (`prefix` with or without the suffix)."""
     base = prefix.removesuffix("_input_ids_document")
     ids_ds = IndexedDataset(f"{base}_input_ids_document")
     mask_ds = IndexedDataset(f"{base}_loss_mask_document")
     if ids_ds.num_documents != mask_ds.num_documents:
-        raise DataError(f"{base}: {ids_ds.num_documents} conversations but {mask_ds.num_documents} loss masks")
+        raise DataError(f"{base}: {ids_ds.num_documents} conversations but "
+                        f"{mask_ds.num_documents} loss masks")
     return [(ids_ds.document(d), mask_ds.document(d)) for d in range(ids_ds.num_documents)]
 
 
-def _check_vocabulary(conversations: Sequence[tuple[np.ndarray, np.ndarray]], vocab_size: int, where: str) -> None:
+def _check_vocabulary(conversations: Sequence[tuple[np.ndarray, np.ndarray]], vocab_size: int,
+                      where: str) -> None:
     """DataError naming the file and conversation when a token id is outside the vocabulary.
 
     Indexed SFT data may have been tokenized with another tokenizer; an SFT
@@ -337,10 +322,12 @@ def _check_vocabulary(conversations: Sequence[tuple[np.ndarray, np.ndarray]], vo
         tokens = np.concatenate(ids)
         outside = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
         if len(outside):
-            d = lo + int(np.searchsorted(np.cumsum([len(x) for x in ids]), outside[0], side="right"))
+            ends = np.cumsum([len(x) for x in ids])
+            d = lo + int(np.searchsorted(ends, outside[0], side="right"))
             raise DataError(
-                f"{where}: conversation {d} holds token id {int(tokens[outside[0]])}, outside the tokenizer's "
-                f"vocabulary of {vocab_size} ids; tokenize the data with the tokenizer given for training"
+                f"{where}: conversation {d} holds token id {int(tokens[outside[0]])}, outside the "
+                f"tokenizer's vocabulary of {vocab_size} ids; tokenize the data with the tokenizer "
+                f"given for training"
             )
 
 
@@ -348,7 +335,8 @@ def _load(path: str, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     base = path.removesuffix("_input_ids_document")
     if dataset_exists(f"{base}_input_ids_document"):
         conversations = read_sft_indexed(base)
-        _check_vocabulary(conversations, int(tokenizer.vocab_size), bin_path(f"{base}_input_ids_document"))
+        _check_vocabulary(conversations, int(tokenizer.vocab_size),
+                          bin_path(f"{base}_input_ids_document"))
         return conversations
     return [tokenize_conversation(m, tokenizer) for m in load_conversations(path)]
 
@@ -369,7 +357,7 @@ def build_sft_datasets(
 ):
     """Train/valid/test SFT datasets from JSON/JSONL files or their indexed form.
 
-    One ``data_path`` is divided into splits by ``split`` (conversation
+    One `data_path` is divided into splits by `split` (conversation
     counts rounded as for pretraining); per-split paths are used whole.
     A split with no conversations is None.
     """
@@ -389,8 +377,8 @@ def build_sft_datasets(
     def make(convs, i):
         if not convs:
             return None
-        return SFTDataset(convs, seq_length, pad, num_samples[i], seed, max_padding_length, sequence_packing,
-                          create_attention_mask)
+        return SFTDataset(convs, seq_length, pad, num_samples[i], seed, max_padding_length,
+                          sequence_packing, create_attention_mask)
 
     per_split = [first(train_data_path), first(valid_data_path), first(test_data_path)]
     if any(p is not None for p in per_split):

@@ -1,44 +1,19 @@
 """Tokenizers chosen by Megatron-LM's flags.
 
-``build_tokenizer`` maps ``--tokenizer-type`` (and Pai-Megatron-Patch's
-``--patch-tokenizer-type``) onto a small class with one interface:
-
-* ``vocab_size``: number of ids the tokenizer can produce (what the model's
-  embedding must cover before padding);
-* ``eod``: the end-of-document id that ``--append-eod`` appends and that
-  ``--eod-mask-loss`` / ``--reset-*`` look for; ``pad`` and ``bos`` (``None``
-  when the tokenizer has none);
-* ``encode(text)``, ``encode_batch(texts)`` (one call for many texts, which the
-  Rust tokenizers run much faster than a Python loop) and ``decode(ids)``.
-
-The ids each type produces follow Megatron-LM, so files written here and by
-Megatron's ``tools/preprocess_data.py`` agree:
-
-* ``GPT2BPETokenizer`` (``--vocab-file``, ``--merge-file``): GPT-2 byte-level
-  BPE, run by the ``tokenizers`` library; ``eod`` is ``<|endoftext|>``.
-* ``HuggingFaceTokenizer`` (``--tokenizer-model`` = a local folder with
-  ``tokenizer.json``): ``transformers.AutoTokenizer``; ``encode`` adds the
-  tokenizer's own special tokens (e.g. a BOS) as Megatron does; ``eod`` is
-  the EOS token.
-* ``SentencePieceTokenizer`` (``--tokenizer-model x.model``): Megatron's
-  wrapper that appends ``<CLS> <SEP> <EOD> <MASK>`` (and pad/bos/eos when the
-  model lacks them) after the model's pieces; ``eod`` is ``<EOD>``.
-* ``GPTSentencePieceTokenizer``: the plain SentencePiece model; ``eod`` is EOS.
-* ``Llama2Tokenizer``: SentencePiece with a BOS in front of every text;
-  ``eod`` is EOS.
-* ``NullTokenizer`` (``--vocab-size N``): text is whitespace-separated integer
-  ids. As in Megatron-LM's long-standing ``_NullTokenizer`` (the one the
-  Megatron versions Paratron's users run), ``vocab_size`` is N + 1 and
-  ``eod`` is N. (Megatron-LM main changed this in 2026 to vocab_size N,
-  eod N - 1; pass ``--vocab-size N-1`` to get the same ids.)
-
-No tokenizer here downloads anything: every path is a local file or folder.
+`build_tokenizer` maps `--tokenizer-type` (and Pai-Megatron-Patch's
+`--patch-tokenizer-type`) onto one of the classes below, all with the `Tokenizer`
+interface: `vocab_size` (the ids the model's embedding must cover before padding),
+`eod` (the id `--append-eod` appends and `--eod-mask-loss` / `--reset-*` look for),
+`pad` and `bos` (None when the tokenizer has none), `encode(text)`,
+`encode_batch(texts)` (one call for many texts, which the Rust tokenizers run much
+faster than a Python loop) and `decode(ids)`. Each type produces the ids Megatron-LM's
+does, so files written here and by Megatron's `tools/preprocess_data.py` agree. No
+tokenizer here downloads anything: every path is a local file or folder.
 """
 
 from __future__ import annotations
 
 import abc
-
 import json
 import os
 from typing import Iterable, Sequence
@@ -140,12 +115,12 @@ class Tokenizer(abc.ABC):
 
 
 class GPT2BPETokenizer(Tokenizer):
-    """GPT-2's byte-level BPE from ``vocab.json`` + ``merges.txt`` via ``tokenizers``.
+    """GPT-2's byte-level BPE from `vocab.json` + `merges.txt` via `tokenizers`.
 
     The pipeline (byte-level pre-tokenizer with GPT-2's regex, no prefix
-    space, BPE without dropout, byte-level decoder, ``<|endoftext|>`` as a
-    special token) is the one in GPT-2's own ``tokenizer.json``, so the ids
-    equal ``transformers.GPT2TokenizerFast`` and Megatron's preprocessing.
+    space, BPE without dropout, byte-level decoder, `<|endoftext|>` as a
+    special token) is the one in GPT-2's own `tokenizer.json`, so the ids
+    equal `transformers.GPT2TokenizerFast` and Megatron's preprocessing.
     """
 
     name = "GPT2BPETokenizer"
@@ -162,7 +137,8 @@ class GPT2BPETokenizer(Tokenizer):
         try:
             bpe = models.BPE.from_file(vocab_file, merge_file)
         except Exception as exc:  # the Rust error names neither file
-            raise DataError(f"cannot read GPT-2 BPE files {vocab_file} / {merge_file}: {exc}") from exc
+            raise DataError(f"cannot read GPT-2 BPE files {vocab_file} / {merge_file}: "
+                            f"{exc}") from exc
         tok = _Tok(bpe)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -196,21 +172,26 @@ class GPT2BPETokenizer(Tokenizer):
 
 
 class HuggingFaceTokenizer(Tokenizer):
-    """A local Hugging Face tokenizer folder (``tokenizer.json`` and its config)."""
+    """A local Hugging Face tokenizer folder (`tokenizer.json` and its config), read by
+    `transformers.AutoTokenizer`; `encode` adds the tokenizer's own special tokens (e.g.
+    a BOS) as Megatron does, and `eod` is the EOS token."""
 
     name = "HuggingFaceTokenizer"
 
     def __init__(self, path: str) -> None:
         if not path:
-            raise DataError("HuggingFaceTokenizer needs --tokenizer-model <folder with tokenizer.json>")
+            raise DataError("HuggingFaceTokenizer needs --tokenizer-model "
+                            "<folder with tokenizer.json>")
         if not os.path.isdir(path):
-            raise DataError(f"{path}: not a folder (HuggingFaceTokenizer needs a local folder with tokenizer.json)")
+            raise DataError(f"{path}: not a folder (HuggingFaceTokenizer needs a local folder "
+                            f"with tokenizer.json)")
         from transformers import AutoTokenizer
 
         try:
             self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:
-            raise DataError(f"{path}: cannot load a Hugging Face tokenizer ({type(exc).__name__}: {exc})") from exc
+            raise DataError(f"{path}: cannot load a Hugging Face tokenizer "
+                            f"({type(exc).__name__}: {exc})") from exc
         self.path = path
         self._vocab_size = len(self._tok)
         eod = self._tok.eos_token_id
@@ -259,7 +240,8 @@ class HuggingFaceTokenizer(Tokenizer):
         return getattr(self._tok, "chat_template", None)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self._tok.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
 
     def describe(self) -> dict:
         return {**super().describe(), "path": os.path.abspath(self.path)}
@@ -282,7 +264,7 @@ def _load_sentencepiece(model_file: str):
 
 
 class GPTSentencePieceTokenizer(Tokenizer):
-    """A plain SentencePiece model: the model's own pieces and its EOS as ``eod``."""
+    """A plain SentencePiece model: the model's own pieces and its EOS as `eod`."""
 
     name = "GPTSentencePieceTokenizer"
 
@@ -320,7 +302,7 @@ class GPTSentencePieceTokenizer(Tokenizer):
 
 
 class Llama2Tokenizer(GPTSentencePieceTokenizer):
-    """Llama-2's SentencePiece tokenizer: a BOS before every text, EOS as ``eod``."""
+    """Llama-2's SentencePiece tokenizer: a BOS before every text, EOS as `eod`."""
 
     name = "Llama2Tokenizer"
 
@@ -336,11 +318,11 @@ class Llama2Tokenizer(GPTSentencePieceTokenizer):
 
 
 class SentencePieceTokenizer(GPTSentencePieceTokenizer):
-    """Megatron's ``SentencePieceTokenizer``: the model plus Megatron's special tokens.
+    """Megatron's `SentencePieceTokenizer`: the model plus Megatron's special tokens.
 
-    Megatron appends ``<CLS> <SEP> <EOD> <MASK>`` after the model's pieces
-    (and the model's pad, bos and eos pieces, or ``<PAD> <BOS> <EOS>`` when it
-    has none), and recognises those strings in text. ``eod`` is ``<EOD>``.
+    Megatron appends `<CLS> <SEP> <EOD> <MASK>` after the model's pieces
+    (and the model's pad, bos and eos pieces, or `<PAD> <BOS> <EOS>` when it
+    has none), and recognises those strings in text. `eod` is `<EOD>`.
     """
 
     name = "SentencePieceTokenizer"
@@ -431,10 +413,12 @@ class SentencePieceTokenizer(GPTSentencePieceTokenizer):
 
 
 class NullTokenizer(Tokenizer):
-    """Text is already ids: ``"5 17 3"`` encodes to ``[5, 17, 3]``.
+    """Text is already ids: `"5 17 3"` encodes to `[5, 17, 3]`.
 
-    ``vocab_size`` is ``N + 1`` and ``eod`` is ``N`` for ``--vocab-size N``,
-    as in Megatron-LM's ``_NullTokenizer``.
+    `vocab_size` is `N + 1` and `eod` is `N` for `--vocab-size N`, as in Megatron-LM's
+    long-standing `_NullTokenizer` (the one the Megatron versions Paratron's users run).
+    Megatron-LM main changed this in 2026 to vocab_size N, eod N - 1; pass
+    `--vocab-size N-1` to get the same ids.
     """
 
     name = "NullTokenizer"
@@ -457,7 +441,8 @@ class NullTokenizer(Tokenizer):
             return [int(x) for x in text.split()]
         except ValueError:
             bad = next(x for x in text.split() if not x.lstrip("-").isdigit())
-            raise DataError(f"NullTokenizer input must be whitespace-separated integers, got {bad[:40]!r}") from None
+            raise DataError(f"NullTokenizer input must be whitespace-separated integers, "
+                            f"got {bad[:40]!r}") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
@@ -473,13 +458,13 @@ def build_tokenizer(
     tokenizer_model: str | None = None,
     vocab_size: int | None = None,
 ) -> Tokenizer:
-    """Build the tokenizer that Megatron's ``--tokenizer-type`` (or ``--patch-tokenizer-type``) names.
+    """Build the tokenizer that Megatron's `--tokenizer-type` (or `--patch-tokenizer-type`) names.
 
-    ``tokenizer_model`` is a SentencePiece ``.model`` file or a Hugging Face
-    folder; ``vocab_size`` is only for ``NullTokenizer``. A Pai-Megatron-Patch
-    name such as ``Qwen2Tokenizer`` or ``DeepSeekV2Tokenizer`` loads the Hugging
-    Face folder in ``tokenizer_model`` (the caller passes ``--load`` there
-    when no ``--tokenizer-model`` was given); ``GPT2BPETokenizer`` keeps its
+    `tokenizer_model` is a SentencePiece `.model` file or a Hugging Face
+    folder; `vocab_size` is only for `NullTokenizer`. A Pai-Megatron-Patch
+    name such as `Qwen2Tokenizer` or `DeepSeekV2Tokenizer` loads the Hugging
+    Face folder in `tokenizer_model` (the caller passes `--load` there
+    when no `--tokenizer-model` was given); `GPT2BPETokenizer` keeps its
     own meaning.
     """
     if tokenizer_type == "GPT2BPETokenizer":
@@ -494,7 +479,8 @@ def build_tokenizer(
         return Llama2Tokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
-    known = ", ".join(TOKENIZER_TYPES + tuple(t for t in PATCH_TOKENIZER_TYPES if t not in TOKENIZER_TYPES))
+    patch_only = tuple(t for t in PATCH_TOKENIZER_TYPES if t not in TOKENIZER_TYPES)
+    known = ", ".join(TOKENIZER_TYPES + patch_only)
     raise DataError(f"unknown tokenizer type '{tokenizer_type}' (known: {known})")
 
 
@@ -512,12 +498,12 @@ def train_bpe_tokenizer(
     """Train a byte-level BPE on text files and save it as a Hugging Face tokenizer folder.
 
     This is how a demo gets a real tokenizer on a machine with nothing
-    downloaded: any text will do. The folder holds ``tokenizer.json`` and a
-    ``tokenizer_config.json`` naming ``eod_token`` as eos (and bos/unk), so
-    ``build_tokenizer("HuggingFaceTokenizer", tokenizer_model=output_dir)``
-    loads it. ``special_tokens`` are extra whole tokens (e.g. chat markers).
+    downloaded: any text will do. The folder holds `tokenizer.json` and a
+    `tokenizer_config.json` naming `eod_token` as eos (and bos/unk), so
+    `build_tokenizer("HuggingFaceTokenizer", tokenizer_model=output_dir)`
+    loads it. `special_tokens` are extra whole tokens (e.g. chat markers).
     Training is deterministic for the same files and settings.
-    Returns ``output_dir``.
+    Returns `output_dir`.
     """
     from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
 

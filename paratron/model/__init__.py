@@ -1,6 +1,6 @@
 """The model: TransformerConfig, GPTModel and its parts, and presets."""
 
-from paratron.config import TransformerConfig
+from paratron.model.config import TransformerConfig
 from paratron.model.gpt import GPTModel
 
 __all__ = ["GPTModel", "TransformerConfig"]

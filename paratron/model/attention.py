@@ -20,8 +20,8 @@ from paratron.model.norms import build_norm
 from paratron.model.rotary import apply_rotary
 from paratron.parallel.context_parallel import context_parallel_attention
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
-                                               mark_sequence_parallel)
+from paratron.parallel.sharding import replicated, set_layout
+from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 def core_attention(q, k, v, attention_mask, dropout_p: float, scale: float) -> torch.Tensor:
@@ -60,6 +60,16 @@ def attend(module: nn.Module, q, k, v, attention_mask) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
+    """Multi-head or grouped-query self-attention of one layer, this TP rank's share.
+
+    Holds `linear_qkv` (column-parallel: `groups` query groups per rank, each its
+    `heads / groups` query heads then one key and one value head of `head_dim`), the
+    optional per-head `q_layernorm`/`k_layernorm`, and `linear_proj` (row-parallel, back
+    to the hidden size). Takes and returns hidden states [s, b, h] (sequence shards
+    [s/TP, b, h] under sequence parallelism); with fewer query groups than TP ranks,
+    each rank keeps the one key/value group its query heads use.
+    """
+
     def __init__(self, config, layer_number: int, pg: ProcessGroups | None = None):
         super().__init__()
         pg = pg or ProcessGroups.single()
@@ -80,16 +90,14 @@ class SelfAttention(nn.Module):
                                                sequence_parallel=c.sequence_parallel)
         if self.replicated_kv:
             for p in self.linear_qkv.parameters():
-                p.tensor_parallel_layout = "qkv_replicated_kv"
-                p.qkv_heads = (c.num_attention_heads, c.num_query_groups, c.kv_channels)
+                set_layout(p, fused="qkv_replicated_kv",
+                           qkv_heads=(c.num_attention_heads, c.num_query_groups, c.kv_channels))
         if c.qk_layernorm:
-            self.q_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
-            self.k_layernorm = build_norm(c.normalization, c.kv_channels, c.norm_epsilon)
-            if pg.tp.size > 1:
-                # Replicated, but each TP rank applies it to its own heads only: the
-                # gradient is the sum over TP, like a norm under sequence parallelism.
-                for p in (*self.q_layernorm.parameters(), *self.k_layernorm.parameters()):
-                    mark_sequence_parallel(p)
+            # Replicated, but each TP rank applies them to its own heads only: the
+            # gradient is the sum over TP, like a norm's under sequence parallelism.
+            self.q_layernorm, self.k_layernorm = (
+                replicated(build_norm(c.normalization, c.kv_channels, c.norm_epsilon),
+                           partial_grad=tp > 1) for _ in range(2))
         else:
             self.q_layernorm = self.k_layernorm = None
         self.linear_proj = RowParallelLinear(c.num_attention_heads * c.kv_channels,

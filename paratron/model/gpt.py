@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paratron.model.moe import moe_layers, moe_loss_totals, update_expert_bias
 from paratron.model.rotary import build_rotary
 from paratron.model.transformer import TransformerBlock
 from paratron.parallel.cross_entropy import chunked_vocab_parallel_cross_entropy
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.sharding import full_shape, shard_tensor
+from paratron.parallel.sharding import full_shape, set_layout, shard_tensor
 from paratron.parallel.tensor_parallel import (ColumnParallelLinear,
                                                ScatterToSequenceParallelRegion,
                                                VocabParallelEmbedding,
@@ -61,6 +62,17 @@ class LanguageModelEmbedding(nn.Module):
 
 
 class GPTModel(nn.Module):
+    """One pipeline stage's part of the GPT, this tensor-parallel rank's shard of it.
+
+    Holds `embedding` (first stage only), `decoder` (this stage's layers, numbered
+    globally from `decoder.layer_offset`; `global_name` turns a local parameter name into
+    the checkpoint's) and `output_layer` (last stage only; without weights of its own
+    when tied to the embedding on the same stage). Takes token ids [b, s] on the first
+    stage, else the previous stage's hidden state [s, b, h]; returns that hidden state to
+    the next stage, or on the last the per-token loss [b, s] (logits [b, s, V/TP] when no
+    labels are given).
+    """
+
     def __init__(self, config, pg: ProcessGroups | None = None, *,
                  pre_process: bool = True, post_process: bool = True,
                  layer_numbers: range | None = None, init_seed: int = 0):
@@ -85,10 +97,9 @@ class GPTModel(nn.Module):
         if self.output_layer is not None and self.share_embeddings and not pre_process:
             # The last stage's copy of the tied embedding: kept equal to the first
             # stage's by summing their gradients over the embedding group.
-            self.output_layer.weight.shared_embedding = True
-            self.output_layer.weight.shared_embedding_copy = True  # counted once, there
+            set_layout(self.output_layer.weight, tied="copy")
         if self.embedding is not None and self.share_embeddings and not post_process:
-            self.embedding.word_embeddings.weight.shared_embedding = True
+            set_layout(self.embedding.word_embeddings.weight, tied="embedding")
         self.reset_parameters(init_seed)
 
     @torch.no_grad()
@@ -101,10 +112,12 @@ class GPTModel(nn.Module):
         virtual stages) starts from exactly the single-process weights, and a tied
         output layer on the last stage starts equal to the first stage's embedding.
         """
+        if any(p.is_meta for p in self.parameters()):
+            return  # the memory planner's model: shapes only, no values to draw
         tp, rank = self.pg.tp.size, self.pg.tp.rank
         def generator(name: str) -> torch.Generator:
             return torch.Generator().manual_seed(seed * 1_000_003
-                                                 + zlib.crc32(self._global(name).encode()))
+                                                 + zlib.crc32(self.global_name(name).encode()))
 
         for name, module in self.named_modules():
             custom = getattr(module, "reset_parameters_from", None)
@@ -125,7 +138,7 @@ class GPTModel(nn.Module):
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
 
-    def _global(self, name: str) -> str:
+    def global_name(self, name: str) -> str:
         """A module name with its stage-local layer index made global."""
         parts = name.split(".")
         if parts[:2] == ["decoder", "layers"] and len(parts) > 2:
@@ -147,6 +160,8 @@ class GPTModel(nn.Module):
         """Returns per-token loss [b, s] with labels, logits [b, s, v/TP] without them,
         or the hidden state [s, b, h] on a stage that is not the last.
 
+        attention_mask: boolean [b, 1, s, s], True where attention is *not* allowed
+        (Megatron's convention, as the datasets build it); None attends causally.
         inference_params (`paratron.inference.InferenceParams`): the tokens continue the
         cached ones; positions default to the cache length onwards, the attention mask
         comes from the cache, and every layer adds this step's keys and values to it.
@@ -164,10 +179,12 @@ class GPTModel(nn.Module):
             device = batch_ids.device if batch_ids is not None else hidden_states.device
             position_ids = torch.arange(offset, offset + s, device=device).unsqueeze(0).expand(b, s)
         if inference_params is not None:
-            attention_mask = inference_params.attention_mask(s, position_ids.device)
+            allowed = inference_params.attention_mask(s, position_ids.device)
+        else:  # the layers take SDPA's convention: True where attention is allowed
+            allowed = None if attention_mask is None else ~attention_mask
         x = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
         rotary = self.rotary_pos_emb(position_ids) if self.rotary_pos_emb is not None else None
-        x = self.decoder(x, rotary, attention_mask, inference_params)
+        x = self.decoder(x, rotary, allowed, inference_params)
         if not self.post_process:
             return x
         logits = self.output_layer(x, weight=self.shared_output_weight()).transpose(0, 1)
@@ -177,3 +194,32 @@ class GPTModel(nn.Module):
             return chunked_vocab_parallel_cross_entropy(logits, labels, self.pg,
                                                         self.config.cross_entropy_chunk_size)
         return vocab_parallel_cross_entropy(logits, labels, self.pg)
+
+
+@torch.no_grad()
+def moe_bookkeeping(chunks: list[GPTModel], pg: ProcessGroups, aux_loss_scale: float,
+                    stepped: bool | None = None) -> dict[str, float]:
+    """The MoE layers' part of a training step, in one call: once before the first step
+    (`stepped` None), then after each optimizer step. Returns the step's losses as Megatron
+    logs them, the mean over MoE layers and micro-batches of every stage and DP rank (named
+    by the config, so a stage without MoE layers joins the sums); a step taken moves the
+    expert biases; the next step's aux and z losses get `aux_loss_scale` on their gradient."""
+    c = chunks[0].config
+    if not c.num_experts:
+        return {}
+    losses = {}
+    if stepped is not None:
+        names = [name for name, logged in (
+            ("load_balancing_loss", c.moe_router_load_balancing_type == "aux_loss"),
+            ("seq_load_balancing_loss", c.moe_router_load_balancing_type == "seq_aux_loss"),
+            ("z_loss", bool(c.moe_z_loss_coeff))) if logged]
+        totals = moe_loss_totals(chunks)
+        sums = torch.tensor([float(x) for name in names for x in totals.get(name, (0.0, 0))],
+                            dtype=torch.float64, device=next(chunks[0].parameters()).device)
+        sums = pg.all_reduce(sums, "pp", "dp").tolist()
+        losses = {name: sums[2 * i] / max(sums[2 * i + 1], 1.0) for i, name in enumerate(names)}
+    if stepped and c.moe_router_enable_expert_bias:
+        update_expert_bias(chunks, pg)
+    for layer in moe_layers(chunks):
+        layer.aux_loss_scale = aux_loss_scale
+    return losses

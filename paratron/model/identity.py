@@ -20,8 +20,8 @@ import dataclasses
 import shlex
 from typing import Any
 
-from paratron.config import (Config, TransformerConfig, _flags_of, finalize,
-                             moe_layer_pattern)
+from paratron.model.config import TransformerConfig, derive_model, moe_layer_pattern
+from paratron.options import check_numbers, flags_of
 
 # Settings of a run, not of the model: they change how it is trained or executed, never
 # the shapes of its weights or the function a forward pass computes.
@@ -116,12 +116,11 @@ def saved_model_config(saved: dict) -> TransformerConfig:
     A TypeError or ValueError when the record does not describe a model."""
     if not isinstance(saved, dict):
         raise TypeError("the recorded model configuration is not an object")
-    cfg = Config()
-    cfg.model = TransformerConfig(**{k: v for k, v in saved.items() if k in _FIELDS})
-    cfg.data.seq_length = cfg.model.max_position_embeddings
-    finalize(cfg)
-    model_identity(cfg.model)  # a record it cannot be computed from fails here
-    return cfg.model
+    model = TransformerConfig(**{k: v for k, v in saved.items() if k in _FIELDS})
+    check_numbers(model)
+    derive_model(model)
+    model_identity(model)  # a record it cannot be computed from fails here
+    return model
 
 
 def first_difference(saved: TransformerConfig, run: TransformerConfig
@@ -170,7 +169,7 @@ def flag_fix(key: str, saved: TransformerConfig) -> str:
     if key not in _FIELDS:
         return "give the flags the checkpoint was trained with"
     f, value = _FIELDS[key], getattr(saved, key)
-    flag = _flags_of(f)[0] if "help" in f.metadata else "--" + key.replace("_", "-")
+    flag = flags_of(f)[0] if "help" in f.metadata else "--" + key.replace("_", "-")
     if isinstance(f.default, bool):
         switch_on = not value if f.default else value  # a --disable-... flag sets False
         return f"give {flag}" if switch_on else f"leave out {flag}"

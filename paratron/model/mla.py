@@ -10,40 +10,20 @@ positional part of the key is a single rope key per token shared by every head:
     q = [q_nope, rope(q_pe)],  k = [k_nope, rope(k_pe) for every head]
     out = linear_proj(softmax(q k^T * scale + causal) v)
 
-Rope. DeepSeek-V2 rotates consecutive pairs (2i, 2i+1) of the rope channels. With the
-usual halves layout of the cos/sin tables (--rotary-interleaved off) the rope channels
-of q and k are first permuted from interleaved to halves order, [0, 2, 4, ..., 1, 3,
-...], as the original DeepSeek-V2 code does; q and k get the same permutation, so the
-logits are those of the pair rotation. With --rotary-interleaved the tables are already
-pairwise and no permutation is needed.
+DeepSeek-V2 rotates consecutive pairs of rope channels: with the usual halves layout of
+the cos/sin tables, the rope channels of q and k are first permuted to halves order, as
+the original code does (the logits are unchanged); with --rotary-interleaved no
+permutation is needed. The softmax scale is 1/sqrt(qk_head_dim + qk_pos_emb_head_dim),
+times yarn_mscale(factor, mscale_all_dim)^2 under YaRN (the other YaRN term is folded
+into the cos/sin tables). Generation caches the normalised latent and the rotated rope
+key per token, many times smaller than the expanded keys and values, and expands the
+whole cached context again at each step.
 
-Generation caches, per token, the normalised latent and the rotated rope key
-(kv_lora_rank + qk_pos_emb_head_dim numbers, the compressed cache DeepSeek-V2 is
-designed around, on every TP rank) rather than the expanded per-head keys and values
-(heads x (qk_head_dim + qk_pos_emb_head_dim + v_head_dim)); each step expands the
-whole cached context again through `linear_kv_up_proj`, trading that matmul for a
-cache many times smaller.
-
-Softmax scale: 1/sqrt(qk_head_dim + qk_pos_emb_head_dim), times
-yarn_mscale(factor, mscale_all_dim)^2 under YaRN (--rotary-scaling-factor > 1). The
-other YaRN term, yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim), is
-already folded into the cos/sin tables by `RotaryEmbedding`.
-
-Tensor parallelism. Heads are split over TP: `linear_q_proj`, `linear_q_up_proj` and
-`linear_kv_up_proj` are column-parallel (their rows are head-major, so a contiguous
-chunk is whole heads) and `linear_proj` is row-parallel. The down projections and the
-latent norms are replicated on every TP rank:
-
-- without sequence parallelism every rank applies them to the whole input. The
-  latents' gradients are summed over TP before reaching them (the up projections'
-  input all-reduce, and an explicit one for the shared rope key, which each rank uses
-  for its own heads only), so their weight gradients are whole and equal on every rank:
-  nothing to mark.
-- with sequence parallelism each rank applies them to its own sequence shard only, and
-  the small latents (not the hidden state) are all-gathered along the sequence: the
-  up projections gather their inputs themselves, the rope key is gathered here. Their
-  weights then hold this shard's part of the gradient and carry `sequence_parallel`,
-  so `finish_tensor_parallel_grads` sums them over TP, as for the layer norms.
+Heads are split over TP (`linear_q_proj`, `linear_q_up_proj` and `linear_kv_up_proj`
+are column-parallel, `linear_proj` row-parallel); the down projections and the latent
+norms are replicated. Without sequence parallelism their gradients arrive whole on every
+rank; with it each rank applies them to its own sequence shard, the small latents (not
+the hidden state) are all-gathered, and their gradients are summed over TP like a norm's.
 """
 
 from __future__ import annotations
@@ -58,31 +38,24 @@ from paratron.model.attention import attend
 from paratron.model.norms import build_norm
 from paratron.model.rotary import apply_rotary, yarn_mscale
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.tensor_parallel import (ColumnParallelLinear,
-                                               CopyToTensorParallelRegion,
-                                               GatherFromSequenceParallelRegion,
-                                               RowParallelLinear, mark_sequence_parallel)
+from paratron.parallel.sharding import replicated
+from paratron.parallel.tensor_parallel import (ColumnParallelLinear, CopyToTensorParallelRegion,
+                                               GatherFromSequenceParallelRegion, RowParallelLinear)
 
 
 class ReplicatedLinear(nn.Module):
     """y = x A^T (+ b) with the whole weight on every TP rank (Megatron's "duplicated").
 
     sequence_parallel: x is this rank's sequence shard, so the weight's gradient covers
-    this shard's tokens only; the parameters are marked to be summed over TP.
+    this shard's tokens only and is summed over TP.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
                  init_std: float = 0.02, dtype=None, sequence_parallel: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
-        self.weight.tensor_parallel_dim = None
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype))
-            self.bias.tensor_parallel_dim = None
-        if sequence_parallel:
-            for p in self.parameters():
-                mark_sequence_parallel(p)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        replicated(self, partial_grad=sequence_parallel)
         self.init_std = init_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,11 +65,7 @@ class ReplicatedLinear(nn.Module):
 def _replicated_norm(config, size: int) -> nn.Module:
     """A latent norm, replicated over TP; summed over TP under sequence parallelism."""
     norm = build_norm(config.normalization, size, config.norm_epsilon)
-    for p in norm.parameters():
-        p.tensor_parallel_dim = None
-        if config.sequence_parallel:
-            mark_sequence_parallel(p)
-    return norm
+    return replicated(norm, partial_grad=config.sequence_parallel)
 
 
 def apply_mla_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

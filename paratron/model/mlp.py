@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.sharding import set_layout
 from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
@@ -26,6 +27,15 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class MLP(nn.Module):
+    """The feed-forward block of one dense layer (or an MoE layer's shared experts),
+    this TP rank's share.
+
+    Holds `linear_fc1` (column-parallel, hidden -> ffn/TP, or [gate; up] of 2 x ffn/TP
+    with swiglu) and `linear_fc2` (row-parallel, ffn/TP -> hidden, summed over TP). Takes
+    and returns hidden states [s, b, h] (sequence shards [s/TP, b, h] under sequence
+    parallelism).
+    """
+
     def __init__(self, config, pg: ProcessGroups | None = None,
                  ffn_hidden_size: int | None = None):
         super().__init__()
@@ -38,7 +48,7 @@ class MLP(nn.Module):
                                                sequence_parallel=c.sequence_parallel)
         if self.activation == "swiglu":
             for p in self.linear_fc1.parameters():
-                p.tensor_parallel_layout = "gate_up"
+                set_layout(p, fused="gate_up")
         self.linear_fc2 = RowParallelLinear(ffn, c.hidden_size, bias=c.add_bias_linear, pg=pg,
                                             init_std=c.init_method_std
                                             / math.sqrt(2.0 * c.num_layers),

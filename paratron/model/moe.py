@@ -3,45 +3,19 @@
     x [s, b, h] -> router -> top-k experts per token -> dispatch -> experts -> combine
                 -> + shared_experts(x) -> [s, b, h]
 
-Routing (`topk_routing`) reproduces each Hugging Face reference exactly:
+Routing (`topk_routing`) reproduces each Hugging Face reference exactly; with
+--moe-expert-capacity-factor each expert keeps its highest-weighted (or earliest) tokens
+up to its capacity. The load-balancing losses follow Megatron-Core's formulas (the
+Switch/GShard aux loss, DeepSeek-V2's per-sequence one, the router z-loss); they are not
+returned but attached to an activation by `MoEAuxLossAutoScaler`, which adds their
+gradient in backward.
 
-* Mixtral, Qwen3-MoE (norm_topk_prob): softmax over the top-k logits, which equals
-  softmax over all experts, top-k, renormalised (the default, no --moe-router-pre-softmax);
-* DeepSeek-V2, Qwen2-MoE: softmax over all experts, top-k, not renormalised
-  (--moe-router-pre-softmax), times --moe-router-topk-scaling-factor
-  (DeepSeek's routed_scaling_factor);
-* group-limited routing (--moe-router-num-groups, --moe-router-group-topk): experts in
-  equal groups, the best groups chosen first, then top-k inside them. With softmax
-  scores a group scores its best expert (DeepSeek-V2's group_limited_greedy); with
-  sigmoid scores the sum of its top (k / group-topk) experts (DeepSeek-V3, Megatron);
-* sigmoid scores (--moe-router-score-function sigmoid): top-k, renormalised when k > 1;
-  with --moe-router-enable-expert-bias a per-expert bias is added for the choice only
-  (aux-loss-free balancing, the bias moved by `update_expert_bias` after each step).
-
-Capacity (--moe-expert-capacity-factor): each expert keeps at most
-ceil(tokens x k / experts x factor) tokens, the highest routing weights first ("probs") or
-the earliest tokens ("position"); --moe-pad-expert-input-to-capacity fills every expert
-up to capacity with weight-zero tokens. Without a factor nothing is dropped.
-
-Load balancing (Megatron-Core's formulas). With routing scores p (softmax over all
-experts, or sigmoid normalised per token), T tokens, E experts and top-k choices,
-    aux_loss     = coeff * E / (k * T^2) * sum_i (sum_t p[t, i]) * tokens_i
-                 = coeff * E * sum_i f_i * P_i,  f_i = tokens_i / (k T),  P_i = mean_t p[t, i]
-(Switch/GShard), where tokens_i counts the plain top-k of p. seq_aux_loss is the same per
-sequence, averaged over the sequences of the micro-batch (DeepSeek-V2); the router
-z-loss is coeff * mean_t logsumexp(logits_t)^2. The losses are not returned: each is
-attached to an activation by `MoEAuxLossAutoScaler`, which adds `aux_loss_scale` times
-its gradient in backward, so the trainer only sets `MoELayer.aux_loss_scale` (the loss
-scale divided by micro-batches x DP, as for the language-model loss). The layer keeps
-the values of its last forward (`last_aux_loss`, `last_z_loss`, without the coefficient,
-for logging) and their running totals (`moe_loss_totals`).
-
-Parallelism. The router and shared experts are replicated / tensor-parallel like the
-dense MLP. Routed experts are split over EP (and ETP) by
-`paratron.parallel.expert_parallel`, which needs every rank of a stage to hold different
-tokens: under sequence parallelism the input already is this rank's sequence shard;
-without it, the routing is computed on all tokens (identical on the TP ranks) and each TP
-rank dispatches its 1/TP of them, the results all-gathered back.
+The router and shared experts are replicated / tensor-parallel like the dense MLP.
+Routed experts are split over EP (and ETP) by `paratron.parallel.expert_parallel`, which
+needs every rank of a stage to hold different tokens: under sequence parallelism the
+input already is this rank's sequence shard; without it, the routing is computed on all
+tokens (identical on the TP ranks), each TP rank dispatches its 1/TP of them, and the
+results are all-gathered back.
 """
 
 from __future__ import annotations
@@ -54,94 +28,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from paratron.model.config import check_moe_config, grouped_mm_fn
 from paratron.model.mlp import MLP, activate
-from paratron.parallel.expert_parallel import build_dispatcher, mark_expert_parallel
+from paratron.parallel.expert_parallel import build_dispatcher
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.sharding import shard_tensor
+from paratron.parallel.sharding import layout_of, replicated, set_layout, shard_tensor
 from paratron.parallel.tensor_parallel import (GatherFromSequenceParallelRegion,
-                                               ScatterToSequenceParallelRegion,
-                                               mark_sequence_parallel)
-
-BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
-GROUPED_GEMM_ALIGN = 8  # grouped GEMM rows and columns in multiples of 16 bytes (bf16)
-
-
-def _grouped_mm_fn():
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def check_moe_config(config, tp_size: int = 1, ep_size: int = 1,
-                     etp_size: int | None = None) -> None:
-    """Refuse MoE settings this layer cannot run, one line each (ValueError)."""
-    c = config
-    etp_size = tp_size if etp_size is None else etp_size
-    experts, k = c.num_experts, c.moe_router_topk
-    if not experts or experts < 1:
-        raise ValueError(f"--num-experts must be a positive integer, got {experts!r}")
-    if not 1 <= k <= experts:
-        raise ValueError(f"--moe-router-topk {k} must be between 1 and --num-experts {experts}")
-    if experts % ep_size:
-        raise ValueError(f"--num-experts {experts} is not divisible by "
-                         f"--expert-model-parallel-size {ep_size}")
-    ffn = c.moe_ffn_hidden_size or c.ffn_hidden_size
-    if not ffn:
-        raise ValueError("--moe-ffn-hidden-size is needed with --num-experts")
-    if ffn % etp_size:
-        raise ValueError(f"--moe-ffn-hidden-size {ffn} is not divisible by expert "
-                         f"tensor-parallel size {etp_size}")
-    shared = c.moe_shared_expert_intermediate_size
-    if shared is not None and (shared <= 0 or shared % tp_size):
-        raise ValueError(f"--moe-shared-expert-intermediate-size {shared} must be a positive "
-                         f"multiple of --tensor-model-parallel-size {tp_size}")
-    if getattr(c, "moe_shared_expert_gate", False) and not shared:
-        raise ValueError("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
-    if c.add_bias_linear:
-        raise ValueError("MoE layers have no linear biases: add --disable-bias-linear")
-    if c.moe_router_load_balancing_type not in BALANCING_TYPES:
-        raise ValueError(f"--moe-router-load-balancing-type {c.moe_router_load_balancing_type} "
-                         f"is not supported; use aux_loss, seq_aux_loss or none")
-    if c.moe_router_score_function not in ("softmax", "sigmoid"):
-        raise ValueError(f"--moe-router-score-function {c.moe_router_score_function}: use "
-                         f"softmax or sigmoid")
-    if (k == 1 and c.moe_router_score_function == "softmax"
-            and not c.moe_router_pre_softmax):
-        raise ValueError("--moe-router-topk 1 needs --moe-router-pre-softmax (softmax over "
-                         "one logit has no gradient)")
-    if c.moe_router_enable_expert_bias and c.moe_router_score_function != "sigmoid":
-        raise ValueError("--moe-router-enable-expert-bias needs "
-                         "--moe-router-score-function sigmoid")
-    groups, group_topk = c.moe_router_num_groups, c.moe_router_group_topk
-    if group_topk or groups:
-        if not groups or not group_topk or experts % groups or not 1 <= group_topk <= groups:
-            raise ValueError("--moe-router-num-groups must divide --num-experts and "
-                             "--moe-router-group-topk must be between 1 and the groups")
-        if k > group_topk * (experts // groups):
-            raise ValueError(f"--moe-router-topk {k} is above the experts of "
-                             f"--moe-router-group-topk {group_topk} groups "
-                             f"({group_topk * (experts // groups)})")
-        if c.moe_router_score_function == "sigmoid" and k < group_topk:
-            raise ValueError(f"--moe-router-topk {k} must be at least --moe-router-group-topk "
-                             f"{group_topk} with sigmoid scores")
-    factor = c.moe_expert_capacity_factor
-    if c.moe_pad_expert_input_to_capacity and (factor is None or factor < 0):
-        raise ValueError("--moe-pad-expert-input-to-capacity needs "
-                         "--moe-expert-capacity-factor")
-    if c.moe_token_drop_policy not in ("probs", "position"):
-        raise ValueError(f"--moe-token-drop-policy {c.moe_token_drop_policy}: use probs or "
-                         f"position")
-    if c.moe_token_dispatcher_type not in ("alltoall", "allgather"):
-        raise ValueError(f"--moe-token-dispatcher-type {c.moe_token_dispatcher_type}: use "
-                         f"alltoall or allgather")
-    if c.moe_grouped_gemm:
-        if _grouped_mm_fn() is None:
-            raise ValueError("--moe-grouped-gemm needs torch.nn.functional.grouped_mm "
-                             "(PyTorch 2.8 or later)")
-        per_rank = ffn // etp_size
-        if c.hidden_size % GROUPED_GEMM_ALIGN or per_rank % GROUPED_GEMM_ALIGN:
-            raise ValueError(f"--moe-grouped-gemm needs --hidden-size {c.hidden_size} and the "
-                             f"expert ffn size per expert-TP rank {per_rank} to be multiples "
-                             f"of {GROUPED_GEMM_ALIGN}")
-
+                                               ScatterToSequenceParallelRegion)
 
 # ------------------------------------------------------------------------ routing
 def _select(scores: torch.Tensor, topk: int, num_groups: int | None, group_topk: int | None,
@@ -168,7 +61,19 @@ def topk_routing(logits: torch.Tensor, topk: int, *, score_function: str = "soft
                  expert_bias: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing weights [tokens, experts] (zero off the chosen experts, fp32) and the
-    boolean routing map, from router logits [tokens, experts]."""
+    boolean routing map, from router logits [tokens, experts].
+
+    * Mixtral, Qwen3-MoE (norm_topk_prob): softmax over the top-k logits, which equals
+      softmax over all experts, top-k, renormalised (the default);
+    * DeepSeek-V2, Qwen2-MoE: softmax over all experts, top-k, not renormalised
+      (`pre_softmax`), times `scaling_factor` (DeepSeek's routed_scaling_factor);
+    * group-limited (`num_groups`, `group_topk`): experts in equal groups, the best
+      groups chosen first, then top-k inside them. With softmax scores a group scores
+      its best expert (DeepSeek-V2's group_limited_greedy); with sigmoid scores the sum
+      of its top (k / group_topk) experts (DeepSeek-V3, Megatron);
+    * sigmoid scores: top-k, renormalised when k > 1; `expert_bias` is added for the
+      choice only (aux-loss-free balancing, moved by `update_expert_bias`).
+    """
     logits = logits.float()
     if score_function == "softmax":
         group_score = "max"
@@ -283,9 +188,8 @@ class TopKRouter(nn.Module):
         self.config = c
         self.num_experts, self.topk = c.num_experts, c.moe_router_topk
         self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
-        self.weight.tensor_parallel_dim = None
-        if c.sequence_parallel:
-            mark_sequence_parallel(self.weight)  # each TP rank routes its own tokens
+        # Under sequence parallelism each TP rank routes its own tokens.
+        replicated(self.weight, partial_grad=c.sequence_parallel)
         self.init_std = c.init_method_std
         self.tokens_split_over_tp = tokens_split_over_tp
         if c.moe_router_enable_expert_bias:
@@ -352,14 +256,14 @@ class ExpertLinear(nn.Module):
     or in (fc2) is this rank's expert-TP slice. Run by `Experts`, not on its own."""
 
     def __init__(self, num_experts: int, first_expert: int, num_local_experts: int,
-                 in_features: int, out_features: int, *, tensor_parallel_dim: int,
-                 layout: str | None, init_std: float, etp_size: int, etp_rank: int):
+                 in_features: int, out_features: int, *, dim: int, fused: str | None,
+                 init_std: float, etp_size: int, etp_rank: int):
         super().__init__()
         self.first_expert, self.init_std = first_expert, init_std
         self.etp_size, self.etp_rank = etp_size, etp_rank
-        self.weight = mark_expert_parallel(
+        self.weight = set_layout(
             nn.Parameter(torch.empty(num_local_experts, out_features, in_features)),
-            num_experts, tensor_parallel_dim, layout)
+            dim=dim, fused=fused, num_experts=num_experts)
 
     @torch.no_grad()
     def reset_parameters_from(self, generator_for: Callable[[str], torch.Generator]) -> None:
@@ -367,7 +271,7 @@ class ExpertLinear(nn.Module):
         (e the global expert index) and sliced for this ETP rank: every EP/ETP layout
         starts from the same experts."""
         full_shape = [1, *self.weight.shape[1:]]
-        full_shape[self.weight.tensor_parallel_dim] *= self.etp_size
+        full_shape[layout_of(self.weight).dim] *= self.etp_size
         for e in range(self.weight.shape[0]):
             full = torch.empty(full_shape, dtype=torch.float32)
             full.normal_(0.0, self.init_std, generator=generator_for(f".{self.first_expert + e}"))
@@ -391,11 +295,11 @@ class Experts(nn.Module):
         swiglu = self.activation == "swiglu"
         common = dict(etp_size=pg.etp.size, etp_rank=pg.etp.rank)
         self.linear_fc1 = ExpertLinear(c.num_experts, first, local, c.hidden_size,
-                                       2 * ffn if swiglu else ffn, tensor_parallel_dim=1,
-                                       layout="gate_up" if swiglu else None,
+                                       2 * ffn if swiglu else ffn, dim=1,
+                                       fused="gate_up" if swiglu else None,
                                        init_std=c.init_method_std, **common)
         self.linear_fc2 = ExpertLinear(c.num_experts, first, local, ffn, c.hidden_size,
-                                       tensor_parallel_dim=2, layout=None,
+                                       dim=2, fused=None,
                                        init_std=c.init_method_std
                                        / math.sqrt(2.0 * c.num_layers), **common)
 
@@ -413,7 +317,7 @@ class Experts(nn.Module):
     def _grouped(self, rows, tokens_per_expert, w1, w2):
         # Each expert's rows start at a multiple of 16 bytes (the kernels' alignment):
         # rows are spread into a zero-padded buffer and picked back out afterwards.
-        grouped_mm = _grouped_mm_fn()
+        grouped_mm = grouped_mm_fn()
         align = max(1, 16 // rows.element_size())
         counts = torch.tensor(tokens_per_expert, device=rows.device)
         padded = (counts + align - 1) // align * align
@@ -438,9 +342,7 @@ class SharedExperts(MLP):
         self.gate_weight = None
         if getattr(config, "moe_shared_expert_gate", False):
             self.gate_weight = nn.Parameter(torch.empty(1, config.hidden_size))
-            self.gate_weight.tensor_parallel_dim = None
-            if config.sequence_parallel:
-                mark_sequence_parallel(self.gate_weight)
+            replicated(self.gate_weight, partial_grad=config.sequence_parallel)
             self.gate_init_std = config.init_method_std
 
     @torch.no_grad()
@@ -462,7 +364,7 @@ class MoELayer(nn.Module):
     """forward(x [s, b, h]) -> [s, b, h]; under sequence parallelism x and the output
     are this rank's sequence shard [s/TP, b, h], as for the dense MLP.
 
-    Attributes the trainer uses: `aux_loss_scale` (gradient given to the aux and z
+    Attributes a training step drives: `aux_loss_scale` (gradient given to the aux and z
     losses in backward; set it to loss scale / (micro-batches x DP)), `last_aux_loss`,
     `last_z_loss` (values of the last training forward, without coefficients, for the
     whole micro-batch), and `moe_loss_totals` / `update_expert_bias` below.

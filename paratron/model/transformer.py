@@ -12,14 +12,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from paratron.model.attention import SelfAttention
+from paratron.model.config import moe_layer_pattern
 from paratron.model.mla import MLASelfAttention
-from paratron.config import moe_layer_pattern
 from paratron.model.mlp import MLP
 from paratron.model.moe import MoELayer
 from paratron.model.offload import ActivationOffload
 from paratron.model.norms import build_norm
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.tensor_parallel import mark_sequence_parallel
+from paratron.parallel.sharding import replicated
 
 
 def _maybe_checkpoint(enabled: bool, pg: ProcessGroups, fn, *args):
@@ -34,10 +34,21 @@ def build_layer_norm(config) -> nn.Module:
     """A norm of the residual stream; on sequence shards its weights see only this
     rank's tokens, so under sequence parallelism their gradients are summed over TP."""
     norm = build_norm(config.normalization, config.hidden_size, config.norm_epsilon)
-    if config.sequence_parallel:
-        for p in norm.parameters():
-            mark_sequence_parallel(p)
-    return norm
+    return replicated(norm, partial_grad=config.sequence_parallel)
+
+
+def recompute_plan(config, num_layers: int) -> list[tuple[list[int], bool]]:
+    """A block's layers (local indices) in the chunks each run under one checkpoint, and
+    whether full recompute replays the chunk in backward (when training). The memory
+    planner reads the same plan."""
+    c = config
+    if c.recompute_granularity != "full":
+        return [([i], False) for i in range(num_layers)]
+    if c.recompute_method == "uniform":
+        size = c.recompute_num_layers or 1
+        return [(list(range(i, min(i + size, num_layers))), True)
+                for i in range(0, num_layers, size)]
+    return [([i], i < c.recompute_num_layers) for i in range(num_layers)]  # block
 
 
 class TransformerLayer(nn.Module):
@@ -96,33 +107,15 @@ class TransformerBlock(nn.Module):
             for layer in self.layers:
                 layer.compile(backend=c.torch_compile_backend)
 
-    def _recompute_plan(self) -> list[list[int]]:
-        """Chunks of local layer indices, each run under one checkpoint when full."""
-        c, n = self.config, len(self.layers)
-        if c.recompute_granularity != "full":
-            return [[i] for i in range(n)]
-        if c.recompute_method == "uniform":
-            size = c.recompute_num_layers or 1
-            return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-        return [[i] for i in range(n)]
-
-    def _is_recomputed(self, chunk: list[int]) -> bool:
-        c = self.config
-        if not self.training or c.recompute_granularity != "full":
-            return False
-        if c.recompute_method == "block":
-            return chunk[0] < c.recompute_num_layers
-        return True
-
     def forward(self, x, rotary=None, attention_mask=None, inference_params=None):
         """inference_params: the key/value cache of generation (eval mode only)."""
-        for chunk in self._recompute_plan():
+        for chunk, recomputed in recompute_plan(self.config, len(self.layers)):
             def run(h, chunk=chunk):
                 for i in chunk:
                     h = self.layers[i](h, rotary, attention_mask, inference_params)
                 return h
             with self.activation_offload([self.layers[i] for i in chunk]):
-                x = _maybe_checkpoint(self._is_recomputed(chunk), self.pg, run, x)
+                x = _maybe_checkpoint(recomputed and self.training, self.pg, run, x)
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
         return x

@@ -15,34 +15,15 @@ rank r keeps chunks r and 2CP-1-r, one early and one late:
 along the sequence) this way; `context_parallel_positions` gives the positions of the
 tokens a rank holds, for position ids and rotary embeddings.
 
-`context_parallel_attention` takes this rank's q, k, v ([s_local, b, heads, d],
-sequence-first) and returns its rows of causal attention over the whole sequence,
-[s_local, b, heads x d_v]. Two ways to see the other ranks' keys and values:
-
-- `all_gather`: all-gather K and V along the sequence (backward: reduce-scatter of their
-  gradients), put the chunks back in sequence order and let each local chunk attend to
-  the keys up to its own position with `scaled_dot_product_attention`. Simple; holds the
-  whole sequence's K and V at once.
-- `p2p` (ring attention): K and V travel around the ring (rank r sends to r+1 and
-  receives from r-1; the gradients go the other way in backward), CP-1 steps, the next
-  transfer overlapping the current step's attention. Each step attends to one rank's
-  K/V block and returns its log-sum-exp; the partial results are merged with the online
-  softmax. With the load-balanced layout each step is one of three rectangles of equal
-  cost (c = chunk length, this rank r holds chunks r and 2CP-1-r, the K/V come from
-  rank i holding chunks i and 2CP-1-i):
-    i == r: both chunks against both, causal (the local positions increase, so the
-            ordinary lower-triangular mask of the 2c x 2c block is the causal one);
-    i <  r: all 2c queries against the first c keys (chunk i is before both of ours;
-            chunk 2CP-1-i is after both), no mask;
-    i >  r: only the late chunk's c queries against all 2c keys (both of rank i's chunks
-            are after our early chunk and before our late one), no mask.
-
-The p2p step kernel is written in PyTorch (`BlockAttention`): it materialises one
-block's scores transiently and recomputes them in backward (keeping only q, k, v and
-the log-sum-exp, as flash attention does), and its backward honours gradients flowing
-into the log-sum-exp, so autograd through the merge is exact. Grouped-query attention
-(fewer K/V heads) and a value head size different from the query/key one (multi-latent
-attention) are supported by both paths.
+`context_parallel_attention` takes this rank's q, k, v and returns its rows of causal
+attention over the whole sequence, seeing the other ranks' keys and values either by
+all-gathering them (`all_gather`: simple, holds the whole sequence's K and V at once) or
+by passing them around a ring (`p2p`, ring attention: CP-1 steps, the next transfer
+overlapping the current step's attention, partial results merged with the online
+softmax). The ring's step kernel (`BlockAttention`) is written in PyTorch and
+recomputes its scores in backward, as flash attention does. Both paths support grouped
+query heads and a value head size different from the query/key one (multi-latent
+attention).
 """
 
 from __future__ import annotations
@@ -300,6 +281,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def _all_gather_attention(q, k, v, pg: ProcessGroups, scale: float, dropout_p: float):
+    """All-gather K and V along the sequence (backward: reduce-scatter of their
+    gradients), put the chunks back in sequence order and let each local chunk attend
+    to the keys up to its own position with `scaled_dot_product_attention`."""
     cp = pg.cp.size
     c = q.shape[2] // 2
 
@@ -325,6 +309,18 @@ def _all_gather_attention(q, k, v, pg: ProcessGroups, scale: float, dropout_p: f
 
 
 def _ring_attention(q, k, v, pg: ProcessGroups, scale: float, dropout_p: float):
+    """Ring attention: K and V travel around the ring (rank r sends to r+1 and receives
+    from r-1; the gradients go the other way in backward). With the load-balanced layout
+    each step is one of three rectangles of equal cost (c = chunk length; this rank r
+    holds chunks r and 2CP-1-r, the K/V come from rank i holding chunks i and 2CP-1-i):
+
+      i == r: both chunks against both, causal (the local positions increase, so the
+              ordinary lower-triangular mask of the 2c x 2c block is the causal one);
+      i <  r: all 2c queries against the first c keys (chunk i is before both of ours;
+              chunk 2CP-1-i is after both), no mask;
+      i >  r: only the late chunk's c queries against all 2c keys (both of rank i's
+              chunks are after our early chunk and before our late one), no mask.
+    """
     cp, rank = pg.cp.size, pg.cp.rank
     c = q.shape[2] // 2
     ring = _Ring(pg)

@@ -27,8 +27,15 @@ from torch import nn
 
 from paratron.parallel.comm import all_gather_into, reduce_scatter_into
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.sharding import layout_of
 
 DEFAULT_BUCKET_SIZE = 40_000_000
+
+
+def accumulated_grad(param: nn.Parameter) -> torch.Tensor | None:
+    """The gradient backward accumulated for `param`: its fp32 `main_grad` view when a
+    `DataParallel` wrapper owns it, else autograd's `param.grad` (a bare module)."""
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
 
 
 class Bucket:
@@ -46,7 +53,7 @@ class Bucket:
         self.param_handle = None
         # A tied embedding split over pipeline stages is first summed over the embedding
         # group (after backward), so its bucket waits for finish_grad_sync.
-        self.deferred = any(getattr(p, "shared_embedding", False) for p in params)
+        self.deferred = any(layout_of(p).tied for p in params)
 
     def reset(self) -> None:
         self.pending = {id(p) for p in self.params}
@@ -113,7 +120,7 @@ class DataParallel(nn.Module):
                   True: (pg.edp.group, pg.edp.size, pg.edp.rank)}
         by_kind: dict[tuple[torch.dtype, bool], list[nn.Parameter]] = {}
         for p in params:
-            by_kind.setdefault((p.dtype, getattr(p, "expert_parallel", False)), []).append(p)
+            by_kind.setdefault((p.dtype, layout_of(p).expert), []).append(p)
         size = bucket_size or max(DEFAULT_BUCKET_SIZE, 1_000_000 * dp)
         self.buffers = [GradBuffer(ps, size, *groups[expert], device, self.sharded)
                         for (_, expert), ps in by_kind.items()]

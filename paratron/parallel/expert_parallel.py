@@ -4,9 +4,9 @@ chose and the results sent back.
 The layout. Expert layers read the ranks of a pipeline stage as ETP x EP x EDP (see
 `process_groups`): the experts are split into EP equal blocks of `num_experts / EP`
 consecutive experts, each expert's weights are split over ETP (like a column/row
-parallel MLP), and the EDP ranks hold copies. Expert weights carry
-`param.expert_parallel = True` (their gradients are summed over EDP, not DP) and
-`param.num_experts`; `tensor_parallel_dim` of an expert weight refers to the ETP group.
+parallel MLP), and the EDP ranks hold copies. An expert weight's `ParamLayout` has
+`num_experts` (its gradient is summed over EDP, not DP) and a `dim` that refers to the
+ETP group.
 
 Before dispatch every rank holds tokens no other rank of its stage holds (the MoE layer
 makes sure of that: sequence shards under sequence parallelism, else each TP rank keeps
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.sharding import full_shape, gather_tensor, shard_tensor
+from paratron.parallel.sharding import gather_tensor, layout_of, shard_tensor
 from paratron.parallel.tensor_parallel import (GatherFromSequenceParallelRegion,
                                                ReduceScatterToSequenceParallelRegion)
 
@@ -271,30 +271,9 @@ def build_dispatcher(kind: str, num_experts: int, pg: ProcessGroups):
 
 
 # ------------------------------------------------------------------ weight layout
-def mark_expert_parallel(param: torch.nn.Parameter, num_experts: int,
-                         tensor_parallel_dim: int | None,
-                         layout: str | None = None) -> torch.nn.Parameter:
-    """Describe a stacked expert weight [local experts, ...]: split over EP along dim 0,
-    over ETP along `tensor_parallel_dim` (with `layout`, e.g. "gate_up"), gradients
-    summed over expert-DP."""
-    param.expert_parallel = True
-    param.num_experts = num_experts
-    param.tensor_parallel_dim = tensor_parallel_dim
-    if layout is not None:
-        param.tensor_parallel_layout = layout
-    return param
-
-
-def expert_full_shape(param: torch.Tensor, pg: ProcessGroups) -> list[int]:
-    """The unsharded shape of an expert weight: all experts, whole expert matrices."""
-    shape = full_shape(param, pg.etp.size)
-    shape[0] = param.num_experts
-    return shape
-
-
 def expert_shard(full: torch.Tensor, param: torch.Tensor, pg: ProcessGroups) -> torch.Tensor:
     """This rank's part of the unsharded expert tensor `full` [num_experts, ...]."""
-    local = param.num_experts // pg.ep.size
+    local = layout_of(param).num_experts // pg.ep.size
     block = full[pg.ep.rank * local:(pg.ep.rank + 1) * local]
     return shard_tensor(block, param, pg.etp.size, pg.etp.rank)
 

@@ -166,6 +166,12 @@ def launcher_rank() -> int:
         return 0
 
 
+def launched_world_size(world_size: int | None = None) -> int:
+    """The processes of this launch as the settings are derived before any process group
+    exists: torchrun's WORLD_SIZE, else `world_size` (--world-size), else 1."""
+    return int(os.environ.get("WORLD_SIZE", world_size or 1))
+
+
 CUDA_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
 
 

@@ -14,10 +14,14 @@ stage and gradients to the previous one as soon as they exist, through
 receive it needs. Messages between two ranks are matched in the order both sides post
 them (tagged by direction), which the orders guarantee, so there is no per-message
 synchronisation; shapes are known ahead ([s/TP with SP, b, h] in the model's dtype).
+
+`Stage` is what the trainer drives: this rank's chunks, run over a global batch in their
+schedule's order (`forward_backward`), then their gradients completed (`finish_gradients`).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.sharding import layout_of
+from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
 
 
 # ---------------------------------------------------------------------- stages
@@ -124,7 +130,7 @@ def all_reduce_embedding_grads(models, pg: ProcessGroups) -> None:
         return
     for model in models:
         for p in model.module.parameters():
-            if getattr(p, "shared_embedding", False):
+            if layout_of(p).tied:
                 dist.all_reduce(p.main_grad, group=pg.embedding_group)
 
 
@@ -286,3 +292,64 @@ def run_schedule(order: list[Step], chunks: list[Chunk], pg: ProcessGroups,
             record.append((kind, c, m, len(outputs)))
     messages.drain()
     return losses
+
+
+
+class Stage:
+    """This rank's part of the pipeline: its model chunks (`models[c]`, a `DataParallel`
+    around the model of `chunks[c]`), the shape of what passes between stages (`io`) and
+    the order of their steps. A micro-batch is a dict of `tokens`, `labels`,
+    `position_ids` and, when documents share a sample, `attention_mask`; `timers(name)`
+    times each phase under Megatron's timer names."""
+
+    def __init__(self, models: list, chunks: list[Chunk], pg: ProcessGroups, io: StageIO,
+                 timers: Callable[[str], AbstractContextManager]):
+        self.models, self.chunks, self.pg, self.io, self.timers = models, chunks, pg, io, timers
+
+    def order(self, num_microbatches: int, forward_only: bool) -> list[Step]:
+        pp, rank, vpp = self.pg.pp.size, self.pg.pp.rank, len(self.chunks)
+        if forward_only:
+            return forward_only_order(num_microbatches, vpp)
+        if vpp > 1:
+            return interleaved_order(pp, rank, num_microbatches, vpp)
+        return one_f_one_b_order(pp, rank, num_microbatches)
+
+    def forward_backward(self, batches: list[dict[str, torch.Tensor]],
+                         loss_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+                         *, forward_only: bool = False) -> None:
+        """Every micro-batch forward (and backward) through this rank's chunks, in schedule
+        order; `loss_fn(batch, per_token_loss)` gives the last stage's scalar whose backward
+        starts each micro-batch's. Training starts from zeroed gradient buffers and reduces
+        a chunk's gradients over DP on the last micro-batch only; `forward_only` evaluates."""
+        for model in self.models:
+            model.train(not forward_only)
+            if not forward_only:
+                model.zero_grad_buffer()
+        last = len(batches) - 1
+
+        def forward(c: int, m: int, hidden: torch.Tensor | None) -> torch.Tensor:
+            batch, chunk = batches[m], self.chunks[c]
+            with self.timers("forward-compute"):
+                return self.models[c](batch["tokens"] if chunk.is_first else None,
+                                      batch.get("position_ids"), batch.get("attention_mask"),
+                                      labels=batch["labels"] if chunk.is_last else None,
+                                      hidden_states=hidden)
+
+        def loss(m: int, per_token_loss: torch.Tensor) -> torch.Tensor:
+            with self.timers("forward-compute"):
+                return loss_fn(batches[m], per_token_loss)
+
+        run_schedule(self.order(len(batches), forward_only), self.chunks, self.pg, forward,
+                     loss, self.io, forward_only=forward_only,
+                     before_backward=lambda c, m: self.models[c].sync_gradients(m == last))
+
+    def finish_gradients(self) -> None:
+        """After the backward: the tied embedding's copies summed over the embedding group,
+        each chunk's reduction over DP completed, and the gradients of weights the TP ranks
+        share (sequence-parallel norms, replicated key/value rows) summed over TP."""
+        with self.timers("embedding-grads-all-reduce"):
+            all_reduce_embedding_grads(self.models, self.pg)
+        with self.timers("all-grads-sync"):
+            for model in self.models:
+                model.finish_grad_sync()
+                finish_tensor_parallel_grads(model.module.parameters(), self.pg)

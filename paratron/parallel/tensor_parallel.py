@@ -16,11 +16,11 @@ replicated: the column layer all-gathers its input along dim 0 and the row layer
 reduce-scatters its output along dim 0. That moves the same bytes as the all-reduce it
 replaces and keeps 1/TP of those activations. A replicated weight applied to a sequence
 shard (norm weights, the row layer's bias) then gets only this shard's part of its
-gradient; it carries `sequence_parallel = True` and `all_reduce_sequence_parallel_grads`
-sums it over TP once per step.
+gradient; its layout says so (`grad_summed_over="tp"`) and
+`all_reduce_sequence_parallel_grads` sums it over TP once per step.
 
-Each parameter carries `tensor_parallel_dim` (the dimension it is split along, or None
-when replicated) so clipping, checkpoints and conversion read one description.
+Each layer attaches the `ParamLayout` of its parameters (`parallel.sharding`), so
+clipping, checkpoints and conversion read one description.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from paratron.parallel.comm import all_gather, group_size, reduce_scatter
+from paratron.parallel.data_parallel import accumulated_grad
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.sharding import layout_of, replicated, set_layout
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -165,33 +167,20 @@ class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         return all_gather(grad, ctx.group, 0), None
 
 
-def _mark(param: nn.Parameter, dim: int | None) -> nn.Parameter:
-    param.tensor_parallel_dim = dim
-    return param
-
-
-def mark_sequence_parallel(param: nn.Parameter) -> nn.Parameter:
-    """Mark a replicated weight that is applied to sequence shards (a norm weight under
-    sequence parallelism): its gradient is summed over TP by
-    `all_reduce_sequence_parallel_grads`."""
-    param.sequence_parallel = True
-    return param
-
-
 def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter],
                                        pg: ProcessGroups) -> None:
-    """Sum over TP the gradients of the parameters marked `sequence_parallel`.
+    """Sum over TP the gradients of the parameters whose layout asks for it
+    (`grad_summed_over="tp"`).
 
-    Reads `main_grad` (the fp32 buffer of `DataParallel`) where a parameter has one,
-    else `grad`; one all-reduce per dtype. Call once per step after backward.
+    Reads `accumulated_grad` (the fp32 buffer of `DataParallel` where there is one); one
+    all-reduce per dtype. Call once per step after backward.
     """
     if pg.tp.size == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
-        if getattr(p, "sequence_parallel", False):
-            grad = getattr(p, "main_grad", None)
-            grad = p.grad if grad is None else grad
+        if layout_of(p).grad_summed_over == "tp":
+            grad = accumulated_grad(p)
             if grad is not None:
                 by_dtype.setdefault(grad.dtype, []).append(grad)
     for grads in by_dtype.values():
@@ -212,11 +201,11 @@ def all_reduce_replicated_kv_grads(params: Iterable[nn.Parameter], pg: ProcessGr
     if pg.tp.size == 1:
         return
     for p in params:
-        if getattr(p, "tensor_parallel_layout", None) != "qkv_replicated_kv":
+        layout = layout_of(p)
+        if layout.fused != "qkv_replicated_kv":
             continue
-        _, groups, head_dim = p.qkv_heads
-        grad = getattr(p, "main_grad", None)
-        grad = p.grad if grad is None else grad
+        _, groups, head_dim = layout.qkv_heads
+        grad = accumulated_grad(p)
         if grad is None:
             continue
         kv = grad[-2 * head_dim:]
@@ -256,10 +245,10 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.gather_output = pg.tp.group, gather_output
         self.sequence_parallel = sequence_parallel
         self.out_per_rank = out_features // pg.tp.size
-        self.weight = None if skip_weight_param_allocation else _mark(
-            nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype)), 0)
-        self.bias = _mark(nn.Parameter(torch.zeros(self.out_per_rank, dtype=dtype)), 0) \
-            if bias else None
+        self.weight = None if skip_weight_param_allocation else set_layout(
+            nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype)), dim=0)
+        self.bias = set_layout(nn.Parameter(torch.zeros(self.out_per_rank, dtype=dtype)),
+                               dim=0) if bias else None
         self.init_std = init_std
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,8 +268,8 @@ class RowParallelLinear(nn.Module):
 
     x is TP-split along its last dim (a column-parallel layer's output).
     sequence_parallel: the partial sums are reduce-scattered along the sequence, giving
-    this rank's shard [s/TP, b, h]; the bias, added to that shard, is marked
-    `sequence_parallel`.
+    this rank's shard [s/TP, b, h]; the bias, added to that shard, gets its gradient
+    summed over TP.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
@@ -291,13 +280,12 @@ class RowParallelLinear(nn.Module):
         if in_features % pg.tp.size:
             raise ValueError(f"input size {in_features} is not divisible by TP {pg.tp.size}")
         self.group, self.sequence_parallel = pg.tp.group, sequence_parallel
-        self.weight = _mark(nn.Parameter(torch.empty(out_features, in_features // pg.tp.size,
-                                                     dtype=dtype)), 1)
+        self.weight = set_layout(nn.Parameter(
+            torch.empty(out_features, in_features // pg.tp.size, dtype=dtype)), dim=1)
         self.bias = None
         if bias:
-            self.bias = _mark(nn.Parameter(torch.zeros(out_features, dtype=dtype)), None)
-            if sequence_parallel:
-                mark_sequence_parallel(self.bias)
+            self.bias = replicated(nn.Parameter(torch.zeros(out_features, dtype=dtype)),
+                                   partial_grad=sequence_parallel)
         self.init_std = init_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,8 +316,8 @@ class VocabParallelEmbedding(nn.Module):
         self.reduce_scatter_embeddings = reduce_scatter_embeddings
         self.per_rank = num_embeddings // pg.tp.size
         self.vocab_start = pg.tp.rank * self.per_rank
-        self.weight = _mark(nn.Parameter(torch.empty(self.per_rank, embedding_dim,
-                                                     dtype=dtype)), 0)
+        self.weight = set_layout(nn.Parameter(torch.empty(self.per_rank, embedding_dim,
+                                                          dtype=dtype)), dim=0)
         self.init_std = init_std
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

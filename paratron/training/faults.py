@@ -36,21 +36,12 @@ def non_finite_gradients(optimizer, models) -> list[tuple[str, str]]:
     all ranks. Each rank checks the gradient slices its optimizer updates (reduced over
     data parallelism; a shard with the distributed optimizer). Every rank must call it:
     the trainer does when the global gradient norm is not finite, which all ranks see."""
-    owners = []  # (first byte, last byte, name) of each parameter's gradient
-    for model in models:
-        for name, p in model.module.named_parameters():
-            grad = getattr(p, "main_grad", None)
-            if grad is not None:
-                start = grad.data_ptr()
-                owners.append((start, start + grad.numel() * grad.element_size(),
-                               model.module._global(name)))
+    names = {id(p): model.module.global_name(name)
+             for model in models for name, p in model.module.named_parameters()}
     found: dict[str, str] = {}
     for segment in optimizer.segments:
-        if bool(torch.isfinite(segment.grad).all()):
-            continue
-        address = segment.grad.data_ptr()
-        name = next((n for lo, hi, n in owners if lo <= address < hi), "an unnamed parameter")
-        found.setdefault(name, _kind(segment.grad))
+        if not bool(torch.isfinite(segment.grad).all()):
+            found.setdefault(names[id(segment.param)], _kind(segment.grad))
     everyone = [found]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()

@@ -11,7 +11,7 @@ and the shared experts; DeepSeek-V2-style models keep dense layers where
 
 from __future__ import annotations
 
-from paratron.config import TransformerConfig, moe_layer_pattern
+from paratron.model.config import TransformerConfig, moe_layer_pattern
 
 
 def _attention_per_token(m: TransformerConfig, seq_length: int) -> float:

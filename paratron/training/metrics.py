@@ -29,7 +29,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from paratron.config import Config, virtual_stages
+from paratron.config import Config
+from paratron.parallel.config import virtual_stages
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.faults import LossSpikeDetector, straggler_line
 from paratron.training.hardware import (MEMORY_TAGS, device_name, memory_line, memory_stats,

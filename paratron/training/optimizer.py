@@ -27,19 +27,25 @@ import torch
 from torch import nn
 
 from paratron.parallel.data_parallel import DataParallel
-from paratron.parallel.sharding import duplicate_mask
+from paratron.parallel.sharding import duplicate_mask, layout_of
 from paratron.training.lr_schedule import LRSchedule
 
 
 @dataclass
 class Segment:
+    param: nn.Parameter       # the parameter this is a slice of
+    offset: int               # where the slice starts in the flattened parameter
     model_view: torch.Tensor  # flat slice of the model weight (model dtype)
     main: torch.Tensor        # fp32 weights the optimizer updates (may alias model_view)
     grad: torch.Tensor        # fp32 slice of the gradient buffer
     decays: bool
     duplicate: torch.Tensor | None  # True where another TP rank counts this element
-    expert: bool = False            # an expert weight (laid out over EP, not TP x DP)
     host_grad: torch.Tensor | None = None  # CPU copy of `grad` when the step is offloaded
+
+    @property
+    def expert(self) -> bool:
+        """An expert weight (laid out over EP, not TP x DP)."""
+        return layout_of(self.param).expert
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
@@ -66,13 +72,12 @@ def build_segments(model: DataParallel) -> list[Segment]:
                 main = view if p.dtype == torch.float32 else view.detach().float().clone()
                 # Elements replicated over TP (norms, shared k/v rows) count once.
                 mask = duplicate_mask(p, pg.tp.size, pg.tp.rank)
-                if getattr(p, "shared_embedding_copy", False):
+                if layout_of(p).tied == "copy":
                     mask = torch.ones(p.shape, dtype=torch.bool)  # the first stage counts it
                 if mask is not None:
                     mask = mask.view(-1)[a - start:b - start].to(view.device)
-                segments.append(Segment(view, main, buffer.data[a:b],
-                                        _decays(names[id(p)], p), mask,
-                                        getattr(p, "expert_parallel", False)))
+                segments.append(Segment(p, a - start, view, main, buffer.data[a:b],
+                                        _decays(names[id(p)], p), mask))
     return segments
 
 
@@ -102,6 +107,15 @@ def _implementation(name: str) -> dict:
 
 
 class MixedPrecisionOptimizer:
+    """The optimizer step over every model chunk of this rank.
+
+    Holds the `segments` this rank updates (flat slices of parameters and of their fp32
+    gradient buffers, each with an fp32 `main` copy unless the weight is fp32 already),
+    the torch optimizer (AdamW or SGD) over those main copies in two groups (with and
+    without weight decay), the lr schedule and the loss scaler. `step()` unscales,
+    checks for overflow, clips by the global norm, updates and copies the weights back.
+    """
+
     def __init__(self, models: list[DataParallel], optimizer_config, schedule: LRSchedule,
                  loss_scaler):
         o = optimizer_config

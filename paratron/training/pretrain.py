@@ -11,14 +11,15 @@ from typing import Callable
 
 import torch
 
-from paratron.config import Config, ConfigError, format_config
+from paratron.config import Config, finalize, format_config
+from paratron.options import ConfigError
 from paratron.parallel.launch import (failures_explained, init_distributed,
                                       previous_round_report, stop_heartbeat)
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.data.tokenizer import PATCH_TOKENIZER_TYPES
 from paratron.checkpoint.files import TOKENIZER_DIR
 from paratron.training.memory_plan import check_fits_device
-from paratron.training.trainer import Trainer, TrainState, resolve_vocab_size
+from paratron.training.trainer import Trainer, TrainState
 
 
 def build_tokenizer_for(cfg: Config):
@@ -51,7 +52,8 @@ def tokenizer_folder_of(load_dir: str | None) -> str | None:
 
 
 def build_datasets(cfg: Config, tokenizer):
-    """Train/valid/test datasets with Megatron's sample counts."""
+    """Train/valid/test datasets with Megatron's sample counts; samples whose documents
+    must not attend to each other carry the attention mask that keeps them apart."""
     from paratron.data.gpt_dataset import (build_train_valid_test_datasets,
                                            get_train_valid_test_num_samples)
 
@@ -64,14 +66,15 @@ def build_datasets(cfg: Config, tokenizer):
         return build_sft_datasets(
             d.data_path, d.split, d.seq_length, t.seed, counts, tokenizer,
             max_padding_length=d.max_padding_length, sequence_packing=d.sequence_packing,
-            train_data_path=d.train_data_path, valid_data_path=d.valid_data_path,
-            test_data_path=d.test_data_path)
+            create_attention_mask=d.sequence_packing, train_data_path=d.train_data_path,
+            valid_data_path=d.valid_data_path, test_data_path=d.test_data_path)
     return build_train_valid_test_datasets(
         d.data_path, d.split, d.seq_length, t.seed, counts, tokenizer,
         cache_path=d.data_cache_path, mock=d.mock_data, eod_mask_loss=d.eod_mask_loss,
         reset_position_ids=d.reset_position_ids, reset_attention_mask=d.reset_attention_mask,
-        data_path_config=d.data_path_config, train_data_path=d.train_data_path,
-        valid_data_path=d.valid_data_path, test_data_path=d.test_data_path)
+        create_attention_mask=d.reset_attention_mask, data_path_config=d.data_path_config,
+        train_data_path=d.train_data_path, valid_data_path=d.valid_data_path,
+        test_data_path=d.test_data_path)
 
 
 def setup_process_groups(cfg: Config) -> ProcessGroups:
@@ -104,7 +107,7 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     if tokenizer is None:
         raise ConfigError("no tokenizer: give --tokenizer-type with its files (or, with "
                           "--mock-data, --vocab-size)")
-    cfg.model.padded_vocab_size = resolve_vocab_size(cfg, vocab)
+    finalize(cfg, cfg.world_size, vocab)  # the padded vocabulary, now that it is known
     if pg.world_size == 1:
         return _build_and_train(cfg, tokenizer, vocab, log, pg)
     # A rank that fails tells the others through the rendezvous store, and every rank

@@ -17,9 +17,9 @@ Beside the checkpoints, `DIR/tokenizer/` holds the files the run's tokenizer was
 from, so conversion and generation find them, and `DIR/run_config.yaml` the run's
 settings as a `--config` file (`paratron train --config DIR/run_config.yaml` repeats it).
 
-Order matters for an exact resume: weights and optimizer are loaded when the trainer is
-built, the training data iterator is created at the first step, and only then are the
-RNG states restored (creating a data iterator draws from torch's generator).
+Order matters for an exact resume: the trainer, as it is built, loads weights, optimizer
+and train state, then creates the training data iterator, and only then restores the RNG
+states (creating a data iterator draws from torch's generator).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ from paratron.checkpoint import files
 from paratron.checkpoint.files import RUN_CONFIG, TOKENIZER_DIR, TOKENIZER_INFO
 from paratron.checkpoint.checkpointing import (PendingSave, load_checkpoint, load_rng_states,
                                                save_checkpoint)
-from paratron.config import Config, ConfigError, config_to_yaml
+from paratron.cli.args import config_to_yaml
+from paratron.config import Config
 from paratron.model.identity import (TOKENS, first_difference, flag_fix,
                                      saved_model_config, vocabulary_difference)
+from paratron.options import ConfigError
 from paratron.training.lr_schedule import LRSchedule
 
 # Files of a tokenizer folder worth keeping (a Hugging Face model folder also holds the
@@ -115,23 +117,23 @@ def save_tokenizer(cfg: Config, save_dir: str) -> None:
 
 
 class RunCheckpoints:
-    """Loads a trainer's state from --load and saves it to --save.
+    """Loads a run's model chunks (`DataParallel`s), optimizer and train state from --load
+    and saves them to --save; `tokenizer_vocab_size` lets a resume compare vocabularies."""
 
-    The trainer is passed to each call rather than kept: a trainer <-> helper cycle would
-    leave the trainer to the cyclic garbage collector, which tears its data loader's
-    worker queues down before the loader can tell its workers to stop."""
-
-    def __init__(self, checkpoint_config, log: Callable[[str], None]):
-        self.cfg, self.log = checkpoint_config, log
+    def __init__(self, cfg: Config, models: list, optimizer, state, pg, device, *,
+                 tokenizer_vocab_size: int | None, log: Callable[[str], None]):
+        self.cfg, self.models, self.optimizer, self.state = cfg, models, optimizer, state
+        self.pg, self.device, self.log = pg, device, log
+        self.tokenizer_vocab_size = tokenizer_vocab_size
         self.pending: PendingSave | None = None
         self._rng_from: Path | None = None
         self.last_saved: int | None = None
 
     # ----------------------------------------------------------------- load
-    def load(self, tr) -> None:
+    def load(self) -> None:
         """Weights (and optimizer, train state) from --load; RNG states wait for
         `restore_rng`."""
-        c = self.cfg
+        c = self.cfg.checkpoint
         if c.load is None:
             return
         found = find_checkpoint(c.load, required=c.exit_on_missing_checkpoint, log=self.log)
@@ -139,11 +141,12 @@ class RunCheckpoints:
             return
         iteration, path = found
         recorded = files.read_metadata(path).get("config") or {}  # the run that saved it
-        self._check_same_model(path, recorded.get("model"), tr)
+        self._check_same_model(path, recorded.get("model"))
         load_optim = not (c.no_load_optim or c.finetune)
         try:
-            meta = load_checkpoint(path, tr.models, tr.pg, tr.optimizer if load_optim else None,
-                                   load_rng=False, log=self.log)
+            meta = load_checkpoint(path, self.models, self.pg,
+                                   self.optimizer if load_optim else None, load_rng=False,
+                                   log=self.log)
         except ValueError as error:
             raise ConfigError(f"--load {c.load}: {error}") from None
         if c.finetune:
@@ -151,21 +154,21 @@ class RunCheckpoints:
                      f"training starts at iteration 0)")
             return
         for key, value in meta.get("train_state", {}).items():
-            if hasattr(tr.state, key):
-                setattr(tr.state, key, value)
+            if hasattr(self.state, key):
+                setattr(self.state, key, value)
         if not c.no_load_rng:
             self._rng_from = path
         if load_optim:
-            self._warn_schedule_change(recorded, tr)
-        self.last_saved = tr.state.iteration
+            self._warn_schedule_change(recorded)
+        self.last_saved = self.state.iteration
         self.log(f" successfully loaded checkpoint from {c.load} at iteration {iteration}")
 
-    def _check_same_model(self, path: Path, record, tr) -> None:
+    def _check_same_model(self, path: Path, record) -> None:
         """Refuse a checkpoint of another model (see `paratron.model.identity`): its
         tensors would be loaded by name, skipped or cut, into a model they do not fit.
         The parallel layout and run-only settings may differ; --finetune loads weights
         too, so it is checked alike."""
-        c = self.cfg
+        c = self.cfg.checkpoint
         if record is None:
             self.log(f"WARNING: {path} records no model configuration; its tensors are "
                      f"loaded by name and shape only")
@@ -176,9 +179,9 @@ class RunCheckpoints:
             raise ConfigError(f"--load {c.load}: {path / files.METADATA}: the recorded model "
                               f"configuration is unusable ({error}); give a checkpoint "
                               f"Paratron wrote") from None
-        run = tr.cfg.model
+        run = self.cfg.model
         found = (first_difference(saved, run)
-                 or vocabulary_difference(saved, run, self._run_tokens(tr)))
+                 or vocabulary_difference(saved, run, self._run_tokens()))
         if found is None:
             return
         key, there, here = found
@@ -192,7 +195,7 @@ class RunCheckpoints:
         raise ConfigError(f"--load {c.load}: {path.name} is a checkpoint of another model: "
                           f"{key} is {there} there, {here} here; {fix}")
 
-    def _warn_schedule_change(self, saved: dict, tr) -> None:
+    def _warn_schedule_change(self, saved: dict) -> None:
         """Say when the resumed run's learning-rate schedule is not the checkpoint's. The
         checkpoint gives the step count, this run's flags the schedule, and
         --lr-decay-iters defaults to --train-iters: asking for a few more iterations
@@ -205,13 +208,13 @@ class RunCheckpoints:
                                             training.get("train_iters"))
         except (AttributeError, TypeError):  # an older or foreign record: nothing to compare
             return
-        now = tr.schedule
+        now = self.optimizer.schedule
         changed = [f"{_SCHEDULE_FLAGS[f.name]} {getattr(before, f.name)} there, "
                    f"{getattr(now, f.name)} here" for f in fields(now)
                    if getattr(before, f.name) != getattr(now, f.name)]
         if not changed:
             return
-        old_iters, new_iters = training.get("train_iters"), tr.cfg.training.train_iters
+        old_iters, new_iters = training.get("train_iters"), self.cfg.training.train_iters
         cause = (f" (--train-iters is {new_iters} here, {old_iters} there, and "
                  f"--lr-decay-iters defaults to it)" if old_iters != new_iters else "")
         keep = (f"; give --lr-decay-iters {before.decay_steps} to keep the checkpoint's decay"
@@ -219,45 +222,42 @@ class RunCheckpoints:
         self.log(f"WARNING: the learning-rate schedule changes on this resume{cause}: "
                  f"{'; '.join(changed)}{keep}")
 
-    @staticmethod
-    def _run_tokens(tr) -> int | None:
+    def _run_tokens(self) -> int | None:
         """The tokens this run's vocabulary holds before padding, when known."""
-        m = tr.cfg.model
-        base = tr.tokenizer_vocab_size if tr.tokenizer_vocab_size is not None else m.vocab_size
+        m = self.cfg.model
+        base = self.tokenizer_vocab_size if self.tokenizer_vocab_size is not None else m.vocab_size
         return None if base is None else base + m.extra_vocab_size
 
-    def restore_rng(self, tr) -> None:
-        """Restore RNG states once the data iterator exists (see the module docstring)."""
+    def restore_rng(self) -> None:
+        """Restore the loaded checkpoint's RNG states, once the training data iterator
+        exists (see the module docstring)."""
         if self._rng_from is not None:
-            load_rng_states(self._rng_from, tr.models, tr.pg, log=self.log)
+            load_rng_states(self._rng_from, self.models, self.pg, log=self.log)
             self._rng_from = None
 
     # ----------------------------------------------------------------- save
-    def save(self, tr) -> Path | None:
+    def save(self) -> Path | None:
         """Write a checkpoint of the current iteration to --save (None without it)."""
-        c = self.cfg
+        c = self.cfg.checkpoint
         if c.save is None:
             return None
         self.wait()
-        if tr.pg.rank == 0:
+        if self.pg.rank == 0:
             try:
                 Path(c.save).mkdir(parents=True, exist_ok=True)
-                save_tokenizer(tr.cfg, c.save)
-                files.write_atomic(Path(c.save) / RUN_CONFIG, config_to_yaml(tr.cfg))
+                save_tokenizer(self.cfg, c.save)
+                files.write_atomic(Path(c.save) / RUN_CONFIG, config_to_yaml(self.cfg))
             except OSError as error:
                 raise files.CheckpointError(f"--save {c.save}: cannot write "
                                             f"{error.filename or c.save} ({error.strerror})"
                                             ) from None
-        s = tr.state
-        train_state = {"iteration": s.iteration,
-                       "consumed_train_samples": s.consumed_train_samples,
-                       "consumed_valid_samples": s.consumed_valid_samples,
-                       "skipped_iterations": s.skipped_iterations,
-                       "nan_iterations": s.nan_iterations}
-        result = save_checkpoint(c.save, s.iteration, tr.models, tr.pg,
-                                 None if c.no_save_optim else tr.optimizer,
-                                 config=tr.cfg.to_dict(), train_state=train_state,
-                                 save_rng=not c.no_save_rng, device=tr.device,
+        s = self.state
+        train_state = {f.name: getattr(s, f.name) for f in fields(s)
+                       if f.name not in ("losses", "exit_reason")}
+        result = save_checkpoint(c.save, s.iteration, self.models, self.pg,
+                                 None if c.no_save_optim else self.optimizer,
+                                 config=self.cfg.to_dict(), train_state=train_state,
+                                 save_rng=not c.no_save_rng, device=self.device,
                                  background=c.async_save)
         self.last_saved = s.iteration
         if isinstance(result, PendingSave):

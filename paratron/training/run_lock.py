@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from paratron.config import ConfigError
+from paratron.options import ConfigError
 from paratron.parallel.launch import explain_failure
 
 LOCK_FILE = ".lock"

@@ -1,9 +1,10 @@
 """The training loop, with Megatron-LM's semantics and log line.
 
 One iteration: take this rank's micro-batches of the next global batch, count the
-loss tokens of the whole global batch, run the schedule (forward + backward per
-micro-batch into fp32 gradient buffers), then one optimizer step. Evaluation runs
-`--eval-iters` global batches forward-only every `--eval-interval` iterations.
+loss tokens of the whole global batch, run them through the pipeline stage (forward +
+backward per micro-batch into fp32 gradient buffers), finish the gradients, then one
+optimizer step and the MoE layers' bookkeeping. Evaluation runs `--eval-iters` global
+batches forward-only every `--eval-interval` iterations.
 
 A checkpoint due at an iteration is written before that iteration's evaluation (and the
 last one before the final evaluation, as Megatron does): an evaluation that fails costs
@@ -18,20 +19,16 @@ from typing import Callable
 
 import torch
 
-from paratron.config import (Config, ConfigError, pad_vocab_size, pipeline_split,
-                             virtual_stages)
+from paratron.config import Config, resolve_vocab_size
 from paratron.data.sampler import build_pretraining_data_loader
-from paratron.data.sft import packed_attention_mask
-from paratron.model.gpt import GPTModel
-from paratron.model.moe import moe_layers, moe_loss_totals, update_expert_bias
+from paratron.model.gpt import GPTModel, moe_bookkeeping
+from paratron.options import ConfigError
+from paratron.parallel.config import pipeline_split, virtual_stages
 from paratron.parallel.context_parallel import split_for_context_parallel
 from paratron.parallel.data_parallel import DataParallel
-from paratron.parallel.pipeline import (StageIO, all_reduce_embedding_grads,
-                                        forward_only_order, interleaved_order, model_chunks,
-                                        one_f_one_b_order, run_schedule)
+from paratron.parallel.pipeline import Stage, StageIO, model_chunks
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import seed_everything
-from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
 from paratron.training.exit_conditions import ExitConditions
 from paratron.training.faults import (NonFiniteError, non_finite_gradients,
                                       non_finite_message)
@@ -70,30 +67,6 @@ def params_dtype(training_config) -> torch.dtype:
     return torch.float32
 
 
-def resolve_vocab_size(cfg: Config, tokenizer_vocab_size: int | None) -> int:
-    """Megatron's padded vocabulary: tokenizer size (+ extra) up to a multiple of
-    make-vocab-size-divisible-by x TP, unless --padded-vocab-size says otherwise."""
-    m = cfg.model
-    base = tokenizer_vocab_size if tokenizer_vocab_size is not None else m.vocab_size
-    if m.padded_vocab_size is not None:
-        if base is not None and base + m.extra_vocab_size > m.padded_vocab_size:
-            raise ConfigError(f"--padded-vocab-size {m.padded_vocab_size} is smaller than the "
-                              f"tokenizer's vocabulary {base + m.extra_vocab_size}")
-        return m.padded_vocab_size
-    if base is None:
-        raise ConfigError("the vocabulary size is unknown: give --tokenizer-type with its "
-                          "files, or --vocab-size, or --padded-vocab-size")
-    return pad_vocab_size(base + m.extra_vocab_size, m.make_vocab_size_divisible_by,
-                          cfg.parallel.tensor_model_parallel_size)
-
-
-def attention_mask_of(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Packed samples / --reset-attention-mask: causal and within one document only."""
-    if "document_ids" not in batch:
-        return None
-    return ~packed_attention_mask(batch["document_ids"]).unsqueeze(1)
-
-
 @dataclass
 class TrainState:
     iteration: int = 0
@@ -124,18 +97,16 @@ class Trainer:
     def _build(self, datasets: tuple, tokenizer_vocab_size: int | None) -> None:
         """The model chunks, optimizer, data and metrics, then the state from --load."""
         cfg, log = self.cfg, self.log
-        self.tokenizer_vocab_size = tokenizer_vocab_size  # the resume compares vocabularies
         self.dtype = params_dtype(cfg.training)
         if self.dtype == torch.float16 and self.device.type == "cpu":
             log(FP16_ON_CPU)
         cfg.model.padded_vocab_size = resolve_vocab_size(cfg, tokenizer_vocab_size)
         seed_everything(cfg.training.seed, self.pg, self.device)
         p, t = cfg.parallel, cfg.training
-        self.vpp = virtual_stages(cfg)
-        self.chunks = model_chunks(cfg.model.num_layers, self.pg.pp.size, self.pg.pp.rank,
-                                   self.vpp, **pipeline_split(cfg))
+        chunks = model_chunks(cfg.model.num_layers, self.pg.pp.size, self.pg.pp.rank,
+                              virtual_stages(cfg), **pipeline_split(cfg))
         self.models = []
-        for chunk in self.chunks:
+        for chunk in chunks:
             module = GPTModel(cfg.model, self.pg, pre_process=chunk.is_first,
                               post_process=chunk.is_last, layer_numbers=chunk.layers,
                               init_seed=t.seed)
@@ -145,28 +116,33 @@ class Trainer:
                 use_distributed_optimizer=p.use_distributed_optimizer,
                 overlap_param_gather=p.overlap_param_gather))
         self.model = self.models[0]
-        self.schedule = LRSchedule.from_config(cfg.optimizer, t.train_iters)
-        self.optimizer = MixedPrecisionOptimizer(self.models, cfg.optimizer, self.schedule,
-                                                 build_loss_scaler(t))
-        sequence = (cfg.data.seq_length // self.pg.cp.size
-                    // (self.pg.tp.size if p.sequence_parallel else 1))
-        self.io = StageIO((sequence, t.micro_batch_size, cfg.model.hidden_size), self.dtype,
-                          self.device)
+        self.optimizer = MixedPrecisionOptimizer(
+            self.models, cfg.optimizer, LRSchedule.from_config(cfg.optimizer, t.train_iters),
+            build_loss_scaler(t))
         self.train_ds, self.valid_ds, self.test_ds = datasets
         self.state = TrainState()
-        self._train_iter = self._valid_iter = None
-        self.moe_losses: dict[str, float] = {}
-        t = cfg.training
+        self._valid_iter = None
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.pg.dp.size)
         self.flops = flops_per_iteration(cfg.model, cfg.data.seq_length, t.global_batch_size)
         self.metrics = TrainingMetrics(cfg, self.pg, self.device, self.dtype, self.optimizer,
                                        self.flops, log)
         self.timers = self.metrics.timers
+        sequence = (cfg.data.seq_length // self.pg.cp.size
+                    // (self.pg.tp.size if p.sequence_parallel else 1))
+        self.stage = Stage(self.models, chunks, self.pg, StageIO(
+            (sequence, t.micro_batch_size, cfg.model.hidden_size), self.dtype, self.device),
+            self.timers)
         # fp16's dynamic loss scaling expects overflows: it skips and counts them.
         self.stop_on_non_finite = (t.check_for_nan_in_loss_and_grad and not
                                    isinstance(self.optimizer.loss_scaler, DynamicLossScaler))
-        self.checkpoints = RunCheckpoints(cfg.checkpoint, log)
-        self.checkpoints.load(self)
+        self.checkpoints = RunCheckpoints(cfg, self.models, self.optimizer, self.state, self.pg,
+                                          self.device, tokenizer_vocab_size=tokenizer_vocab_size,
+                                          log=log)
+        self.checkpoints.load()
+        # Creating the data iterator draws from torch's generator: the RNG states follow it.
+        self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
+        self.checkpoints.restore_rng()
+        self.moe_losses = self._moe_bookkeeping(stepped=None)  # the first step's aux-loss scale
 
     # ----------------------------------------------------------------- data
     def _loader(self, dataset, consumed_samples: int, wrap_around: bool = False):
@@ -200,113 +176,55 @@ class Trainer:
         total = sum(float(b["loss_mask"].sum()) for b in batches)
         return max(self._sum_over([total], "dp", "cp")[0], 1.0)
 
-    def _order(self, forward_only: bool):
-        pp, rank, m = self.pg.pp.size, self.pg.pp.rank, self.num_microbatches
-        if forward_only:
-            return forward_only_order(m, self.vpp)
-        if self.vpp > 1:
-            return interleaved_order(pp, rank, m, self.vpp)
-        return one_f_one_b_order(pp, rank, m)
-
-    def _run(self, batches, total_tokens: float, forward_only: bool) -> tuple[float, float]:
-        """Run the schedule over this rank's micro-batches; returns the loss sum and the
-        number of loss tokens of the whole global batch (summed over PP and DP)."""
-        scale = self.optimizer.loss_scaler.scale / total_tokens
+    def _forward_backward(self, batches, scale: float, forward_only: bool
+                          ) -> tuple[float, float]:
+        """Run the stage over this rank's micro-batches, the loss of each scaled by `scale`
+        for its backward; returns the loss sum and the number of loss tokens of the whole
+        global batch (summed over PP and DP)."""
         loss_sums, token_counts = [], []
 
-        def forward(c, m, hidden):
-            b, chunk = batches[m], self.chunks[c]
-            with self.timers("forward-compute"):
-                return self.models[c](b["tokens"] if chunk.is_first else None,
-                                      b.get("position_ids"), attention_mask_of(b),
-                                      labels=b["labels"] if chunk.is_last else None,
-                                      hidden_states=hidden)
-
-        def loss(m, per_token_loss):
-            with self.timers("forward-compute"):
-                mask = batches[m]["loss_mask"].float()
-                loss_sum = (per_token_loss.float() * mask).sum()
-                loss_sums.append(float(loss_sum.detach()))
-                token_counts.append(float(mask.sum()))
+        def loss_fn(batch, per_token_loss):
+            mask = batch["loss_mask"].float()
+            loss_sum = (per_token_loss.float() * mask).sum()
+            loss_sums.append(float(loss_sum.detach()))
+            token_counts.append(float(mask.sum()))
             return loss_sum * scale
 
-        def before_backward(c, m):
-            # Reduce a chunk's gradients over DP on its last micro-batch only.
-            self.models[c].sync_gradients(m == self.num_microbatches - 1)
-
-        run_schedule(self._order(forward_only), self.chunks, self.pg, forward, loss, self.io,
-                     forward_only=forward_only, before_backward=before_backward)
+        self.stage.forward_backward(batches, loss_fn, forward_only=forward_only)
         return tuple(self._sum_over([sum(loss_sums), sum(token_counts)], "pp", "dp", "cp"))
 
-    def _moe_losses(self) -> dict[str, float]:
-        """Megatron's logged MoE losses: mean over MoE layers and micro-batches of the
-        step, over every pipeline stage and data-parallel rank (names from the config,
-        so a stage without MoE layers still joins the sums)."""
-        m = self.cfg.model
-        if not m.num_experts:
-            return {}
-        names = []
-        if m.moe_router_load_balancing_type == "aux_loss":
-            names.append("load_balancing_loss")
-        elif m.moe_router_load_balancing_type == "seq_aux_loss":
-            names.append("seq_load_balancing_loss")
-        if m.moe_z_loss_coeff:
-            names.append("z_loss")
-        totals = moe_loss_totals([model.module for model in self.models])
-        values = []
-        for name in names:
-            value, count = totals.get(name, (0.0, 0))
-            values += [float(value), float(count)]
-        values = self._sum_over(values, "pp", "dp")
-        return {name: values[2 * i] / max(values[2 * i + 1], 1.0)
-                for i, name in enumerate(names)}
+    def _moe_bookkeeping(self, stepped: bool | None) -> dict[str, float]:
+        """The MoE layers' part of a step; their aux losses get their gradient scaled like
+        the lm loss: mean over the micro-batches and data-parallel ranks of the step."""
+        scale = self.optimizer.loss_scaler.scale / (self.num_microbatches * self.pg.dp.size)
+        return moe_bookkeeping([model.module for model in self.models], self.pg, scale, stepped)
 
     # ----------------------------------------------------------------- steps
     def train_step(self) -> tuple[float | None, bool, float | None, int | None]:
         """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
-        if self._train_iter is None:
-            self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
-            self.checkpoints.restore_rng(self)
         with self.timers("batch-generator"):
             batches = self._global_batch(self._train_iter)
         total_tokens = self._total_tokens(batches)
-        for model in self.models:
-            model.train()
-            model.zero_grad_buffer()
-        # The MoE aux losses get their gradient scaled like the lm loss: mean over the
-        # micro-batches and data-parallel ranks of the step.
-        for layer in moe_layers([m.module for m in self.models]):
-            layer.aux_loss_scale = (self.optimizer.loss_scaler.scale
-                                    / (self.num_microbatches * self.pg.dp.size))
         with self.timers("forward-backward"):
-            loss_sum, _ = self._run(batches, total_tokens, forward_only=False)
-        self.moe_losses = self._moe_losses()
-        with self.timers("embedding-grads-all-reduce"):
-            all_reduce_embedding_grads(self.models, self.pg)
-        with self.timers("all-grads-sync"):
-            for model in self.models:
-                model.finish_grad_sync()
-                finish_tensor_parallel_grads(model.module.parameters(), self.pg)
+            loss_sum, _ = self._forward_backward(
+                batches, self.optimizer.loss_scaler.scale / total_tokens, forward_only=False)
+        self.stage.finish_gradients()
         with self.timers("optimizer"):
             stepped, grad_norm, num_zeros = self.optimizer.step()
-        if stepped and self.cfg.model.moe_router_enable_expert_bias:
-            update_expert_bias([m.module for m in self.models], self.pg)
+        self.moe_losses = self._moe_bookkeeping(stepped)
         self.state.consumed_train_samples += self.cfg.training.global_batch_size
         return loss_sum / total_tokens, stepped, grad_norm, num_zeros
 
     @torch.no_grad()
     def evaluate(self, iterator) -> float:
         """Mean per-token loss over the next --eval-iters global batches of `iterator`."""
-        for model in self.models:
-            model.eval()
         loss_sum, tokens = 0.0, 0.0
         iters = self.cfg.training.eval_iters
         for _ in self.metrics.progress(range(iters), iters, "evaluating"):
-            batch_loss, batch_tokens = self._run(self._global_batch(iterator), 1.0,
-                                                 forward_only=True)
+            batch_loss, batch_tokens = self._forward_backward(
+                self._global_batch(iterator), self.optimizer.loss_scaler.scale,
+                forward_only=True)
             loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
-        for model in self.models:
-            model.train()
         return loss_sum / max(tokens, 1.0)
 
     def run_validation(self, prefix: str, before: Callable[[], object] | None = None
@@ -334,10 +252,6 @@ class Trainer:
         self.metrics.report_validation(prefix, loss, self.state)
         return loss
 
-    def save(self):
-        """Write a checkpoint of this iteration to --save (None without --save)."""
-        return self.checkpoints.save(self)
-
     def release_save_folder(self) -> None:
         """Let another run write to --save (at the end of `train`, or when building failed)."""
         if self.save_lock is not None:
@@ -358,7 +272,7 @@ class Trainer:
             with ExitConditions(self.cfg.training, self.pg.world_size, self.device) as exits:
                 self._train_loop(exits)
             if self.state.iteration != self.checkpoints.last_saved and self.state.iteration > 0:
-                self.save()
+                self.checkpoints.save()
             self.checkpoints.wait()
             if self.state.exit_reason is None:
                 self._final_evaluation()
@@ -414,7 +328,7 @@ class Trainer:
 
     def _save_between_iterations(self) -> None:
         with self.metrics.paused():
-            self.save()
+            self.checkpoints.save()
 
     def _stop_on_non_finite(self, loss: float) -> None:
         """A NaN/Inf loss or gradient (not fp16 overflow): save what was trained so far,
@@ -423,7 +337,7 @@ class Trainer:
         weights before the bad step; a run resumed from it goes on with the next batch."""
         gradients = [] if not math.isfinite(loss) else non_finite_gradients(self.optimizer,
                                                                             self.models)
-        saved = self.save()
+        saved = self.checkpoints.save()
         self.checkpoints.wait()
         raise NonFiniteError(non_finite_message(self.state.iteration + 1, loss, gradients,
                                                 self.cfg.checkpoint.save if saved else None))

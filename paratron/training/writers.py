@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import os
 
-from paratron.config import ConfigError
+from paratron.checkpoint.files import write_atomic
+from paratron.options import ConfigError
 
 
 class TensorBoardWriter:
+    """Scalars to TensorBoard event files, also against consumed samples (as Megatron)."""
+
     def __init__(self, log_dir: str):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -37,6 +40,8 @@ class TensorBoardWriter:
 
 
 class WandbWriter:
+    """Scalars to a Weights & Biases run, against iterations only."""
+
     def __init__(self, project: str, name: str | None, save_dir: str | None, config: dict):
         try:
             import wandb
@@ -78,9 +83,8 @@ class JsonlWriter:
 
 
 def write_json_atomically(path: str, record: dict, flag: str) -> None:
-    """Write a JSON file under a temporary name and rename it, so it is whole or absent
-    (the temporary file is created exclusively: a planted link is never followed)."""
-    from paratron.checkpoint.files import write_atomic
+    """Write a JSON file whole or not at all, as checkpoint files are written (a link at
+    `path` is refused); a failure becomes a one-line error naming `flag`."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_atomic(path, json.dumps(record, indent=2) + "\n")

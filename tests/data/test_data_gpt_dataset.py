@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from paratron.data.data_paths import parse_blend
 from paratron.data.errors import DataError
 from paratron.data.gpt_dataset import (
     build_train_valid_test_datasets,
     get_train_valid_test_num_samples,
     masks_and_position_ids,
-    parse_blend,
 )
 from paratron.data.indexed_dataset import IndexedDatasetWriter
 from paratron.data.indices import (

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from conftest import shared_file
 from paratron.data.errors import DataError
+from paratron.data.gpt_dataset import packed_attention_mask
 from paratron.data.sft import (
     SFTDataset,
     build_sft_datasets,
     load_conversations,
-    packed_attention_mask,
     read_sft_indexed,
     tokenize_conversation,
     write_sft_indexed,

@@ -6,7 +6,7 @@ import pytest
 
 from dist_utils import run_distributed
 from paratron.checkpoint import find_latest_valid, load_checkpoint, save_checkpoint
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
 from test_parallel_equivalence import COMMON, GPT2, LLAMA

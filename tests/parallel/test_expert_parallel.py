@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from paratron.config import TransformerConfig
-from paratron.model.moe import Experts, MoELayer, _grouped_mm_fn
+from paratron.model.config import TransformerConfig
+from paratron.model.config import grouped_mm_fn as _grouped_mm_fn
+from paratron.model.moe import Experts, MoELayer
 from paratron.parallel.expert_parallel import (AllGatherV, AllToAll, ReduceScatterV,
                                                chunk_transpose_index, expert_gather,
                                                expert_shard)
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.parallel.sharding import shard_tensor
+from paratron.parallel.sharding import layout_of, shard_tensor
 from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
 
 S, B, H = 8, 2, 32
@@ -64,7 +65,7 @@ def reference(config, dp_size):
 
 
 def shard_of(name, full, param, pg):
-    if getattr(param, "expert_parallel", False):
+    if layout_of(param).expert:
         return expert_shard(full, param, pg)
     if name.startswith("shared_experts.linear_fc"):
         return shard_tensor(full, param, pg.tp.size, pg.tp.rank)
@@ -95,7 +96,7 @@ def _check_layer(pg, dp_rank, sp, dispatcher, grouped, etp_label):
     # expert-DP (experts) sums.
     finish_tensor_parallel_grads(layer.parameters(), pg)
     for name, p in params.items():
-        expert = getattr(p, "expert_parallel", False)
+        expert = layout_of(p).expert
         size, group = (pg.edp.size, pg.edp.group) if expert else (pg.dp.size, pg.dp.group)
         if size > 1:
             dist.all_reduce(p.grad, group=group)

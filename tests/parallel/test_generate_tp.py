@@ -7,7 +7,7 @@ import pytest
 from dist_utils import run_distributed
 from hf_utils import randomize
 from paratron.checkpoint import save_checkpoint
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.inference import Sampling, generate, load_paratron_model, shard_model
 from paratron.model.gpt import GPTModel
 from paratron.parallel.process_groups import ProcessGroups

@@ -12,13 +12,13 @@ from torch import nn
 
 from dist_utils import run_distributed
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.sharding import layout_of, replicated
 from paratron.parallel.tensor_parallel import (ColumnParallelLinear,
                                                GatherFromSequenceParallelRegion,
                                                RowParallelLinear, ScatterToSequenceParallelRegion,
                                                ScatterToTensorParallelRegion,
                                                VocabParallelEmbedding,
                                                all_reduce_sequence_parallel_grads,
-                                               mark_sequence_parallel,
                                                vocab_parallel_cross_entropy)
 
 S, B, H = 8, 3, 16  # sequence, batch, hidden: sequence divisible by TP 2 and 4
@@ -45,7 +45,7 @@ def _check_column(tp):
         for sp in (False, True):
             layer = ColumnParallelLinear(H, 24, pg=pg, gather_output=gather_output,
                                          sequence_parallel=sp)
-            assert layer.weight.tensor_parallel_dim == 0 and layer.bias.tensor_parallel_dim == 0
+            assert layout_of(layer.weight).dim == 0 and layout_of(layer.bias).dim == 0
             with torch.no_grad():
                 layer.weight.copy_(shard(full.weight, tp, r, 0))
                 layer.bias.copy_(shard(full.bias, tp, r, 0))
@@ -73,8 +73,8 @@ def _check_row(tp):
     for sp in (False, True):
         for split_here in (False, True):
             layer = RowParallelLinear(24, H, pg=pg, sequence_parallel=sp)
-            assert layer.weight.tensor_parallel_dim == 1 and layer.bias.tensor_parallel_dim is None
-            assert getattr(layer.bias, "sequence_parallel", False) == sp
+            assert layout_of(layer.weight).dim == 1 and layout_of(layer.bias).dim is None
+            assert (layout_of(layer.bias).grad_summed_over == "tp") == sp
             with torch.no_grad():
                 layer.weight.copy_(shard(full.weight, tp, r, 1))
                 layer.bias.copy_(full.bias)
@@ -108,7 +108,7 @@ def _check_embedding(tp):
     (y_ref * dy).sum().backward()
     for sp in (False, True):
         layer = VocabParallelEmbedding(vocab, H, pg=pg, reduce_scatter_embeddings=sp)
-        assert layer.weight.tensor_parallel_dim == 0
+        assert layout_of(layer.weight).dim == 0
         with torch.no_grad():
             layer.weight.copy_(shard(full.weight, tp, r, 0))
         y = layer(ids)
@@ -155,8 +155,8 @@ class _Block(nn.Module):
         self.fc1 = ColumnParallelLinear(H, 32, pg=pg, sequence_parallel=sp)
         self.fc2 = RowParallelLinear(32, H, pg=pg, sequence_parallel=sp)
         if sp:
-            mark_sequence_parallel(self.norm.weight)
-            mark_sequence_parallel(self.norm.bias)
+            replicated(self.norm.weight, partial_grad=True)
+            replicated(self.norm.bias, partial_grad=True)
 
     def forward(self, x):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
@@ -179,7 +179,7 @@ def _check_sequence_parallel_block(tp):
     block = _Block(pg, sp=True)
     with torch.no_grad():
         for name, p in block.named_parameters():
-            dim = getattr(p, "tensor_parallel_dim", None)
+            dim = layout_of(p).dim
             q = full.get_parameter(name)
             p.copy_(q if dim is None else shard(q, tp, r, dim))
     x_in = x.clone().requires_grad_()
@@ -194,7 +194,7 @@ def _check_sequence_parallel_block(tp):
     close(x_in.grad, x_ref.grad)
     all_reduce_sequence_parallel_grads(block.parameters(), pg)
     for name, p in block.named_parameters():
-        dim = getattr(p, "tensor_parallel_dim", None)
+        dim = layout_of(p).dim
         q = full.get_parameter(name).grad
         # Norm gradients are sums over tokens of O(1) terms, added in another order.
         close(p.grad, q if dim is None else shard(q, tp, r, dim), atol=1e-5)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from memory_utils import storage_bytes
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
 from test_training import PatternData

@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.model.gpt import GPTModel
 from paratron.parallel.launch import PeerFailure
 from paratron.training.pretrain import pretrain

@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
 from paratron.training.memory_plan import chunk_saved_bytes, rank_chunks

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from test_pipeline_faults import _failing_stage
-from paratron.config import parse_args
+from paratron.cli.args import parse_args
 from paratron.training.pretrain import pretrain
 from paratron.training.trainer import Trainer
 

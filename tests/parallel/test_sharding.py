@@ -3,17 +3,13 @@
 import pytest
 import torch
 
-from paratron.parallel.sharding import duplicate_mask, full_shape, gather_tensor, shard_tensor
+from paratron.parallel.sharding import (duplicate_mask, full_shape, gather_tensor, set_layout,
+                                       shard_tensor)
 
 
 def _param(shape, dim, layout=None, qkv_heads=None):
-    p = torch.nn.Parameter(torch.empty(shape))
-    p.tensor_parallel_dim = dim
-    if layout:
-        p.tensor_parallel_layout = layout
-    if qkv_heads:
-        p.qkv_heads = qkv_heads
-    return p
+    return set_layout(torch.nn.Parameter(torch.empty(shape)), dim=dim, fused=layout,
+                      qkv_heads=qkv_heads)
 
 
 @pytest.mark.parametrize("tp", [2, 4])

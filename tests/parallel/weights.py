@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from paratron.parallel.expert_parallel import expert_gather
-from paratron.parallel.sharding import gather_tensor
+from paratron.parallel.sharding import gather_tensor, layout_of
 
 
 def _all_gather(t: torch.Tensor, size: int, group) -> list[torch.Tensor]:
@@ -22,14 +22,14 @@ def full_weights(trainer) -> dict:
     for model in trainer.models:
         module = model.module
         for name, p in module.named_parameters():
-            if getattr(p, "shared_embedding_copy", False):
+            if layout_of(p).tied == "copy":
                 continue
             t = p.detach()
-            if getattr(p, "expert_parallel", False):
+            if layout_of(p).expert:
                 etp = _all_gather(t, pg.etp.size, pg.etp.group)
                 per_ep = _all_gather(torch.stack(etp), pg.ep.size, pg.ep.group)
                 full = expert_gather([list(x.unbind(0)) for x in per_ep], p)
             else:
                 full = gather_tensor(_all_gather(t, pg.tp.size, pg.tp.group), p)
-            out[module._global(name)] = full.float().numpy()
+            out[module.global_name(name)] = full.float().numpy()
     return out
