@@ -139,9 +139,8 @@ class Trainer:
                                           self.device, tokenizer_vocab_size=tokenizer_vocab_size,
                                           log=log)
         self.checkpoints.load()
-        # Creating the data iterator draws from torch's generator: the RNG states follow it.
-        self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
         self.checkpoints.restore_rng()
+        self._train_iter = None  # made at the first step, from the state as it is then
         self.moe_losses = self._moe_bookkeeping(stepped=None)  # the first step's aux-loss scale
 
     # ----------------------------------------------------------------- data
@@ -202,6 +201,8 @@ class Trainer:
     # ----------------------------------------------------------------- steps
     def train_step(self) -> tuple[float | None, bool, float | None, int | None]:
         """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
+        if self._train_iter is None:
+            self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
         with self.timers("batch-generator"):
             batches = self._global_batch(self._train_iter)
         total_tokens = self._total_tokens(batches)
