@@ -8,7 +8,7 @@ import pytest
 from paratron.cli.train import main as train_main
 from paratron.cli.args import build_parser, parse_args
 from paratron.options import ConfigError
-from seed_args import SEED_ARGS, SEED_SCRIPTS
+from tests.helpers.seed_args import SEED_ARGS, SEED_SCRIPTS
 
 TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
         "--max-position-embeddings 16 --lr 1e-3 --train-iters 2 --vocab-size 64 "

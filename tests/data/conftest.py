@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
-# The project's sibling folder shared/ holds real public data; users may not have it.
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-def shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.exists():
-        pytest.skip(f"real data not available: {relative} (looked in {SHARED_DATA})")
-    return path
+from tests.helpers.shared_data import shared_file
 
 
 @pytest.fixture

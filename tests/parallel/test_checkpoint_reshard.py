@@ -4,13 +4,13 @@ training continues like the uninterrupted single-process run (fp32, rtol 1e-5)."
 import numpy as np
 import pytest
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from paratron.checkpoint import find_latest_valid, load_checkpoint, save_checkpoint
 from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
-from test_parallel_equivalence import COMMON, GPT2, LLAMA
-from test_training import PatternData
+from tests.helpers.flags import COMMON, GPT2, LLAMA
+from tests.helpers.training import PatternData
 
 ITERS, SAVED_AT = 6, 3
 LAYOUTS = {  # name: (world size, (TP, PP, CP, EP), flags)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from paratron.parallel.context_parallel import (BlockAttention, context_parallel_attention,
                                                 context_parallel_chunks,
                                                 context_parallel_positions,

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
-from dist_utils import run_distributed  # noqa: E402
-from hf_utils import randomize  # noqa: E402
+from tests.helpers.dist_utils import run_distributed  # noqa: E402
+from tests.helpers.hf_utils import randomize  # noqa: E402
 from paratron.checkpoint import find_latest_valid, load_checkpoint, read_metadata, save_checkpoint  # noqa: E402
 from paratron.cli.convert import main as convert  # noqa: E402
 from paratron.convert.hf_config import transformer_config  # noqa: E402

@@ -14,7 +14,7 @@ the reference's summed over all inputs. Gloo on CPU, fp32, dropless.
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from paratron.model.config import TransformerConfig
 from paratron.model.config import grouped_mm_fn as _grouped_mm_fn
 from paratron.model.moe import Experts, MoELayer

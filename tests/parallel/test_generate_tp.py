@@ -4,8 +4,8 @@ model split from a whole one or loaded from a checkpoint written by one process.
 
 import pytest
 
-from dist_utils import run_distributed
-from hf_utils import randomize
+from tests.helpers.dist_utils import run_distributed
+from tests.helpers.hf_utils import randomize
 from paratron.checkpoint import save_checkpoint
 from paratron.cli.args import parse_args
 from paratron.inference import Sampling, generate, load_paratron_model, shard_model

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
-from test_parallel_equivalence import COMMON, LLAMA
-from test_training import PatternData
-from weights import full_weights
+from tests.helpers.flags import COMMON, LLAMA
+from tests.helpers.training import PatternData
+from tests.helpers.weights import full_weights
 
 FLAGS = COMMON + LLAMA + ["--num-layers", "4", "--train-iters", "4"]
 LAYOUTS = {

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
-from test_training import PatternData
-from weights import full_weights
+from tests.helpers.training import PatternData
+from tests.helpers.weights import full_weights
 
 COMMON = ("--hidden-size 32 --num-attention-heads 4 --seq-length 16 "
           "--max-position-embeddings 16 --lr 2e-3 --vocab-size 120 --padded-vocab-size 128 "

@@ -7,7 +7,7 @@ import pytest
 
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from paratron.cli.args import parse_args
 from paratron.model.gpt import GPTModel
 from paratron.parallel.launch import PeerFailure

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from paratron.parallel.pipeline import (StageIO, forward_only_order, interleaved_order,
                                         model_chunks, one_f_one_b_order, run_schedule)
 from paratron.parallel.process_groups import ProcessGroups

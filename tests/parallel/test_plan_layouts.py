@@ -8,14 +8,14 @@ each rank (TP2 with and without sequence parallelism, EP2's routed rows)."""
 import pytest
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
 from paratron.training.memory_plan import chunk_saved_bytes, rank_chunks
-from test_plan import (ACTIVATION_RTOL, TINY, held_state_bytes, measured_saved_bytes,
-                       planned_state_bytes)
-from test_training import PatternData
+from tests.helpers.plan import (ACTIVATION_RTOL, TINY, held_state_bytes, measured_saved_bytes,
+                                planned_state_bytes)
+from tests.helpers.training import PatternData
 
 DENSE = ("--swiglu --normalization RMSNorm --position-embedding-type rope "
          "--disable-bias-linear --group-query-attention --num-query-groups 2 "

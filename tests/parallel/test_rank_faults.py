@@ -7,8 +7,8 @@ import time
 
 import torch.distributed as dist
 
-from dist_utils import run_distributed
-from test_pipeline_faults import _failing_stage
+from tests.helpers.dist_utils import run_distributed
+from tests.parallel.test_pipeline_faults import _failing_stage
 from paratron.cli.args import parse_args
 from paratron.training.pretrain import pretrain
 from paratron.training.trainer import Trainer

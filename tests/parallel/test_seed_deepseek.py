@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seed_args import SEED_ARGS
+from tests.helpers.seed_args import SEED_ARGS
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
