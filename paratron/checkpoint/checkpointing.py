@@ -5,22 +5,13 @@
     found = find_latest_valid(save_dir)          # (iteration, path) or None
     meta = load_checkpoint(found[1], models, pg, optimizer)
 
-`models` are the model chunks of this rank (`DataParallel` wrappers or `GPTModel`s),
-`optimizer` the `MixedPrecisionOptimizer` (or None to skip optimizer state). Every rank
-calls both functions (they use collectives). The files:
-
-* `model_optim_rank_NNNNN.safetensors`: the logical tensors rank NNNNN wrote
-  (`state.py` names them), each whole and unsharded;
-* `rng_rank_NNNNN.safetensors`: rank NNNNN's RNG states (`rng.py`);
-* `metadata.json`: format version, iteration, the run's config, the layout that wrote
-  it, the train state, optimizer scalars (optimizer kind, successful steps, the torch
-  optimizer's step counter, per-element state names, loss-scaler state), an index of
-  every logical tensor (shape, dtype, chunks: file, key, offsets) and every file's size
-  and SHA-256.
-
-Loading reads with `safetensors` only (nothing is unpickled). The index format has room
-for a tensor in several chunks at offsets; this writer stores each whole (offsets all
-zero) and the reader accepts only that.
+Every rank calls both (they use collectives) with its model chunks and its
+`MixedPrecisionOptimizer` (None skips optimizer state). Each rank writes
+`model_optim_rank_NNNNN.safetensors` (whole logical tensors, named by `state.py`) and
+`rng_rank_NNNNN.safetensors`; `metadata.json` holds the config, the layout that wrote it,
+the train state, optimizer scalars, an index of every tensor (shape, dtype, file, key)
+and every file's size and SHA-256. Loading reads with `safetensors` only: nothing is
+unpickled.
 """
 
 from __future__ import annotations

@@ -6,22 +6,15 @@ Layout (Megatron-LM's):
     <save>/iter_0000100/metadata.json            written last inside the directory
     <save>/iter_0000100/model_optim_rank_00000.safetensors   tensors rank 0 wrote
     <save>/iter_0000100/rng_rank_00000.safetensors           rank 0's RNG states
-    ...
 
-A checkpoint is written under `iter_0000100.tmp/` and renamed to `iter_0000100/` only
-once every rank's files and `metadata.json` are on disk; `latest_checkpointed_iteration.txt`
-is replaced (write to a temporary name, then rename) after that. `metadata.json` lists
-every file with its size and SHA-256, so a directory missing a file, with a truncated
-file or with a file whose bytes changed is recognised as incomplete, and
-`find_latest_valid` falls back to the newest checkpoint that is whole.
-
-The folder may also be hostile (see `untrusted.py`): `metadata.json` is parsed with
-size and depth limits and checked field by field, every file it names must be a plain
-file inside the checkpoint and listed with its checksum, and every safetensors header
-must agree with the index. A checkpoint that fails any check is "incomplete or
-corrupt" like a truncated one. Writes never go through a link someone planted: temporary
-files are created exclusively under random names and renamed, and a link where Paratron
-writes is refused.
+A checkpoint is written under `iter_0000100.tmp/`, renamed once every file and
+`metadata.json` are on disk, and only then named by `latest_checkpointed_iteration.txt`.
+`metadata.json` lists every file's size and SHA-256, so a missing, truncated or changed
+file marks the checkpoint incomplete and `find_latest_valid` falls back to the newest
+whole one. The folder may be hostile (`untrusted.py`): the metadata is parsed with limits
+and checked field by field, every file it names must be a plain file inside the
+checkpoint, safetensors headers must agree with the index, and writes never go through
+a planted link.
 """
 
 from __future__ import annotations

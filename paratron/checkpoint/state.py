@@ -1,29 +1,16 @@
 """Model and optimizer state as logical tensors: global names, unsharded shapes.
 
-Every parameter of every model chunk is described by its global name (stage-local
-layer indices made global, `GPTModel.global_name`) and its full shape, whatever the
-layout that holds it:
+Every parameter is described by its global name (`GPTModel.global_name`) and full shape,
+whatever layout holds it: `model/<name>` (model dtype), `optim/main/<name>` (fp32 main
+weights, when the model is not fp32), `optim/<key>/<name>` (AdamW `exp_avg`,
+`exp_avg_sq`, SGD `momentum_buffer`) and `buffer/<name>` (e.g. the MoE expert bias).
 
-* `model/<name>`: the weight in the model's dtype;
-* `optim/main/<name>`: fp32 main weights (only when the model is not fp32; an fp32
-  model's weights are its main weights);
-* `optim/<key>/<name>`: the optimizer's per-element state (AdamW `exp_avg`,
-  `exp_avg_sq`; SGD `momentum_buffer`), fp32;
-* `buffer/<name>`: persistent buffers (e.g. the MoE expert bias), replicated.
-
-Saving: the distributed optimizer's segments (slices of the flattened local shard of a
-parameter, one slice per data-parallel rank) are put back together by a sum over the
-group that shards them (each rank fills its slice, zeros elsewhere), then TP shards are
-gathered with `parallel.sharding.gather_tensor` and expert shards with
-`expert_gather`. One rank per logical tensor writes it; the writers are spread over
-the ranks of a stage. The tied output layer of the last pipeline stage
-(layout `tied="copy"`) is not written: it equals `embedding.word_embeddings.weight`
-and is loaded from it.
-
-Loading: each rank reads the logical tensors its parameters need and keeps its part
-(`shard_tensor` / `expert_shard`, then the segment slices), so a checkpoint from any
-TP / PP / DP / EP / virtual-stage layout, distributed optimizer on or off, loads into
-any other.
+Saving puts the distributed optimizer's segments back together by a sum over the group
+that shards them, then gathers TP and expert shards; one rank per tensor writes it, the
+writers spread over a stage's ranks; the tied output layer (`tied="copy"`) is not written.
+Loading reads the logical tensors a rank's parameters need and keeps its part, so a
+checkpoint from any TP / PP / DP / EP / virtual-stage layout, distributed optimizer on or
+off, loads into any other.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """Reading a folder that may be hostile: paths, JSON and safetensors headers.
 
-A checkpoint, dataset or Hugging Face folder is data, and data can lie. Whatever it
-names must stay inside it (a `metadata.json` or `model.safetensors.index.json` naming
-`../x` or `/etc/x` must not make Paratron read there), whatever it holds must be a
-plain file (a FIFO would block the reader forever, a device would feed it garbage), its
-JSON must be small and shallow enough to parse without exhausting memory or the stack,
-and a safetensors header must describe exactly the bytes behind it. Each check raises
-`UntrustedFileError`, a `ValueError` whose message is one line naming the file, so every
-caller's existing handling of bad input turns it into a message, never a traceback.
-
-The safetensors library validates offsets itself; the header is read here too because
-it silently keeps the last of two tensors with one name, and because the dtype a file
-declares must match what the index says (an I32 tensor is not a float32 weight).
+A checkpoint, dataset or Hugging Face folder is data, and data can lie. What it names must
+stay inside it (no `../x`, no `/etc/x`), what it holds must be plain files (a FIFO would
+block the reader forever), its JSON small and shallow enough to parse safely, and a
+safetensors header must describe exactly the bytes behind it: the library silently keeps
+the last of two tensors with one name, and the dtype must match the index's. Each check
+raises `UntrustedFileError`, a one-line `ValueError` naming the file, so every caller's
+handling of bad input turns it into a message, never a traceback.
 """
 
 from __future__ import annotations

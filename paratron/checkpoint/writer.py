@@ -1,12 +1,9 @@
 """Write a checkpoint one group of logical tensors at a time, from one process.
 
-`save_checkpoint` gathers a live, sharded model and writes each rank's tensors at once.
-A converter has no live model: it produces logical tensors (global names, unsharded
-shapes) a layer at a time from files on disk, and must never hold the whole model. This
-writer puts each group it is handed into its own safetensors file, so memory holds one
-group, and then writes the same `metadata.json` (index of every tensor, file sizes and
-SHA-256) and `latest_checkpointed_iteration.txt` as `save_checkpoint`. Any layout loads
-the result, because the format does not depend on the layout that wrote it.
+A converter has no live model: it produces logical tensors a layer at a time and must
+never hold the whole model. This writer puts each group into its own safetensors file and
+then writes the same `metadata.json` and `latest_checkpointed_iteration.txt` as
+`save_checkpoint`, so any layout loads the result.
 
     writer = LogicalCheckpointWriter(save_dir, iteration=0)
     for group in groups:

@@ -5,23 +5,13 @@ The flags are those of Megatron-LM's `tools/checkpoint/convert.py`:
     paratron convert --model-type GPT --loader hf --saver paratron \\
         --load-dir qwen2.5-7b-hf --save-dir qwen2.5-7b-paratron \\
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --bf16
-    paratron convert --model-type GPT --loader paratron --saver hf \\
-        --load-dir checkpoints/run1 --save-dir run1-hf
-    paratron convert --model-type GPT --loader megatron --saver paratron --trust-pickle \\
-        --load-dir megatron-ckpt --save-dir paratron-ckpt
 
-Loaders: `hf` (safetensors folder; Megatron's `llama_mistral`/`mixtral_hf` names are
-accepted for it), `paratron`, `megatron` (legacy `mp_rank_XX/model_optim_rng.pt`, which
-needs `--trust-pickle`; `mcore` is accepted for it). Savers: `paratron`, `hf`.
-
-The target sizes are checked against the model (heads and FFN sizes by TP, layers by PP,
-experts by EP) and recorded in the saved config's parallel section; the vocabulary is
-padded for that TP with Megatron's rule. Paratron checkpoints hold logical (unsharded)
-tensors, so any layout loads them whatever sizes were recorded.
-
-The output is written to a temporary folder next to --save-dir and renamed at the end:
-after an error, SIGTERM or Ctrl-C nothing exists at --save-dir (nor the temporary folder).
-A refused input, or a destination that cannot be written, is one line on stderr.
+Loaders: `hf` (also as `llama_mistral`/`mixtral_hf`), `paratron`, `megatron` (legacy
+`model_optim_rng.pt` files, with `--trust-pickle`; also as `mcore`). Savers: `paratron`,
+`hf`. The target sizes are checked against the model and recorded; Paratron checkpoints
+hold unsharded tensors, so any layout loads them. The output is written to a temporary
+folder and renamed at the end: after an error, SIGTERM or Ctrl-C nothing is left at
+--save-dir, and a refused input is one line on stderr.
 """
 
 from __future__ import annotations

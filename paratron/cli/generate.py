@@ -1,16 +1,14 @@
-"""``paratron generate``: complete prompts with a trained checkpoint or a Hugging Face model.
+"""`paratron generate`: complete prompts with a trained checkpoint or a Hugging Face model.
 
     paratron generate --load checkpoints/gpt2 --prompt "The meaning of life" \\
         --max-new-tokens 64 --top-k 50 --top-p 0.9 --temperature 0.8 --seed 1
     torchrun --nproc_per_node 2 -m paratron generate --hf Qwen3-8B --prompt-file prompts.txt \\
         --max-new-tokens 128 --greedy --tensor-model-parallel-size 2 --bf16
 
-Greedy unless --top-k, --top-p or --temperature asks for sampling. Each completion is
-printed as the prompt followed by the generated text (without the end-of-document
-token), completions separated by a line of dashes, since generated text may hold blank
-lines (`--json`: one JSON object a line with the prompt, the completion and its token
-ids).
-Under torchrun every process is a tensor-parallel rank and rank 0 prints.
+Greedy unless --top-k, --top-p or --temperature asks for sampling. Each completion is the
+prompt and the generated text (no end-of-document token), separated by a line of dashes
+(`--json`: one object a line with prompt, completion and token ids). Under torchrun every
+process is a tensor-parallel rank and rank 0 prints.
 """
 
 from __future__ import annotations

@@ -1,27 +1,24 @@
-"""``paratron plan``: per-GPU memory of the parallel layouts of a run, and one to pick.
+"""`paratron plan`: per-GPU memory of the parallel layouts of a run, and one to pick.
 
     paratron plan --model-size qwen2.5-7b --num-gpus 8 --gpu-memory-gb 80 \\
         --seq-length 4096 --micro-batch-size 1 --global-batch-size 64 --bf16 \\
         --use-distributed-optimizer
 
-Takes the training command's flags (a --model-size preset or the model flags, batch
-sizes, precision, recompute, sequence parallelism, distributed optimizer) plus the
-machine: --num-gpus and --gpu-memory-gb (GiB per GPU). Prints a table of every
-TP x PP x CP (x EP) split that `paratron train` would accept, with the bytes one GPU
-holds (the busiest pipeline stage), and a recommendation line; the rule is in
-`paratron.training.memory_plan`. Parallel sizes given on the command line are kept
-fixed. Exit code 1 when no layout fits.
+Takes the training command's flags plus the machine (--num-gpus, --gpu-memory-gb in GiB)
+and prints every TP x PP x CP (x EP) split `paratron train` would accept with the bytes
+the busiest GPU holds, and a recommendation (rule in `paratron.training.memory_plan`).
+Parallel sizes given on the command line stay fixed. Exit code 1 when no layout fits.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 
 from paratron.cli.args import NumberType, parse_args
 from paratron.options import ConfigError
+from paratron.parallel.launch import launched_world_size
 
 PROG = "paratron plan"
 
@@ -85,7 +82,7 @@ def build(argv: list[str]):
         raise ConfigError(f"--memory-headroom must be in [0, 1), got {machine.memory_headroom}")
     if machine.max_rows <= 0:
         raise ConfigError(f"--max-rows must be positive, got {machine.max_rows}")
-    if "WORLD_SIZE" in os.environ:
+    if launched_world_size() > 1:
         raise ConfigError("paratron plan runs as one process: unset WORLD_SIZE (the GPUs "
                           "come from --num-gpus)")
     if not (_given(rest, "--global-batch-size") or _given(rest, "--config")):

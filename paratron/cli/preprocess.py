@@ -1,20 +1,13 @@
-"""``paratron preprocess``: Megatron-LM's ``tools/preprocess_data.py``, same flags, same files.
+"""`paratron preprocess`: Megatron-LM's `tools/preprocess_data.py`, same flags, same files.
 
     python -m paratron.cli.preprocess --input corpus.jsonl --output-prefix out/corpus \\
         --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json \\
         --merge-file gpt2-merges.txt --append-eod --workers 4
 
-writes ``out/corpus_text_document.bin/.idx``. Inputs may also be gzipped
-JSONL, a glob, plain text (one document per line) or an Alpaca-style JSON
-list. ``--partitions`` and ``--keep-sequential-samples`` are accepted for
-compatibility: documents always keep their input order and ``--workers``
-alone sets the parallelism. Sentence splitting (``--split-sentences``) uses
-NLTK's punkt model when it is installed, else a punctuation-based splitter.
-
-A line longer than ``--max-line-length`` characters (default 32 Mi) is a bad
-line, like malformed JSON or a ``null`` text: the run stops naming it, or
-skips and counts it with ``--skip-bad-lines``. An interrupted run (Ctrl-C,
-SIGTERM) or a failed write leaves no output and no temporary files.
+writes `out/corpus_text_document.bin/.idx`. Inputs may also be gzipped JSONL, a glob,
+plain text or an Alpaca-style JSON list. `--partitions` and `--keep-sequential-samples`
+are accepted for compatibility (documents always keep their order; `--workers` alone sets
+the parallelism). `--split-sentences` uses NLTK's punkt when installed, else punctuation.
 """
 
 from __future__ import annotations

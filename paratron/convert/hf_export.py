@@ -1,16 +1,12 @@
 """Paratron -> Hugging Face: config.json, generation_config.json, tokenizer, safetensors.
 
-`hf_config_from_paratron` is the inverse of `hf_config.config_from_hf`. It is checked
-rather than trusted: the written config.json is read back with `config_from_hf` and
-every setting that changes what the model computes must come back equal, so a Paratron
-model that a Hugging Face architecture cannot express (squared ReLU, partial rotary,
-sigmoid routing, ...) is refused with the setting named, never exported approximately.
-
-The weights are written in shards of at most `max_shard_size` bytes with
-`model.safetensors.index.json` (a single `model.safetensors` when one shard holds them),
-as `save_pretrained` does, so `AutoModelForCausalLM.from_pretrained` and lm-eval load
-the folder as it is. Padded vocabulary rows beyond the tokenizer's vocabulary are
-trimmed; routed experts are written one tensor per expert, as on the Hub.
+`hf_config_from_paratron` inverts `hf_config.config_from_hf` and is checked, not trusted:
+the written config.json is read back and every setting that changes what the model
+computes must come back equal, so a model a Hugging Face architecture cannot express
+(squared ReLU, partial rotary, sigmoid routing, ...) is refused with the setting named.
+Weights are written as `save_pretrained` does (shards of at most `max_shard_size` with
+`model.safetensors.index.json`, one file when it fits), padded vocabulary rows trimmed
+and routed experts one tensor per expert, so `from_pretrained` and lm-eval load it.
 """
 
 from __future__ import annotations

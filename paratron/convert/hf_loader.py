@@ -1,16 +1,12 @@
 """Load a Hugging Face checkpoint folder into a Paratron GPTModel.
 
-`config.json` gives the architecture; the weights come from safetensors (one
-`model.safetensors`, or shards listed in `model.safetensors.index.json`), read tensor
-by tensor with `safe_open`, so no pickle is ever read and only one Paratron tensor's
-sources are in memory at a time besides the model.
-
-Loading is strict both ways: every Paratron tensor must be filled and every stored
-tensor used (buffers such as rotary `inv_freq` excepted), so a mapping mistake fails
-with one line naming the file and tensor instead of leaving random weights behind.
-
-Routed experts are read from whichever layout the files hold, one tensor per expert or
-transformers 5's fused tensors (see `hf_mapping`).
+`config.json` gives the architecture; the weights are read tensor by tensor from
+safetensors (one file or the shards of `model.safetensors.index.json`) with `safe_open`,
+so no pickle is read and only one tensor's sources are in memory besides the model.
+Loading is strict both ways: every Paratron tensor filled, every stored tensor used
+(buffers such as `inv_freq` excepted), so a mapping mistake is one line naming the file
+and tensor, never random weights left behind. Routed experts are read from whichever
+layout the files hold (see `hf_mapping`).
 """
 
 from __future__ import annotations

@@ -1,25 +1,16 @@
 """Hugging Face <-> Paratron tensor names and layouts: one table per architecture.
 
 A table maps each Paratron parameter (its Megatron-Core name, `{i}` standing for the
-layer) to the Hugging Face tensors it is made of and a `Transform` between the two
-layouts. Transforms are invertible, so the same table serves reading a Hugging Face
-checkpoint (`to_paratron`) and writing one (`to_hf`), and a round trip tests both.
+layer) to the Hugging Face tensors it is made of and an invertible `Transform`, so one
+table serves reading (`to_paratron`) and writing (`to_hf`), and a round trip tests both.
+A table lists every parameter an architecture can have; the model built from the config
+decides which it has, so tables need no conditions (Llama, Qwen2 and Qwen3 share one).
 
-A table lists every parameter an architecture *can* have (biases, q/k norms, learned
-positions, an untied output layer, dense and MoE feed-forward blocks); the model built
-from the config decides which it has, so tables need no conditions. Llama, Qwen2 and
-Qwen3 name their tensors alike and share one table.
-
-Routed experts come in two layouts, and a rule may list both: the per-expert tensors of
-the Hub's checkpoints and of `save_pretrained` (`experts.{j}.gate_proj`, ...; `{j}`
-stands for the expert and is expanded over `config.num_experts`), and the fused
-`experts.gate_up_proj` [E, 2I, h] / `experts.down_proj` [E, h, I] that transformers 5
-keeps in memory (`save_pretrained(save_original_format=False)`). Reading takes the
-layout the files hold; writing takes the per-expert one unless asked otherwise.
-
-The tensors here are whole (logical) tensors, as in the Hugging Face files; cutting
-them into tensor-parallel shards is a separate step that reads each parameter's own
-description of how it is split.
+Routed experts come as per-expert tensors (`experts.{j}.gate_proj`, ..., `{j}` expanded
+over `config.num_experts`: the Hub's files and `save_pretrained`) or fused
+`experts.gate_up_proj` [E, 2I, h] / `experts.down_proj` [E, h, I] (transformers 5 in
+memory); reading takes what the files hold, writing the per-expert layout unless asked.
+Tensors here are whole; cutting them into TP shards reads each parameter's `ParamLayout`.
 """
 
 from __future__ import annotations

@@ -4,27 +4,16 @@ On disk (Megatron's `get_checkpoint_name`):
 
     <load>/latest_checkpointed_iteration.txt            "1000" or "release"
     <load>/iter_0001000/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt
-    <load>/release/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt
 
-TT is the tensor-parallel rank, PPP the pipeline rank (present when PP > 1), EEE the
-expert-parallel rank (present when EP > 1). Each file is a pickle holding `args` (the
-run's argparse Namespace: the model config), `checkpoint_version` and `model` (or
-`model0`, `model1`, ... with virtual pipeline stages): Megatron-Core module names with
-stage-local layer numbers. Unpickling can run code, so it needs an explicit trust flag.
-
-The conversion:
-* layer numbers: stage-local -> global with Paratron's own stage split
-  (`model_chunks`, which follows Megatron's, uneven first/last stages included);
-* tensor-parallel shards: put together by `gather_tensor` with the sharding each
-  Paratron parameter declares, which is Megatron's (QKV rows per query group, SwiGLU's
-  gate and up halves per shard, row-parallel inputs on dimension 1);
-* Transformer Engine's fused norms (`linear_qkv.layer_norm_weight`, ...) -> the
-  separate norms; `_extra_state` entries are dropped;
-* experts: `mlp.experts.local_experts.K.*` or GroupedMLP's `weight1`/`weight2`, local
-  expert K of EP rank e -> global expert e * (E / EP) + K, stacked.
-
-`torch_dist` checkpoints (Megatron's default format, a `torch.distributed.checkpoint`
-folder) are refused with the way to re-save them in the legacy format.
+with the TP rank, the PP rank (when PP > 1) and the EP rank (when EP > 1). Each file is a
+pickle of `args` (the model config), `checkpoint_version` and `model` (`model0`, ...
+with virtual stages) under Megatron-Core names with stage-local layer numbers; unpickling
+can run code, so it needs an explicit trust flag. Layer numbers are made global with
+Paratron's own stage split (which follows Megatron's), TP shards are put together by
+`gather_tensor` (Paratron declares Megatron's sharding), Transformer Engine's fused norms
+become separate norms, `_extra_state` is dropped, and local expert K of EP rank e becomes
+global expert e * (E / EP) + K. `torch_dist` folders are refused with the way to re-save
+them in this format.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Paratron checkpoints as conversion sources and targets.
 
-Reading takes the newest complete checkpoint of a save folder (or one
-`iter_<7-digit iteration>` folder), verifies every file's size and SHA-256, and checks
-that the tensors are the ones its config implies before anything is produced. Only weights (`model/...`) and
-persistent buffers travel; optimizer state stays behind.
-
-Writing validates the target layout against the model (heads and FFN sizes divisible by
-TP, layers by PP, experts by EP, as `paratron.config.validate` does for a run), pads the
-vocabulary with Megatron's rule for that TP and records the sizes in the saved config's
-parallel section. The tensors themselves are logical, so any layout (not only the one
-recorded) loads the checkpoint.
+Reading takes the newest complete checkpoint of a save folder (or one `iter_NNNNNNN`
+folder), verifies every file's size and SHA-256 and checks the tensors against its
+config before anything is produced; only weights and persistent buffers travel. Writing
+validates the target layout against the model as a run would, pads the vocabulary for
+that TP with Megatron's rule and records the sizes; the tensors are logical, so any
+layout loads the result.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """What every conversion shares: a model as a stream of logical tensors, a layer at a time.
 
-A loader (Hugging Face folder, Paratron checkpoint, Megatron-LM checkpoint) turns its
-files into a `StreamedModel`: the TransformerConfig, the number of real vocabulary rows
-and a function that yields the model's logical tensors (global names, unsharded shapes,
-keyed `model/<name>` or `buffer/<name>` as in a Paratron checkpoint) one group at a time:
-the embedding, then each layer, then the final norm and output layer. A saver consumes
-the groups and writes its format. So at most one layer's tensors (plus what the files
-memory-map) are in memory, whatever the size of the model.
-
-The names and shapes a config implies come from a `GPTModel` built on the meta device:
-no memory, no initialisation, and exactly the parameters the real model will have.
+A loader turns its files into a `StreamedModel`: the TransformerConfig, the real
+vocabulary rows and a function yielding the logical tensors (`model/<name>`,
+`buffer/<name>`, as in a Paratron checkpoint) one group at a time: the embedding, each
+layer, the final norm and output layer. A saver writes the groups, so at most one
+layer's tensors are in memory whatever the model's size. The names and shapes a config
+implies come from a `GPTModel` built on the meta device.
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
 """GPT pretraining samples with Megatron-LM's semantics, and the builder the trainer calls.
 
-`build_train_valid_test_datasets` turns the data flags (`--data-path`, `--split`,
-`--mock-data`, ...) into a train, a valid and a test dataset. Each maps a sample index
-to a dict of tensors: `tokens` and `labels` int64 [S] (the labels are the tokens shifted
-by one), `loss_mask` float32 [S] (0 where `--eod-mask-loss` hides an input eod),
-`position_ids` int64 [S], and, with `--reset-attention-mask` or `create_attention_mask`,
-what the attention needs to keep documents apart (see `masks_and_position_ids`).
-
-Samples are a pure function of (files, split, seed, seq_length, number of samples
-requested, sample index), never of the parallel layout. Their index arrays are cached
-(`index_cache`), so ranks that build after the first read them back. Every sample's
-token ids are checked against the tokenizer's vocabulary as the sample is read: a corpus
-tokenized with another tokenizer stops with the file and document named, not an
-`IndexError` deep in the embedding.
+`build_train_valid_test_datasets` turns the data flags into train, valid and test
+datasets mapping a sample index to `tokens` and `labels` int64 [S] (shifted by one),
+`loss_mask` float32 [S], `position_ids` int64 [S] and, with `--reset-attention-mask`,
+the attention mask that keeps documents apart. Samples are a pure function of (files,
+split, seed, seq_length, samples requested, index), never of the layout; their index
+arrays are cached (`index_cache`), and every sample's ids are checked against the
+vocabulary as it is read, so a corpus tokenized with another tokenizer stops with the
+file and document named.
 """
 
 from __future__ import annotations

@@ -1,26 +1,19 @@
-"""Megatron-LM's indexed dataset: the `.bin` / `.idx` file pair, read and written.
-
-Users arrive with corpora that Megatron-LM's `tools/preprocess_data.py` has
-already tokenized, so Paratron reads and writes exactly the same bytes.
+"""Megatron-LM's indexed dataset: the `.bin` / `.idx` file pair, byte for byte.
 
 Layout of `<prefix>.idx` (all integers little-endian):
 
-    9 bytes   magic b"MMIDIDX\\x00\\x00"
+    9 bytes   magic b"MMIDIDX\x00\x00"
     uint64    version, always 1
     uint8     dtype code of the tokens in the .bin (see DTYPE_CODES)
     uint64    S, the number of sequences
     uint64    D, the number of document-index entries (= documents + 1)
     int32[S]  length of each sequence, in tokens
     int64[S]  byte offset of each sequence in the .bin (the first is 0)
-    int64[D]  document index: entry 0 is 0, entry d+1 is the exclusive end
-              sequence of document d (an empty document repeats the previous
-              entry)
+    int64[D]  document index: entry d+1 is the exclusive end sequence of document d
 
-`<prefix>.bin` holds the token ids of all sequences back to back, no header.
-A "sequence" is a whole document, or one sentence with `--split-sentences`.
-
-Reading memory-maps both files, so opening a corpus of any size costs O(1)
-memory and every rank of a job can share the pages.
+`<prefix>.bin` holds the token ids of all sequences back to back. A sequence is a
+document, or a sentence with `--split-sentences`. Both files are memory-mapped, so
+opening a corpus of any size costs O(1) memory and a job's ranks share the pages.
 """
 
 from __future__ import annotations
@@ -341,19 +334,12 @@ def _first_bad_document(document_indices: np.ndarray, num_sequences: int) -> int
 class IndexedDataset:
     """Read-only view of a Megatron `.bin/.idx` pair, memory-mapped.
 
-    `ds[i]` is sequence `i` as a numpy array (a view into the mapped
-    file); `ds.get(i, offset, length)` a slice of it. `sequence_lengths`,
-    `sequence_pointers` and `document_indices` are the arrays from the
-    .idx, also memory-mapped.
-
-    The constructor validates the pair and raises `DataError` naming
-    the file for anything that would otherwise read outside the `.bin` or
-    crash later: a missing or unreadable file, a wrong magic or version, an
-    unknown dtype, counts that do not fit the file size, a negative length,
-    a pointer that is misaligned, decreasing, overlapping or outside the .bin,
-    a document index that is not monotone from 0 to the sequence count. The
-    token ids themselves are not scanned here (that would read the whole
-    corpus); the GPT dataset checks them against the vocabulary as it reads.
+    `ds[i]` is sequence `i` as a numpy array (a view into the mapped file) and
+    `ds.get(i, offset, length)` a slice of it; `sequence_lengths`, `sequence_pointers`
+    and `document_indices` are the .idx arrays. The constructor raises `DataError` naming
+    the file for anything that would read outside the `.bin` or crash later (bad magic,
+    version or dtype, counts that do not fit the file, bad lengths, pointers or document
+    index); token ids are checked by the GPT dataset as it reads them.
     """
 
     def __init__(self, prefix: str) -> None:

@@ -1,28 +1,19 @@
 """The index arithmetic behind Megatron-LM's GPT and blended datasets, in numpy.
 
-These functions decide which tokens make up training sample `k`. They
-reproduce Megatron-LM's `GPTDataset` / `BlendedDataset` / `helpers.cpp`
-results exactly (same arrays, same dtypes), so that the same arguments give the
-same samples in both frameworks, but without a C++ extension: the sample index
-is computed with a cumulative sum and a binary search instead of a token loop.
+These functions decide which tokens make up training sample `k`, with Megatron-LM's
+`GPTDataset` / `BlendedDataset` / `helpers.cpp` results exactly (same arrays, same
+dtypes) but without a C++ extension: the sample index is a cumulative sum and a binary
+search instead of a token loop. Counts are of sequences (documents, or sentences):
 
-Vocabulary (all counts are of *sequences*: a sequence is a document, or one
-sentence of a sentence-split corpus):
-
-* split: `--split 949,50,1` is normalised to fractions; the split `i` of a
-  corpus of N sequences is `range(round(b_i * N), round(b_{i+1} * N))` where
-  `b` are the cumulative fractions.
-* epochs: the smallest E with `E * tokens_in_split >= num_samples * S + 1`.
-* document index: the split's sequence ids tiled E times and shuffled with
-  `numpy.random.RandomState(seed)`; when the last epoch is used less than
-  80 %, epochs `1..E-1` and the last epoch are shuffled separately and
-  concatenated, so the partly used epoch cannot crowd out whole ones.
-* sample index: sample k is the `S + 1` tokens starting at token `k * S` of
-  the concatenation of the document index (consecutive samples share one
-  token: the last label of one is the first input of the next). Entry k is
-  `(position in the document index, offset in that sequence)`.
-* shuffle index: `arange(num_samples)` shuffled by the same generator after
-  the document index (in two parts when the last epoch was separated).
+* split: `--split 949,50,1` as fractions; split `i` of N sequences is
+  `range(round(b_i * N), round(b_{i+1} * N))` for the cumulative fractions `b`;
+* epochs: the smallest E with `E * tokens_in_split >= num_samples * S + 1`;
+* document index: the split's ids tiled E times, shuffled with
+  `numpy.random.RandomState(seed)`; a last epoch used under 80 % is shuffled separately,
+  so it cannot crowd out whole ones;
+* sample index: sample k is the `S + 1` tokens from token `k * S` of the concatenated
+  documents (neighbours share one token), stored as (document position, offset);
+* shuffle index: `arange(num_samples)` shuffled by the same generator afterwards.
 """
 
 from __future__ import annotations

@@ -1,26 +1,17 @@
 """Tokenize raw text into Megatron `.bin/.idx` files (the library side of `paratron preprocess`).
 
-Produces the same files as Megatron-LM's `tools/preprocess_data.py` for the
-same input and tokenizer: `<prefix>_<key>_document.bin/.idx` per JSON key
-(`_sentence` with sentence splitting), documents in input order, `eod`
-appended to every non-empty document with `append_eod`, an empty document
-kept as an empty entry of the document index.
+Produces the same files as Megatron-LM's `tools/preprocess_data.py` for the same input
+and tokenizer: `<prefix>_<key>_document.bin/.idx` per JSON key (`_sentence` with sentence
+splitting), documents in input order, `eod` appended to every non-empty document with
+`append_eod`, an empty document kept as an empty entry.
 
-How it is fast: the main process reads lines and hands batches of a few
-hundred documents to `workers` processes (in order, `Pool.imap`), each of
-which parses the JSON, tokenizes the whole batch in one `encode_batch` call
-and returns flat numpy arrays, which the main process appends to the output
-with one write per batch. No per-token Python work anywhere.
-
-How it fails: malformed input (bad JSON, a `null` or missing text, a line
-over `max_line_length` characters) raises `DataError` naming
-`file:line`, or is counted and skipped with `skip_bad_lines`; an OS error
-while writing (a full disk, a read-only folder) is a DataError naming the
-file and the cause. Outputs are written under temporary names
-(`<output>.tmp-<host>-<pid>`, created exclusively) and renamed only when
-everything succeeded; the temporaries are removed on every way out,
-including SIGTERM (turned into `Terminated` while a run is going), and
-a run also removes those that killed runs (SIGKILL) left behind.
+Fast: the main process hands batches of a few hundred lines to `workers` processes in
+order (`Pool.imap`); each parses and tokenizes its batch in one `encode_batch` call and
+returns flat numpy arrays, appended with one write per batch. Safe: a malformed line
+raises `DataError` naming `file:line` (or is counted and skipped with `skip_bad_lines`),
+an OS error names the file and cause, and outputs are written under exclusive temporary
+names renamed only on success, removed on every way out (SIGTERM included) and, when a
+killed run left them, by the next run.
 """
 
 from __future__ import annotations

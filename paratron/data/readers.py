@@ -1,21 +1,12 @@
 """Reading raw text corpora: JSONL (optionally gzipped), JSON lists, plain text.
 
-Used by preprocessing and by the SFT dataset, so both accept the same inputs
-and report bad input the same way (`file:line: what is wrong`).
-
-Formats, decided per file from its name and first character:
-
-* `*.jsonl` (and `*.jsonl.gz`): one JSON object per line (Megatron's input);
-* `*.json`: a JSON list of objects (Alpaca style) when it starts with `[`,
-  else JSON lines;
-* `*.txt` and anything else that does not start with `{` or `[`: plain
-  text, one document per non-blank line.
-
-A line (of JSONL or text) longer than `max_line_length` characters
-(`MAX_LINE_LENGTH`, 32 Mi, by default; `--max-line-length` raises it)
-is a bad line: it is read in pieces and dropped, never held in memory whole,
-so one runaway line (a whole crawl dump without newlines) costs seconds and
-megabytes instead of minutes and gigabytes.
+Preprocessing and the SFT dataset share it, so both accept the same inputs and report bad
+input the same way (`file:line: what is wrong`). Per file: `*.jsonl(.gz)` is one object
+per line (Megatron's input); `*.json` a list of objects when it starts with `[`, else
+JSON lines; anything else not starting with `{` or `[` plain text, one document per
+non-blank line. A line longer than `max_line_length` (32 Mi by default,
+`--max-line-length`) is read in pieces and dropped, so one runaway line costs seconds and
+megabytes, not minutes and gigabytes.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """Batch sampling from `consumed_samples`, Megatron-LM's `MegatronPretrainingSampler`.
 
-The dataset is read in order from `consumed_samples`. Every group of
-`micro_batch_size * data_parallel_size` consecutive samples is one
-micro-batch step of the whole job, and data-parallel rank r takes the r-th
-slice of `micro_batch_size` samples of it. A global batch is therefore always
-the samples `[consumed, consumed + global_batch_size)`, whatever the
-data-parallel size — only who holds which sample changes — and a resumed run
-continues at exactly the next sample. Ranks and sizes are plain numbers; this
-module knows nothing of process groups.
-
-Validation reads with `wrap_around`: past the last sample it starts again at the
-first. A resumed run builds its validation split for its own evaluation settings, so
-the samples an earlier run with more or longer evaluations consumed can outnumber it;
-reading on from `consumed_samples` modulo the split keeps every evaluation possible,
-and a run resumed with unchanged settings never wraps, so it reads what the
-uninterrupted run read.
+Every `micro_batch_size * data_parallel_size` consecutive samples from `consumed_samples`
+are one micro-batch step of the job, rank r taking the r-th slice: a global batch is
+always samples `[consumed, consumed + global_batch_size)` whatever the DP size, and a
+resumed run continues at exactly the next sample. Validation reads with `wrap_around`
+(past the last sample it starts again), since a resumed run's validation split, built for
+its own settings, can be smaller than what earlier evaluations consumed; with unchanged
+settings it never wraps.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Supervised fine-tuning data: conversations in, samples with a loss only on the answers out.
 
-Records (JSON list or JSONL, one per conversation) are Alpaca's `{"instruction",
-"input", "output"}` (with an optional `system`; or `{"query", "response"}`) or chat
-`{"messages": [{"role", "content"}, ...]}`. Each becomes a list of messages, rendered to
-token ids with the tokenizer's chat template when it has one, else in Stanford Alpaca's
-layout, with a mask covering exactly the response tokens plus one eod after each.
-
-Samples have the GPT dataset's keys for `S` positions: one conversation per sample,
-padded with loss 0, or with `sequence_packing` conversations packed in order,
-`position_ids` restarting and `document_ids` numbering them so attention stays within
-one. A conversation longer than the sample is cut at the end. Conversations are read
-from JSON, or written once to indexed files with `write_sft_indexed` and read from there.
+Records are Alpaca's `{"instruction", "input", "output"}` (optional `system`; or
+`{"query", "response"}`) or chat `{"messages": [{"role", "content"}, ...]}`, rendered with
+the tokenizer's chat template when it has one, else in Stanford Alpaca's layout, with a
+loss mask on exactly the responses plus one eod after each. A sample holds one
+conversation padded with loss 0, or with `sequence_packing` several packed in order
+(positions restart; attention stays within each); a longer one is cut at the end.
 """
 
 from __future__ import annotations

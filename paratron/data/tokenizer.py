@@ -1,14 +1,11 @@
 """Tokenizers chosen by Megatron-LM's flags.
 
 `build_tokenizer` maps `--tokenizer-type` (and Pai-Megatron-Patch's
-`--patch-tokenizer-type`) onto one of the classes below, all with the `Tokenizer`
-interface: `vocab_size` (the ids the model's embedding must cover before padding),
-`eod` (the id `--append-eod` appends and `--eod-mask-loss` / `--reset-*` look for),
-`pad` and `bos` (None when the tokenizer has none), `encode(text)`,
-`encode_batch(texts)` (one call for many texts, which the Rust tokenizers run much
-faster than a Python loop) and `decode(ids)`. Each type produces the ids Megatron-LM's
-does, so files written here and by Megatron's `tools/preprocess_data.py` agree. No
-tokenizer here downloads anything: every path is a local file or folder.
+`--patch-tokenizer-type`) onto a class with the `Tokenizer` interface: `vocab_size`
+(what the embedding covers before padding), `eod`, `pad` and `bos` (None when absent),
+`encode`, `encode_batch` (one call for many texts, much faster in the Rust tokenizers)
+and `decode`. Each type produces Megatron-LM's ids, so files written here and by its
+`tools/preprocess_data.py` agree. Nothing here downloads: every path is local.
 """
 
 from __future__ import annotations

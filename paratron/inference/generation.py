@@ -4,13 +4,10 @@ tensor-parallel group.
     completions = generate(model, [prompt_ids, ...], max_new_tokens=64,
                            sampling=Sampling(greedy=True), eod=tokenizer.eod)
 
-The prompts are left-padded into one batch and run once (prefill); then each step
-feeds the newest token of every row, whose positions continue the row's own count
-(padding does not count), so a padded row generates what it would alone. Under tensor
-parallelism each rank holds its heads' cache and its slice of the vocabulary; the
-last position's logits are gathered over the group, every rank samples, and TP rank
-0's choice is broadcast so all ranks feed the same token even where a device's
-sampling kernels are not bit-reproducible.
+Prompts are left-padded into one batch and prefilled once; each step then feeds every
+row's newest token at the row's own next position, so a padded row generates what it
+would alone. Under TP the last position's logits are gathered and TP rank 0's choice is
+broadcast, so all ranks feed the same token even where sampling is not bit-reproducible.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """Which settings make a model what it is: the test a resume applies to a checkpoint.
 
-A checkpoint's tensors only mean something to the model that trained them. Loaded into
-a model with another layer count, norm, rotary base or router, they are skipped, cut or
-silently computed with differently, so `--load` compares the checkpoint's recorded
-TransformerConfig with the run's on the settings that define the weights or what the
-forward pass computes, and on nothing else. `RUN_SETTINGS` lists the others (dropout,
-initialisation, recompute, fusions and kernels, auxiliary losses, the parallel
-layout): a run may change them between a save and a resume. Every field not listed
-there counts as part of the model, so a field added later without a decision here makes
-a resume refuse rather than load into the wrong model.
-
-The vocabulary is compared apart (`vocabulary_difference`): its padding depends on the
-tensor-parallel size, and a checkpoint padded for another TP size is the same model.
+A checkpoint's tensors mean something only to the model that trained them, so `--load`
+compares the recorded TransformerConfig with the run's on every field except
+`RUN_SETTINGS` (dropout, initialisation, recompute, kernels, auxiliary losses, the
+layout), which a run may change between save and resume. A field added later without a
+decision here therefore makes a resume refuse rather than load into the wrong model. The
+vocabulary is compared apart (`vocabulary_difference`): its padding follows the TP size.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Multi-latent attention (DeepSeek-V2), with Megatron-Core's module names.
 
-Keys and values are expanded per head from one low-rank latent per token; the
-positional part of the key is a single rope key per token shared by every head:
+Keys and values are expanded per head from one low-rank latent per token; the positional
+part of the key is one rope key per token shared by every head:
 
     q  = linear_q_proj(x)                                   (no --q-lora-rank)
        = linear_q_up_proj(q_layernorm(linear_q_down_proj(x)))
@@ -10,20 +10,12 @@ positional part of the key is a single rope key per token shared by every head:
     q = [q_nope, rope(q_pe)],  k = [k_nope, rope(k_pe) for every head]
     out = linear_proj(softmax(q k^T * scale + causal) v)
 
-DeepSeek-V2 rotates consecutive pairs of rope channels: with the usual halves layout of
-the cos/sin tables, the rope channels of q and k are first permuted to halves order, as
-the original code does (the logits are unchanged); with --rotary-interleaved no
-permutation is needed. The softmax scale is 1/sqrt(qk_head_dim + qk_pos_emb_head_dim),
-times yarn_mscale(factor, mscale_all_dim)^2 under YaRN (the other YaRN term is folded
-into the cos/sin tables). Generation caches the normalised latent and the rotated rope
-key per token, many times smaller than the expanded keys and values, and expands the
-whole cached context again at each step.
-
-Heads are split over TP (`linear_q_proj`, `linear_q_up_proj` and `linear_kv_up_proj`
-are column-parallel, `linear_proj` row-parallel); the down projections and the latent
-norms are replicated. Without sequence parallelism their gradients arrive whole on every
-rank; with it each rank applies them to its own sequence shard, the small latents (not
-the hidden state) are all-gathered, and their gradients are summed over TP like a norm's.
+DeepSeek-V2 rotates consecutive pairs of rope channels, so they are permuted to the
+halves layout first (unless --rotary-interleaved); the scale is
+1/sqrt(qk_head_dim + qk_pos_emb_head_dim), times yarn_mscale^2 under YaRN. Generation
+caches the normalised latent and rope key, far smaller than expanded keys and values.
+Heads are split over TP; the down projections and latent norms are replicated, and under
+sequence parallelism the small latents (not the hidden state) are all-gathered.
 """
 
 from __future__ import annotations

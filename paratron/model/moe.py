@@ -3,19 +3,12 @@
     x [s, b, h] -> router -> top-k experts per token -> dispatch -> experts -> combine
                 -> + shared_experts(x) -> [s, b, h]
 
-Routing (`topk_routing`) reproduces each Hugging Face reference exactly; with
---moe-expert-capacity-factor each expert keeps its highest-weighted (or earliest) tokens
-up to its capacity. The load-balancing losses follow Megatron-Core's formulas (the
-Switch/GShard aux loss, DeepSeek-V2's per-sequence one, the router z-loss); they are not
-returned but attached to an activation by `MoEAuxLossAutoScaler`, which adds their
-gradient in backward.
-
-The router and shared experts are replicated / tensor-parallel like the dense MLP.
-Routed experts are split over EP (and ETP) by `paratron.parallel.expert_parallel`, which
-needs every rank of a stage to hold different tokens: under sequence parallelism the
-input already is this rank's sequence shard; without it, the routing is computed on all
-tokens (identical on the TP ranks), each TP rank dispatches its 1/TP of them, and the
-results are all-gathered back.
+Routing (`topk_routing`) reproduces each Hugging Face reference exactly. The
+load-balancing losses follow Megatron-Core's formulas and reach backward through
+`MoEAuxLossAutoScaler`. Routed experts are split over EP (and ETP) by
+`paratron.parallel.expert_parallel`, which needs every rank of a stage to hold different
+tokens: under sequence parallelism they do; without it each TP rank dispatches its 1/TP
+of the tokens and the results are all-gathered back.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Activation offload: what the first layers save for backward waits in CPU memory.
 
-Between a layer's forward and its backward, autograd keeps every tensor the layer's ops
-saved (inputs of matmuls, norm statistics, attention outputs, ...). On a GPU these are
-the bulk of training memory, and the earliest layers hold theirs longest. With
-`--cpu-offloading --cpu-offloading-num-layers N`, the layers numbered below N (global
-numbers, so every pipeline layout offloads the same layers) run under
-`torch.autograd.graph.saved_tensors_hooks`: each saved tensor is copied to (pinned)
-CPU memory when it is saved and copied back when backward asks for it, so the device
-copy can be freed in between.
-
-The hooks wrap the recompute checkpoint of a layer (or a chunk of layers under
-`--recompute-granularity full`), not the other way round: a recomputed region saves
-only its inputs, and those are what get offloaded; the tensors rebuilt during backward
-stay on the device for the short time they live. Weights are never copied: they stay
-resident whatever happens, so a saved weight (or a view of one) is kept as it is.
+Between a layer's forward and backward autograd keeps every tensor its ops saved, the
+bulk of training memory, held longest by the earliest layers. With `--cpu-offloading
+--cpu-offloading-num-layers N`, layers numbered below N (global numbers: every pipeline
+layout offloads the same layers) run under `saved_tensors_hooks` that copy each saved
+tensor to pinned CPU memory and back when backward asks. The hooks wrap a layer's
+recompute checkpoint, so under recompute only its inputs are offloaded; weights are
+never copied.
 """
 
 from __future__ import annotations

@@ -1,29 +1,18 @@
 """Context parallelism: the sequence split over CP ranks, attention exact over the whole.
 
-Every layer except attention works token by token, so CP ranks simply hold different
-tokens of the same sequences; only attention needs the other ranks' keys and values.
+Every layer but attention works token by token, so CP ranks simply hold different tokens;
+only attention needs the other ranks' keys and values. Under a causal mask late tokens
+do more work, so (as Megatron-LM and Transformer Engine) the sequence is cut into 2 x CP
+chunks and rank r keeps chunks r and 2CP-1-r (CP 2: rank 0 holds [0, 3], rank 1 [1, 2]).
+`split_for_context_parallel` cuts anything laid out along the sequence this way and
+`context_parallel_positions` gives the positions a rank holds.
 
-The load-balanced causal layout (as Megatron-LM and Transformer Engine). Under a causal
-mask late tokens attend to many keys and early ones to few, so contiguous slices would
-give the last rank most of the work. Instead the sequence is cut into 2 x CP chunks and
-rank r keeps chunks r and 2CP-1-r, one early and one late:
-
-    CP 2, chunks 0 1 2 3:          rank 0 holds [0, 3], rank 1 holds [1, 2]
-    CP 4, chunks 0 1 2 3 4 5 6 7:  rank 0 [0, 7], rank 1 [1, 6], rank 2 [2, 5], rank 3 [3, 4]
-
-`split_for_context_parallel` cuts tokens, labels, loss masks (and anything else laid out
-along the sequence) this way; `context_parallel_positions` gives the positions of the
-tokens a rank holds, for position ids and rotary embeddings.
-
-`context_parallel_attention` takes this rank's q, k, v and returns its rows of causal
-attention over the whole sequence, seeing the other ranks' keys and values either by
-all-gathering them (`all_gather`: simple, holds the whole sequence's K and V at once) or
-by passing them around a ring (`p2p`, ring attention: CP-1 steps, the next transfer
-overlapping the current step's attention, partial results merged with the online
-softmax). The ring's step kernel (`BlockAttention`) is written in PyTorch and
-recomputes its scores in backward, as flash attention does. Both paths support grouped
-query heads and a value head size different from the query/key one (multi-latent
-attention).
+`context_parallel_attention` returns this rank's rows of causal attention over the whole
+sequence, seeing the other keys and values by all-gathering them (`all_gather`) or around
+a ring (`p2p`: CP-1 steps, each transfer overlapping the previous step's attention,
+partial results merged with the online softmax; the step kernel recomputes its scores in
+backward, as flash attention does). Both support grouped query heads and a value head
+size different from the key's (multi-latent attention).
 """
 
 from __future__ import annotations

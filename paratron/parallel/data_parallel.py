@@ -1,22 +1,15 @@
 """Data parallelism: fp32 gradient buffers reduced in buckets across data-parallel ranks.
 
-Every parameter's gradient is added into `param.main_grad`, a view of one contiguous
-fp32 buffer per parameter dtype, by a hook that runs as soon as autograd has the
-gradient; `param.grad` is then released. This holds at data-parallel size 1 too, so
-the optimizer always reads the same place and accumulating micro-batches in fp32
-costs nothing extra for half-precision weights.
-
-The buffer is cut into buckets (`--ddp-bucket-size` elements, parameters in reverse
-order, which is roughly the order backward produces them). On the last micro-batch
-of a step each bucket is reduced across DP — all-reduce, or reduce-scatter with the
-distributed optimizer, where rank r then owns the r-th slice of every bucket. With
-`--overlap-grad-reduce` a bucket's reduction starts during backward as soon as all
-its gradients are in. Gradients are summed, not averaged: the loss is already
-normalised by the token count of the whole global batch.
-
-With the distributed optimizer the model's weights also live in one contiguous buffer
-per dtype, with the same bucket layout, so updated slices are all-gathered in place
-(overlapped with the next forward under `--overlap-param-gather`).
+Every parameter's gradient is added, as soon as autograd has it, into `param.main_grad`,
+a view of one contiguous fp32 buffer per dtype, and `param.grad` is released; at DP 1 too,
+so the optimizer always reads one place and accumulating micro-batches in fp32 is free.
+The buffer is cut into buckets (`--ddp-bucket-size`, parameters in reverse order, about
+the order backward produces them), each reduced across DP on the last micro-batch (all-
+reduce, or reduce-scatter with the distributed optimizer, rank r owning every bucket's
+r-th slice), during backward with `--overlap-grad-reduce`. Gradients are summed: the loss
+is already normalised by the global batch's token count. With the distributed optimizer
+the weights live in a buffer of the same layout, so updated slices are all-gathered in
+place (overlapped with the next forward under `--overlap-param-gather`).
 """
 
 from __future__ import annotations

@@ -1,36 +1,20 @@
 """Expert parallelism: routed experts split over ranks, tokens sent to the experts they
 chose and the results sent back.
 
-The layout. Expert layers read the ranks of a pipeline stage as ETP x EP x EDP (see
-`process_groups`): the experts are split into EP equal blocks of `num_experts / EP`
-consecutive experts, each expert's weights are split over ETP (like a column/row
-parallel MLP), and the EDP ranks hold copies. An expert weight's `ParamLayout` has
-`num_experts` (its gradient is summed over EDP, not DP) and a `dim` that refers to the
-ETP group.
+Expert layers read a stage's ranks as ETP x EP x EDP (see `process_groups`): EP equal
+blocks of `num_experts / EP` consecutive experts, each expert's weights split over ETP
+like a column/row-parallel MLP, copies on the EDP ranks (an expert weight's
+`ParamLayout` has `num_experts`: its gradient is summed over EDP, not DP). Before
+dispatch every rank holds tokens no other rank of its stage holds, with the router's
+boolean map and weights [tokens, experts].
 
-Before dispatch every rank holds tokens no other rank of its stage holds (the MoE layer
-makes sure of that: sequence shards under sequence parallelism, else each TP rank keeps
-its 1/TP of the tokens), and for each token the router's choice: a boolean map
-[tokens, experts] and the matching weights [tokens, experts].
-
-Dispatch "alltoall" (Megatron-LM's MoEAlltoAllTokenDispatcher):
-
-1. permute: one row per (token, chosen expert), sorted by expert (`permute`);
-2. all-to-all over EP with variable split sizes: each rank sends the rows of the experts
-   another rank owns and receives the rows of its own experts from every EP rank;
-3. with ETP > 1, all-gather (variable sizes) over ETP, since the ETP ranks hold slices of
-   the same experts and each computes its slice for all their rows;
-4. sort the received rows by local expert, run the experts, and undo all of it: unsort,
-   reduce-scatter over ETP (summing the slices' partial outputs), all-to-all back over
-   EP, and add each row times its routing weight into its token (`unpermute`).
-
-Dispatch "allgather" (MoEAllGatherTokenDispatcher): all-gather the tokens, maps and
-weights over ETP then EP, run the local experts on the rows routed to them, weight and
-sum per token, and reduce-scatter the partial sums back over EP then ETP.
-
-Every collective is an autograd function whose backward is its transpose: all-to-all
-with the split sizes swapped; variable all-gather <-> variable reduce-scatter (both done
-with `all_to_all_single`, which every backend supports with uneven splits).
+"alltoall" (Megatron-LM's MoEAlltoAllTokenDispatcher): permute to one row per (token,
+expert) sorted by expert, all-to-all over EP with variable splits, all-gather over ETP,
+run the local experts, and undo it all (reduce-scatter over ETP, all-to-all back, weight
+and add into each token). "allgather" (MoEAllGatherTokenDispatcher): all-gather tokens,
+maps and weights over ETP then EP, run the local experts, reduce-scatter the weighted
+sums back. Every collective is an autograd function whose backward is its transpose,
+all built on `all_to_all_single`, which every backend supports with uneven splits.
 """
 
 from __future__ import annotations

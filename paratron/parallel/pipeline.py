@@ -1,22 +1,17 @@
 """Pipeline parallelism: which layers each stage holds, and the 1F1B schedules.
 
-Stages. The layer stack is cut into `pp x vpp` virtual stages; rank r holds chunks
-c = 0..vpp-1, chunk c being virtual stage c x pp + r (Megatron's interleaving). The
-first virtual stage also owns the embedding, the last the final norm, output layer
-and loss. Uneven cuts come from --decoder-first/last-pipeline-num-layers, or from
-counting the embedding / loss as a layer.
+The layer stack is cut into `pp x vpp` virtual stages; rank r holds chunks c = 0..vpp-1,
+chunk c being virtual stage c x pp + r (Megatron's interleaving); the first also owns the
+embedding, the last the final norm, output layer and loss (uneven cuts: --decoder-first/
+last-pipeline-num-layers, or counting the embedding / loss as a layer).
 
-Schedules. A schedule is the order in which a rank runs forward (F) and backward (B)
-steps of (chunk, micro-batch). `one_f_one_b_order` and `interleaved_order` write these
-orders down; `run_schedule` executes any such order. Activations go to the next
-stage and gradients to the previous one as soon as they exist, through
-`batch_isend_irecv` without waiting for them to arrive; a step waits only for the
-receive it needs. Messages between two ranks are matched in the order both sides post
-them (tagged by direction), which the orders guarantee, so there is no per-message
-synchronisation; shapes are known ahead ([s/TP with SP, b, h] in the model's dtype).
-
-`Stage` is what the trainer drives: this rank's chunks, run over a global batch in their
-schedule's order (`forward_backward`), then their gradients completed (`finish_gradients`).
+A schedule is data: the order in which a rank runs forward and backward steps of (chunk,
+micro-batch), written down by `one_f_one_b_order` and `interleaved_order` and executed by
+`run_schedule`. Activations and gradients are sent as soon as they exist through
+`batch_isend_irecv`, and a step waits only for the receive it needs; both sides post
+messages in the same order, which the orders guarantee. `Stage` is what the trainer
+drives: this rank's chunks run over a global batch (`forward_backward`), then their
+gradients completed (`finish_gradients`).
 """
 
 from __future__ import annotations

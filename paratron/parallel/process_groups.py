@@ -1,29 +1,20 @@
 """The process-group object: who this rank talks to for each kind of parallelism.
 
-It is the one piece of shared state Paratron has. At world size 1 it exists with every
-size 1 and no groups, and every collective in `paratron.parallel` is then the identity,
-so the single-process model runs the very same code as a sharded one.
+It is the one piece of shared state Paratron has. At world size 1 every size is 1 and
+every collective in `paratron.parallel` is the identity, so one process runs the very
+same code as a sharded run.
 
-The grid. world = TP x CP x DP x PP, and a global rank is read as the digits
-(tp, cp, dp, pp) with TP the fastest-changing one, as Megatron-LM numbers ranks (order
-"tp-cp-ep-dp-pp"). Neighbouring ranks therefore share a TP group: TP all-reduces run in
-every layer and must stay on the fast links inside one machine, while DP's one reduction
-per step and PP's point-to-point sends can cross machines.
+world = TP x CP x DP x PP, a global rank read as the digits (tp, cp, dp, pp) with TP
+fastest, as Megatron-LM numbers ranks ("tp-cp-ep-dp-pp"): TP all-reduces run in every
+layer and stay on a machine's fast links, while DP's one reduction per step and PP's sends
+can cross machines. Expert layers read the same ranks as ETP x EP x EDP x PP (ETP
+defaults to TP, EDP is what is left). A group over several dimensions (DP x CP, TP x PP)
+lists its ranks in ascending order, so a rank's index there is its group rank.
 
-Expert layers read the same ranks differently: ETP x EP x EDP x PP, with EP taking the
-place CP has for the dense layers. ETP (expert tensor parallel) defaults to TP, and EDP
-(expert data parallel) is whatever is left: world / (ETP x EP x PP). So attention and
-experts share the pipeline stages but slice the ranks of a stage their own way.
-
-A group spanning several dimensions (DP x CP for gradient reduction, TP x PP for the
-model-parallel group) lists its ranks with the earlier dimension of the order fastest,
-which is also ascending global rank, so a rank's index in the list is its group rank.
-
-Each dimension is one record: `pg.tp.size`, `pg.tp.rank` (index inside the group) and
-`pg.tp.group`, likewise for cp, dp, dp_cp, pp, mp (TP x PP), ep, etp, edp. Plus
-`pp_ranks` (the global ranks of this rank's pipeline, for sends to the neighbouring
-stages), the embedding group (first and last stage of the pipeline, which both hold the
-tied word embeddings) and `rng`, the dropout streams (see `paratron.parallel.random`).
+Each dimension is one record, `pg.tp.size`, `pg.tp.rank`, `pg.tp.group` (likewise cp,
+dp, dp_cp, pp, mp = TP x PP, ep, etp, edp), beside `pp_ranks` (this pipeline's global
+ranks), the embedding group (first and last stage, which hold the tied embeddings) and
+`rng`, the dropout streams (`paratron.parallel.random`).
 """
 
 from __future__ import annotations

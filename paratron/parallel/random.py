@@ -1,36 +1,20 @@
 """Random streams for dropout under tensor parallelism.
 
-Dropout on activations that every TP rank holds whole (the residual stream without
-sequence parallelism) must draw the same mask on every TP rank, or the replicas drift
-apart. Dropout on activations that are split over TP (one rank's attention heads, a
-sequence shard) must draw a different mask on each rank, or every shard repeats the
-same pattern. So each rank keeps two streams per device:
+Dropout on activations every TP rank holds whole must draw the same mask on every TP
+rank, or the replicas drift apart; dropout on activations split over TP (a rank's heads,
+a sequence shard) must draw a different mask per rank. So each rank keeps two streams:
+the default generator, seeded `seed + 100 * pp_rank` (equal across a stage's TP and DP
+ranks), and the tracked "model-parallel-rng" stream, seeded
+`seed + 100 * pp_rank + 2718 + tp_rank` as Megatron-LM does, swapped in by
+`with pg.rng.fork(): ...` around dropout inside TP regions (experts: "expert-parallel-rng",
+`seed + 100 * pp_rank + 1024 + 100 * ep_rank + etp_rank`). Under sequence parallelism
+the hidden states outside TP regions are shards too, so their dropout forks as well; a
+nested fork of the same stream just continues it.
 
-- the default generator, seeded `seed + 100 * pp_rank`: equal across the TP and DP ranks
-  of a pipeline stage; everything outside TP regions draws from it;
-- the tracked "model-parallel-rng" stream, seeded `seed + 100 * pp_rank + 2718 + tp_rank`
-  (Megatron-LM's model-parallel seed), swapped in by `with pg.rng.fork(): ...` around
-  dropout inside TP regions. Expert layers have "expert-parallel-rng",
-  `seed + 100 * pp_rank + 1024 + 100 * ep_rank + etp_rank`.
-
-Under sequence parallelism the hidden states outside the TP regions are sequence shards
-too, so their dropout belongs inside `fork` as well (Megatron-LM forks around the whole
-layer stack then); a fork nested in another of the same stream just continues it.
-
-`fork` swaps the device's default generator state, so any random op inside it (dropout,
-`torch.rand`) uses the tracked stream, on CPU and on accelerators alike, and the default
-stream continues afterwards as if the fork had not happened.
-
-Recompute. `torch.utils.checkpoint(use_reentrant=False)` saves and restores the default
-generators around the recomputation, but not the tracked streams: by backward time they
-have moved on, and a recomputed dropout inside `fork` would draw a new mask. Pass
-`context_fn=pg.rng.checkpoint_contexts` so the recompute starts from the tracked states
-the original forward started from:
-
-    checkpoint(fn, *args, use_reentrant=False, context_fn=pg.rng.checkpoint_contexts)
-
-The tracker belongs to the process-group object (`pg.rng`): its seeds are a function of
-this rank's place in the grid, and every layer already receives that object.
+Recompute: `torch.utils.checkpoint` restores the default generators but not the tracked
+streams, so pass `context_fn=pg.rng.checkpoint_contexts` and the recomputed dropout
+draws the mask the original forward drew. The tracker lives in the process-group object
+(`pg.rng`) because its seeds follow this rank's place in the grid.
 """
 
 from __future__ import annotations

@@ -1,26 +1,19 @@
 """Tensor and sequence parallelism: column/row-parallel linears, vocab-parallel embedding
 and loss, and the collectives between them.
 
-Collectives are autograd functions named for what they do in forward and backward, and
-each is called where it is used. With a TP group of one rank every collective is the
-identity, so these layers are `nn.Linear`, `nn.Embedding` and `F.cross_entropy`.
+Collectives are autograd functions named for what they do in forward and backward, each
+called where it is used; with one TP rank they are the identity, so these layers are
+`nn.Linear`, `nn.Embedding` and `F.cross_entropy`.
 
-Tensor parallelism (Shoeybi et al. 2019). A column-parallel linear holds a slice of the
-output features, a row-parallel one a slice of the input features; the pair
-column -> elementwise -> row needs one all-reduce in forward (of the row layer's partial
-sums) and one in backward (of the column layer's input gradient).
-
-Sequence parallelism (Korthikanti et al. 2022). Outside the TP regions (norms, dropout,
-residual adds) activations [s, b, h] are split along the sequence instead of being
-replicated: the column layer all-gathers its input along dim 0 and the row layer
-reduce-scatters its output along dim 0. That moves the same bytes as the all-reduce it
-replaces and keeps 1/TP of those activations. A replicated weight applied to a sequence
-shard (norm weights, the row layer's bias) then gets only this shard's part of its
-gradient; its layout says so (`grad_summed_over="tp"`) and
-`all_reduce_sequence_parallel_grads` sums it over TP once per step.
-
-Each layer attaches the `ParamLayout` of its parameters (`parallel.sharding`), so
-clipping, checkpoints and conversion read one description.
+Tensor parallelism (Shoeybi et al. 2019): a column-parallel linear holds a slice of the
+output features, a row-parallel one a slice of the input features, so column ->
+elementwise -> row needs one all-reduce in forward and one in backward. Sequence
+parallelism (Korthikanti et al. 2022): outside the TP regions activations [s, b, h] are
+split along the sequence, the column layer all-gathers its input and the row layer
+reduce-scatters its output (the same bytes as the all-reduce, 1/TP of the activations).
+A replicated weight applied to a sequence shard then gets only its shard's gradient; its
+`ParamLayout` says `grad_summed_over="tp"` and `all_reduce_sequence_parallel_grads` sums
+it once per step.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """When a run stops early on purpose: Megatron-LM's `--exit-signal-handler`,
 `--exit-interval` and `--exit-duration-in-mins`.
 
-A scheduler (SLURM, Kubernetes) sends SIGTERM before it kills a job; with
-`--exit-signal-handler` the run finishes its current iteration, saves a checkpoint and
-exits cleanly instead of losing everything since the last save. SIGINT (Ctrl-C) does
-the same. Every rank must stop at the same iteration, so the decision is one all-reduce
-(MAX) over all ranks per iteration — only when a signal handler or a time limit is set.
-
-Without `--exit-signal-handler` a signal stops the run at once, as in Megatron, but
-with one line per rank naming the signal and the last iteration trained rather than
-a traceback from wherever the signal landed (a collective, a data loader); a single
-process keeps Python's KeyboardInterrupt, which a notebook user expects. Under
-torchrun a Ctrl-C reaches every rank and torchrun itself, which forwards the signal
-and then reports it: the ranks' lines are all that Paratron adds.
+With `--exit-signal-handler` a SIGTERM from the scheduler (or Ctrl-C) lets the run finish
+its iteration, save and exit cleanly; every rank must stop at the same iteration, so the
+decision is one MAX all-reduce per iteration, only when a handler or time limit is set.
+Without it a signal stops the run at once, as in Megatron, with one line per rank naming
+the signal and the last iteration instead of a traceback (one process keeps Python's
+KeyboardInterrupt, as a notebook user expects).
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Noticing a run going wrong: non-finite loss or gradients, loss spikes, stragglers.
 
-- Non-finite values (`--check-for-nan-in-loss-and-grad`, on by default as in Megatron):
-  with fp16's dynamic loss scaling an overflow is expected, the step is skipped and
-  counted and the scale backs off; otherwise a NaN/Inf loss or gradient means the run
-  is broken, so the trainer saves a checkpoint (with --save) and stops with one line
-  naming the iteration and the loss or the first parameter whose gradient is not finite.
-- Loss spikes: a loss above `--loss-spike-factor` x the mean of the recent iterations
-  gets a one-line warning; training goes on.
-- Stragglers: each rank's own work per iteration (loading batches, forward compute:
-  the timed regions that do not wait for other ranks) is gathered at every log
-  interval; a spread above `--straggler-threshold` names the slowest and fastest rank.
+With `--check-for-nan-in-loss-and-grad` (on by default, as in Megatron) a NaN/Inf loss or
+gradient stops the run after a checkpoint, with one line naming the iteration and the
+first bad parameter, except under fp16's dynamic loss scaling, where an overflow is
+expected: the step is skipped and counted. A loss above `--loss-spike-factor` x the
+recent mean is a warning. Each rank's own work per iteration is gathered at every log
+interval, and a spread above `--straggler-threshold` names the slowest and fastest rank.
 """
 
 from __future__ import annotations

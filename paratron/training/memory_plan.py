@@ -1,37 +1,19 @@
 """Per-GPU memory of a parallel layout, read off the model itself, and a layout to pick.
 
-The figures are what Paratron itself allocates on one rank, not a textbook rule of
-thumb, so `paratron plan` can be checked against a real Trainer tensor by tensor. The
-rank's model chunks are built as the trainer builds them, on the meta device (shapes
-without storage) and with sizes-only process groups, and wrapped in the real
-`DataParallel` and read:
+The figures are what Paratron allocates on one rank, so `paratron plan` can be checked
+against a real Trainer tensor by tensor: the rank's chunks are built as the trainer builds
+them, on the meta device with sizes-only process groups, wrapped in the real
+`DataParallel`, and read. Weights and fp32 gradient buffers (buckets padded to the group
+that reduces them) come from those buffers; fp32 main weights and Adam moments from the
+optimizer's own segments; activations from `paratron.training.activation_memory`;
+communication is the pipeline's receive buffers plus the larger of the distributed
+optimizer's reduce-scatter outputs and all-gather sources (after backward, when the
+activations are freed).
 
-- weights: this rank's parameters in the model's dtype; with the distributed optimizer
-  they live in the padded contiguous buffers of `paratron.parallel.data_parallel`.
-- gradients: the fp32 gradient buffers, one per (dtype, dense/expert) of each model
-  chunk, cut into buckets padded to a multiple of the group that reduces them (DP x CP
-  for dense weights, expert-DP for experts).
-- optimizer: fp32 main weights (only when the weights are bf16/fp16) and the Adam
-  moments (or SGD momentum) of the elements this rank updates: the optimizer's own
-  segments (`build_segments`), its shard of every bucket with the distributed optimizer.
-- activations: what autograd saves, `paratron.training.activation_memory`.
-- communication: the pipeline's receive buffers (alongside the activations), and the
-  distributed optimizer's reduce-scatter outputs or weight all-gather sources,
-  whichever is larger (after backward, when the activations are freed: the total
-  counts the larger of the two phases).
-
-Recommendation rule (`recommend`): among the layouts whose total stays under
-(1 - headroom) x GPU memory, prefer
-
-1. no activation recompute added by the planner (it re-runs the forward, about a third
-   more compute),
-2. the fewest model-parallel ranks TP x PP x CP (more data parallelism, whose one
-   gradient reduction per step overlaps backward, instead of per-layer collectives or
-   pipeline bubbles),
-3. the smallest expert-parallel size (fewer all-to-all exchanges),
-4. fewer pipeline stages, then less context parallelism (for the same model-parallel
-   size tensor parallelism inside a node costs less than a pipeline bubble),
-5. the least memory.
+`recommend` picks, among the layouts under (1 - headroom) x GPU memory: no recompute
+added (a third more compute), then the fewest model-parallel ranks TP x PP x CP (data
+parallelism's one reduction overlaps backward), the smallest EP (fewer all-to-alls),
+fewer pipeline stages, less CP, and the least memory.
 """
 
 from __future__ import annotations
@@ -54,7 +36,7 @@ from paratron.training.activation_memory import (FP32, ActivationShape, chunk_sa
                                                  layers_by_kind, layout_groups, rank_chunks,
                                                  stage_activation_bytes)
 from paratron.training.optimizer import build_segments
-from paratron.training.trainer import params_dtype
+from paratron.training.trainer import build_models, params_dtype
 
 GIB = 2 ** 30
 
@@ -107,16 +89,10 @@ def meta_chunk(cfg: Config, pg: ProcessGroups, chunk: Chunk) -> GPTModel:
 
 
 def rank_models(cfg: Config, pg: ProcessGroups) -> list[DataParallel]:
-    """This rank's model chunks as the trainer builds them, in the model's dtype and
-    wrapped in `DataParallel` (whose buffers lay out gradients and weights), on the
-    meta device."""
-    p, dtype = cfg.parallel, params_dtype(cfg.training)
+    """This rank's model chunks as the trainer builds them, on the meta device."""
     with torch.device("meta"):
-        return [DataParallel(meta_chunk(cfg, pg, chunk).to(dtype), pg,
-                             bucket_size=p.ddp_bucket_size,
-                             use_distributed_optimizer=p.use_distributed_optimizer,
-                             overlap_param_gather=p.overlap_param_gather)
-                for chunk in rank_chunks(cfg, pg.pp.rank)]
+        return build_models(cfg, pg, rank_chunks(cfg, pg.pp.rank), "meta",
+                            params_dtype(cfg.training))
 
 
 @dataclass(frozen=True)

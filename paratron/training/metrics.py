@@ -1,19 +1,13 @@
 """Everything the training loop reports, behind one object the trainer calls.
 
-Per iteration the trainer hands over the step's loss, gradient norm and zero count;
-`TrainingMetrics` keeps the interval's sums, warns on loss spikes, writes the
-per-iteration scalars, and at each `--log-interval` prints Megatron's log line (with
-TFLOP/s, MFU and tokens/s under `--log-throughput`), the memory line once, the timers
-block (`--timing-log-level`) and the straggler report. The first iteration of a run
-also gets a short line when the log interval does not fall on it: a slow iteration
-with a long interval would otherwise look like a hang. Evaluation is timed apart from
-the iterations. At the end it writes the performance summary.
-
-Megatron writes TensorBoard from the last rank; so do these metrics (TensorBoard, W&B,
-`--metrics-jsonl`, `--performance-summary`). The console lines go through `log`, which
-the caller gives to one rank only. Every rank must call `step` and `report_validation`
-in the same order: the timers block and the straggler report gather one small tensor
-per log interval over all ranks.
+`TrainingMetrics` keeps each interval's sums, warns on loss spikes, writes per-iteration
+scalars, and at each `--log-interval` prints Megatron's log line (with throughput under
+`--log-throughput`), the memory line once, the timers block and the straggler report; the
+first iteration gets a short line of its own, so a slow start never looks like a hang.
+As in Megatron the last rank writes TensorBoard, W&B, `--metrics-jsonl` and the
+performance summary, and console lines go through `log`, given to one rank. Every rank
+must call `step` and `report_validation` in the same order: the timers and straggler
+report gather one small tensor per interval over all ranks.
 """
 
 from __future__ import annotations

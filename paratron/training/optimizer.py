@@ -1,21 +1,14 @@
 """The optimizer wrapper: fp32 main weights, loss-scale unscaling, clipping, step.
 
-The optimizer works on *segments*: the part of each parameter this rank updates. Without
-the distributed optimizer a segment is a whole parameter; with it (ZeRO-1) it is the
-intersection of the parameter with this rank's shard of its gradient bucket, so fp32
-main weights and Adam moments exist once across the data-parallel group. Model weights
-may be bf16/fp16; their segments get fp32 main copies, fp32 weights are updated in
-place. Gradients are read from the fp32 gradient buffers. Weight decay skips biases
-and norm weights (every 1-D parameter), as Megatron does.
-
-With `--optimizer-cpu-offload` the first `--optimizer-offload-fraction` of the segments
-(by element count, in buffer order, as Megatron's hybrid-device optimizer) keep their
-fp32 main weights and optimizer state in (pinned) CPU memory: their gradients are
-copied down after clipping, their update runs on the CPU, and the updated weights are
-copied back into the model. The torch optimizer groups its tensors by device, so one
-optimizer steps both parts and the checkpoint sees one optimizer state.
-`--optimizer-implementation` picks torch's kernels (one tensor at a time, foreach
-multi-tensor, or fused); every choice computes the same AdamW update.
+It works on segments, the part of each parameter this rank updates: a whole parameter,
+or with the distributed optimizer (ZeRO-1) its intersection with this rank's shard of
+its gradient bucket, so fp32 main weights and Adam moments exist once across DP.
+bf16/fp16 weights get fp32 main copies; fp32 weights are updated in place; gradients are
+read from the fp32 buffers; weight decay skips 1-D parameters, as Megatron does. With
+`--optimizer-cpu-offload` the first `--optimizer-offload-fraction` of the segments keep
+their main weights and state in pinned CPU memory and update there (one torch optimizer
+steps both parts, so a checkpoint sees one state). `--optimizer-implementation` picks
+torch's kernels; every choice computes the same AdamW update.
 """
 
 from __future__ import annotations

@@ -1,25 +1,17 @@
 """`--save` / `--load` for a training run, with Megatron-LM's meanings.
 
     --load DIR        resume from the newest complete checkpoint in DIR: weights,
-                      optimizer and lr schedule (--no-load-optim skips both, so the
-                      schedule restarts as in Megatron), RNG states (--no-load-rng),
-                      iteration and consumed samples. No checkpoint in DIR: start from
-                      scratch with a warning (--exit-on-missing-checkpoint: stop instead).
+                      optimizer and lr schedule (--no-load-optim skips both), RNG states
+                      (--no-load-rng), iteration and consumed samples; none in DIR starts
+                      from scratch with a warning (--exit-on-missing-checkpoint stops).
     --finetune        weights only; iteration, samples, optimizer and RNG start afresh.
-    --save DIR        every --save-interval iterations and at the end of training;
-                      --no-save-optim / --no-save-rng leave those out; --async-save
-                      writes in the background and completes at the next save or exit.
+    --save DIR        every --save-interval iterations and at the end; --no-save-optim /
+                      --no-save-rng leave those out; --async-save writes in the background.
 
-The files are `paratron.checkpoint`'s (safetensors + a checksummed index, written under
-a temporary name, `latest_checkpointed_iteration.txt` last) for both `--ckpt-format
-torch_dist` and `torch`: one sharded, layout-free format that any parallel layout loads.
-Beside the checkpoints, `DIR/tokenizer/` holds the files the run's tokenizer was built
-from, so conversion and generation find them, and `DIR/run_config.yaml` the run's
-settings as a `--config` file (`paratron train --config DIR/run_config.yaml` repeats it).
-
-Order matters for an exact resume: the trainer, as it is built, loads weights, optimizer
-and train state, then creates the training data iterator, and only then restores the RNG
-states (creating a data iterator draws from torch's generator).
+Both `--ckpt-format torch_dist` and `torch` write `paratron.checkpoint`'s one sharded,
+layout-free format. Beside the checkpoints, `DIR/tokenizer/` holds the tokenizer's files
+(for conversion and generation) and `DIR/run_config.yaml` the run's settings as a
+`--config` file.
 """
 
 from __future__ import annotations

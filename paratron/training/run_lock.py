@@ -1,21 +1,13 @@
 """One run per `--save` folder: an advisory lock on `<save>/.lock`, held for the run.
 
 Two runs writing one folder interleave checkpoints of different models under one
-`latest_checkpointed_iteration.txt`; neither can be resumed exactly. So a run takes an
-exclusive `flock` on `<save>/.lock` before it writes anything there, writes its pid and
-host into it, and a second run is refused in one line naming them. The kernel drops the
-lock when the holder exits in any way (kill -9 included), so a lock file left by a dead
-run does not block. flock works between machines on a shared file system (NFS emulates
-it with byte-range locks).
-
-Only global rank 0 holds the lock (a job's other ranks are not rivals), and it tells
-every rank the outcome in one broadcast, so a refused job stops on all ranks at once
-instead of leaving its peers waiting in the next collective.
-
-The lock file is opened without following links (O_NOFOLLOW) and must be a plain file
-with one name: a link planted there could make the run truncate and write a file
-elsewhere. It is removed again on release (checked to be the file still locked), and so
-is the folder when this run created it and left it empty.
+`latest_checkpointed_iteration.txt`, and neither can be resumed exactly. So global rank 0
+takes an exclusive `flock` on `<save>/.lock` before anything is written there (it works
+across machines on a shared file system), writes its pid and host into it, and tells
+every rank the outcome in one broadcast; a second run is refused in one line naming the
+holder. The kernel drops the lock however the holder exits, kill -9 included. The file is
+opened without following links and must be a plain file with one name, so a planted link
+cannot make the run write elsewhere; it is removed on release.
 """
 
 from __future__ import annotations

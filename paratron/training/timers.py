@@ -1,15 +1,10 @@
 """Megatron-style named timers and their `(min, max) time across ranks (ms):` block.
 
-Each region of an iteration has a name and a level, as in Megatron-LM:
-`--timing-log-level 0` reports only the coarse timers (evaluation), 1 adds the
-iteration's phases (forward-backward, gradient sync, optimizer), 2 adds the per
-micro-batch detail (batch generation, forward compute). A timer is read with
-`time.perf_counter`; on CUDA it first waits for the device (`torch.cuda.synchronize`)
-only when its level is reported, since waiting costs throughput. Level 2 also puts a
-barrier before the level-1 phases, so their times exclude waiting for slower ranks.
-
-Timers above the reported level still measure host time (it costs nothing); the
-straggler report reads the rank's own work from them.
+As in Megatron-LM, `--timing-log-level` 0 reports the coarse timers (evaluation), 1 adds
+the iteration's phases, 2 the per-micro-batch detail. On CUDA a timer waits for the
+device only when its level is reported, since waiting costs throughput; level 2 also
+puts a barrier before the level-1 phases so they exclude waiting for slower ranks.
+Unreported timers still measure host time, which the straggler report reads.
 """
 
 from __future__ import annotations

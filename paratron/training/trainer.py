@@ -67,6 +67,20 @@ def params_dtype(training_config) -> torch.dtype:
     return torch.float32
 
 
+def build_models(cfg: Config, pg: ProcessGroups, chunks, device, dtype) -> list[DataParallel]:
+    """This rank's model chunks in `dtype` on `device`, wrapped in `DataParallel`: the
+    trainer's model and, built on the meta device, the memory plan's."""
+    p = cfg.parallel
+    return [DataParallel(GPTModel(cfg.model, pg, pre_process=chunk.is_first,
+                                  post_process=chunk.is_last, layer_numbers=chunk.layers,
+                                  init_seed=cfg.training.seed).to(device=device, dtype=dtype),
+                         pg, bucket_size=p.ddp_bucket_size,
+                         overlap_grad_reduce=p.overlap_grad_reduce,
+                         use_distributed_optimizer=p.use_distributed_optimizer,
+                         overlap_param_gather=p.overlap_param_gather)
+            for chunk in chunks]
+
+
 @dataclass
 class TrainState:
     iteration: int = 0
@@ -105,16 +119,7 @@ class Trainer:
         p, t = cfg.parallel, cfg.training
         chunks = model_chunks(cfg.model.num_layers, self.pg.pp.size, self.pg.pp.rank,
                               virtual_stages(cfg), **pipeline_split(cfg))
-        self.models = []
-        for chunk in chunks:
-            module = GPTModel(cfg.model, self.pg, pre_process=chunk.is_first,
-                              post_process=chunk.is_last, layer_numbers=chunk.layers,
-                              init_seed=t.seed)
-            self.models.append(DataParallel(
-                module.to(device=self.device, dtype=self.dtype), self.pg,
-                bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
-                use_distributed_optimizer=p.use_distributed_optimizer,
-                overlap_param_gather=p.overlap_param_gather))
+        self.models = build_models(cfg, self.pg, chunks, self.device, self.dtype)
         self.model = self.models[0]
         self.optimizer = MixedPrecisionOptimizer(
             self.models, cfg.optimizer, LRSchedule.from_config(cfg.optimizer, t.train_iters),
