@@ -52,20 +52,14 @@ def tokenizer_kwargs(args: argparse.Namespace) -> dict:
             model = args.load
     if tokenizer_type is None:
         raise DataError("give --tokenizer-type (or --patch-tokenizer-type)")
-    return dict(
-        tokenizer_type=tokenizer_type,
-        vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
-        tokenizer_model=model,
-        vocab_size=args.vocab_size,
-    )
+    return dict(tokenizer_type=tokenizer_type, vocab_file=args.vocab_file,
+                merge_file=args.merge_file, tokenizer_model=model, vocab_size=args.vocab_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paratron preprocess",
-        description="Tokenize JSONL / JSON / text into Megatron .bin/.idx files.",
-    )
+        description="Tokenize JSONL / JSON / text into Megatron .bin/.idx files.")
     add_tokenizer_args(parser)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", type=str, required=True,
@@ -100,21 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.partitions < 1:
             raise DataError(f"--partitions must be at least 1, got {args.partitions}")
-        preprocess_data(
-            input=args.input,
-            output_prefix=args.output_prefix,
-            json_keys=args.json_keys,
-            append_eod=args.append_eod,
-            split_sentences=args.split_sentences,
-            keep_newlines=args.keep_newlines,
-            lang=args.lang,
-            workers=args.workers,
-            log_interval=args.log_interval,
-            skip_bad_lines=args.skip_bad_lines,
-            max_line_length=args.max_line_length,
-            progress=False if args.no_progress_bar else None,
-            **tokenizer_kwargs(args),
-        )
+        passed = ("input", "output_prefix", "json_keys", "append_eod", "split_sentences",
+                  "keep_newlines", "lang", "workers", "log_interval", "skip_bad_lines",
+                  "max_line_length")
+        preprocess_data(**{name: getattr(args, name) for name in passed},
+                        progress=False if args.no_progress_bar else None,
+                        **tokenizer_kwargs(args))
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:

@@ -168,21 +168,14 @@ class GPTDataset(torch.utils.data.Dataset):
             cached = load_cached_arrays(paths)
             if cached is not None and self._indices_fit(*cached):
                 return cached
-        arrays = build_gpt_indices(
-            self.low_level.sequence_lengths,
-            self.sequence_ids,
-            self.config.seq_length,
-            self.num_samples,
-            self.config.seed,
-        )
+        arrays = build_gpt_indices(self.low_level.sequence_lengths, self.sequence_ids,
+                                   self.config.seq_length, self.num_samples, self.config.seed)
         if cache:
             try:
                 save_cached_arrays(base, self.description, paths, arrays)
             except OSError as exc:
-                raise DataError(
-                    f"cannot write dataset index cache in {cache} ({exc.strerror}); "
-                    "pass --data-cache-path <writable folder>"
-                ) from None
+                raise DataError(f"cannot write dataset index cache in {cache} ({exc.strerror}); "
+                                "pass --data-cache-path <writable folder>") from None
             return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
         return arrays
 
@@ -238,10 +231,8 @@ class GPTDataset(torch.utils.data.Dataset):
         token = int(part[outside[0]])
         locate = getattr(self.low_level, "locate", None)
         where = locate(sequence) if locate else f"the {self.split_name} data, sequence {sequence}"
-        raise DataError(
-            f"{where} holds token id {token}, outside the tokenizer's vocabulary of {vocab} ids; "
-            "tokenize the data with the tokenizer given for training"
-        )
+        raise DataError(f"{where} holds token id {token}, outside the tokenizer's vocabulary of "
+                        f"{vocab} ids; tokenize the data with the tokenizer given for training")
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -249,12 +240,9 @@ class GPTDataset(torch.utils.data.Dataset):
         tokens = text[:-1].clone()
         labels = text[1:].clone()
         sample = {"tokens": tokens, "labels": labels}
-        sample.update(
-            masks_and_position_ids(
-                tokens, cfg.eod, cfg.eod_mask_loss, cfg.reset_position_ids, cfg.reset_attention_mask,
-                cfg.create_attention_mask,
-            )
-        )
+        sample.update(masks_and_position_ids(tokens, cfg.eod, cfg.eod_mask_loss,
+                                             cfg.reset_position_ids, cfg.reset_attention_mask,
+                                             cfg.create_attention_mask))
         if cfg.pad != NO_PAD:
             # Megatron: a pad label carries no loss, and pad ids are fed as 0.
             sample["loss_mask"][labels == cfg.pad] = 0.0
@@ -286,13 +274,10 @@ class IndexedCorpus(IndexedDataset):
         if self._lengths_sha256 is None:
             lengths = np.ascontiguousarray(self.sequence_lengths)
             self._lengths_sha256 = hashlib.sha256(memoryview(lengths).cast("B")).hexdigest()
-        return {
-            "path_prefix": os.path.abspath(self.prefix),
-            "sequences": int(self.sequence_count),
-            "documents": int(self.num_documents),
-            "idx_bytes": os.path.getsize(idx_path(self.prefix)),
-            "sequence_lengths_sha256": self._lengths_sha256,
-        }
+        return {"path_prefix": os.path.abspath(self.prefix),
+                "sequences": int(self.sequence_count), "documents": int(self.num_documents),
+                "idx_bytes": os.path.getsize(idx_path(self.prefix)),
+                "sequence_lengths_sha256": self._lengths_sha256}
 
     def locate(self, sequence: int) -> str:
         """`<prefix>.bin: document D` (and the sequence, when documents hold several), for
@@ -323,11 +308,9 @@ def open_corpus(prefix: str) -> IndexedCorpus:
     """Open `<prefix>.bin/.idx` for sampling, with a clear error when it does not exist."""
     if not dataset_exists(prefix):
         missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
-        raise DataError(
-            f"data prefix '{prefix}' does not exist (missing {', '.join(missing)}); "
-            + (_existing_prefix_hint(prefix)
-               or "--data-path takes the path without .bin/.idx, e.g. my_corpus_text_document")
-        )
+        raise DataError(f"data prefix '{prefix}' does not exist (missing {', '.join(missing)}); "
+                        + (_existing_prefix_hint(prefix) or "--data-path takes the path without "
+                           ".bin/.idx, e.g. my_corpus_text_document"))
     corpus = IndexedCorpus(prefix)
     if not np.issubdtype(corpus.dtype, np.integer):
         raise DataError(f"{idx_path(prefix)}: tokens are {corpus.dtype}; a GPT corpus holds "
@@ -436,18 +419,10 @@ def build_train_valid_test_datasets(
     elif blend is not None and split is None:
         split = DEFAULT_SPLIT
     config = GPTDatasetConfig(
-        seq_length=seq_length,
-        seed=seed,
-        eod=int(tokenizer.eod),
-        pad=pad_id_for(tokenizer),
-        eod_mask_loss=eod_mask_loss,
-        reset_position_ids=reset_position_ids,
-        reset_attention_mask=reset_attention_mask,
-        create_attention_mask=create_attention_mask,
-        cache_path=cache_path,
-        split=split or "",
-        vocab_size=int(tokenizer.vocab_size),
-    )
+        seq_length=seq_length, seed=seed, eod=int(tokenizer.eod), pad=pad_id_for(tokenizer),
+        eod_mask_loss=eod_mask_loss, reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask, create_attention_mask=create_attention_mask,
+        cache_path=cache_path, split=split or "", vocab_size=int(tokenizer.vocab_size))
 
     def splits_of(prefix: str | None, matrix, split_sizes) -> list[GPTDataset | None]:
         corpus = (MockCorpus(tokenizer.vocab_size, tokenizer.eod) if prefix is None
@@ -466,11 +441,9 @@ def build_train_valid_test_datasets(
                     out.append(None)
                     continue
                 where = "mock data" if prefix is None else prefix
-                raise DataError(
-                    f"the {SPLIT_NAMES[i]} split of {where} holds {end - begin} of {n} sequences "
-                    f"({tokens} tokens) with --split {split}; it needs at least 2 tokens "
-                    f"(change --split or add data)"
-                )
+                raise DataError(f"the {SPLIT_NAMES[i]} split of {where} holds {end - begin} of "
+                                f"{n} sequences ({tokens} tokens) with --split {split}; it needs "
+                                f"at least 2 tokens (change --split or add data)")
             out.append(GPTDataset(corpus, prefix, ids, split_sizes[i], SPLIT_NAMES[i], config))
         return out
 
@@ -516,9 +489,7 @@ def build_train_valid_test_datasets(
     for i, b in enumerate(blend_per_split):
         if b is None:
             continue
-        matrix: list = [None, None, None]
-        matrix[i] = (0.0, 1.0)
-        split_sizes: list = [0, 0, 0]
-        split_sizes[i] = sizes[i]
+        matrix = [(0.0, 1.0) if j == i else None for j in range(3)]
+        split_sizes = [sizes[i] if j == i else 0 for j in range(3)]
         result[i] = blended(b[0], b[1], matrix, split_sizes)[i]
     return tuple(result)

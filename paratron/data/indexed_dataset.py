@@ -35,16 +35,9 @@ INDEX_VERSION = 1
 HEADER_SIZE = 9 + 8 + 1 + 8 + 8
 
 #: Megatron's numeric codes for the token dtype stored in the .idx header.
-DTYPE_CODES: dict[int, type[np.number]] = {
-    1: np.uint8,
-    2: np.int8,
-    3: np.int16,
-    4: np.int32,
-    5: np.int64,
-    6: np.float64,
-    7: np.float32,
-    8: np.uint16,
-}
+DTYPE_CODES: dict[int, type[np.number]] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
+                                            5: np.int64, 6: np.float64, 7: np.float32,
+                                            8: np.uint16}
 _CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
@@ -153,13 +146,8 @@ def sequence_pointers(sequence_lengths: np.ndarray, itemsize: int) -> np.ndarray
     return pointers
 
 
-def write_index(
-    path: str,
-    dtype,
-    sequence_lengths: Sequence[int] | np.ndarray,
-    document_indices: Sequence[int] | np.ndarray,
-    exclusive: bool = False,
-) -> None:
+def write_index(path: str, dtype, sequence_lengths: Sequence[int] | np.ndarray,
+                document_indices: Sequence[int] | np.ndarray, exclusive: bool = False) -> None:
     """Write a complete .idx file for the given sequence lengths and document index.
 
     `exclusive` creates the file with `create_exclusive` (for
@@ -168,11 +156,8 @@ def write_index(
     lengths = np.asarray(sequence_lengths, dtype=np.int32)
     docs = np.asarray(document_indices, dtype=np.int64)
     with create_exclusive(path) if exclusive else open(path, "wb") as f:
-        f.write(INDEX_MAGIC)
-        f.write(struct.pack("<Q", INDEX_VERSION))
-        f.write(struct.pack("<B", dtype_code(dtype)))
-        f.write(struct.pack("<Q", len(lengths)))
-        f.write(struct.pack("<Q", len(docs)))
+        f.write(INDEX_MAGIC + struct.pack("<QBQQ", INDEX_VERSION, dtype_code(dtype),
+                                          len(lengths), len(docs)))
         f.write(lengths.astype("<i4", copy=False).tobytes(order="C"))
         f.write(sequence_pointers(lengths, np.dtype(dtype).itemsize).astype("<i8").tobytes())
         f.write(docs.astype("<i8", copy=False).tobytes(order="C"))
@@ -305,9 +290,7 @@ def _first_bad_sequence(lengths: np.ndarray, pointers: np.ndarray, itemsize: int
         start = pointers[lo : lo + _CHUNK].astype(np.int64)
         # Clipping keeps the sum from overflowing; the clipped cases are flagged below.
         end = np.clip(start, 0, bin_size) + np.maximum(length, 0) * itemsize
-        before = np.empty_like(end)
-        before[0] = previous_end
-        before[1:] = end[:-1]
+        before = np.concatenate(([previous_end], end[:-1]))
         bad = (length < 0) | (start < before) | (start > bin_size) | ((start & (itemsize - 1)) != 0)
         bad |= end > bin_size
         if bad.any():
@@ -321,9 +304,7 @@ def _first_bad_document(document_indices: np.ndarray, num_sequences: int) -> int
     previous = 0
     for lo in range(0, len(document_indices), _CHUNK):
         entries = document_indices[lo : lo + _CHUNK].astype(np.int64)
-        before = np.empty_like(entries)
-        before[0] = previous
-        before[1:] = entries[:-1]
+        before = np.concatenate(([previous], entries[:-1]))
         bad = (entries < before) | (entries > num_sequences)
         if bad.any():
             return lo + int(np.argmax(bad))
@@ -384,10 +365,8 @@ class IndexedDataset:
         self.dtype = np.dtype(DTYPE_CODES[code])
         self.sequence_count, self.document_count = struct.unpack("<QQ", header[18:34])
         needed = HEADER_SIZE + self.sequence_count * (4 + 8) + self.document_count * 8
-        announced = (
-            f"header announces {self.sequence_count} sequences and {self.document_count} "
-            f"document entries = {needed} bytes"
-        )
+        announced = (f"header announces {self.sequence_count} sequences and "
+                     f"{self.document_count} document entries = {needed} bytes")
         if idx_size < needed:
             raise DataError(f"{ipath}: truncated index ({idx_size} bytes, {announced})")
         # Megatron's multimodal datasets append one int8 mode per sequence; nothing else may follow.
@@ -403,23 +382,18 @@ class IndexedDataset:
         self.sequence_lengths = np.frombuffer(buf, dtype="<i4", count=n, offset=HEADER_SIZE)
         self.sequence_pointers = np.frombuffer(buf, dtype="<i8", count=n,
                                                offset=HEADER_SIZE + 4 * n)
-        self.document_indices = np.frombuffer(
-            buf, dtype="<i8", count=self.document_count, offset=HEADER_SIZE + 12 * n
-        )
+        self.document_indices = np.frombuffer(buf, dtype="<i8", count=self.document_count,
+                                              offset=HEADER_SIZE + 12 * n)
 
     def _validate(self, ipath: str, bpath: str, bin_size: int) -> None:
         n, docs = self.sequence_count, self.document_indices
         if int(docs[-1]) != n or int(docs[0]) != 0:
-            raise DataError(
-                f"{ipath}: inconsistent index (document index runs from {int(docs[0])} "
-                f"to {int(docs[-1])}, but there are {n} sequences)"
-            )
+            raise DataError(f"{ipath}: inconsistent index (document index runs from "
+                            f"{int(docs[0])} to {int(docs[-1])}, but there are {n} sequences)")
         bad = _first_bad_document(docs, n)
         if bad is not None:
-            raise DataError(
-                f"{ipath}: corrupt document index (entry {bad} is {int(docs[bad])}, after "
-                f"{int(docs[bad - 1])}; entries must grow from 0 to {n})"
-            )
+            raise DataError(f"{ipath}: corrupt document index (entry {bad} is {int(docs[bad])}, "
+                            f"after {int(docs[bad - 1])}; entries must grow from 0 to {n})")
         bad = _first_bad_sequence(self.sequence_lengths, self.sequence_pointers,
                                   self.dtype.itemsize, bin_size)
         if bad is not None:

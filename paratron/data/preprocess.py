@@ -30,25 +30,12 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 import numpy as np
 
 from paratron.data.errors import DataError
-from paratron.data.indexed_dataset import (
-    IndexedDatasetWriter,
-    optimal_dtype,
-    remove_stale_temporaries,
-    temporary_path,
-    write_error,
-)
-from paratron.data.readers import (
-    JSON_LIST,
-    JSONL,
-    MAX_LINE_LENGTH,
-    TEXT,
-    BadLine,
-    document_text,
-    expand_inputs,
-    iter_raw,
-    make_sentence_splitter,
-    parse_json_line,
-)
+from paratron.data.indexed_dataset import (IndexedDatasetWriter, optimal_dtype,
+                                            remove_stale_temporaries, temporary_path,
+                                            write_error)
+from paratron.data.readers import (JSON_LIST, JSONL, MAX_LINE_LENGTH, TEXT, BadLine,
+                                   document_text, expand_inputs, iter_raw,
+                                   make_sentence_splitter, parse_json_line)
 from paratron.data.tokenizer import Tokenizer, build_tokenizer
 
 #: Documents per batch handed to a worker, and the most characters in one batch.
@@ -97,8 +84,7 @@ class _Encoder:
         self.job = job
         self.tokenizer = tokenizer or build_tokenizer(**job.tokenizer_args)
         self.splitter: Callable[[str], list[str]] | None = (
-            make_sentence_splitter(job.lang, job.keep_newlines) if job.split_sentences else None
-        )
+            make_sentence_splitter(job.lang, job.keep_newlines) if job.split_sentences else None)
         self.dtype = optimal_dtype(self.tokenizer.vocab_size)
 
     def __call__(self, batch: tuple[str, str, list[tuple[int, Any]]]):
@@ -174,10 +160,8 @@ class _Encoder:
                 sentence = int(np.searchsorted(np.cumsum(lengths), position, side="right"))
                 doc_ends = np.cumsum([len(s) for s in sentences_of])
                 doc = int(np.searchsorted(doc_ends, sentence, side="right"))
-                raise DataError(
-                    f"{path}:{numbers[doc]}: token id {bad} is outside the vocabulary "
-                    f"(size {self.tokenizer.vocab_size} of {self.tokenizer.name})"
-                )
+                raise DataError(f"{path}:{numbers[doc]}: token id {bad} is outside the vocabulary "
+                                f"(size {self.tokenizer.vocab_size} of {self.tokenizer.name})")
         # Which sentence belongs to which document; empty sentences are dropped.
         owner = np.repeat(np.arange(len(sentences_of)), [len(s) for s in sentences_of])
         keep = lengths > 0
@@ -316,32 +300,21 @@ def preprocess_data(
     if not json_keys:
         raise DataError("--json-keys needs at least one key")
     files = expand_inputs(input)
-    tokenizer_args = dict(
-        tokenizer_type=tokenizer_type,
-        vocab_file=vocab_file,
-        merge_file=merge_file,
-        tokenizer_model=tokenizer_model,
-        vocab_size=vocab_size,
-    )
+    tokenizer_args = dict(tokenizer_type=tokenizer_type, vocab_file=vocab_file,
+                          merge_file=merge_file, tokenizer_model=tokenizer_model,
+                          vocab_size=vocab_size)
     tokenizer = build_tokenizer(**tokenizer_args)
-    job = _Job(
-        tokenizer_args=tokenizer_args,
-        json_keys=tuple(json_keys),
-        append_eod=append_eod,
-        split_sentences=split_sentences,
-        keep_newlines=keep_newlines,
-        lang=lang,
-        skip_bad_lines=skip_bad_lines,
-    )
+    job = _Job(tokenizer_args=tokenizer_args, json_keys=tuple(json_keys), append_eod=append_eod,
+               split_sentences=split_sentences, keep_newlines=keep_newlines, lang=lang,
+               skip_bad_lines=skip_bad_lines)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise DataError(f"{out_dir}: output folder does not exist "
                         f"(from --output-prefix {output_prefix})")
 
     prefixes = {k: output_prefix_for(output_prefix, k, split_sentences) for k in json_keys}
-    for p in prefixes.values():
-        remove_stale_temporaries(p + ".bin")
-        remove_stale_temporaries(p + ".idx")
+    for path in (p + ext for p in prefixes.values() for ext in (".bin", ".idx")):
+        remove_stale_temporaries(path)
     temp = {k: (temporary_path(p + ".bin"), temporary_path(p + ".idx"))
             for k, p in prefixes.items()}
     dtype = optimal_dtype(tokenizer.vocab_size)
@@ -375,12 +348,10 @@ def preprocess_data(
                 bar.close()
     result.seconds = time.time() - start
     elapsed = max(result.seconds, 1e-9)
-    log(
-        f"Done: {result.documents} documents, {result.tokens} tokens in {result.seconds:.2f} s "
+    log(f"Done: {result.documents} documents, {result.tokens} tokens in {result.seconds:.2f} s "
         f"({result.documents / elapsed:.1f} docs/s, "
         f"{result.input_bytes / elapsed / 1024 / 1024:.2f} MB/s)"
-        + "".join(f"; wrote {p}.bin/.idx" for p in prefixes.values())
-    )
+        + "".join(f"; wrote {p}.bin/.idx" for p in prefixes.values()))
     if result.skipped:
         log(f"Skipped {len(result.skipped)} bad lines (first: {result.skipped[0]})")
     return result
@@ -427,10 +398,8 @@ def _write_batches(encoded_batches, writers: dict, result: PreprocessResult, log
                 result.tokens += int(flat.size)
         if next_log is not None and result.documents >= next_log:
             elapsed = max(time.time() - start, 1e-9)
-            log(
-                f"Processed {result.documents} documents ({result.documents / elapsed:.1f} docs/s, "
-                f"{result.input_bytes / elapsed / 1024 / 1024:.2f} MB/s)."
-            )
+            log(f"Processed {result.documents} documents ({result.documents / elapsed:.1f} "
+                f"docs/s, {result.input_bytes / elapsed / 1024 / 1024:.2f} MB/s).")
             next_log = (result.documents // log_interval + 1) * log_interval
 
 

@@ -164,24 +164,13 @@ def build_pretraining_data_loader(
     """
     if dataset is None or len(dataset) == 0:
         return None
+    shared = dict(total_samples=len(dataset), consumed_samples=consumed_samples,
+                  micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
+                  data_parallel_size=data_parallel_size)
     if dataloader_type == "single":
-        sampler = MegatronPretrainingSampler(
-            total_samples=len(dataset),
-            consumed_samples=consumed_samples,
-            micro_batch_size=micro_batch_size,
-            data_parallel_rank=data_parallel_rank,
-            data_parallel_size=data_parallel_size,
-            wrap_around=wrap_around,
-        )
+        sampler = MegatronPretrainingSampler(**shared, wrap_around=wrap_around)
     elif dataloader_type == "cyclic":
-        sampler = MegatronPretrainingRandomSampler(
-            total_samples=len(dataset),
-            consumed_samples=consumed_samples,
-            micro_batch_size=micro_batch_size,
-            data_parallel_rank=data_parallel_rank,
-            data_parallel_size=data_parallel_size,
-            data_sharding=data_sharding,
-        )
+        sampler = MegatronPretrainingRandomSampler(**shared, data_sharding=data_sharding)
     else:
         raise ValueError(f"unknown dataloader type {dataloader_type!r} (single or cyclic)")
     # A generator of its own: each new iterator draws a base seed for its workers, and

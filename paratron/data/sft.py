@@ -19,15 +19,9 @@ import torch
 
 from paratron.data.errors import DataError
 from paratron.data.gpt_dataset import packed_attention_mask
-from paratron.data.indexed_dataset import (
-    IndexedDataset,
-    IndexedDatasetWriter,
-    bin_path,
-    dataset_exists,
-    optimal_dtype,
-    remove_stale_temporaries,
-    temporary_path,
-)
+from paratron.data.indexed_dataset import (IndexedDataset, IndexedDatasetWriter, bin_path,
+                                            dataset_exists, optimal_dtype,
+                                            remove_stale_temporaries, temporary_path)
 from paratron.data.indices import parse_split, split_matrix, split_range
 from paratron.data.readers import expand_inputs, iter_records
 
@@ -192,18 +186,11 @@ class SFTDataset(torch.utils.data.Dataset):
                        else max_padding_length)
         self.pad = int(pad)
         self.create_attention_mask = create_attention_mask
-        if sequence_packing:
-            self.units = self._pack()
-        else:
-            self.units = [_Bin((i,)) for i in range(len(conversations))]
+        self.units = (self._pack() if sequence_packing
+                      else [_Bin((i,)) for i in range(len(conversations))])
         epochs = 1 if num_samples is None else max(1, -(-num_samples // len(self.units)))
         rng = np.random.RandomState(seed)
-        order = []
-        for _ in range(epochs):
-            perm = np.arange(len(self.units))
-            rng.shuffle(perm)
-            order.append(perm)
-        self.order = np.concatenate(order)
+        self.order = np.concatenate([rng.permutation(len(self.units)) for _ in range(epochs)])
 
     def _pack(self) -> list[_Bin]:
         """Greedy, in order: start a new sample when the next conversation no longer fits."""
@@ -249,7 +236,8 @@ class SFTDataset(torch.utils.data.Dataset):
         if self.packing and at < s:  # padding: its own document, no loss
             position_ids[at:] = torch.arange(s - at)
             document_ids[at:] = len(members)
-        sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+        sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+                  "position_ids": position_ids}
         if self.packing:
             sample["document_ids"] = document_ids
             if self.create_attention_mask:
@@ -319,11 +307,9 @@ def _check_vocabulary(conversations: Sequence[tuple[np.ndarray, np.ndarray]], vo
         if len(outside):
             ends = np.cumsum([len(x) for x in ids])
             d = lo + int(np.searchsorted(ends, outside[0], side="right"))
-            raise DataError(
-                f"{where}: conversation {d} holds token id {int(tokens[outside[0]])}, outside the "
-                f"tokenizer's vocabulary of {vocab_size} ids; tokenize the data with the tokenizer "
-                f"given for training"
-            )
+            raise DataError(f"{where}: conversation {d} holds token id {int(tokens[outside[0]])}, "
+                            f"outside the tokenizer's vocabulary of {vocab_size} ids; tokenize the "
+                            f"data with the tokenizer given for training")
 
 
 def _load(path: str, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -382,12 +368,7 @@ def build_sft_datasets(
     if path is None:
         raise DataError("SFT needs --data-path (or --train-data-path) with a JSON/JSONL file")
     conversations = _load(path, tokenizer)
-    matrix = split_matrix(parse_split(split or "969,30,1"))
-    out = []
-    for i, bounds in enumerate(matrix):
-        if bounds is None:
-            out.append(None)
-            continue
-        begin, end = split_range(bounds, len(conversations))
-        out.append(make(conversations[begin:end], i))
-    return tuple(out)
+    ranges = [None if bounds is None else split_range(bounds, len(conversations))
+              for bounds in split_matrix(parse_split(split or "969,30,1"))]
+    return tuple(None if r is None else make(conversations[r[0]:r[1]], i)
+                 for i, r in enumerate(ranges))

@@ -18,32 +18,16 @@ from typing import Iterable, Sequence
 from paratron.data.errors import DataError
 
 #: The values of --tokenizer-type that build_tokenizer understands.
-TOKENIZER_TYPES = (
-    "GPT2BPETokenizer",
-    "HuggingFaceTokenizer",
-    "SentencePieceTokenizer",
-    "GPTSentencePieceTokenizer",
-    "Llama2Tokenizer",
-    "NullTokenizer",
-)
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer",
+                   "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer")
 
 #: Pai-Megatron-Patch's --patch-tokenizer-type values. Each is a Hugging Face
 #: tokenizer folder (given with --tokenizer-model, or the --load checkpoint
 #: folder), so they all become HuggingFaceTokenizer.
-PATCH_TOKENIZER_TYPES = (
-    "Qwen2Tokenizer",
-    "Qwen3Tokenizer",
-    "QwenTokenizer",
-    "DeepSeekV2Tokenizer",
-    "DeepSeekV3Tokenizer",
-    "LLamaTokenizer",
-    "LLama2Tokenizer",
-    "LLama3Tokenizer",
-    "Llama3Tokenizer",
-    "MistralTokenizer",
-    "MixtralTokenizer",
-    "GPT2BPETokenizer",
-)
+PATCH_TOKENIZER_TYPES = ("Qwen2Tokenizer", "Qwen3Tokenizer", "QwenTokenizer",
+                         "DeepSeekV2Tokenizer", "DeepSeekV3Tokenizer", "LLamaTokenizer",
+                         "LLama2Tokenizer", "LLama3Tokenizer", "Llama3Tokenizer",
+                         "MistralTokenizer", "MixtralTokenizer", "GPT2BPETokenizer")
 
 
 class Tokenizer(abc.ABC):
@@ -468,12 +452,10 @@ def build_tokenizer(
         return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type == "HuggingFaceTokenizer" or tokenizer_type in PATCH_TOKENIZER_TYPES:
         return HuggingFaceTokenizer(tokenizer_model)
-    if tokenizer_type == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(tokenizer_model)
-    if tokenizer_type == "GPTSentencePieceTokenizer":
-        return GPTSentencePieceTokenizer(tokenizer_model)
-    if tokenizer_type == "Llama2Tokenizer":
-        return Llama2Tokenizer(tokenizer_model)
+    sentencepiece = {c.name: c for c in (SentencePieceTokenizer, GPTSentencePieceTokenizer,
+                                         Llama2Tokenizer)}
+    if tokenizer_type in sentencepiece:
+        return sentencepiece[tokenizer_type](tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     patch_only = tuple(t for t in PATCH_TOKENIZER_TYPES if t not in TOKENIZER_TYPES)
@@ -510,25 +492,16 @@ def train_bpe_tokenizer(
     tok = _Tok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[eod_token, *special_tokens],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[eod_token, *special_tokens],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tok.train(list(files), trainer)
     os.makedirs(output_dir, exist_ok=True)
     tok.save(os.path.join(output_dir, "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": eod_token,
-        "bos_token": eod_token,
-        "unk_token": eod_token,
-        "model_max_length": 1_000_000_000,
-        "add_bos_token": False,
-        "add_eos_token": False,
-    }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token,
+              "bos_token": eod_token, "unk_token": eod_token, "model_max_length": 1_000_000_000,
+              "add_bos_token": False, "add_eos_token": False}
     with open(os.path.join(output_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return output_dir
