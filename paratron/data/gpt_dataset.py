@@ -77,7 +77,7 @@ def masks_and_position_ids(
 ) -> dict[str, torch.Tensor]:
     """Megatron's loss mask, position ids and attention mask for one left-to-right sample.
 
-    Vectorised: ``document_ids[i]`` counts the eod tokens strictly before i, so
+    Vectorised: `document_ids[i]` counts the eod tokens strictly before i, so
     a new document starts right after each eod (the eod itself belongs to the
     document it ends), as in Megatron's loop.
     """
