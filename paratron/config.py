@@ -229,11 +229,10 @@ def config_from_dict(values: dict[str, Any], training: bool = True) -> Config:
     return cfg
 
 
-def finalize(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) -> None:
+def finalize(cfg: Config, world_size: int) -> None:
     """Fill in the values Megatron derives from others for a launch of `world_size`
     processes (after `check_numbers`, since the derivations compute with them). The
-    padded vocabulary needs the tokenizer's size: given `tokenizer_vocab`, it is
-    resolved here too (`pretrain` passes it once it has read the tokenizer)."""
+    padded vocabulary waits for the tokenizer (`resolve_vocab_size`)."""
     for section in SECTIONS:
         check_numbers(getattr(cfg, section))
     m, t, o, p = cfg.model, cfg.training, cfg.optimizer, cfg.parallel
@@ -253,8 +252,6 @@ def finalize(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) -
     if o.lr_warmup_fraction is not None and o.lr_decay_iters:
         o.lr_warmup_iters = int(o.lr_warmup_fraction * o.lr_decay_iters)
     cfg.data.default_tokenizer()
-    if tokenizer_vocab is not None:
-        m.padded_vocab_size = resolve_vocab_size(cfg, tokenizer_vocab)
 
 
 def resolve_vocab_size(cfg: Config, tokenizer_vocab_size: int | None) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from paratron.options import ConfigError, opt
-from paratron.parallel.pipeline import model_chunks
+from paratron.parallel.pipeline import Chunk, model_chunks
 
 
 @dataclass
@@ -72,13 +72,15 @@ def virtual_stages(cfg) -> int:
     return 1
 
 
-def pipeline_split(cfg) -> dict:
-    """The uneven-stage flags as keyword arguments of `model_chunks`."""
+def rank_chunks(cfg, pp_rank: int) -> list[Chunk]:
+    """The model chunks of pipeline rank `pp_rank`: its virtual stages, with the
+    uneven-stage flags applied."""
     p = cfg.parallel
-    return dict(first=p.decoder_first_pipeline_num_layers,
-                last=p.decoder_last_pipeline_num_layers,
-                account_for_embedding=p.account_for_embedding_in_pipeline_split,
-                account_for_loss=p.account_for_loss_in_pipeline_split)
+    return model_chunks(cfg.model.num_layers, p.pipeline_model_parallel_size, pp_rank,
+                        virtual_stages(cfg), first=p.decoder_first_pipeline_num_layers,
+                        last=p.decoder_last_pipeline_num_layers,
+                        account_for_embedding=p.account_for_embedding_in_pipeline_split,
+                        account_for_loss=p.account_for_loss_in_pipeline_split)
 
 
 def check_pipeline(cfg) -> None:
@@ -98,7 +100,7 @@ def check_pipeline(cfg) -> None:
     if vpp > 1 and pp == 1:
         raise ConfigError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
     try:
-        model_chunks(cfg.model.num_layers, pp, 0, vpp, **pipeline_split(cfg))
+        rank_chunks(cfg, 0)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     micro = t.global_batch_size // (t.micro_batch_size * max(cfg.data_parallel_size, 1))

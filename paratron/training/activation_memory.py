@@ -20,9 +20,8 @@ import torch
 from paratron.model.config import moe_layer_pattern
 from paratron.model.moe import MoELayer
 from paratron.model.transformer import TransformerLayer, recompute_plan
-from paratron.parallel.config import pipeline_split, virtual_stages
-from paratron.parallel.pipeline import (Chunk, interleaved_order, model_chunks,
-                                        one_f_one_b_order)
+from paratron.parallel.config import rank_chunks
+from paratron.parallel.pipeline import Chunk, interleaved_order, one_f_one_b_order
 from paratron.parallel.process_groups import ProcessGroups, check_layout
 from paratron.training.trainer import params_dtype
 
@@ -42,12 +41,6 @@ def layout_groups(cfg, pp_rank: int = 0, dp_rank: int = 0,
     return ProcessGroups.sizes_only(world, tp=tp, cp=cp, dp=dp, dp_cp=(dp * cp, dp_rank),
                                     pp=(pp, pp_rank), mp=tp * pp, ep=ep, etp=etp,
                                     edp=(edp, edp_rank))
-
-
-def rank_chunks(cfg, pp_rank: int) -> list[Chunk]:
-    """The model chunks of pipeline rank `pp_rank`, as the trainer assigns them."""
-    return model_chunks(cfg.model.num_layers, cfg.parallel.pipeline_model_parallel_size,
-                        pp_rank, virtual_stages(cfg), **pipeline_split(cfg))
 
 
 def layers_by_kind(model_config, pg: ProcessGroups) -> dict[bool, TransformerLayer]:

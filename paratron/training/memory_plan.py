@@ -30,10 +30,11 @@ from paratron.model.config import moe_layer_pattern
 from paratron.model.gpt import GPTModel
 from paratron.options import ConfigError
 from paratron.parallel.data_parallel import DataParallel
+from paratron.parallel.config import rank_chunks
 from paratron.parallel.pipeline import Chunk
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.activation_memory import (FP32, ActivationShape, chunk_saved_bytes,
-                                                 layers_by_kind, layout_groups, rank_chunks,
+                                                 layers_by_kind, layout_groups,
                                                  stage_activation_bytes)
 from paratron.training.optimizer import build_segments
 from paratron.training.trainer import build_models, params_dtype

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from paratron.config import Config, finalize, format_config
+from paratron.config import Config, format_config, resolve_vocab_size
 from paratron.options import ConfigError
 from paratron.parallel.launch import (failures_explained, init_distributed,
                                       previous_round_report, stop_heartbeat)
@@ -107,7 +107,7 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     if tokenizer is None:
         raise ConfigError("no tokenizer: give --tokenizer-type with its files (or, with "
                           "--mock-data, --vocab-size)")
-    finalize(cfg, cfg.world_size, vocab)  # the padded vocabulary, now that it is known
+    cfg.model.padded_vocab_size = resolve_vocab_size(cfg, vocab)  # known only now
     if pg.world_size == 1:
         return _build_and_train(cfg, tokenizer, vocab, log, pg)
     # A rank that fails tells the others through the rendezvous store, and every rank

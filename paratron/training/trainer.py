@@ -23,10 +23,10 @@ from paratron.config import Config, resolve_vocab_size
 from paratron.data.sampler import build_pretraining_data_loader
 from paratron.model.gpt import GPTModel, moe_bookkeeping
 from paratron.options import ConfigError
-from paratron.parallel.config import pipeline_split, virtual_stages
+from paratron.parallel.config import rank_chunks
 from paratron.parallel.context_parallel import split_for_context_parallel
 from paratron.parallel.data_parallel import DataParallel
-from paratron.parallel.pipeline import Stage, StageIO, model_chunks
+from paratron.parallel.pipeline import Stage, StageIO
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import seed_everything
 from paratron.training.exit_conditions import ExitConditions
@@ -117,8 +117,7 @@ class Trainer:
         cfg.model.padded_vocab_size = resolve_vocab_size(cfg, tokenizer_vocab_size)
         seed_everything(cfg.training.seed, self.pg, self.device)
         p, t = cfg.parallel, cfg.training
-        chunks = model_chunks(cfg.model.num_layers, self.pg.pp.size, self.pg.pp.rank,
-                              virtual_stages(cfg), **pipeline_split(cfg))
+        chunks = rank_chunks(cfg, self.pg.pp.rank)
         self.models = build_models(cfg, self.pg, chunks, self.device, self.dtype)
         self.model = self.models[0]
         self.optimizer = MixedPrecisionOptimizer(
