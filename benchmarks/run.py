@@ -74,8 +74,20 @@ _TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
              max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
+# The shapes of the CPU comparison: a small Llama (GQA 8/4) and a Mixtral-style MoE of the
+# same width (8 experts, top-2), fp32 on two threads.
+_LLAMA_CPU = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, vocab_size=4096,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+_MIXTRAL_CPU = dict(_LLAMA_CPU, num_local_experts=8, num_experts_per_tok=2,
+                    router_aux_loss_coef=0.0)
+
 BENCHES = {
     "tiny": Bench("llama", _TINY, 64, 2, 4, "2-layer Llama, runs on a CPU in seconds"),
+    "llama-cpu": Bench("llama", _LLAMA_CPU, 256, 4, 8, "4-layer Llama, hidden 256, a CPU"),
+    "mixtral-cpu": Bench("mixtral", _MIXTRAL_CPU, 256, 4, 8,
+                         "4-layer Mixtral-style MoE, hidden 256, 8 experts top-2, a CPU"),
     "llama-1b": Bench("llama", _LLAMA_3_2_1B, 4096, 1, 8, "Llama-3.2-1B shapes"),
     "qwen-3b": Bench("qwen2", _QWEN_2_5_3B, 4096, 1, 8, "Qwen2.5-3B shapes"),
     "deepseek-v2-lite-moe-small": Bench("deepseek_v2", _DEEPSEEK_V2_LITE_SMALL, 4096, 1, 4,
