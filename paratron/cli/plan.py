@@ -8,6 +8,12 @@ Takes the training command's flags plus the machine (--num-gpus, --gpu-memory-gb
 and prints every TP x PP x CP (x EP) split `paratron train` would accept with the bytes
 the busiest GPU holds, and a recommendation (rule in `paratron.training.memory_plan`).
 Parallel sizes given on the command line stay fixed. Exit code 1 when no layout fits.
+
+With --check-communication it plans no memory: it checks that the layout the flags give
+(--num-gpus, the parallel sizes, virtual stages, uneven stages, batch sizes) sends and
+receives in an order NCCL completes (`paratron.parallel.schedule_check`), prints
+"deadlock-free" or the first mismatched pair or circular wait with the ranks' queues, and
+exits 1 on a problem.
 """
 
 from __future__ import annotations
@@ -24,8 +30,7 @@ PROG = "paratron plan"
 
 # Features whose memory the planner does not model: refused rather than ignored.
 NOT_MODELLED = (("cpu_offloading", "--cpu-offloading"),
-                ("optimizer_cpu_offload", "--optimizer-cpu-offload"),
-                ("cross_entropy_loss_fusion", "--cross-entropy-loss-fusion"))
+                ("optimizer_cpu_offload", "--optimizer-cpu-offload"))
 
 PINNABLE = {"--tensor-model-parallel-size": "tp", "--pipeline-model-parallel-size": "pp",
             "--context-parallel-size": "cp", "--expert-model-parallel-size": "ep"}
@@ -40,20 +45,24 @@ def _machine_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, allow_abbrev=False, add_help=False)
     # NaN and infinities are invalid values; the ranges are checked in `build`.
     parser.add_argument("--num-gpus", type=NumberType(int), required=True)
-    parser.add_argument("--gpu-memory-gb", type=NumberType(float), required=True)
+    parser.add_argument("--gpu-memory-gb", type=NumberType(float))
     parser.add_argument("--memory-headroom", type=NumberType(float), default=0.1)
     parser.add_argument("--max-rows", type=NumberType(int), default=30)
+    parser.add_argument("--check-communication", action="store_true")
     return parser
 
 
 USAGE = f"""usage: {PROG} --num-gpus N --gpu-memory-gb G [--memory-headroom F] [--max-rows R]
                      <paratron train flags>
+       {PROG} --check-communication --num-gpus N <paratron train flags>
 
   --num-gpus N          GPUs of the job
   --gpu-memory-gb G     memory of one GPU in GiB (80 for an H100 80GB)
   --memory-headroom F   fraction of G kept free for the CUDA context, NCCL and
                         allocator fragmentation (default 0.1)
   --max-rows R          layouts shown, best first (default 30)
+  --check-communication check instead that the pipeline's sends and receives and the
+                        expert all-to-alls of the given layout cannot hang on NCCL
 
 The model, batch, precision, recompute and parallel flags are those of
 'paratron train' (see 'paratron train --help'); parallel sizes given are kept fixed.
@@ -76,7 +85,9 @@ def build(argv: list[str]):
     machine, rest = _machine_parser().parse_known_args(argv)
     if machine.num_gpus <= 0:
         raise ConfigError(f"--num-gpus must be positive, got {machine.num_gpus}")
-    if machine.gpu_memory_gb <= 0:
+    if machine.gpu_memory_gb is None and not machine.check_communication:
+        raise ConfigError("the following arguments are required: --gpu-memory-gb")
+    if machine.gpu_memory_gb is not None and machine.gpu_memory_gb <= 0:
         raise ConfigError(f"--gpu-memory-gb must be positive, got {machine.gpu_memory_gb}")
     if not 0 <= machine.memory_headroom < 1:
         raise ConfigError(f"--memory-headroom must be in [0, 1), got {machine.memory_headroom}")
@@ -98,7 +109,7 @@ def build(argv: list[str]):
         cfg.parallel.sequence_parallel = True
     for section in (cfg.model, cfg.training, cfg.optimizer):
         for name, flag in NOT_MODELLED:
-            if getattr(section, name, False):
+            if getattr(section, name, False) and not machine.check_communication:
                 raise ConfigError(f"{flag}: the planner does not model its memory yet; "
                                   f"plan without it")
     # Settings that change no byte of memory but that validation asks for.
@@ -173,6 +184,30 @@ def _flags(layout, recompute: bool) -> str:
     return " ".join(parts)
 
 
+def _check_communication(cfg, num_gpus: int) -> int:
+    """--check-communication: the layout the flags give, its training step and its
+    evaluation checked under NCCL's rules; 0 when deadlock-free."""
+    from paratron.parallel.config import rank_chunks, virtual_stages
+    from paratron.parallel.schedule_check import check_communication
+    from paratron.training.memory_plan import Layout, layout_config
+
+    p = cfg.parallel
+    layout = Layout(num_gpus, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                    p.context_parallel_size, p.expert_model_parallel_size,
+                    p.expert_tensor_parallel_size)
+    cfg = layout_config(cfg, layout)
+    t, vpp = cfg.training, virtual_stages(cfg)
+    micro = t.global_batch_size // (t.micro_batch_size * layout.dp)
+    problem = check_communication(layout.pp, vpp, micro, ep=layout.ep,
+                                  chunks_of=lambda rank: rank_chunks(cfg, rank))
+    if problem:
+        print(problem)
+        return 1
+    print(f"deadlock-free: {layout.label()} with {vpp} virtual stage{'s' * (vpp > 1)} "
+          f"and {micro} micro-batches per step, training and evaluation")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from paratron.training.memory_plan import GIB, gib, plan, preference, recommend
 
@@ -182,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg, machine, pinned = build(argv)
+        if machine.check_communication:
+            return _check_communication(cfg, machine.num_gpus)
         floor = _floor_per_gpu(_check_model(cfg), machine.num_gpus)
         budget = machine.gpu_memory_gb * GIB * (1 - machine.memory_headroom)
         if floor > budget:

@@ -6,12 +6,14 @@ embedding, the last the final norm, output layer and loss (uneven cuts: --decode
 last-pipeline-num-layers, or counting the embedding / loss as a layer).
 
 A schedule is data: the order in which a rank runs forward and backward steps of (chunk,
-micro-batch), written down by `one_f_one_b_order` and `interleaved_order` and executed by
-`run_schedule`. Activations and gradients are sent as soon as they exist through
-`batch_isend_irecv`, and a step waits only for the receive it needs; both sides post
-messages in the same order, which the orders guarantee. `Stage` is what the trainer
-drives: this rank's chunks run over a global batch (`forward_backward`), then their
-gradients completed (`finish_gradients`).
+micro-batch), written down by `one_f_one_b_order` and `interleaved_order`, and the
+batched transfers derived from it (`communication_groups`: what was just computed goes
+out with what the next step needs, as Megatron pairs them, so that NCCL, which matches a
+pair of ranks' transfers by order alone, never waits in a circle; `schedule_check`
+verifies every layout before its first step). `run_schedule` executes both, a step
+waiting only for the receives it needs. `Stage` is what the trainer drives: this rank's
+chunks run over a global batch (`forward_backward`), then their gradients completed
+(`finish_gradients`).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def interleaved_order(pp: int, rank: int, num_microbatches: int, vpp: int) -> li
     def backward(k):
         return ("B", vpp - 1 - (k // pp) % vpp, (k // (pp * vpp)) * pp + k % pp)
 
-    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    warmup = interleaved_warmup(pp, rank, num_microbatches, vpp)
     order = [forward(k) for k in range(warmup)]
     for i in range(total - warmup):
         order += [forward(warmup + i), backward(i)]
@@ -168,63 +170,30 @@ def interleaved_order(pp: int, rank: int, num_microbatches: int, vpp: int) -> li
     return order
 
 
+def interleaved_warmup(pp: int, rank: int, num_microbatches: int, vpp: int) -> int:
+    """Forwards an interleaved rank runs before its steady state (all of them when the
+    micro-batches are too few for one)."""
+    return min((pp - rank - 1) * 2 + (vpp - 1) * pp, num_microbatches * vpp)
+
+
 def forward_only_order(num_microbatches: int, vpp: int) -> list[Step]:
     """Evaluation: every chunk forward for every micro-batch, in pipeline order."""
     return [("F", c, m) for m in range(num_microbatches) for c in range(vpp)]
 
 
-# ---------------------------------------------------------------------- execution
-class _Messages:
-    """Point-to-point traffic of one rank: sends fly asynchronously (their completion is
-    awaited at the end of the step), a receive is waited for when it is needed."""
-
-    def __init__(self, pg: ProcessGroups):
-        self.pg = pg
-        self.pending_sends: list[dist.P2POp] = []
-        self.in_flight = []
-
-    def _peer(self, offset: int) -> int:
-        ranks, r = self.pg.pp_ranks, self.pg.pp.rank
-        return ranks[(r + offset) % len(ranks)]
-
-    # Activations flow to the next stage and gradients to the previous one; with two
-    # stages both share one pair of ranks, so the tag keeps the two streams apart.
-    ACTIVATION, GRADIENT = 0, 1
-
-    def send(self, tensor: torch.Tensor, to_next: bool) -> None:
-        tag = self.ACTIVATION if to_next else self.GRADIENT
-        self.pending_sends.append(dist.P2POp(dist.isend, tensor.contiguous(),
-                                             self._peer(1 if to_next else -1),
-                                             group=self.pg.pp.group, tag=tag))
-
-    def exchange(self, recv_shape=None, dtype=None, device=None,
-                 from_prev: bool = True) -> torch.Tensor | None:
-        """Post pending sends (and one receive); wait for the receive only."""
-        ops = self.pending_sends
-        self.pending_sends = []
-        buffer = None
-        if recv_shape is not None:
-            buffer = torch.empty(recv_shape, dtype=dtype, device=device)
-            tag = self.ACTIVATION if from_prev else self.GRADIENT
-            ops = ops + [dist.P2POp(dist.irecv, buffer, self._peer(-1 if from_prev else 1),
-                                    group=self.pg.pp.group, tag=tag)]
-        if not ops:
-            return None
-        works = dist.batch_isend_irecv(ops)
-        if buffer is not None:
-            works[-1].wait()
-            self.in_flight += works[:-1]
-        else:
-            self.in_flight += works
-        return buffer
-
-    def drain(self) -> None:
-        self.exchange()
-        for work in self.in_flight:
-            work.wait()
-        self.in_flight = []
+def schedule(pp: int, rank: int, num_microbatches: int, vpp: int, forward_only: bool
+             ) -> tuple[list[Step], int | None]:
+    """The order a pipeline rank runs (evaluation, 1F1B or interleaved 1F1B) and, when
+    interleaved, its warm-up forwards (`communication_groups` pairs the steps after)."""
+    if forward_only:
+        return forward_only_order(num_microbatches, vpp), None
+    if vpp > 1:
+        return (interleaved_order(pp, rank, num_microbatches, vpp),
+                interleaved_warmup(pp, rank, num_microbatches, vpp))
+    return one_f_one_b_order(pp, rank, num_microbatches), None
 
 
+# ---------------------------------------------------------------------- communication
 @dataclass
 class StageIO:
     """What the schedule needs to know about activations between stages."""
@@ -234,60 +203,165 @@ class StageIO:
     device: torch.device
 
 
+@dataclass(frozen=True)
+class Message:
+    """One point-to-point transfer as this rank sees it: it sends or receives the
+    activation (to the next stage, from the previous) or the gradient (to the previous,
+    from the next) of its chunk `chunk` on micro-batch `micro`."""
+
+    op: str      # "send" | "recv"
+    kind: str    # "activation" | "gradient"
+    chunk: int
+    micro: int
+
+    @property
+    def peer_offset(self) -> int:
+        """Pipeline rank of the other side, relative to this one (wrapping around)."""
+        return 1 if (self.op == "send") == (self.kind == "activation") else -1
+
+
+def _step_messages(step: Step, chunk: Chunk) -> tuple[list[Message], list[Message]]:
+    """What a step receives before it runs and sends once it has run."""
+    kind, c, m = step
+    if kind == "F":
+        recvs = [] if chunk.is_first else [Message("recv", "activation", c, m)]
+        sends = [] if chunk.is_last else [Message("send", "activation", c, m)]
+    else:
+        recvs = [] if chunk.is_last else [Message("recv", "gradient", c, m)]
+        sends = [] if chunk.is_first else [Message("send", "gradient", c, m)]
+    return recvs, sends
+
+
+def communication_groups(order: list[Step], chunks: list[Chunk], warmup: int | None = None
+                         ) -> list[tuple[Message, ...]]:
+    """The batched transfers this rank posts: group i goes out just before step i runs,
+    the last one after the last step (empty where nothing moves).
+
+    NCCL runs a rank's groups in order on one stream and a transfer larger than its
+    buffers completes only when both sides have posted it, so a send posted alone, ahead
+    of the receive its peer's send waits behind, waits for ever. As in Megatron, each
+    group joins what was just computed with what is needed next: in 1F1B a forward's
+    send with the next backward's receive (send_forward_recv_backward) and the mirror
+    after a backward. An interleaved rank (`warmup` given) runs each steady forward back
+    to back with the backward after it: the pair's receives go out before it, its sends
+    after it with the next receives (send_forward_backward_recv_forward_backward).
+    `schedule_check` verifies both for every layout."""
+    # Steps that run back to back: each alone, or when interleaved the warm-up forwards
+    # alone, then (forward, backward) pairs while forwards remain, then backwards alone.
+    start = warmup or 0
+    stop = 0 if warmup is None else 2 * sum(kind == "F" for kind, _, _ in order) - warmup
+    units = ([[step] for step in order[:start]] + [order[i:i + 2] for i in range(start, stop, 2)]
+             + [[step] for step in order[max(start, stop):]])
+    groups, sends = [], []
+    for unit in units:
+        recvs, next_sends = [], []
+        for kind, c, m in unit:
+            step_recvs, step_sends = _step_messages((kind, c, m), chunks[c])
+            recvs, next_sends = recvs + step_recvs, next_sends + step_sends
+        groups += [tuple(sends + recvs)] + [()] * (len(unit) - 1)
+        sends = next_sends
+    groups.append(tuple(sends))
+    return groups
+
+
+class PointToPoint:
+    """The transport of one pipeline rank: posts a group as one `batch_isend_irecv` and
+    waits for its receives only; the sends complete in the background (`drain` awaits
+    them at the end of the schedule)."""
+
+    def __init__(self, pg: ProcessGroups, io: StageIO):
+        self.pg, self.io = pg, io
+        self.in_flight = []
+
+    def _peer(self, offset: int) -> int:
+        ranks, r = self.pg.pp_ranks, self.pg.pp.rank
+        return ranks[(r + offset) % len(ranks)]
+
+    def exchange(self, group: tuple[Message, ...], outbox: dict
+                 ) -> dict[tuple[str, int, int], torch.Tensor]:
+        """Post `group`, taking each send's tensor from `outbox` (keyed by kind, chunk,
+        micro); returns the received tensors under the same keys."""
+        ops, received = [], {}
+        for message in sorted(group, key=lambda msg: msg.op == "recv"):  # sends first
+            key = (message.kind, message.chunk, message.micro)
+            if message.op == "send":
+                tensor = outbox.pop(key).contiguous()
+            else:
+                tensor = received[key] = torch.empty(self.io.shape, dtype=self.io.dtype,
+                                                     device=self.io.device)
+            ops.append(dist.P2POp(dist.isend if message.op == "send" else dist.irecv, tensor,
+                                  self._peer(message.peer_offset), group=self.pg.pp.group))
+        if not ops:
+            return received
+        works = dist.batch_isend_irecv(ops)
+        if received:
+            # gloo returns one work per op (the receives last), NCCL one for the group.
+            for work in works[-len(received):]:
+                work.wait()
+            works = works[:-len(received)]
+        self.in_flight += works
+        return received
+
+    def drain(self) -> None:
+        for work in self.in_flight:
+            work.wait()
+        self.in_flight = []
+
+
+# ---------------------------------------------------------------------- execution
 def run_schedule(order: list[Step], chunks: list[Chunk], pg: ProcessGroups,
                  forward: Callable[[int, int, torch.Tensor | None], torch.Tensor],
                  loss: Callable[[int, torch.Tensor], torch.Tensor],
                  io: StageIO, *, forward_only: bool = False,
                  before_backward: Callable[[int, int], None] | None = None,
-                 record: list | None = None) -> list[torch.Tensor]:
+                 record: list | None = None, warmup: int | None = None,
+                 transport: PointToPoint | None = None) -> list[torch.Tensor]:
     """Execute a schedule order on this rank.
 
     forward(chunk, micro, input) runs a chunk (input is None on the first virtual stage)
     and returns its output; loss(micro, output) turns the last virtual stage's output
     into the scalar whose backward starts the step. Returns the losses computed here
-    (on the last stage). `record`, if given, receives ("F"/"B", chunk, micro) as each
-    step runs and the number of activations held, for tests.
+    (on the last stage). Before each step the transport (`PointToPoint` unless given)
+    posts that step's `communication_groups` entry (`warmup`: the interleaved
+    schedule's), and the last one after the last step.
+    `record`, if given, receives ("F"/"B", chunk, micro) as each step runs and the number
+    of activations held, for tests.
     """
-    messages = _Messages(pg)
-    single = pg.pp.size == 1
+    transport = transport or PointToPoint(pg, io)
+    groups = communication_groups(order, chunks, warmup)
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
+    outbox: dict[tuple[str, int, int], torch.Tensor] = {}  # sent by the next group
+    inbox: dict[tuple[str, int, int], torch.Tensor] = {}   # received, not yet used
     losses = []
-    for kind, c, m in order:
+    for (kind, c, m), group in zip(order, groups):
+        inbox.update(transport.exchange(group, outbox))
         chunk = chunks[c]
         if kind == "F":
-            x = None
-            if not chunk.is_first:
-                x = messages.exchange(io.shape, io.dtype, io.device, from_prev=True)
-                if not forward_only:
-                    x.requires_grad_()
+            x = inbox.pop(("activation", c, m), None)
+            if x is not None and not forward_only:
+                x.requires_grad_()
             with torch.set_grad_enabled(not forward_only):
                 y = forward(c, m, x)
                 if chunk.is_last:
                     y = loss(m, y)
                     losses.append(y.detach())
-            if not chunk.is_last and not single:
-                messages.send(y.detach(), to_next=True)
-                messages.exchange()  # on its way now, while this rank computes on
+                else:
+                    outbox["activation", c, m] = y.detach()
             if not forward_only:
                 inputs[c, m], outputs[c, m] = x, y
         else:
             if before_backward is not None:
                 before_backward(c, m)
             y, x = outputs.pop((c, m)), inputs.pop((c, m))
-            if chunk.is_last:
-                torch.autograd.backward(y)
-            else:
-                grad = messages.exchange(io.shape, io.dtype, io.device, from_prev=False)
-                torch.autograd.backward(y, grad)
+            torch.autograd.backward(y, inbox.pop(("gradient", c, m), None))
             if x is not None:
-                messages.send(x.grad, to_next=False)
-                messages.exchange()
+                outbox["gradient", c, m] = x.grad
         if record is not None:
             record.append((kind, c, m, len(outputs)))
-    messages.drain()
+    transport.exchange(groups[-1], outbox)
+    transport.drain()
     return losses
-
 
 
 class Stage:
@@ -300,14 +374,21 @@ class Stage:
     def __init__(self, models: list, chunks: list[Chunk], pg: ProcessGroups, io: StageIO,
                  timers: Callable[[str], AbstractContextManager]):
         self.models, self.chunks, self.pg, self.io, self.timers = models, chunks, pg, io, timers
+        self.checked: set[int] = set()  # micro-batch counts whose communication is checked
 
-    def order(self, num_microbatches: int, forward_only: bool) -> list[Step]:
-        pp, rank, vpp = self.pg.pp.size, self.pg.pp.rank, len(self.chunks)
-        if forward_only:
-            return forward_only_order(num_microbatches, vpp)
-        if vpp > 1:
-            return interleaved_order(pp, rank, num_microbatches, vpp)
-        return one_f_one_b_order(pp, rank, num_microbatches)
+    def check_communication(self, num_microbatches: int) -> None:
+        """Before the first step of a micro-batch count: refuse a schedule whose transfers
+        NCCL would mismatch or leave waiting in a circle (pure Python, every rank alike)."""
+        from paratron.parallel.schedule_check import check_communication  # imports this one
+
+        if self.pg.pp.size == 1 or num_microbatches in self.checked:
+            return
+        problem = check_communication(self.pg.pp.size, len(self.chunks), num_microbatches,
+                                      ep=self.pg.ep.size)
+        if problem:
+            raise RuntimeError(f"the pipeline schedule's communication is unsafe on NCCL; "
+                               f"{problem}")
+        self.checked.add(num_microbatches)
 
     def forward_backward(self, batches: list[dict[str, torch.Tensor]],
                          loss_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
@@ -316,6 +397,7 @@ class Stage:
         order; `loss_fn(batch, per_token_loss)` gives the last stage's scalar whose backward
         starts each micro-batch's. Training starts from zeroed gradient buffers and reduces
         a chunk's gradients over DP on the last micro-batch only; `forward_only` evaluates."""
+        self.check_communication(len(batches))
         for model in self.models:
             model.train(not forward_only)
             if not forward_only:
@@ -334,8 +416,10 @@ class Stage:
             with self.timers("forward-compute"):
                 return loss_fn(batches[m], per_token_loss)
 
-        run_schedule(self.order(len(batches), forward_only), self.chunks, self.pg, forward,
-                     loss, self.io, forward_only=forward_only,
+        order, warmup = schedule(self.pg.pp.size, self.pg.pp.rank, len(batches),
+                                 len(self.chunks), forward_only)
+        run_schedule(order, self.chunks, self.pg, forward, loss, self.io,
+                     forward_only=forward_only, warmup=warmup,
                      before_backward=lambda c, m: self.models[c].sync_gradients(m == last))
 
     def finish_gradients(self) -> None:

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from tests.helpers.dist_utils import run_distributed
 from paratron.parallel.pipeline import (StageIO, forward_only_order, interleaved_order,
-                                        model_chunks, one_f_one_b_order, run_schedule)
+                                        interleaved_warmup, model_chunks, one_f_one_b_order,
+                                        run_schedule)
 from paratron.parallel.process_groups import ProcessGroups
 
 
@@ -147,8 +148,9 @@ def _reference(num_microbatches: int):
     return losses, {i: (layer.weight.grad, layer.bias.grad) for i, layer in enumerate(layers)}
 
 
-def _execute(pg, order, vpp, num_microbatches, forward_only=False):
-    """Run `order` on this rank with the toy stack; what happened, losses, gradients."""
+def _execute(pg, order, vpp, num_microbatches, forward_only=False, warmup=None):
+    """Run `order` on this rank with the toy stack (`warmup`: the interleaved schedule's,
+    whose steady pairs share their transfers); what happened, losses, gradients."""
     layers = _toy_layers()
     chunks = model_chunks(LAYERS, pg.pp.size, pg.pp.rank, vpp)
 
@@ -164,7 +166,7 @@ def _execute(pg, order, vpp, num_microbatches, forward_only=False):
     record, before = [], []
     losses = run_schedule(order, chunks, pg, forward, loss, StageIO((S, B, H), DTYPE,
                                                                    torch.device("cpu")),
-                          forward_only=forward_only,
+                          forward_only=forward_only, warmup=warmup,
                           before_backward=lambda c, m: before.append((c, m)),
                           record=record)
     grads = {i: (layers[i].weight.grad, layers[i].bias.grad)
@@ -180,7 +182,11 @@ def _all_schedules():
     runs = {
         "1f1b": _execute(pg, one_f_one_b_order(PP, r, MICRO), 1, MICRO),
         "1f1b_16": _execute(pg, one_f_one_b_order(PP, r, 16), 1, 16),
-        "interleaved": _execute(pg, interleaved_order(PP, r, MICRO, VPP), VPP, MICRO),
+        "interleaved": _execute(pg, interleaved_order(PP, r, MICRO, VPP), VPP, MICRO,
+                                warmup=interleaved_warmup(PP, r, MICRO, VPP)),
+        # 4 micro-batches: ranks 0 and 1 run every forward before any backward.
+        "interleaved_4": _execute(pg, interleaved_order(PP, r, 4, VPP), VPP, 4,
+                                  warmup=interleaved_warmup(PP, r, 4, VPP)),
         "all_forwards_then_backwards": _execute(pg, ALL_FORWARDS_THEN_BACKWARDS, 1, MICRO),
         "forward_only": _execute(pg, forward_only_order(MICRO, VPP), VPP, MICRO,
                                  forward_only=True),
@@ -198,7 +204,7 @@ def runs():
 
 @pytest.fixture(scope="module")
 def reference():
-    return {n: _reference(n) for n in (MICRO, 16)}
+    return {n: _reference(n) for n in (4, MICRO, 16)}
 
 
 # ---------------------------------------------------------------------- execution
@@ -223,7 +229,7 @@ def test_forward_only_executes_hand_written_order(runs, reference):
 
 
 @pytest.mark.parametrize("schedule, micro", [("1f1b", MICRO), ("1f1b_16", 16),
-                                             ("interleaved", MICRO),
+                                             ("interleaved", MICRO), ("interleaved_4", 4),
                                              ("all_forwards_then_backwards", MICRO)])
 def test_losses_and_gradients_equal_one_process(runs, reference, schedule, micro):
     ref_losses, ref_grads = reference[micro]
