@@ -2,7 +2,7 @@
 
     python benchmarks/run.py <config> [--iters N] [--warmup N] [--json-out FILE]
                              [--peak-tflops X] [--paths paratron,transformers]
-                             [-- <Paratron flags, e.g. --cross-entropy-loss-fusion>]
+                             [-- <Paratron flags, e.g. --torch-compile>]
 
 Each named configuration is a Hugging Face `config.json` (the model's published shapes),
 a sequence length and a batch. Both paths build that model from the same config with

@@ -158,8 +158,8 @@ class LoggingConfig:
     log_interval: int = opt(100, "Iterations between log lines.", type=int, positive=True)
     log_throughput: bool = opt(False, "Log TFLOP/s per GPU and tokens/s.")
     log_params_norm: bool = opt(False, "Log the norm of the parameters.")
-    log_num_zeros_in_grad: bool = opt(False, "Log the count of zero gradients (Paratron "
-                                      "always does).")
+    log_num_zeros_in_grad: bool = opt(False, "Log the count of zero gradients (a pass "
+                                      "over every gradient at each log step).")
     timing_log_level: int = opt(0, "Detail of the timers.", type=int, choices=[0, 1, 2])
     tensorboard_dir: str | None = opt(None, "TensorBoard event directory.")
     log_timers_to_tensorboard: bool = opt(False, "Write timers to TensorBoard.")

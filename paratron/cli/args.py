@@ -71,6 +71,8 @@ NO_EFFECT_FLAGS = [
     ("--distributed-timeout-seconds-after-init", True), ("--manual-gc", False),
     ("--log-world-size-to-tensorboard", False), ("--use-cpu-initialization", False),
     ("--check-for-nan-in-loss-and-grad", False),  # the default; --no-... turns it off
+    ("--moe-grouped-gemm", False),  # the default; --no-... turns it off
+    ("--cross-entropy-loss-fusion", False),  # the default; --no-... turns it off
 ]
 
 

@@ -153,6 +153,7 @@ def build_pretraining_data_loader(
     dataloader_type: str = "single",
     data_sharding: bool = True,
     wrap_around: bool = False,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader | None:
     """A DataLoader over `dataset` that yields this rank's micro-batches (`--num-workers` workers).
 
@@ -160,7 +161,8 @@ def build_pretraining_data_loader(
     ordered pass, `MegatronPretrainingSampler`) or `cyclic`
     (`MegatronPretrainingRandomSampler`, endless); `wrap_around` makes
     `single` endless too, for validation (see the module docstring). Returns None for a
-    missing or empty dataset (e.g. a split with zero weight).
+    missing or empty dataset (e.g. a split with zero weight). `pin_memory` (for a CUDA
+    run) yields page-locked batches, which copy to the GPU without blocking the host.
     """
     if dataset is None or len(dataset) == 0:
         return None
@@ -182,7 +184,7 @@ def build_pretraining_data_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=generator,
     )

@@ -100,14 +100,20 @@ class TransformerConfig:
                                group="training")
     cpu_offloading_num_layers: int = opt(0, "Layers (from the first) whose saved activations "
                                          "are offloaded.", type=int, group="training")
-    cross_entropy_loss_fusion: bool = opt(False, "Cross entropy over chunks of tokens: fp32 "
-                                          "logits exist for one chunk at a time.",
+    cross_entropy_loss_fusion: bool = opt(True, "Use the plain cross entropy, which keeps an "
+                                          "fp32 softmax of all the logits, instead of the "
+                                          "fused one over chunks of tokens.",
+                                          flag="--no-cross-entropy-loss-fusion",
                                           group="performance")
-    cross_entropy_chunk_size: int = opt(4096, "Tokens per chunk of "
-                                        "--cross-entropy-loss-fusion.", type=int,
-                                        group="performance", positive=True)
-    torch_compile: bool = opt(False, "Compile each transformer layer with torch.compile.",
-                              group="performance")
+    cross_entropy_chunk_size: int | None = opt(None, "Tokens per chunk of the fused cross "
+                                               "entropy (default: 4 MiB of fp32 logits on a "
+                                               "CPU, cache-sized; 512 MiB on a GPU).",
+                                               type=int, group="performance", positive=True)
+    torch_compile: bool = opt(False, "Compile each transformer layer with torch.compile, "
+                              "as one graph except for MoE layers, TP or CP above 1, and "
+                              "attention dropout (or hidden dropout under sequence "
+                              "parallelism), which compile in pieces; also the fused "
+                              "cross entropy's chunks.", group="performance")
     torch_compile_backend: str = opt("inductor", "torch.compile backend of --torch-compile.",
                                      choices=["inductor", "aot_eager", "eager"],
                                      group="performance")
@@ -145,8 +151,10 @@ class TransformerConfig:
                                                  group="moe")
     moe_token_drop_policy: str = opt("probs", "Which tokens are dropped over capacity.",
                                      choices=["probs", "position"], group="moe")
-    moe_grouped_gemm: bool = opt(False, "Run all local experts as one grouped GEMM.",
-                                 group="moe")
+    moe_grouped_gemm: bool = opt(True, "Loop over the local experts (reading their token "
+                                 "counts on the host) instead of running them together "
+                                 "without a host sync, as one grouped GEMM where torch has "
+                                 "one.", flag="--no-moe-grouped-gemm", group="moe")
     moe_shared_expert_gate: bool = opt(False, "Sigmoid gate on the shared experts (Qwen2-MoE).",
                                        group="moe")
     moe_router_bias_update_rate: float = opt(1e-3, "Step of the aux-loss-free expert bias.",
@@ -333,7 +341,6 @@ def check_experts_and_mla(m: TransformerConfig, tp: int, ep: int, etp: int | Non
 
 
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
-GROUPED_GEMM_ALIGN = 8  # grouped GEMM rows and columns in multiples of 16 bytes (bf16)
 
 
 def grouped_mm_fn():
@@ -375,7 +382,7 @@ def check_moe_routing(c, ep_size: int) -> None:
 
 def check_moe_experts(c, tp_size: int, etp_size: int) -> None:
     """Expert and shared-expert sizes for the tensor-parallel sizes, and the router,
-    capacity, dispatcher and kernel settings the layer implements."""
+    capacity and dispatcher settings the layer implements."""
     k = c.moe_router_topk
     ffn = c.moe_ffn_hidden_size or c.ffn_hidden_size
     if not ffn:
@@ -414,12 +421,3 @@ def check_moe_experts(c, tp_size: int, etp_size: int) -> None:
     if c.moe_token_dispatcher_type not in ("alltoall", "allgather"):
         raise ConfigError(f"--moe-token-dispatcher-type {c.moe_token_dispatcher_type}: use "
                           f"alltoall or allgather")
-    if c.moe_grouped_gemm:
-        if grouped_mm_fn() is None:
-            raise ConfigError("--moe-grouped-gemm needs torch.nn.functional.grouped_mm "
-                              "(PyTorch 2.8 or later)")
-        per_rank = ffn // etp_size
-        if c.hidden_size % GROUPED_GEMM_ALIGN or per_rank % GROUPED_GEMM_ALIGN:
-            raise ConfigError(f"--moe-grouped-gemm needs --hidden-size {c.hidden_size} and the "
-                              f"expert ffn size per expert-TP rank {per_rank} to be multiples "
-                              f"of {GROUPED_GEMM_ALIGN}")

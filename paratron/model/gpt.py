@@ -190,36 +190,50 @@ class GPTModel(nn.Module):
         logits = self.output_layer(x, weight=self.shared_output_weight()).transpose(0, 1)
         if labels is None:
             return logits.contiguous()
-        if self.config.cross_entropy_loss_fusion:  # fp32 logits one chunk at a time
+        c = self.config
+        if c.cross_entropy_loss_fusion:  # fp32 logits one chunk at a time
+            backend = c.torch_compile_backend if c.torch_compile else None
             return chunked_vocab_parallel_cross_entropy(logits, labels, self.pg,
-                                                        self.config.cross_entropy_chunk_size)
+                                                        c.cross_entropy_chunk_size,
+                                                        compile_backend=backend)
         return vocab_parallel_cross_entropy(logits, labels, self.pg)
+
+
+def logged_moe_losses(config) -> list[str]:
+    """The MoE losses Megatron logs, named by the config (so a stage without MoE layers
+    joins the sums)."""
+    return [name for name, logged in (
+        ("load_balancing_loss", config.moe_router_load_balancing_type == "aux_loss"),
+        ("seq_load_balancing_loss", config.moe_router_load_balancing_type == "seq_aux_loss"),
+        ("z_loss", bool(config.moe_z_loss_coeff))) if logged and config.num_experts]
+
+
+@torch.no_grad()
+def moe_loss_sums(chunks: list[GPTModel], pg: ProcessGroups) -> torch.Tensor:
+    """[sum, layer forwards] of each of `logged_moe_losses` since the last call, over every
+    stage and DP rank, as one float64 tensor on the device that nothing reads here: sum /
+    forwards is Megatron's logged mean over MoE layers and micro-batches."""
+    names = logged_moe_losses(chunks[0].config)
+    totals = moe_loss_totals(chunks)
+    sums = torch.zeros(2 * len(names), dtype=torch.float64,
+                       device=next(chunks[0].parameters()).device)
+    if not names:
+        return sums
+    for i, name in enumerate(names):
+        sums[2 * i], sums[2 * i + 1] = totals.get(name, (0.0, 0))
+    return pg.all_reduce(sums, "pp", "dp")
 
 
 @torch.no_grad()
 def moe_bookkeeping(chunks: list[GPTModel], pg: ProcessGroups, aux_loss_scale: float,
-                    stepped: bool | None = None) -> dict[str, float]:
-    """The MoE layers' part of a training step, in one call: once before the first step
-    (`stepped` None), then after each optimizer step. Returns the step's losses as Megatron
-    logs them, the mean over MoE layers and micro-batches of every stage and DP rank (named
-    by the config, so a stage without MoE layers joins the sums); a step taken moves the
-    expert biases; the next step's aux and z losses get `aux_loss_scale` on their gradient."""
+                    stepped: bool) -> None:
+    """The MoE layers' part of a training step after the optimizer's (and once before the
+    first step): a step taken moves the expert biases; the next step's aux and z losses
+    get `aux_loss_scale` on their gradient."""
     c = chunks[0].config
     if not c.num_experts:
-        return {}
-    losses = {}
-    if stepped is not None:
-        names = [name for name, logged in (
-            ("load_balancing_loss", c.moe_router_load_balancing_type == "aux_loss"),
-            ("seq_load_balancing_loss", c.moe_router_load_balancing_type == "seq_aux_loss"),
-            ("z_loss", bool(c.moe_z_loss_coeff))) if logged]
-        totals = moe_loss_totals(chunks)
-        sums = torch.tensor([float(x) for name in names for x in totals.get(name, (0.0, 0))],
-                            dtype=torch.float64, device=next(chunks[0].parameters()).device)
-        sums = pg.all_reduce(sums, "pp", "dp").tolist()
-        losses = {name: sums[2 * i] / max(sums[2 * i + 1], 1.0) for i, name in enumerate(names)}
+        return
     if stepped and c.moe_router_enable_expert_bias:
         update_expert_bias(chunks, pg)
     for layer in moe_layers(chunks):
         layer.aux_loss_scale = aux_loss_scale
-    return losses

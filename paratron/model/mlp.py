@@ -17,10 +17,29 @@ from paratron.parallel.sharding import set_layout
 from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
-def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "swiglu":
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of x = [gate; up], saving only x: backward recomputes silu(gate)
+    instead of keeping it, one ffn-wide tensor less per layer (as Megatron's
+    `bias_swiglu_impl`). The kernels are autograd's own for `F.silu(gate) * up`, so the
+    results are identical to it; torch.compile fuses each direction into one kernel."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        gate, up = x.chunk(2, dim=-1)
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return torch.cat([grad_gate, grad * F.silu(gate)], dim=-1)
+
+
+def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "swiglu":
+        return _SwiGLU.apply(x)
     if kind == "squared_relu":
         return F.relu(x).square()
     return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")

@@ -272,10 +272,34 @@ class ExpertLinear(nn.Module):
                                                     self.etp_rank))
 
 
+def grouped_mm_supported(rows: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs `rows` against `weights` [experts, out, in] with
+    its own kernel: on CUDA for bf16 on Hopper and Blackwell (elsewhere torch loops over
+    the groups after copying the offsets to the host, a sync), on the CPU for fp32 and
+    bf16; in both with every row stride a multiple of 16 bytes."""
+    if grouped_mm_fn() is None:
+        return False
+    if rows.device.type == "cuda":
+        native = (rows.dtype == torch.bfloat16
+                  and torch.cuda.get_device_capability(rows.device)[0] in (9, 10))
+    else:
+        native = rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.bfloat16)
+    align = 16 // rows.element_size()
+    return native and all(w.shape[1] % align == 0 and w.shape[2] % align == 0
+                          for w in weights)
+
+
 class Experts(nn.Module):
     """This rank's routed experts (linear_fc1 -> activation -> linear_fc2 each) run on
-    rows grouped by expert: one grouped GEMM per linear (--moe-grouped-gemm) or a loop
-    over the experts."""
+    rows grouped by expert.
+
+    By default (--moe-grouped-gemm) they run without a host sync: one grouped GEMM per
+    linear where torch has a kernel for the device, dtype and sizes
+    (`grouped_mm_supported`). Elsewhere, and with --no-moe-grouped-gemm, they loop over
+    the experts (Megatron's SequentialMLP), reading the row counts once per layer: one
+    sync is cheaper than any sync-free alternative we know, all of which run every
+    expert on every row.
+    """
 
     def __init__(self, config, pg: ProcessGroups):
         super().__init__()
@@ -296,33 +320,23 @@ class Experts(nn.Module):
                                        init_std=c.init_method_std
                                        / math.sqrt(2.0 * c.num_layers), **common)
 
-    def forward(self, rows: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """rows [n, h] grouped by local expert (tokens_per_expert[e] rows each) -> [n, h],
-        partial sums over the expert-TP slices when ETP > 1."""
+    def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """rows [n, h]: tokens_per_expert[e] rows for each local expert e in turn, then
+        rows of no expert (their results are never used) -> [n, h], partial sums over
+        the expert-TP slices when ETP > 1."""
         w1, w2 = self.linear_fc1.weight, self.linear_fc2.weight
-        if self.grouped_gemm:
-            return self._grouped(rows, tokens_per_expert, w1, w2)
-        outputs = []
-        for e, x in enumerate(rows.split(tokens_per_expert)):
-            outputs.append(F.linear(activate(F.linear(x, w1[e]), self.activation), w2[e]))
-        return torch.cat(outputs)
+        if self.grouped_gemm and grouped_mm_supported(rows, w1, w2):
+            offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+            grouped_mm = grouped_mm_fn()
+            h = activate(grouped_mm(rows, w1.transpose(1, 2), offs=offsets), self.activation)
+            return grouped_mm(h, w2.transpose(1, 2), offs=offsets)
+        return self._sequential(rows, tokens_per_expert.tolist(), w1, w2)
 
-    def _grouped(self, rows, tokens_per_expert, w1, w2):
-        # Each expert's rows start at a multiple of 16 bytes (the kernels' alignment):
-        # rows are spread into a zero-padded buffer and picked back out afterwards.
-        grouped_mm = grouped_mm_fn()
-        align = max(1, 16 // rows.element_size())
-        counts = torch.tensor(tokens_per_expert, device=rows.device)
-        padded = (counts + align - 1) // align * align
-        offsets = padded.cumsum(0).to(torch.int32)
-        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
-        dest = torch.arange(rows.shape[0], device=rows.device) + torch.repeat_interleave(
-            shift, counts)
-        total = int(padded.sum())
-        x = rows.new_zeros((total, rows.shape[1])).index_copy(0, dest, rows)
-        h = activate(grouped_mm(x, w1.transpose(1, 2), offs=offsets), self.activation)
-        y = grouped_mm(h, w2.transpose(1, 2), offs=offsets)
-        return y.index_select(0, dest)
+    def _sequential(self, rows, sizes: list[int], w1, w2):
+        groups = rows.split(sizes + [rows.shape[0] - sum(sizes)])
+        outputs = [F.linear(activate(F.linear(x, w1[e]), self.activation), w2[e])
+                   for e, x in enumerate(groups[:-1])]
+        return torch.cat([*outputs, rows.new_zeros((groups[-1].shape[0], w2.shape[1]))])
 
 
 class SharedExperts(MLP):
@@ -405,13 +419,27 @@ class MoELayer(nn.Module):
             tokens = ScatterToSequenceParallelRegion.apply(tokens, group)
             probs = ScatterToSequenceParallelRegion.apply(probs, group)
             routing_map = routing_map.chunk(tp)[self.pg.tp.rank]
-        rows, tokens_per_expert, plan = self.dispatcher.dispatch(tokens, probs, routing_map)
+        max_rows, slots = self._row_bound(probs.shape[0], tokens.shape[0])
+        rows, tokens_per_expert, plan = self.dispatcher.dispatch(tokens, probs, routing_map,
+                                                                 max_rows, slots)
         rows = self.experts(rows, tokens_per_expert)
         out = self.dispatcher.combine(rows, plan)
         if self.split_tokens:
             out = GatherFromSequenceParallelRegion.apply(out, self.pg.tp.group, False)
         out = out.view(s, b, h)
         return out if shared is None else out + shared
+
+    def _row_bound(self, routed_tokens: int, tokens: int) -> tuple[int, int]:
+        """(Bound on the routed pairs of `tokens` tokens, bound on one token's pairs),
+        from shapes alone: k per token, fewer under capacity, each expert its capacity
+        of the `routed_tokens` (the router's tokens) when padded to it."""
+        c, experts, k = self.config, self.config.num_experts, self.config.moe_router_topk
+        factor = c.moe_expert_capacity_factor
+        if factor is None or factor < 0:
+            return tokens * k, k
+        keep = min(expert_capacity(routed_tokens, experts, k, factor), routed_tokens)
+        slots = experts if c.moe_pad_expert_input_to_capacity else k
+        return min(tokens * slots, experts * keep), slots
 
     def _record(self, losses: dict[str, torch.Tensor]) -> None:
         if not losses or _recomputing():

@@ -1,4 +1,10 @@
-"""LayerNorm and RMSNorm, computed in fp32 whatever the weights' dtype."""
+"""LayerNorm and RMSNorm on the model's dtype; the kernels compute in fp32 inside.
+
+`F.layer_norm` and `F.rms_norm` accumulate reduced-precision inputs in fp32 and round
+once, so no fp32 copy of the input is made or saved (on CUDA `F.rms_norm` is one fused
+kernel that saves the input as it is and one statistic per token). RMSNorm multiplies
+the weight after rounding, as Hugging Face's Llama does (`weight * hidden.to(dtype)`).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(),
-                           self.eps)
-        return out.to(x.dtype)
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -27,8 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
-        return normed * self.weight
+        return F.rms_norm(x, x.shape[-1:], eps=self.eps) * self.weight
 
 
 def build_norm(kind: str, size: int, eps: float, dtype=None) -> nn.Module:

@@ -76,15 +76,24 @@ class RotaryEmbedding(nn.Module):
             if llama3_factor is not None:
                 inv_freq = _llama3_scaled(inv_freq, llama3_factor,
                                           original_max_position_embeddings or 8192)
-        # A plain attribute, not a buffer: model.to(bf16) must not round the frequencies.
-        self.inv_freq = inv_freq.float()
+        # A buffer follows the model to its device once; non-persistent: not in checkpoints.
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """`model.to(bf16)` must not round the frequencies: the buffer follows the
+        device of a move and keeps fp32."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [b, s] -> (cos, sin), each [s, b, 1, rot_dim] in fp32."""
+        """position_ids [b, s] -> (cos, sin), each [s, b, 1, rot_dim] in fp32, computed
+        on the positions' device."""
         pos = position_ids.t().float()
         if self.interpolation:
             pos = pos / self.interpolation
-        freqs = pos.unsqueeze(-1) * self.inv_freq.to(pos.device)
+        freqs = pos.unsqueeze(-1) * self.inv_freq
         if self.interleaved:
             emb = freqs.repeat_interleave(2, dim=-1)
         else:
@@ -93,22 +102,30 @@ class RotaryEmbedding(nn.Module):
         return emb.cos() * self.attention_scale, emb.sin() * self.attention_scale
 
 
-def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    if interleaved:
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.stack([-odd, even], dim=-1).flatten(-2)
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  interleaved: bool = False) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] channels of x [s, b, heads, d]; computed in fp32."""
+    """Rotate the first cos.shape[-1] channels of x [s, b, heads, d] in fp32 and write
+    them, rounded to x's dtype, beside the channels passed through.
+
+    Each pair (x1, x2) of a channel and its partner becomes (x1 cos - x2 sin,
+    x2 cos + x1 sin): the products promote to fp32 element by element (no fp32 copy of
+    x, no rotated copy), and the order of operations is Hugging Face's `x * cos +
+    rotate_half(x) * sin`, so fp32 results are bit-identical to it. The pairs are the
+    two halves, or neighbouring channels with `interleaved`; their cos and sin are equal
+    in the tables, which hold each frequency twice."""
     rot_dim = cos.shape[-1]
-    rotated, passed = x[..., :rot_dim], x[..., rot_dim:]
-    xf = rotated.float()
-    out = (xf * cos + _rotate(xf, interleaved) * sin).to(x.dtype)
-    return torch.cat([out, passed], dim=-1) if passed.shape[-1] else out
+    if interleaved:
+        first, second = slice(0, rot_dim, 2), slice(1, rot_dim, 2)
+    else:
+        first, second = slice(0, rot_dim // 2), slice(rot_dim // 2, rot_dim)
+    cos, sin = cos[..., first], sin[..., first]
+    x1, x2 = x[..., first], x[..., second]
+    out = torch.empty_like(x)
+    out[..., first] = x1 * cos - x2 * sin
+    out[..., second] = x2 * cos + x1 * sin
+    if rot_dim < x.shape[-1]:
+        out[..., rot_dim:] = x[..., rot_dim:]
+    return out
 
 
 def build_rotary(config) -> RotaryEmbedding | None:

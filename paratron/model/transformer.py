@@ -51,6 +51,18 @@ def recompute_plan(config, num_layers: int) -> list[tuple[list[int], bool]]:
     return [([i], i < c.recompute_num_layers) for i in range(num_layers)]  # block
 
 
+def compiles_as_one_graph(config, layer: "TransformerLayer") -> bool:
+    """Whether --torch-compile captures `layer` whole (`fullgraph=True`), so that a graph
+    break is an error rather than a silent split. It cannot across a dropout that forks
+    the model-parallel RNG stream (attention dropout; hidden dropout under sequence
+    parallelism), the TP and CP collectives inside a layer, or an MoE layer's dispatch,
+    whose shapes depend on the routing; those layers compile in pieces."""
+    c, pg = config, layer.pg
+    forks_rng = c.attention_dropout > 0 or (c.sequence_parallel and c.hidden_dropout > 0)
+    return not (forks_rng or isinstance(layer.mlp, MoELayer) or pg.tp.size > 1
+                or pg.cp.size > 1)
+
+
 class TransformerLayer(nn.Module):
     """x + drop(attn(norm(x))), then h + drop(mlp(norm(h)))."""
 
@@ -105,7 +117,8 @@ class TransformerBlock(nn.Module):
         self.activation_offload = ActivationOffload.from_config(c)
         if c.torch_compile:  # in place: parameter names stay the same
             for layer in self.layers:
-                layer.compile(backend=c.torch_compile_backend)
+                layer.compile(backend=c.torch_compile_backend,
+                              fullgraph=compiles_as_one_graph(c, layer))
 
     def forward(self, x, rotary=None, attention_mask=None, inference_params=None):
         """inference_params: the key/value cache of generation (eval mode only)."""

@@ -1,23 +1,41 @@
-"""Vocabulary-parallel cross entropy over chunks of tokens (`--cross-entropy-loss-fusion`).
+"""Vocabulary-parallel cross entropy over chunks of tokens, the default loss (the plain
+one with `--no-cross-entropy-loss-fusion`).
 
 The plain `vocab_parallel_cross_entropy` turns the logits of a whole micro-batch into
 fp32 and keeps their softmax for backward: tokens x vocabulary/TP x 4 bytes, 4 GiB for
 8K tokens of Llama-3's 128K vocabulary, beside the logits themselves. This version
-reads the logits in the model's dtype and converts only one chunk of
-`--cross-entropy-chunk-size` tokens at a time. Forward keeps, per token, the max logit
-and the sum of exponentials; backward rebuilds each chunk's softmax from the logits
-(saved as they are, not copied) and writes the gradient in the logits' dtype.
+reads the logits in the model's dtype and upcasts only one chunk of
+`--cross-entropy-chunk-size` tokens at a time, inside two elementwise functions (compiled
+with torch.compile under `--torch-compile`, plain eager operations otherwise). Forward
+keeps, per token, the max logit and the sum of exponentials; when the logits need a
+gradient it also writes softmax - one-hot into a buffer of the logits' dtype, chunk by
+chunk, and drops the logits. Backward scales that buffer in place by each token's
+gradient: no second pass over the vocabulary.
 
 The arithmetic per token is the plain version's (same max, shift, exp, sum, the same
-three all-reduces of one number per token over TP), so losses and gradients are equal.
+three all-reduces of one number per token over TP): losses are equal, and so are fp32
+gradients; a bf16 gradient is rounded once more (softmax - one-hot, then the scale).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
 
 from paratron.parallel.process_groups import ProcessGroups
+
+
+# Bytes of one chunk's fp32 logits by default: cache-sized on a CPU, where each pass over
+# a chunk then stays in cache; large on a GPU, where each chunk costs kernel launches.
+_CHUNK_BYTES = {"cpu": 4 << 20}
+_GPU_CHUNK_BYTES = 512 << 20
+
+
+def default_chunk_tokens(vocab_per_rank: int, device_type: str) -> int:
+    """Tokens per chunk when `--cross-entropy-chunk-size` is not given."""
+    return max(1, _CHUNK_BYTES.get(device_type, _GPU_CHUNK_BYTES) // (4 * vocab_per_rank))
 
 
 def _chunks(logits: torch.Tensor, chunk_tokens: int):
@@ -31,10 +49,38 @@ def _chunks(logits: torch.Tensor, chunk_tokens: int):
         yield slice(start, start + width)
 
 
+def _softmax_stats(chunk: torch.Tensor, shift: torch.Tensor, local: torch.Tensor):
+    """Per token of a chunk: the target's shifted logit and the sum of exponentials, fp32.
+    The subtraction promotes to fp32 element by element: no fp32 copy of the chunk first."""
+    shifted = chunk - shift.unsqueeze(-1)
+    target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+    return target_logit, shifted.exp_().sum(dim=-1)
+
+
+def _softmax_minus_target(chunk: torch.Tensor, shift: torch.Tensor, sum_exp: torch.Tensor,
+                          local: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits of a chunk for a unit loss gradient, in the chunk's dtype."""
+    softmax = (chunk - shift.unsqueeze(-1)).exp_().div_(sum_exp.unsqueeze(-1))
+    softmax.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
+    return softmax.to(chunk.dtype)
+
+
+@functools.cache
+def _chunk_functions(compile_backend: str | None):
+    """The two per-chunk functions, compiled once per backend (shapes vary by chunk)."""
+    if compile_backend is None:
+        return _softmax_stats, _softmax_minus_target
+    return (torch.compile(_softmax_stats, backend=compile_backend),
+            torch.compile(_softmax_minus_target, backend=compile_backend))
+
+
 class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
+    """Backward scales the saved gradient buffer in place, so it runs once per forward."""
 
     @staticmethod
-    def forward(ctx, logits, target, group, vocab_start, ignore_index, chunk_tokens):
+    def forward(ctx, logits, target, group, vocab_start, ignore_index, chunk_tokens,
+                compile_backend):
+        stats, softmax_minus_target = _chunk_functions(compile_backend)
         # The max of the converted values is the converted max: no fp32 copy needed.
         logits_max = logits.max(dim=-1).values.float()
         if group is not None:
@@ -45,45 +91,47 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = torch.empty_like(logits_max)
         sum_exp = torch.empty_like(logits_max)
         for part in _chunks(logits, chunk_tokens):
-            shifted = logits[..., part, :].float() - logits_max[..., part].unsqueeze(-1)
-            target_logit[..., part] = shifted.gather(
-                -1, local[..., part].unsqueeze(-1)).squeeze(-1)
-            sum_exp[..., part] = shifted.exp().sum(dim=-1)
+            target_logit[..., part], sum_exp[..., part] = stats(
+                logits[..., part, :], logits_max[..., part], local[..., part])
         target_logit = target_logit.masked_fill(outside, 0.0)
         if group is not None:
             dist.all_reduce(target_logit, group=group)
             dist.all_reduce(sum_exp, group=group)
         ignored = target == ignore_index
         loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
-        ctx.chunk_tokens = chunk_tokens
-        ctx.save_for_backward(logits, logits_max, sum_exp, local, outside, ignored)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.empty_like(logits)
+            hit = (~outside).to(torch.float32)
+            for part in _chunks(logits, chunk_tokens):
+                grad[..., part, :] = softmax_minus_target(
+                    logits[..., part, :], logits_max[..., part], sum_exp[..., part],
+                    local[..., part], hit[..., part])
+        ctx.save_for_backward(grad, ignored)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, logits_max, sum_exp, local, outside, ignored = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        scale = grad_loss * (~ignored).to(torch.float32)
-        hit = (~outside).to(torch.float32)
-        for part in _chunks(logits, ctx.chunk_tokens):
-            shifted = logits[..., part, :].float() - logits_max[..., part].unsqueeze(-1)
-            softmax = shifted.exp().div_(sum_exp[..., part].unsqueeze(-1))
-            softmax.scatter_add_(-1, local[..., part].unsqueeze(-1),
-                                 -hit[..., part].unsqueeze(-1))
-            grad[..., part, :] = softmax.mul_(scale[..., part].unsqueeze(-1))
-        return grad, None, None, None, None, None
+        grad, ignored = ctx.saved_tensors
+        grad.mul_((grad_loss * (~ignored).to(torch.float32)).unsqueeze(-1))
+        return grad, None, None, None, None, None, None
 
 
 def chunked_vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                                          pg: ProcessGroups | None = None,
-                                         chunk_tokens: int = 4096,
-                                         ignore_index: int = -100) -> torch.Tensor:
+                                         chunk_tokens: int | None = None,
+                                         ignore_index: int = -100,
+                                         compile_backend: str | None = None) -> torch.Tensor:
     """Per-token loss (fp32, reduction none) for logits [..., s, v/TP] split by
-    vocabulary over TP, with fp32 values for `chunk_tokens` tokens at a time."""
+    vocabulary over TP, with fp32 values for `chunk_tokens` tokens at a time (default:
+    `default_chunk_tokens`); `compile_backend` compiles the per-chunk functions."""
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(logits.shape[-1], logits.device.type)
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     pg = pg or ProcessGroups.single()
     group = pg.tp.group if pg.tp.size > 1 else None
     vocab_start = pg.tp.rank * logits.shape[-1]
     return _ChunkedVocabParallelCrossEntropy.apply(logits, target, group, vocab_start,
-                                                   ignore_index, chunk_tokens)
+                                                   ignore_index, chunk_tokens,
+                                                   compile_backend)

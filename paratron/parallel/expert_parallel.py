@@ -108,47 +108,80 @@ def _gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- permutation
-def permute(x: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
-    """One row per routed (token, expert) pair, sorted by expert, then by token.
+@dataclass
+class Permutation:
+    """Where the rows of routed (token, expert) pairs come from and go back to.
 
-    Returns rows [n, h], their routing weights [n], their token indices [n] and the row
-    count of each expert [experts].
+    The rows are sorted by expert, then by token, as `routing_map.t().nonzero()` would
+    give them, but their number is fixed by shapes alone (`max_rows`), so building them
+    reads nothing on the host: when fewer pairs are routed (capacity drops), the last
+    rows are dummies. Each token owns `slots` places in a [tokens, slots] layout (its
+    pairs in expert order) and every routed row one place there (`dest`), so gathering
+    the rows and scattering them back touch distinct places, and the combine sums each
+    token's slots in a fixed order: deterministic on every device. Dummy rows share one
+    spare place past the layout, which holds zeros and whose results are dropped.
     """
-    expert_index, token_index = routing_map.t().nonzero(as_tuple=True)
-    rows = x.index_select(0, token_index)
-    row_probs = probs[token_index, expert_index]
-    return rows, row_probs, token_index, routing_map.sum(0)
+
+    dest: torch.Tensor          # [max_rows] place of each row in the layout
+    row_probs: torch.Tensor     # [max_rows] fp32 routing weight (0 for dummy rows)
+    counts: torch.Tensor        # [experts] routed rows of each expert
+    num_tokens: int
+    slots: int
+
+    def combine(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each token's sum of its rows (the first rows.shape[0] of the permutation)
+        times their routing weights: the weights multiply in fp32, the sum over the
+        token's slots in fixed order is cast once to the rows' dtype."""
+        places = self.num_tokens * self.slots
+        total = places + 1
+        layout = rows.new_zeros((total, rows.shape[-1])).index_copy(
+            0, self.dest[:rows.shape[0]], rows)
+        weights = self.row_probs.new_zeros(total).index_copy(0, self.dest, self.row_probs)
+        weighted = (layout[:places].view(self.num_tokens, self.slots, -1).float()
+                    * weights[:places].view(self.num_tokens, self.slots, 1))
+        return weighted.sum(1).to(rows.dtype)
 
 
-def unpermute(rows: torch.Tensor, row_probs: torch.Tensor, token_index: torch.Tensor,
-              num_tokens: int) -> torch.Tensor:
-    """Each token's sum of its rows times their routing weights (in fp32, then cast back
-    to the rows' dtype)."""
-    weighted = rows.float() * row_probs.float().unsqueeze(-1)
-    out = weighted.new_zeros((num_tokens, rows.shape[-1]))
-    return out.index_add(0, token_index, weighted).to(rows.dtype)
+def permute(x: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor, max_rows: int,
+            slots: int) -> tuple[torch.Tensor, Permutation]:
+    """Rows [max_rows, h] of the routed pairs sorted by expert (see `Permutation`), with
+    no host sync: a stable sort of the map puts the routed pairs first in (expert,
+    token) order. `max_rows` bounds the routed pairs and `slots` the pairs of one
+    token."""
+    tokens, hidden = x.shape
+    flat = routing_map.t().reshape(-1)
+    order = torch.argsort((~flat).to(torch.uint8), stable=True)[:max_rows]
+    routed = flat[order]
+    expert, token = order // tokens, order % tokens
+    slot = (routing_map.cumsum(1) - 1)[token, expert]
+    dest = torch.where(routed, token * slots + slot, tokens * slots)
+    row_probs = torch.where(routed, probs.float()[token, expert], 0.0)
+    layout = torch.cat([x.unsqueeze(1).expand(tokens, slots, hidden).reshape(-1, hidden),
+                        x.new_zeros((1, hidden))])
+    rows = layout.index_select(0, dest)
+    return rows, Permutation(dest, row_probs, routing_map.sum(0), tokens, slots)
 
 
-def chunk_transpose_index(counts: torch.Tensor) -> torch.Tensor:
+def chunk_transpose_index(counts: torch.Tensor, total: int) -> torch.Tensor:
     """Rows come as chunks in (source, expert) order with `counts[source, expert]` rows
-    each; the index that reorders them to (expert, source) order."""
+    each, `total` in all (known on the host); the index that reorders them to (expert,
+    source) order."""
     sources, experts = counts.shape
     flat = counts.reshape(-1)
     starts = flat.cumsum(0) - flat
     order = torch.arange(sources * experts, device=counts.device).view(sources, experts)
     order = order.t().reshape(-1)
     sizes, starts = flat[order], starts[order]
-    chunk = torch.repeat_interleave(torch.arange(order.numel(), device=counts.device), sizes)
-    within = torch.arange(int(sizes.sum()), device=counts.device) - (sizes.cumsum(0) - sizes)[chunk]
+    chunk = torch.repeat_interleave(torch.arange(order.numel(), device=counts.device), sizes,
+                                    output_size=total)
+    within = torch.arange(total, device=counts.device) - (sizes.cumsum(0) - sizes)[chunk]
     return starts[chunk] + within
 
 
 # ------------------------------------------------------------------------ dispatchers
 @dataclass
 class _AllToAllPlan:
-    token_index: torch.Tensor      # source token of each permuted local row
-    row_probs: torch.Tensor        # its routing weight
-    num_tokens: int
+    permutation: Permutation
     input_splits: list[int]        # rows sent to each EP rank
     output_splits: list[int]       # rows received from each EP rank
     etp_sizes: list[int] | None    # rows each ETP rank holds after the EP exchange
@@ -157,37 +190,46 @@ class _AllToAllPlan:
 
 class AllToAllDispatcher:
     """Sends each routed row to the EP rank of its expert with all-to-all (see the
-    module docstring). Stateless: `dispatch` returns the plan that `combine` follows."""
+    module docstring). Stateless: `dispatch` returns the plan that `combine` follows.
+    At EP = ETP = 1 it reads nothing on the host; above, the split sizes of every
+    exchange come to the host in one read, which the backward reuses."""
 
     def __init__(self, num_experts: int, pg: ProcessGroups):
         self.pg, self.num_experts = pg, num_experts
         self.num_local_experts = num_experts // pg.ep.size
         self.first_expert = pg.ep.rank * self.num_local_experts
 
-    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        """Returns (rows of the local experts grouped by expert, rows per local expert,
-        plan)."""
+    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
+                 max_rows: int, slots: int):
+        """Returns (rows of the local experts grouped by expert, possibly followed by
+        rows of no expert; rows per local expert, on the device; plan)."""
         pg, local = self.pg, self.num_local_experts
-        rows, row_probs, token_index, counts = permute(x, routing_map, probs)
-        plan = _AllToAllPlan(token_index, row_probs, x.shape[0], [], [], None, None)
+        rows, permutation = permute(x, routing_map, probs, max_rows, slots)
+        counts = permutation.counts
+        plan = _AllToAllPlan(permutation, [], [], None, None)
         if pg.ep.size == 1 and pg.etp.size == 1:
-            return rows, counts.tolist(), plan
+            return rows, counts, plan
         # received[i, e]: rows that EP rank i sends to this rank's local expert e.
         everyone = _gather_counts(counts, pg.ep.group, pg.ep.size)
         received = everyone[:, self.first_expert:self.first_expert + local]
-        plan.input_splits = counts.view(pg.ep.size, local).sum(1).tolist()
-        plan.output_splits = received.sum(1).tolist()
+        sizes = [counts.view(pg.ep.size, local).sum(1), received.sum(1)]
+        if pg.etp.size > 1:
+            received = _gather_counts(received, pg.etp.group, pg.etp.size)
+            sizes.append(received.sum((1, 2)))
+            received = received.reshape(-1, local)
+        host = torch.cat(sizes).tolist()  # the layer's one host read
+        plan.input_splits = host[:pg.ep.size]
+        plan.output_splits = host[pg.ep.size:2 * pg.ep.size]
+        rows = rows[:sum(plan.input_splits)]
         if pg.ep.size > 1:
             rows = AllToAll.apply(rows, plan.output_splits, plan.input_splits, pg.ep.group)
         if pg.etp.size > 1:
-            received = _gather_counts(received, pg.etp.group, pg.etp.size)
-            plan.etp_sizes = received.sum((1, 2)).tolist()
-            received = received.reshape(-1, local)
+            plan.etp_sizes = host[2 * pg.ep.size:]
             rows = AllGatherV.apply(rows, plan.etp_sizes, pg.etp.group)
         if local > 1:
-            plan.sort_index = chunk_transpose_index(received)
+            plan.sort_index = chunk_transpose_index(received, rows.shape[0])
             rows = rows.index_select(0, plan.sort_index)
-        return rows, received.sum(0).tolist(), plan
+        return rows, received.sum(0), plan
 
     def combine(self, rows: torch.Tensor, plan: _AllToAllPlan) -> torch.Tensor:
         """The experts' output rows back to their tokens, weighted: [tokens, h]."""
@@ -201,20 +243,14 @@ class AllToAllDispatcher:
             rows = ReduceScatterV.apply(rows, plan.etp_sizes, pg.etp.group)
         if pg.ep.size > 1:
             rows = AllToAll.apply(rows, plan.input_splits, plan.output_splits, pg.ep.group)
-        return unpermute(rows, plan.row_probs, plan.token_index, plan.num_tokens)
-
-
-@dataclass
-class _AllGatherPlan:
-    token_index: torch.Tensor
-    row_probs: torch.Tensor
-    num_tokens: int               # after the all-gathers
+        return plan.permutation.combine(rows)
 
 
 class AllGatherDispatcher:
     """All-gathers tokens, maps and weights over ETP then EP; each rank runs its local
     experts on the rows routed to them, and the weighted partial sums are
-    reduce-scattered back (EP, then ETP)."""
+    reduce-scattered back (EP, then ETP). Above one rank, the number of rows routed to
+    the local experts comes to the host in one read."""
 
     def __init__(self, num_experts: int, pg: ProcessGroups):
         self.pg, self.num_experts = pg, num_experts
@@ -226,7 +262,9 @@ class AllGatherDispatcher:
         return [(g, s) for g, s in ((pg.etp.group, pg.etp.size), (pg.ep.group, pg.ep.size))
                 if s > 1]
 
-    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
+                 max_rows: int, slots: int):
+        gathered = 1
         for group, size in self._groups():
             # Backward of the gathers: each rank's gradients for the gathered tokens are
             # partial (its own experts), so they are reduce-scattered.
@@ -234,13 +272,17 @@ class AllGatherDispatcher:
             probs = GatherFromSequenceParallelRegion.apply(probs, group, True)
             routing_map = _gather_counts(routing_map.to(torch.uint8), group,
                                          size).flatten(0, 1).bool()
+            gathered *= size
         window = slice(self.first_expert, self.first_expert + self.num_local_experts)
-        rows, row_probs, token_index, counts = permute(x, routing_map[:, window],
-                                                       probs[:, window])
-        return rows, counts.tolist(), _AllGatherPlan(token_index, row_probs, x.shape[0])
+        routing_map, probs = routing_map[:, window], probs[:, window]
+        slots = min(slots, self.num_local_experts)
+        if gathered > 1:
+            max_rows = routing_map.sum().tolist()  # the layer's one host read
+        rows, permutation = permute(x, routing_map, probs, max_rows, slots)
+        return rows, permutation.counts, permutation
 
-    def combine(self, rows: torch.Tensor, plan: _AllGatherPlan) -> torch.Tensor:
-        out = unpermute(rows, plan.row_probs, plan.token_index, plan.num_tokens)
+    def combine(self, rows: torch.Tensor, plan: Permutation) -> torch.Tensor:
+        out = plan.combine(rows)
         for group, _ in reversed(self._groups()):
             out = ReduceScatterToSequenceParallelRegion.apply(out, group)
         return out

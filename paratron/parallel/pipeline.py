@@ -374,21 +374,6 @@ class Stage:
     def __init__(self, models: list, chunks: list[Chunk], pg: ProcessGroups, io: StageIO,
                  timers: Callable[[str], AbstractContextManager]):
         self.models, self.chunks, self.pg, self.io, self.timers = models, chunks, pg, io, timers
-        self.checked: set[int] = set()  # micro-batch counts whose communication is checked
-
-    def check_communication(self, num_microbatches: int) -> None:
-        """Before the first step of a micro-batch count: refuse a schedule whose transfers
-        NCCL would mismatch or leave waiting in a circle (pure Python, every rank alike)."""
-        from paratron.parallel.schedule_check import check_communication  # imports this one
-
-        if self.pg.pp.size == 1 or num_microbatches in self.checked:
-            return
-        problem = check_communication(self.pg.pp.size, len(self.chunks), num_microbatches,
-                                      ep=self.pg.ep.size)
-        if problem:
-            raise RuntimeError(f"the pipeline schedule's communication is unsafe on NCCL; "
-                               f"{problem}")
-        self.checked.add(num_microbatches)
 
     def forward_backward(self, batches: list[dict[str, torch.Tensor]],
                          loss_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
@@ -397,7 +382,6 @@ class Stage:
         order; `loss_fn(batch, per_token_loss)` gives the last stage's scalar whose backward
         starts each micro-batch's. Training starts from zeroed gradient buffers and reduces
         a chunk's gradients over DP on the last micro-batch only; `forward_only` evaluates."""
-        self.check_communication(len(batches))
         for model in self.models:
             model.train(not forward_only)
             if not forward_only:

@@ -195,3 +195,14 @@ def check_communication(pp: int, vpp: int, num_microbatches: int, **options) -> 
         if problem:
             return f"{'evaluation' if forward_only else 'training'}: {problem}"
     return None
+
+
+def refuse_unsafe_schedule(pg, vpp: int, num_microbatches: int) -> None:
+    """Before a job's first step: refuse a schedule whose transfers NCCL would mismatch or
+    leave waiting in a circle (pure Python, every rank alike)."""
+    if pg.pp.size == 1:
+        return
+    problem = check_communication(pg.pp.size, vpp, num_microbatches, ep=pg.ep.size)
+    if problem:
+        raise RuntimeError(f"the pipeline schedule's communication is unsafe on NCCL; "
+                           f"{problem}")

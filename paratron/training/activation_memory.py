@@ -1,10 +1,10 @@
 """The bytes autograd saves for backward on one rank, as Paratron's modules save them.
 
-Korthikanti et al.'s accounting, redone for these kernels: fp32 norm inputs,
+Korthikanti et al.'s accounting, redone for these kernels: norm inputs (fp32 for RMSNorm),
 flash-attention q/k/v/out/log-sum-exp, the fused QKV storage kept alive by v, SwiGLU's
-three tensors, MoE's permuted rows, the fp32 softmax of the vocabulary-parallel cross
-entropy. Which of them a layer keeps is read off the model: one layer of each kind
-(dense, MoE) built on the meta device says its selective recompute, and the block's own
+two tensors, MoE's permuted rows, the cross entropy's gradient of the logits (an fp32
+softmax unless fused). Which of them a layer keeps is read off the model: one layer of
+each kind (dense, MoE) built on the meta device says its selective recompute, and the block's own
 `recompute_plan` says which layers full recompute replays. A pipeline rank holds the
 micro-batches its schedule keeps in flight (found by walking the schedule's own order:
 the first stage holds PP of them), plus the transient working set (one recomputed chunk
@@ -21,6 +21,7 @@ from paratron.model.config import moe_layer_pattern
 from paratron.model.moe import MoELayer
 from paratron.model.transformer import TransformerLayer, recompute_plan
 from paratron.parallel.config import rank_chunks
+from paratron.parallel.cross_entropy import default_chunk_tokens
 from paratron.parallel.pipeline import Chunk, interleaved_order, one_f_one_b_order
 from paratron.parallel.process_groups import ProcessGroups, check_layout
 from paratron.training.trainer import params_dtype
@@ -81,20 +82,21 @@ class ActivationShape:
 
 def _norm_saved(m, a: ActivationShape, tokens: int, size: int, view_of: int | None = None,
                 checkpointed: bool = False) -> int:
-    """A norm's saved tensors (it computes in fp32): the fp32 input, the statistics and,
-    for RMSNorm, the normalised tensor that multiplies the weight. In fp32 the input is
-    not copied: when it is a view, `view_of` gives the bytes of the storage it keeps
-    alive (0 if saved anyway). Under selective layernorm recompute only the input in
-    the model dtype is kept."""
+    """A norm's saved tensors: the input, the statistics and, for RMSNorm, the
+    normalised tensor that multiplies the weight. LayerNorm's kernel saves the input as
+    it is; RMSNorm's composite (CPU) form an fp32 copy of it, except in fp32. An input
+    not copied that is a view keeps its storage alive: `view_of` gives its bytes (0 if
+    saved anyway). Under selective layernorm recompute only the input in the model
+    dtype is kept."""
     if checkpointed:
         return a.width * tokens * size
-    fp32_input = FP32 * tokens * size
-    if view_of is not None and a.width == FP32:
-        fp32_input = view_of
+    copied = m.normalization == "RMSNorm" and a.width != FP32
+    kept = FP32 * tokens * size if copied else a.width * tokens * size
+    if view_of is not None and not copied:
+        kept = view_of
     if m.normalization == "LayerNorm":
-        copies = 2 * FP32 * size if a.width != FP32 else 0  # weight.float(), bias.float()
-        return fp32_input + 2 * FP32 * tokens + copies
-    return fp32_input + FP32 * tokens + a.width * tokens * size
+        return kept + 2 * FP32 * tokens
+    return kept + FP32 * tokens + a.width * tokens * size
 
 
 def _attention_saved(m, pg: ProcessGroups, a: ActivationShape, core_recomputed: bool) -> int:
@@ -139,9 +141,9 @@ def _attention_saved(m, pg: ProcessGroups, a: ActivationShape, core_recomputed: 
 
 
 def _mlp_saved(m, a: ActivationShape, tokens: int, ffn_local: int) -> int:
-    """SwiGLU: fc1 output, silu(gate), the product; GeLU / squared ReLU: fc1 output and
-    the activation."""
-    return a.width * tokens * ffn_local * (4 if m.swiglu else 2)
+    """SwiGLU: fc1 output (it recomputes silu(gate)), the product; GeLU / squared ReLU:
+    fc1 output and the activation."""
+    return a.width * tokens * ffn_local * (3 if m.swiglu else 2)
 
 
 def _moe_saved(m, pg: ProcessGroups, a: ActivationShape) -> int:
@@ -171,12 +173,18 @@ def _moe_saved(m, pg: ProcessGroups, a: ActivationShape) -> int:
         total += routed_tokens * (FP32 * E + 8 * k) + FP32 * (E + 1)
     if m.moe_z_loss_coeff:
         total += routed_tokens * FP32 * (E + 1) + FP32
-    total += 16 * rows                   # expert and token index of each row
+    places, combined = rows, rows        # each token's k places; rows back from the experts
+    if m.moe_token_dispatcher_type == "allgather":
+        # Every gathered token has places for the local experts (min(k, E / EP) of them).
+        places, combined = rows // k * etp * ep * min(k, E // ep), expert_rows
+    total += 17 * combined               # expert and token index of each row, routed flag
     if (ep > 1 or etp > 1) and E // ep > 1:
         total += 2 * 8 * expert_rows     # the sort by local expert and its inverse
     ffn = (m.moe_ffn_hidden_size or m.ffn_hidden_size) // etp
     total += w * expert_rows * h + _mlp_saved(m, a, expert_rows, ffn)
-    total += 2 * FP32 * rows * h + FP32 * rows
+    # The combine: expert output rows, their weights and places, and the fp32 layout of
+    # weighted rows (one spare place).
+    total += (w * h + FP32 + 8) * combined + FP32 * (places + 1) * (h + 1)
     return total
 
 
@@ -227,31 +235,41 @@ def _chunk_saved(m, pg: ProcessGroups, a: ActivationShape, chunk: Chunk,
             total += sum(saved[chunk.layers[i]] for i in layers)
     if chunk.is_last:
         total += _norm_saved(m, a, a.sharded, h) + a.width * a.tokens * h
-        total += FP32 * a.tokens * vocab            # softmax, reused as the gradient
-        total += (8 + 2 + FP32) * a.tokens          # target ids, masks, loss mask
+        if m.cross_entropy_loss_fusion:
+            total += a.width * a.tokens * vocab     # the gradient, written in forward
+            total += (1 + FP32) * a.tokens          # ignored mask, loss mask
+        else:
+            total += FP32 * a.tokens * vocab        # softmax, reused as the gradient
+            total += (8 + 2 + FP32) * a.tokens      # target ids, masks, loss mask
     return total
 
 
 def chunk_saved_bytes(cfg, chunk: Chunk, device: str = "cuda") -> int:
     """Bytes one model chunk saves for backward per micro-batch: embedding, layers (or
-    only each recompute chunk's input), final norm, output layer input and the fp32
-    softmax of the cross entropy."""
+    only each recompute chunk's input), final norm, output layer input and the cross
+    entropy's gradient of the logits."""
     pg = layout_groups(cfg)
     a = ActivationShape.of(cfg, pg, device)
     return _chunk_saved(cfg.model, pg, a, chunk, _saved_per_layer(cfg.model, pg, a))
 
 
 def _working_set(m, pg: ProcessGroups, a: ActivationShape, chunk: Chunk,
-                 saved: list[int]) -> int:
+                 saved: list[int], device: str) -> int:
     """Transient bytes on top of the saved ones: the layers of one recompute chunk
-    while backward replays them, and the last stage's logits with one fp32 copy."""
+    while backward replays them, and the last stage's logits with one fp32 copy (the
+    fused cross entropy: with one chunk's fp32 and model-dtype temporaries)."""
     total = 0
     replayed = [layers for layers, recomputed in recompute_plan(m, len(chunk.layers))
                 if recomputed]
     if replayed:
         total += max(sum(saved[chunk.layers[i]] for i in layers) for layers in replayed)
     if chunk.is_last:
-        total += (a.width + FP32) * a.tokens * (m.padded_vocab_size // pg.tp.size)
+        vocab = m.padded_vocab_size // pg.tp.size
+        copied = a.tokens
+        if m.cross_entropy_loss_fusion:
+            copied = min(a.tokens, m.cross_entropy_chunk_size
+                         or default_chunk_tokens(vocab, device))
+        total += a.width * a.tokens * vocab + (FP32 + a.width) * copied * vocab
     return total
 
 
@@ -278,4 +296,4 @@ def stage_activation_bytes(cfg, pp_rank: int = 0, device: str = "cuda") -> int:
     for kind, c, _ in order:
         live += per_chunk[c] if kind == "F" else -per_chunk[c]
         peak = max(peak, live)
-    return peak + max(_working_set(m, pg, a, chunk, saved) for chunk in chunks)
+    return peak + max(_working_set(m, pg, a, chunk, saved, device) for chunk in chunks)

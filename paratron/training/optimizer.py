@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -93,9 +94,21 @@ def offload_segments(segments: list[Segment], fraction: float) -> None:
         s.host_grad = torch.empty(s.grad.shape, dtype=torch.float32, pin_memory=pinned)
 
 
-def _implementation(name: str) -> dict:
-    """torch optimizer keyword arguments for --optimizer-implementation."""
-    return {"auto": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True},
+class StepReport(NamedTuple):
+    """What one optimizer step tells the training loop (host numbers, read at once)."""
+
+    stepped: bool
+    grad_norm: float | None
+    num_zeros: int | None
+    also_read: list[float]  # the values of `step(also_read=...)`
+
+
+def _implementation(name: str, device: torch.device) -> dict:
+    """torch optimizer keyword arguments for --optimizer-implementation; `auto` is the
+    fused kernel on CUDA (one launch for every tensor) and multi-tensor elsewhere."""
+    if name == "auto":
+        name = "fused" if device.type == "cuda" else "foreach"
+    return {"for-loop": {"foreach": False}, "foreach": {"foreach": True},
             "fused": {"fused": True}}[name]
 
 
@@ -128,7 +141,7 @@ class MixedPrecisionOptimizer:
                    "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         lr = schedule.lr_at(0)
-        kernels = _implementation(o.optimizer_implementation)
+        kernels = _implementation(o.optimizer_implementation, self.segments[0].grad.device)
         self.fused = bool(kernels.get("fused"))
         if o.optimizer == "adam":
             self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(o.adam_beta1, o.adam_beta2),
@@ -154,35 +167,46 @@ class MixedPrecisionOptimizer:
             pg.all_reduce(expert, *(["edp"] if sharded else []), "ep", "etp", "pp")
         return dense + expert
 
+    def _statistics(self, expert: bool, count_zeros: bool) -> torch.Tensor:
+        """[sum of squared gradients, zero gradient entries] (float64, on the device) of
+        this rank's dense or expert segments, each element counted once over TP."""
+        segments = [s for s in self.segments if s.expert == expert]
+        stats = torch.zeros(2, dtype=torch.float64, device=self.segments[0].grad.device)
+        if not segments:
+            return stats
+        counted = [s.grad if s.duplicate is None else s.grad.masked_fill(s.duplicate, 0.0)
+                   for s in segments]
+        squares = torch.stack(torch._foreach_norm(counted)).double().square().sum()
+        if not count_zeros:
+            return torch.stack([squares, stats[1]])
+        zeros = sum(((g == 0) if s.duplicate is None else (g == 0) & ~s.duplicate).sum()
+                    for s, g in zip(segments, counted))
+        return torch.stack([squares, zeros.double()])
+
     @torch.no_grad()
-    def step(self) -> tuple[bool, float | None, int | None]:
+    def step(self, also_read: torch.Tensor | None = None,
+             count_zeros: bool = False) -> StepReport:
         """Unscale, check overflow, clip, update, copy back (and all-gather shards).
 
-        Returns (stepped, grad norm, number of zero gradient entries); the norm and
-        zero count are None when the step was skipped for an overflow.
+        The host reads the gradient norm, the zero count (only with `count_zeros`: a pass
+        over every gradient) and `also_read` (the iteration's losses, a 1-D device tensor)
+        together, once, before the update is queued; the norm and zero count are None
+        when the step was skipped for an overflow.
         """
         grads = [s.grad for s in self.segments]
         scale = self.loss_scaler.scale
         if scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / scale)
-        stats = {}
-        for expert in (False, True):
-            segments = [s for s in self.segments if s.expert == expert]
-            counted = [s.grad if s.duplicate is None else s.grad.masked_fill(s.duplicate, 0.0)
-                       for s in segments]
-            stats[expert] = torch.zeros(2, dtype=torch.float64, device=grads[0].device)
-            if counted:
-                norms = torch._foreach_norm(counted)
-                stats[expert][0] = torch.stack(norms).double().square().sum()
-                stats[expert][1] = sum((g == 0).sum() if s.duplicate is None
-                                       else ((g == 0) & ~s.duplicate).sum()
-                                       for s, g in zip(segments, counted))
-        stats = self._global_sum(stats[False], stats[True])
-        norm = math.sqrt(stats[0].item()) if math.isfinite(stats[0].item()) else math.inf
+        stats = self._global_sum(self._statistics(False, count_zeros),
+                                 self._statistics(True, count_zeros))
+        if also_read is not None:
+            stats = torch.cat([stats, also_read.detach().double()])
+        squares, zeros, *values = stats.tolist()  # the step's one wait for the device
+        norm = math.sqrt(squares) if math.isfinite(squares) else math.inf
         found_inf = not math.isfinite(norm)
         self.loss_scaler.update(found_inf)
         if found_inf:
-            return False, None, None
+            return StepReport(False, None, None, values)
         if self.config.clip_grad > 0 and norm > self.config.clip_grad:
             torch._foreach_mul_(grads, self.config.clip_grad / (norm + 1e-6))
         self._stage_offloaded_grads()
@@ -199,7 +223,7 @@ class MixedPrecisionOptimizer:
         self.steps += 1
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.lr_at(self.steps)
-        return True, norm, int(stats[1].item())
+        return StepReport(True, norm, int(zeros) if count_zeros else None, values)
 
     def _stage_offloaded_grads(self) -> None:
         """Copy the offloaded segments' (unscaled, clipped) gradients to the CPU and make

@@ -3,8 +3,10 @@
 One iteration: take this rank's micro-batches of the next global batch, count the
 loss tokens of the whole global batch, run them through the pipeline stage (forward +
 backward per micro-batch into fp32 gradient buffers), finish the gradients, then one
-optimizer step and the MoE layers' bookkeeping. Evaluation runs `--eval-iters` global
-batches forward-only every `--eval-interval` iterations.
+optimizer step and the MoE layers' bookkeeping. Loss sums and token counts stay on the
+device: the host reads them with the optimizer's statistics, its one wait for the device
+in an iteration. Evaluation runs `--eval-iters` global batches forward-only every
+`--eval-interval` iterations.
 
 A checkpoint due at an iteration is written before that iteration's evaluation (and the
 last one before the final evaluation, as Megatron does): an evaluation that fails costs
@@ -21,13 +23,15 @@ import torch
 
 from paratron.config import Config, resolve_vocab_size
 from paratron.data.sampler import build_pretraining_data_loader
-from paratron.model.gpt import GPTModel, moe_bookkeeping
+from paratron.model.gpt import (GPTModel, logged_moe_losses, moe_bookkeeping,
+                                 moe_loss_sums)
 from paratron.options import ConfigError
 from paratron.parallel.config import rank_chunks
 from paratron.parallel.context_parallel import split_for_context_parallel
 from paratron.parallel.data_parallel import DataParallel
 from paratron.parallel.pipeline import Stage, StageIO
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.schedule_check import refuse_unsafe_schedule
 from paratron.parallel.random import seed_everything
 from paratron.training.exit_conditions import ExitConditions
 from paratron.training.faults import (NonFiniteError, non_finite_gradients,
@@ -136,6 +140,7 @@ class Trainer:
         self.stage = Stage(self.models, chunks, self.pg, StageIO(
             (sequence, t.micro_batch_size, cfg.model.hidden_size), self.dtype, self.device),
             self.timers)
+        refuse_unsafe_schedule(self.pg, len(chunks), self.num_microbatches)
         # fp16's dynamic loss scaling expects overflows: it skips and counts them.
         self.stop_on_non_finite = (t.check_for_nan_in_loss_and_grad and not
                                    isinstance(self.optimizer.loss_scaler, DynamicLossScaler))
@@ -145,7 +150,8 @@ class Trainer:
         self.checkpoints.load()
         self.checkpoints.restore_rng()
         self._train_iter = None  # made at the first step, from the state as it is then
-        self.moe_losses = self._moe_bookkeeping(stepped=None)  # the first step's aux-loss scale
+        self.moe_losses: dict[str, float] = {}  # the last step's, as Megatron logs them
+        self._moe_bookkeeping(stepped=False)  # the first step's aux-loss scale
 
     # ----------------------------------------------------------------- data
     def _loader(self, dataset, consumed_samples: int, wrap_around: bool = False):
@@ -156,80 +162,95 @@ class Trainer:
         loader = build_pretraining_data_loader(
             dataset, consumed_samples, self.cfg.training.micro_batch_size, self.pg.dp.rank,
             self.pg.dp.size, num_workers=self.cfg.data.num_workers,
-            dataloader_type=self.cfg.data.dataloader_type, wrap_around=wrap_around)
+            dataloader_type=self.cfg.data.dataloader_type, wrap_around=wrap_around,
+            pin_memory=self.device.type == "cuda")
         return iter(loader) if loader is not None else None
 
     def _global_batch(self, iterator) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global batch, on the device; under
-        context parallelism its two chunks of each sequence (load-balanced layout)."""
+        context parallelism its two chunks of each sequence (load-balanced layout). On
+        CUDA the copies leave pinned memory without blocking: the host goes on queueing."""
         cp, rank = self.pg.cp.size, self.pg.cp.rank
-        return [{k: split_for_context_parallel(v.to(self.device), cp, rank, seq_dim=1)
+        return [{k: split_for_context_parallel(v.to(self.device, non_blocking=True), cp, rank,
+                                               seq_dim=1)
                  for k, v in next(iterator).items()}
                 for _ in range(self.num_microbatches)]
 
-    def _sum_over(self, values: list[float], *groups: str) -> list[float]:
-        """Sum plain numbers (loss sums, token counts) over the named groups."""
-        if all(getattr(self.pg, name).size == 1 for name in groups):
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        return self.pg.all_reduce(t, *groups).tolist()
+    def _total_tokens(self, batches) -> torch.Tensor:
+        """Loss tokens of the whole global batch, over every micro-batch and DP rank (at
+        least one), as a device scalar: nothing waits for it."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            total = total + batch["loss_mask"].sum()
+        return self.pg.all_reduce(total, "dp", "cp").clamp(min=1.0)
 
-    def _total_tokens(self, batches) -> float:
-        """Loss tokens of the whole global batch, over every micro-batch and DP rank."""
-        total = sum(float(b["loss_mask"].sum()) for b in batches)
-        return max(self._sum_over([total], "dp", "cp")[0], 1.0)
-
-    def _forward_backward(self, batches, scale: float, forward_only: bool
-                          ) -> tuple[float, float]:
+    def _forward_backward(self, batches, scale: torch.Tensor | float, forward_only: bool
+                          ) -> torch.Tensor:
         """Run the stage over this rank's micro-batches, the loss of each scaled by `scale`
-        for its backward; returns the loss sum and the number of loss tokens of the whole
-        global batch (summed over PP and DP)."""
-        loss_sums, token_counts = [], []
+        for its backward; returns [loss sum, loss tokens] of the whole global batch (summed
+        over PP and DP) on the device, float64, accumulated without reading anything."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
 
         def loss_fn(batch, per_token_loss):
+            nonlocal totals
             mask = batch["loss_mask"].float()
             loss_sum = (per_token_loss.float() * mask).sum()
-            loss_sums.append(float(loss_sum.detach()))
-            token_counts.append(float(mask.sum()))
+            totals = totals + torch.stack([loss_sum.detach(), mask.sum()])
             return loss_sum * scale
 
         self.stage.forward_backward(batches, loss_fn, forward_only=forward_only)
-        return tuple(self._sum_over([sum(loss_sums), sum(token_counts)], "pp", "dp", "cp"))
+        return self.pg.all_reduce(totals, "pp", "dp", "cp")
 
-    def _moe_bookkeeping(self, stepped: bool | None) -> dict[str, float]:
+    def _moe_bookkeeping(self, stepped: bool) -> None:
         """The MoE layers' part of a step; their aux losses get their gradient scaled like
         the lm loss: mean over the micro-batches and data-parallel ranks of the step."""
         scale = self.optimizer.loss_scaler.scale / (self.num_microbatches * self.pg.dp.size)
-        return moe_bookkeeping([model.module for model in self.models], self.pg, scale, stepped)
+        moe_bookkeeping([model.module for model in self.models], self.pg, scale, stepped)
 
     # ----------------------------------------------------------------- steps
-    def train_step(self) -> tuple[float | None, bool, float | None, int | None]:
+    def _counts_zeros(self) -> bool:
+        """Zero gradients are counted for the log line only: at a log step, when asked."""
+        lg = self.cfg.logging
+        return lg.log_num_zeros_in_grad and (self.state.iteration + 1) % lg.log_interval == 0
+
+    def train_step(self) -> tuple[float, bool, float | None, int | None]:
         """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
         if self._train_iter is None:
             self._train_iter = self._loader(self.train_ds, self.state.consumed_train_samples)
         with self.timers("batch-generator"):
             batches = self._global_batch(self._train_iter)
         total_tokens = self._total_tokens(batches)
+        # loss scale / tokens in float64, then fp32 for the fp32 loss sums, as a Python
+        # number would be (a plain `float / tensor` multiplies by the reciprocal instead).
+        scale = torch.full((), self.optimizer.loss_scaler.scale, dtype=torch.float64,
+                           device=self.device) / total_tokens
         with self.timers("forward-backward"):
-            loss_sum, _ = self._forward_backward(
-                batches, self.optimizer.loss_scaler.scale / total_tokens, forward_only=False)
+            totals = self._forward_backward(batches, scale.float(), forward_only=False)
         self.stage.finish_gradients()
+        moe_sums = moe_loss_sums([model.module for model in self.models], self.pg)
+        # The step's one wait for the device: the optimizer reads its statistics with the
+        # lm and MoE losses, once every micro-batch is queued and before the update is.
         with self.timers("optimizer"):
-            stepped, grad_norm, num_zeros = self.optimizer.step()
-        self.moe_losses = self._moe_bookkeeping(stepped)
+            report = self.optimizer.step(
+                also_read=torch.cat([(totals[0] / total_tokens).reshape(1), moe_sums]),
+                count_zeros=self._counts_zeros())
+        loss, *moe = report.also_read
+        self.moe_losses = {name: moe[2 * i] / max(moe[2 * i + 1], 1.0) for i, name in
+                           enumerate(logged_moe_losses(self.cfg.model))}
+        self._moe_bookkeeping(report.stepped)
         self.state.consumed_train_samples += self.cfg.training.global_batch_size
-        return loss_sum / total_tokens, stepped, grad_norm, num_zeros
+        return loss, report.stepped, report.grad_norm, report.num_zeros
 
     @torch.no_grad()
     def evaluate(self, iterator) -> float:
         """Mean per-token loss over the next --eval-iters global batches of `iterator`."""
-        loss_sum, tokens = 0.0, 0.0
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         iters = self.cfg.training.eval_iters
         for _ in self.metrics.progress(range(iters), iters, "evaluating"):
-            batch_loss, batch_tokens = self._forward_backward(
+            totals = totals + self._forward_backward(
                 self._global_batch(iterator), self.optimizer.loss_scaler.scale,
                 forward_only=True)
-            loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
+        loss_sum, tokens = totals.tolist()
         return loss_sum / max(tokens, 1.0)
 
     def run_validation(self, prefix: str, before: Callable[[], object] | None = None

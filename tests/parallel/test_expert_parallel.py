@@ -1,6 +1,7 @@
 """Expert parallelism equals one process: the MoE layer at EP2, EP2 x TP2 (expert TP 1 and
 2, with and without sequence parallelism), both token dispatchers, loop and grouped
-experts, shared experts, aux and z losses on.
+experts, shared experts, aux and z losses on; one host read of the split sizes per
+forward, none in backward.
 
 Every rank builds the single-process layer from one seed and runs it on the input of
 each data-parallel rank (EP is folded into DP: EP ranks see different tokens). Its own
@@ -24,6 +25,7 @@ from paratron.parallel.expert_parallel import (AllGatherV, AllToAll, ReduceScatt
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.sharding import layout_of, shard_tensor
 from paratron.parallel.tensor_parallel import finish_tensor_parallel_grads
+from tests.helpers.sync_guard import HostSyncGuard, report
 
 S, B, H = 8, 2, 32
 
@@ -85,10 +87,16 @@ def _check_layer(pg, dp_rank, sp, dispatcher, grouped, etp_label):
     tp, r = pg.tp.size, pg.tp.rank
     piece = (lambda t: t.chunk(tp, dim=0)[r]) if sp else (lambda t: t)
     x = piece(run["x"]).clone().requires_grad_()
-    y = layer(x)
+    with HostSyncGuard() as forward:
+        y = layer(x)
     what = f"{etp_label} sp={sp} {dispatcher} grouped={grouped}"
     close(y, piece(run["y"]), atol=2e-6)
-    y.backward(piece(run["dy"]))
+    with HostSyncGuard() as backward:
+        y.backward(piece(run["dy"]))
+    # The split sizes come to the host once per forward (the loop reads its row counts
+    # once more); the backward reuses them.
+    assert len(forward.records) <= (1 if grouped else 2), report(forward.records)
+    assert not backward.records, report(backward.records)
     close(x.grad, piece(run["dx"]), atol=2e-6)
     close(layer.last_aux_loss, run["aux"])
     close(layer.last_z_loss, run["z"])
@@ -170,7 +178,7 @@ def test_collectives_with_uneven_splits():
 def test_chunk_transpose_and_expert_shards():
     counts = torch.tensor([[2, 0, 1], [1, 3, 0]])  # [source, expert]
     # rows: s0e0 s0e0 s0e2 | s1e0 s1e1 s1e1 s1e1 -> e0: s0 s0 s1, e1: s1 s1 s1, e2: s0
-    assert chunk_transpose_index(counts).tolist() == [0, 1, 3, 4, 5, 6, 2]
+    assert chunk_transpose_index(counts, 7).tolist() == [0, 1, 3, 4, 5, 6, 2]
     config = moe_config()
     full = torch.randn(8, 32, H)  # [experts, 2 x ffn (gate; up), h]
     shards = []

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from paratron.parallel import schedule_check
-from paratron.parallel.pipeline import (Stage, StageIO, communication_groups, model_chunks,
+from paratron.parallel.pipeline import (StageIO, communication_groups, model_chunks,
                                         run_schedule, schedule)
 from paratron.parallel.process_groups import Dimension, ProcessGroups
 from paratron.parallel.schedule_check import (Op, check_communication, find_problem,
@@ -138,13 +138,12 @@ def test_unpaired_sends_and_receives_wait_in_a_circle(pp, vpp, micro):
     assert problem.startswith("deadlock: circular wait"), problem
 
 
-def test_stage_refuses_an_unsafe_schedule_before_its_first_step(monkeypatch):
+def test_an_unsafe_schedule_is_refused_before_the_first_step(monkeypatch):
     pg, chunks = ProcessGroups.sizes_only(2, pp=(2, 0)), model_chunks(4, 2, 0)
-    Stage([], chunks, pg, None, None).check_communication(4)
+    schedule_check.refuse_unsafe_schedule(pg, len(chunks), 4)
     monkeypatch.setattr(schedule_check, "communication_groups", _unpaired_groups)
-    stage = Stage([], chunks, pg, None, None)
     with pytest.raises(RuntimeError, match="unsafe on NCCL; training: deadlock"):
-        stage.check_communication(4)
+        schedule_check.refuse_unsafe_schedule(pg, len(chunks), 4)
 
 
 # ---------------------------------------------------------------------- the executor

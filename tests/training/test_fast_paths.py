@@ -54,14 +54,15 @@ def test_chunked_cross_entropy_equals_plain_and_torch(chunk):
     assert chunked[1].stride() == logits.stride()  # gradient in the logits' layout
 
 
-def test_chunked_cross_entropy_bf16_gradient_is_bf16_and_equal():
+def test_chunked_cross_entropy_bf16_gradient_is_bf16_and_close():
     logits, target = _logits(torch.bfloat16)
     plain = _loss_and_grad(vocab_parallel_cross_entropy, logits, target)
     chunked = _loss_and_grad(chunked_vocab_parallel_cross_entropy, logits, target,
                              chunk_tokens=5)
     assert chunked[0].dtype == torch.float32 and chunked[1].dtype == torch.bfloat16
     torch.testing.assert_close(chunked[0], plain[0], rtol=0, atol=0)
-    torch.testing.assert_close(chunked[1], plain[1], rtol=0, atol=0)
+    # softmax - one-hot is rounded to bf16 before the scale: one rounding more.
+    torch.testing.assert_close(chunked[1].float(), plain[1].float(), rtol=1e-2, atol=1e-4)
 
 
 def _tp2_cross_entropy(chunk):
@@ -94,7 +95,7 @@ def _train(*extra):
 
 @pytest.fixture(scope="module")
 def plain():
-    return _train()
+    return _train("--no-cross-entropy-loss-fusion")
 
 
 def _assert_same(a, b, rtol=0.0, atol=0.0):
@@ -104,8 +105,7 @@ def _assert_same(a, b, rtol=0.0, atol=0.0):
 
 
 def test_training_with_chunked_cross_entropy_equals_plain(plain):
-    _assert_same(plain, _train("--cross-entropy-loss-fusion",
-                               "--cross-entropy-chunk-size", "5"))
+    _assert_same(plain, _train("--cross-entropy-chunk-size", "5"))
 
 
 def test_torch_compile_per_layer_equals_eager():
@@ -124,7 +124,7 @@ def test_torch_compile_per_layer_equals_eager():
 @pytest.mark.parametrize("flags,message", [
     (["--fp8-format", "hybrid"], "--fp8-format is not supported yet"),
     (["--torch-compile", "--recompute-activations"], "--torch-compile compiles whole layers"),
-    (["--cross-entropy-loss-fusion", "--cross-entropy-chunk-size", "0"],
+    (["--cross-entropy-chunk-size", "0"],
      "--cross-entropy-chunk-size must be positive"),
 ])
 def test_fast_path_refusals(flags, message):

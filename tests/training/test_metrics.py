@@ -127,6 +127,7 @@ def test_tensorboard_jsonl_and_summary_of_a_run(tmp_path):
         "--tensorboard-dir", str(tb), "--log-timers-to-tensorboard", "--timing-log-level", "1",
         "--log-validation-ppl-to-tensorboard", "--log-memory-to-tensorboard",
         "--log-throughput", "--peak-tflops", "0.5", "--log-params-norm",
+        "--log-num-zeros-in-grad",
         "--metrics-jsonl", str(jsonl), "--performance-summary", str(summary)]),
         log=lines.append)
     scalars = _scalars(tb)
@@ -140,6 +141,7 @@ def test_tensorboard_jsonl_and_summary_of_a_run(tmp_path):
     assert [v for _, v in scalars["lm loss"]] == pytest.approx(state.losses, rel=1e-6)
     assert [step for step, _ in scalars["lm loss vs samples"]] == [4, 8, 12, 16, 20, 24]
     assert [step for step, _ in scalars["lm loss validation"]] == [3, 6]
+    assert [step for step, _ in scalars["num-zeros"]] == [3, 6]  # counted when logged
     (_, val), (_, ppl) = scalars["lm loss validation"][0], scalars["lm loss validation ppl"][0]
     assert ppl == pytest.approx(math.exp(val), rel=1e-5)
 
@@ -156,7 +158,7 @@ def test_tensorboard_jsonl_and_summary_of_a_run(tmp_path):
     assert "load_balancing_loss" in first and first["params_norm"] > 0
     assert set(first["timers_ms"]) >= {"forward-backward", "optimizer"}
     line = next(x for x in lines if "iteration        3/" in x)
-    assert f"MFU: {100 * first['mfu']:.1f}%" in line
+    assert f"MFU: {100 * first['mfu']:.1f}%" in line and " num zeros: " in line
     assert line.index("throughput per GPU") < line.index("MFU") < line.index("tokens per second")
     assert any(x.startswith("[Rank 0] (after 3 iterations) memory (MB)") for x in lines)
     assert any("\n    forward-backward ...." in x for x in lines)
@@ -176,7 +178,7 @@ def test_tensorboard_leaves_out_what_is_not_asked_for(tmp_path):
     scalars = _scalars(tmp_path)
     assert "lm loss" in scalars and "lm loss validation" in scalars
     for tag in ["loss-scale", "throughput", "mfu", "iteration-time", "forward-backward-time",
-                "mem-max-rss-bytes", "lm loss validation ppl", "params-norm"]:
+                "mem-max-rss-bytes", "lm loss validation ppl", "params-norm", "num-zeros"]:
         assert tag not in scalars, tag
 
 

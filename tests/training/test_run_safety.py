@@ -186,7 +186,7 @@ def test_run_settings_may_change_but_finetune_still_checks_the_model(tmp_path):
     save = str(tmp_path / "ckpt")
     _trainer("--save", save).train()
     run_only = ["--hidden-dropout", "0", "--attention-dropout", "0", "--init-method-std",
-                "0.05", "--recompute-activations", "--cross-entropy-loss-fusion",
+                "0.05", "--recompute-activations", "--no-cross-entropy-loss-fusion",
                 "--make-vocab-size-divisible-by", "64"]
     assert _trainer("--load", save, *run_only).state.iteration == 4
     assert _trainer("--load", save, "--finetune", *run_only).state.iteration == 0
