@@ -102,30 +102,27 @@ class RotaryEmbedding(nn.Module):
         return emb.cos() * self.attention_scale, emb.sin() * self.attention_scale
 
 
+def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Each pair (x1, x2) of a channel and its partner becomes (-x2, x1): the two halves,
+    or neighbouring channels with `interleaved`."""
+    if interleaved:
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack([-odd, even], dim=-1).flatten(-2)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  interleaved: bool = False) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] channels of x [s, b, heads, d] in fp32 and write
-    them, rounded to x's dtype, beside the channels passed through.
-
-    Each pair (x1, x2) of a channel and its partner becomes (x1 cos - x2 sin,
-    x2 cos + x1 sin): the products promote to fp32 element by element (no fp32 copy of
-    x, no rotated copy), and the order of operations is Hugging Face's `x * cos +
-    rotate_half(x) * sin`, so fp32 results are bit-identical to it. The pairs are the
-    two halves, or neighbouring channels with `interleaved`; their cos and sin are equal
-    in the tables, which hold each frequency twice."""
+    """Rotate the first cos.shape[-1] channels of x [s, b, heads, d] in fp32, rounded once
+    to x's dtype: Hugging Face's `x * cos + rotate_half(x) * sin`, bit for bit in fp32.
+    The fp32 tables promote the products element by element, so x itself is never copied
+    to fp32; in eager mode these few elementwise kernels beat writing the two halves
+    into a preallocated output, and torch.compile fuses them into one."""
     rot_dim = cos.shape[-1]
-    if interleaved:
-        first, second = slice(0, rot_dim, 2), slice(1, rot_dim, 2)
-    else:
-        first, second = slice(0, rot_dim // 2), slice(rot_dim // 2, rot_dim)
-    cos, sin = cos[..., first], sin[..., first]
-    x1, x2 = x[..., first], x[..., second]
-    out = torch.empty_like(x)
-    out[..., first] = x1 * cos - x2 * sin
-    out[..., second] = x2 * cos + x1 * sin
-    if rot_dim < x.shape[-1]:
-        out[..., rot_dim:] = x[..., rot_dim:]
-    return out
+    rotated = x[..., :rot_dim]
+    out = (rotated * cos + _rotate(rotated, interleaved) * sin).to(x.dtype)
+    return torch.cat([out, x[..., rot_dim:]], dim=-1) if rot_dim < x.shape[-1] else out
 
 
 def build_rotary(config) -> RotaryEmbedding | None:
