@@ -106,7 +106,7 @@ class TransformerConfig:
                                           flag="--no-cross-entropy-loss-fusion",
                                           group="performance")
     cross_entropy_chunk_size: int | None = opt(None, "Tokens per chunk of the fused cross "
-                                               "entropy (default: 4 MiB of fp32 logits on a "
+                                               "entropy (default: 1 MiB of fp32 logits on a "
                                                "CPU, cache-sized; 512 MiB on a GPU).",
                                                type=int, group="performance", positive=True)
     torch_compile: bool = opt(False, "Compile each transformer layer with torch.compile, "

@@ -5,16 +5,17 @@ The plain `vocab_parallel_cross_entropy` turns the logits of a whole micro-batch
 fp32 and keeps their softmax for backward: tokens x vocabulary/TP x 4 bytes, 4 GiB for
 8K tokens of Llama-3's 128K vocabulary, beside the logits themselves. This version
 reads the logits in the model's dtype and upcasts only one chunk of
-`--cross-entropy-chunk-size` tokens at a time, inside two elementwise functions (compiled
-with torch.compile under `--torch-compile`, plain eager operations otherwise). Forward
-keeps, per token, the max logit and the sum of exponentials; when the logits need a
-gradient it also writes softmax - one-hot into a buffer of the logits' dtype, chunk by
-chunk, and drops the logits. Backward scales that buffer in place by each token's
-gradient: no second pass over the vocabulary.
+`--cross-entropy-chunk-size` tokens at a time. When the logits need a gradient, forward
+also writes softmax - one-hot into a buffer of the logits' dtype, chunk by chunk, and
+drops the logits; backward scales that buffer in place by each token's gradient: no
+second pass over the vocabulary.
 
-The arithmetic per token is the plain version's (same max, shift, exp, sum, the same
-three all-reduces of one number per token over TP): losses are equal, and so are fp32
-gradients; a bf16 gradient is rounded once more (softmax - one-hot, then the scale).
+With the whole vocabulary on one rank, torch's log-softmax kernel does a chunk's max,
+shift, exp and sum in one pass, and its exponential is the softmax. Split over TP, each
+chunk goes through two elementwise functions (compiled under `--torch-compile`) and the
+max logit, the target's logit and the sum of exponentials are all-reduced, one number
+per token each, as the plain version does. Losses and fp32 gradients equal the plain
+version's to rounding (rtol 1e-5); a bf16 gradient is rounded once more.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from paratron.parallel.process_groups import ProcessGroups
 
 # Bytes of one chunk's fp32 logits by default: cache-sized on a CPU, where each pass over
 # a chunk then stays in cache; large on a GPU, where each chunk costs kernel launches.
-_CHUNK_BYTES = {"cpu": 4 << 20}
+_CHUNK_BYTES = {"cpu": 1 << 20}
 _GPU_CHUNK_BYTES = 512 << 20
 
 
@@ -74,39 +75,62 @@ def _chunk_functions(compile_backend: str | None):
             torch.compile(_softmax_minus_target, backend=compile_backend))
 
 
+def _whole_vocabulary(logits, local, hit, grad, chunk_tokens: int) -> torch.Tensor:
+    """One rank holds the whole vocabulary: torch's log-softmax kernel does the max, shift,
+    exp and sum of a chunk in one pass, and its exponential is the softmax."""
+    loss = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    for part in _chunks(logits, chunk_tokens):
+        log_probs = torch.log_softmax(logits[..., part, :], dim=-1, dtype=torch.float32)
+        index = local[..., part].unsqueeze(-1)
+        loss[..., part] = -log_probs.gather(-1, index).squeeze(-1)
+        if grad is not None:
+            softmax = log_probs.exp_()
+            grad[..., part, :] = softmax.scatter_add_(-1, index, -hit[..., part].unsqueeze(-1))
+    return loss
+
+
+def _split_vocabulary(logits, local, outside, hit, grad, group, chunk_tokens: int,
+                      compile_backend: str | None) -> torch.Tensor:
+    """Each TP rank holds a slice of the vocabulary: the max logit, the target's logit and
+    the sum of exponentials are all-reduced over the group, one number per token each."""
+    stats, softmax_minus_target = _chunk_functions(compile_backend)
+    # The max of the converted values is the converted max: no fp32 copy needed.
+    logits_max = logits.max(dim=-1).values.float()
+    dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+    target_logit = torch.empty_like(logits_max)
+    sum_exp = torch.empty_like(logits_max)
+    for part in _chunks(logits, chunk_tokens):
+        target_logit[..., part], sum_exp[..., part] = stats(
+            logits[..., part, :], logits_max[..., part], local[..., part])
+    target_logit = target_logit.masked_fill(outside, 0.0)
+    dist.all_reduce(target_logit, group=group)
+    dist.all_reduce(sum_exp, group=group)
+    if grad is not None:
+        for part in _chunks(logits, chunk_tokens):
+            grad[..., part, :] = softmax_minus_target(
+                logits[..., part, :], logits_max[..., part], sum_exp[..., part],
+                local[..., part], hit[..., part])
+    return sum_exp.log() - target_logit
+
+
 class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     """Backward scales the saved gradient buffer in place, so it runs once per forward."""
 
     @staticmethod
     def forward(ctx, logits, target, group, vocab_start, ignore_index, chunk_tokens,
                 compile_backend):
-        stats, softmax_minus_target = _chunk_functions(compile_backend)
-        # The max of the converted values is the converted max: no fp32 copy needed.
-        logits_max = logits.max(dim=-1).values.float()
-        if group is not None:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         local = target - vocab_start
         outside = (local < 0) | (local >= logits.shape[-1]) | (target == ignore_index)
         local = local.masked_fill(outside, 0)
-        target_logit = torch.empty_like(logits_max)
-        sum_exp = torch.empty_like(logits_max)
-        for part in _chunks(logits, chunk_tokens):
-            target_logit[..., part], sum_exp[..., part] = stats(
-                logits[..., part, :], logits_max[..., part], local[..., part])
-        target_logit = target_logit.masked_fill(outside, 0.0)
-        if group is not None:
-            dist.all_reduce(target_logit, group=group)
-            dist.all_reduce(sum_exp, group=group)
+        hit = (~outside).to(torch.float32)
         ignored = target == ignore_index
-        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty_like(logits)
-            hit = (~outside).to(torch.float32)
-            for part in _chunks(logits, chunk_tokens):
-                grad[..., part, :] = softmax_minus_target(
-                    logits[..., part, :], logits_max[..., part], sum_exp[..., part],
-                    local[..., part], hit[..., part])
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        if group is None:
+            loss = _whole_vocabulary(logits, local, hit, grad, chunk_tokens)
+        else:
+            loss = _split_vocabulary(logits, local, outside, hit, grad, group, chunk_tokens,
+                                     compile_backend)
+        loss = loss.masked_fill(ignored, 0.0)
         ctx.save_for_backward(grad, ignored)
         return loss
 

