@@ -157,10 +157,15 @@ class TrainingMetrics:
             self.log(warning)
         self._write_step(state, loss if math.isfinite(loss) else None, stepped, grad_norm,
                          num_zeros, moe_losses)
-        if state.iteration % self.cfg.logging.log_interval == 0:
+        if self.is_log_step(state.iteration):
             self._report_interval(state)
         elif len(self.iteration_seconds) == 1:
             self.log(self._first_line(state, seconds, loss))
+
+    def is_log_step(self, iteration: int) -> bool:
+        """Whether `iteration` prints Megatron's log line (the only steps that count zero
+        gradients)."""
+        return iteration % self.cfg.logging.log_interval == 0
 
     def _first_line(self, state, seconds: float, loss: float) -> str:
         """The first iteration's sign of life: its time, its loss and when the next line

@@ -210,8 +210,8 @@ class Trainer:
     # ----------------------------------------------------------------- steps
     def _counts_zeros(self) -> bool:
         """Zero gradients are counted for the log line only: at a log step, when asked."""
-        lg = self.cfg.logging
-        return lg.log_num_zeros_in_grad and (self.state.iteration + 1) % lg.log_interval == 0
+        return (self.cfg.logging.log_num_zeros_in_grad
+                and self.metrics.is_log_step(self.state.iteration + 1))
 
     def train_step(self) -> tuple[float, bool, float | None, int | None]:
         """One optimizer step; returns (lm loss, stepped, grad norm, zeros in grad)."""
