@@ -9,9 +9,6 @@ import ast
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
-
 from paratron.options import ConfigError, opt
 
 
@@ -341,11 +338,6 @@ def check_experts_and_mla(m: TransformerConfig, tp: int, ep: int, etp: int | Non
 
 
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
-
-
-def grouped_mm_fn():
-    """torch's grouped matrix multiply (public from PyTorch 2.8), or None."""
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def check_moe_config(config, tp_size: int = 1, ep_size: int = 1,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from paratron.model.config import check_moe_config, grouped_mm_fn
+from paratron.model.config import check_moe_config
 from paratron.model.mlp import MLP, activate
 from paratron.parallel.expert_parallel import build_dispatcher
 from paratron.parallel.process_groups import ProcessGroups
@@ -270,6 +270,11 @@ class ExpertLinear(nn.Module):
             full.normal_(0.0, self.init_std, generator=generator_for(f".{self.first_expert + e}"))
             self.weight[e:e + 1].copy_(shard_tensor(full, self.weight, self.etp_size,
                                                     self.etp_rank))
+
+
+def grouped_mm_fn():
+    """torch's grouped matrix multiply (public from PyTorch 2.8), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def grouped_mm_supported(rows: torch.Tensor, *weights: torch.Tensor) -> bool:

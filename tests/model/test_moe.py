@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from paratron.model.config import TransformerConfig, check_moe_config
-from paratron.model.config import grouped_mm_fn as _grouped_mm_fn
+from paratron.model.moe import grouped_mm_fn as _grouped_mm_fn
 from paratron.model.moe import (MoELayer, TopKRouter, apply_capacity, moe_loss_totals,
                                 topk_routing, update_expert_bias)
 from paratron.parallel.process_groups import ProcessGroups

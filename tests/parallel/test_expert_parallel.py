@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from tests.helpers.dist_utils import run_distributed
 from paratron.model.config import TransformerConfig
-from paratron.model.config import grouped_mm_fn as _grouped_mm_fn
+from paratron.model.moe import grouped_mm_fn as _grouped_mm_fn
 from paratron.model.moe import Experts, MoELayer
 from paratron.parallel.expert_parallel import (AllGatherV, AllToAll, ReduceScatterV,
                                                chunk_transpose_index, expert_gather,
