@@ -6,12 +6,14 @@ The flags are those of Megatron-LM's `tools/checkpoint/convert.py`:
         --load-dir qwen2.5-7b-hf --save-dir qwen2.5-7b-paratron \\
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --bf16
 
-Loaders: `hf` (also as `llama_mistral`/`mixtral_hf`), `paratron`, `megatron` (legacy
-`model_optim_rng.pt` files, with `--trust-pickle`; also as `mcore`). Savers: `paratron`,
-`hf`. The target sizes are checked against the model and recorded; Paratron checkpoints
-hold unsharded tensors, so any layout loads them. The output is written to a temporary
-folder and renamed at the end: after an error, SIGTERM or Ctrl-C nothing is left at
---save-dir, and a refused input is one line on stderr.
+Loaders: `hf` (also as `llama_mistral`/`mixtral_hf`), `paratron`, `megatron` (a
+torch_dist folder or legacy `model_optim_rng.pt` files; also as `mcore`). Savers:
+`paratron`, `hf`. Megatron's files are pickles, read with no code in them run
+(`paratron.checkpoint.safe_pickle`); `--trust-pickle` unpickles in full only a legacy
+file holding a global that reader refuses. The target sizes are checked against the model and recorded; Paratron
+checkpoints hold unsharded tensors, so any layout loads them. The output is written to a
+temporary folder and renamed at the end: after an error, SIGTERM or Ctrl-C nothing is left
+at --save-dir, and a refused input is one line on stderr.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="pad the vocabulary to a multiple of this x target TP")
     parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow unpickling Megatron-LM's legacy .pt files")
+                        help="unpickle in full a Megatron-LM model_optim_rng.pt that "
+                        "holds a global the safe reader refuses (can run code in it)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest Hugging Face safetensors shard (default 5GB)")
     parser.add_argument("--checkpoint-type", choices=["hf"], default=None,
@@ -107,7 +110,7 @@ def check_preset(config: TransformerConfig, vocab_rows: int, name: str) -> None:
 def run(args: argparse.Namespace, warn) -> str:
     from paratron.convert import hf_export, paratron_io
     from paratron.convert.hf_source import read_hf_folder
-    from paratron.convert.megatron_legacy import read_megatron_checkpoint
+    from paratron.convert.megatron_dist import read_megatron
     from paratron.convert.streaming import check_new_folder
     from paratron.convert.tokenizer_files import describe
 
@@ -135,8 +138,7 @@ def run(args: argparse.Namespace, warn) -> str:
     elif loader == "paratron":
         model = paratron_io.read_paratron_checkpoint(args.load_dir)
     else:
-        model = read_megatron_checkpoint(args.load_dir, trust_pickle=args.trust_pickle,
-                                         warn=warn)
+        model = read_megatron(args.load_dir, trust_pickle=args.trust_pickle, warn=warn)
     if args.model_size:
         check_preset(model.config, model.vocab_size, args.model_size)
     if args.tokenizer_model:

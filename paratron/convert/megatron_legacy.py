@@ -7,28 +7,31 @@ On disk (Megatron's `get_checkpoint_name`):
 
 with the TP rank, the PP rank (when PP > 1) and the EP rank (when EP > 1). Each file is a
 pickle of `args` (the model config), `checkpoint_version` and `model` (`model0`, ...
-with virtual stages) under Megatron-Core names with stage-local layer numbers; unpickling
-can run code, so it needs an explicit trust flag. Layer numbers are made global with
+with virtual stages) under Megatron-Core names with stage-local layer numbers, read by
+`safe_pickle.load_torch`, which runs no code in them; `--trust-pickle` unpickles in full
+only a file holding a global that reader refuses. Layer numbers are made global with
 Paratron's own stage split (which follows Megatron's), TP shards are put together by
 `gather_tensor` (Paratron declares Megatron's sharding), Transformer Engine's fused norms
 become separate norms, `_extra_state` is dropped, and local expert K of EP rank e becomes
-global expert e * (E / EP) + K. `torch_dist` folders are refused with the way to re-save
-them in this format.
+global expert e * (E / EP) + K. `torch_dist` folders are megatron_dist.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from paratron.model.config import TransformerConfig
+from paratron.checkpoint.safe_pickle import (RefusedGlobalError, load_torch,
+                                             load_torch_in_full)
+from paratron.checkpoint.untrusted import UntrustedFileError
 from paratron.convert.errors import ConversionError
-from paratron.convert.hf_config import _layer_pattern, transformer_config
 from paratron.convert.hf_mapping import OUTPUT
+from paratron.convert.megatron_args import config_from_args
 from paratron.convert.streaming import StreamedModel, model_layout
 from paratron.parallel.expert_parallel import expert_gather
 from paratron.parallel.pipeline import model_chunks
@@ -42,7 +45,7 @@ _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]
 _GROUPED = {"mlp.experts.weight1": "mlp.experts.linear_fc1.weight",
             "mlp.experts.weight2": "mlp.experts.linear_fc2.weight"}
 # Transformer Engine fuses a norm into the linear that follows it.
-_FUSED_NORMS = {
+FUSED_NORMS = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "self_attention.linear_q_proj.layer_norm_weight": "input_layernorm.weight",
@@ -52,18 +55,9 @@ _FUSED_NORMS = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
-# Megatron arguments Paratron cannot represent: (name, the value Paratron computes).
-_UNSUPPORTED_ARGS = (("apply_layernorm_1p", False),
-                     ("apply_residual_connection_post_layernorm", False),
-                     ("fp32_residual_connection", False))
-# TransformerConfig fields that describe training, not the weights' model.
-_NOT_FROM_ARGS = {"sequence_parallel", "cp_comm_type", "use_rotary_position_embeddings",
-                  "recompute_activations", "recompute_granularity", "recompute_method",
-                  "recompute_num_layers", "recompute_modules", "vocab_size",
-                  "make_vocab_size_divisible_by", "extra_vocab_size"}
 
 
-def _iteration_dir(load_dir: Path) -> Path:
+def iteration_dir(load_dir: Path) -> Path:
     if any(_RANK_DIR.match(p.name) for p in load_dir.iterdir() if p.is_dir()):
         return load_dir
     latest = load_dir / LATEST
@@ -79,51 +73,41 @@ def _iteration_dir(load_dir: Path) -> Path:
     return load_dir / f"iter_{int(text):07d}"
 
 
-def _refuse_torch_dist(folder: Path) -> None:
-    if (folder / ".metadata").is_file() or any(folder.glob("*.distcp")):
-        raise ConversionError(
-            f"{folder}: a torch_dist (distributed) Megatron-LM checkpoint; Paratron reads "
-            f"the legacy format: re-save it with Megatron-LM (--ckpt-convert-format torch "
-            f"--ckpt-convert-save DIR) and convert that")
+def _once(warn: Callable[[str], None]) -> Callable[[str], None]:
+    """`warn` saying each distinct line once (one per refused global, not per file)."""
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            warn(line)
+    return once
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, trust_pickle: bool, warn: Callable[[str], None]) -> dict:
+    """A `model_optim_rng.pt` read with no code run; in full only with --trust-pickle and
+    only when the safe reader refuses a global in it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
-        raise ConversionError(f"{path}: not a readable Megatron-LM checkpoint file "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-                              ) from None
-
-
-def _config_from_args(args, path: Path) -> TransformerConfig:
-    """The model's TransformerConfig from Megatron's saved argparse Namespace (whose
-    names are the flag destinations Paratron's config uses too)."""
-    for name, supported in _UNSUPPORTED_ARGS:
-        if getattr(args, name, supported) != supported:
-            raise ConversionError(f"{path}: the run used --{name.replace('_', '-')}, which "
-                                  f"Paratron does not support")
-    fields = {}
-    for f in dataclasses.fields(TransformerConfig):
-        if f.name in _NOT_FROM_ARGS or not hasattr(args, f.name):
-            continue
-        value = getattr(args, f.name)
-        if value is None and f.default is not None and not callable(f.default):
-            continue
-        fields[f.name] = value
-    freq = fields.get("moe_layer_freq")
-    if isinstance(freq, (list, tuple)):
-        fields["moe_layer_freq"] = _layer_pattern([bool(x) for x in freq])
-    elif freq is not None:
-        fields["moe_layer_freq"] = str(freq)
-    if not getattr(args, "padded_vocab_size", None):
-        raise ConversionError(f"{path}: args lack padded_vocab_size")
-    fields["padded_vocab_size"] = args.padded_vocab_size
-    try:
-        return transformer_config(fields)
-    except (ValueError, TypeError) as exc:
-        raise ConversionError(f"{path}: the saved args describe no model Paratron builds "
-                              f"({exc})") from None
+        state = load_torch(path)
+    except RefusedGlobalError as exc:
+        if not trust_pickle:
+            raise ConversionError(f"{exc}; if the checkpoint comes from a source you trust, "
+                                  f"--trust-pickle unpickles such files in full") from None
+        warn(f"WARNING: --trust-pickle: unpickling {FILE} files holding "
+             f"{exc.global_name} in full; only do this for checkpoints from a trusted "
+             f"source")
+        try:
+            state = load_torch_in_full(path)
+        except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
+            raise ConversionError(f"{path}: not a readable Megatron-LM checkpoint file "
+                                  f"({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:160]})") from None
+    except UntrustedFileError as exc:
+        raise ConversionError(str(exc)) from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path}: holds a {type(state).__name__}, not Megatron-LM's "
+                              f"checkpoint dict")
+    return state
 
 
 @dataclasses.dataclass
@@ -144,7 +128,7 @@ def _paratron_name(local: str, layers: range) -> tuple[str, int | None] | None:
     if not match:
         return local, None
     layer, rest = layers[int(match.group(1))], match.group(2)
-    rest = _FUSED_NORMS.get(rest, rest)
+    rest = FUSED_NORMS.get(rest, rest)
     expert = None
     if (m := _LOCAL_EXPERT.match(rest)):
         expert, rest = int(m.group(1)), "mlp.experts." + m.group(2)
@@ -159,25 +143,18 @@ def read_megatron_checkpoint(load_dir: str | Path, *, trust_pickle: bool,
     load_dir = Path(load_dir)
     if not load_dir.is_dir():
         raise ConversionError(f"--load-dir {load_dir}: not a folder")
-    _refuse_torch_dist(load_dir)
-    folder = _iteration_dir(load_dir)
+    folder = iteration_dir(load_dir)
     if not folder.is_dir():
         raise ConversionError(f"{folder}: missing ({LATEST} names it)")
-    _refuse_torch_dist(folder)
     found = sorted((p, _RANK_DIR.match(p.name)) for p in folder.iterdir() if p.is_dir())
     found = [(p, m) for p, m in found if m]
     if not found:
         raise ConversionError(f"{folder}: no mp_rank_XX folders")
-    if not trust_pickle:
-        raise ConversionError(f"{found[0][0] / FILE}: Megatron-LM's legacy checkpoints are "
-                              f"Python pickles, and unpickling can run code; pass "
-                              f"--trust-pickle if you trust where this checkpoint came from")
-    warn(f"WARNING: unpickling {folder}/mp_rank_*/{FILE} (--trust-pickle): only do this "
-         f"for checkpoints from a trusted source")
+    load = functools.partial(_load, trust_pickle=trust_pickle, warn=_once(warn))
     first = found[0][0] / FILE
     if not first.is_file():
         raise ConversionError(f"{first}: missing")
-    head = _load(first)
+    head = load(first)
     args = head.get("args")
     if args is None:
         raise ConversionError(f"{first}: holds no 'args'; cannot tell the model's shape")
@@ -185,7 +162,7 @@ def read_megatron_checkpoint(load_dir: str | Path, *, trust_pickle: bool,
         raise ConversionError(f"{first}: checkpoint_version {head.get('checkpoint_version')} "
                               f"(before 3.0 the QKV layout differs); re-save it with a "
                               f"recent Megatron-LM")
-    config = _config_from_args(args, first)
+    config = config_from_args(args, first)
     tp = args.tensor_model_parallel_size
     pp = args.pipeline_model_parallel_size
     ep = getattr(args, "expert_model_parallel_size", 1) or 1
@@ -216,7 +193,7 @@ def read_megatron_checkpoint(load_dir: str | Path, *, trust_pickle: bool,
     where: dict[str, dict[tuple[int, int], list]] = {}
     for (t, p, e), shard in shards.items():
         if shard.state is None:
-            shard.state = _load(shard.path)
+            shard.state = load(shard.path)
         chunks = model_chunks(config.num_layers, pp, p, vpp, **split)
         for c, chunk in enumerate(chunks):
             key = "model" if vpp == 1 else f"model{c}"

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from tests.helpers.hf_utils import randomize  # noqa: E402
+from tests.helpers.pickle_payloads import craft, payloads  # noqa: E402
 from paratron.checkpoint import find_latest_valid, load_checkpoint, read_metadata  # noqa: E402
 from paratron.cli.convert import main as convert  # noqa: E402
 from paratron.convert.hf_config import transformer_config  # noqa: E402
@@ -140,7 +141,7 @@ def _imported_logit_diff(tmp_path, hf_model) -> float:
     """`paratron convert --loader megatron` of tmp_path/megatron, then the largest logit
     difference from `hf_model` on fixed tokens."""
     assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
-                    "--trust-pickle", "--load-dir", str(tmp_path / "megatron"),
+                    "--load-dir", str(tmp_path / "megatron"),
                     "--save-dir", str(tmp_path / "out")]) == 0
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     got = _paratron_logits(find_latest_valid(tmp_path / "out")[1], ids)
@@ -153,7 +154,7 @@ def test_megatron_legacy_tp2_pp2_import_matches_transformers(tmp_path, capsys):
     hf_model = _hf(**TINY_QWEN2)
     _write_dense_megatron(tmp_path / "megatron", hf_model)
     assert _imported_logit_diff(tmp_path, hf_model) < 1e-5
-    assert "WARNING: unpickling" in capsys.readouterr().err
+    assert "WARNING" not in capsys.readouterr().err  # read with no code run, no flag
 
 
 def _megatron_moe_shards(hf_model, tp: int, ep: int) -> dict[tuple[int, int], dict]:
@@ -343,6 +344,11 @@ def _other_config(folder):
     meta_path.write_text(json.dumps(meta))
 
 
+def _pickled_code(folder):
+    payload, _ = payloads(folder / "MARKER")["os_system"]
+    craft(next(folder.glob("iter_*/mp_rank_*/model_optim_rng.pt")), payload)
+
+
 HF_TO_PARATRON = ["--loader", "hf", "--saver", "paratron"]
 PARATRON_TO_HF = ["--loader", "paratron", "--saver", "hf"]
 MEGATRON = ["--loader", "megatron", "--saver", "paratron"]
@@ -358,7 +364,8 @@ BAD = {  # name: (source, damage, flags, words the message must contain)
                                       ["--model-size llama2-7b", "num_layers"]),
     "tensors_of_another_model": ("paratron", _other_config, PARATRON_TO_HF,
                                  ["linear_fc1.weight", "another model"]),
-    "megatron_without_trust_pickle": ("megatron", None, MEGATRON, ["--trust-pickle"]),
+    "megatron_pickled_code": ("megatron", _pickled_code, MEGATRON,
+                              ["model_optim_rng.pt", "system", "--trust-pickle"]),
     "target_tp_does_not_divide_heads": ("hf", None, HF_TO_PARATRON +
                                         ["--target-tensor-parallel-size", "3"],
                                         ["--target-tensor-parallel-size 3"]),
