@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from paratron.config import SECTIONS, Config, config_of, finalize, validate
+from paratron.model.config import UNRECORDED_VALUES
 from paratron.options import ConfigError, fields_with_flags, flags_of, number_problem
 from paratron.parallel.launch import launched_world_size, launcher_rank
 
@@ -58,7 +59,7 @@ NO_EFFECT_FLAGS = [
     ("--use-mcore-models", False), ("--use-legacy-models", False),
     ("--transformer-impl", True), ("--attention-backend", True),
     ("--no-masked-softmax-fusion", False), ("--no-bias-swiglu-fusion", False),
-    ("--no-bias-gelu-fusion", False), ("--no-bias-dropout-fusion", False),
+    ("--no-bias-dropout-fusion", False),
     ("--no-rope-fusion", False), ("--no-gradient-accumulation-fusion", False),
     ("--no-persist-layer-norm", False), ("--no-async-tensor-model-parallel-allreduce", False),
     ("--attention-softmax-in-fp32", False), ("--apply-query-key-layer-scaling", False),
@@ -270,10 +271,14 @@ def _apply_checkpoint_args(cfg: Config, log) -> None:
     checkpoint in --load (what the command line says about it is overridden, with a
     note), before the tree is validated, as Megatron reads a checkpoint's args."""
     from paratron.checkpoint.files import find_latest_valid, read_metadata
+    from paratron.checkpoint.megatron_folder import megatron_load_problem
 
     load = cfg.checkpoint.load
     if load is None:
         raise ConfigError("--use-checkpoint-args needs --load <checkpoint directory>")
+    problem = megatron_load_problem(load)
+    if problem:
+        raise ConfigError(problem)
     found = find_latest_valid(load, log=log)
     if found is None:
         raise ConfigError(f"--use-checkpoint-args: --load {load} holds no complete "
@@ -283,7 +288,7 @@ def _apply_checkpoint_args(cfg: Config, log) -> None:
         raise ConfigError(f"{found[1]}: the checkpoint records no model configuration; "
                           f"give the model flags instead of --use-checkpoint-args")
     changed = []
-    for key, value in model.items():
+    for key, value in {**UNRECORDED_VALUES, **model}.items():
         if hasattr(cfg.model, key) and getattr(cfg.model, key) != value:
             changed.append(key)
             setattr(cfg.model, key, value)

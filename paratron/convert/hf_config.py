@@ -135,7 +135,7 @@ def _gpt2(hf: dict) -> dict[str, Any]:
         max_position_embeddings=_need(hf, "n_positions"),
         position_embedding_type="learned_absolute",
         normalization="LayerNorm", norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        openai_gelu=act in _GPT2_TANH_GELU, add_bias_linear=True,
+        bias_gelu_fusion=act in _GPT2_TANH_GELU, add_bias_linear=True,
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", True))
 
 
@@ -364,6 +364,8 @@ def _deepseek_v2(hf: dict) -> dict[str, Any]:
         normalization="RMSNorm", norm_epsilon=eps, swiglu=True, add_bias_linear=False,
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False))
     first_dense = hf.get("first_k_dense_replace") or 0
+    if first_dense >= n:
+        return fields  # every layer dense: the routing keys describe nothing
     fields.update(_routing(hf, experts_key=("n_routed_experts", "num_experts"),
                            ffn_key="moe_intermediate_size",
                            renormalise=False, moe=[i >= first_dense for i in range(n)]),

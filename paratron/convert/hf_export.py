@@ -87,7 +87,8 @@ def _by_type(c: TransformerConfig, model_type: str) -> dict:
     if model_type == "gpt2":
         return dict(n_embd=c.hidden_size, n_layer=c.num_layers, n_head=c.num_attention_heads,
                     n_inner=c.ffn_hidden_size, n_positions=c.max_position_embeddings,
-                    activation_function="gelu_new" if c.openai_gelu else "gelu",
+                    activation_function=("gelu_new" if c.mlp_activation() == "gelu_tanh"
+                                         else "gelu"),
                     layer_norm_epsilon=c.norm_epsilon, resid_pdrop=0.0, embd_pdrop=0.0,
                     attn_pdrop=0.0)
     if model_type == "llama":
@@ -113,11 +114,6 @@ def _by_type(c: TransformerConfig, model_type: str) -> dict:
         if dense != list(range(len(dense))):
             raise ConversionError(f"DeepSeek-V2 has dense layers only before its MoE layers; "
                                   f"this model's dense layers are {dense}")
-        shared = c.moe_shared_expert_intermediate_size or 0
-        if shared % c.moe_ffn_hidden_size:
-            raise ConversionError(f"--moe-shared-expert-intermediate-size {shared} is not a "
-                                  f"multiple of --moe-ffn-hidden-size {c.moe_ffn_hidden_size}, "
-                                  f"as DeepSeek-V2's n_shared_experts needs")
         out = dict(
             hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
             num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
@@ -127,17 +123,28 @@ def _by_type(c: TransformerConfig, model_type: str) -> dict:
             q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
             qk_nope_head_dim=c.qk_head_dim, qk_rope_head_dim=c.qk_pos_emb_head_dim,
             v_head_dim=c.v_head_dim, head_dim=c.qk_pos_emb_head_dim,
-            n_routed_experts=c.num_experts, n_shared_experts=shared // c.moe_ffn_hidden_size,
-            moe_intermediate_size=c.moe_ffn_hidden_size, num_experts_per_tok=c.moe_router_topk,
-            first_k_dense_replace=len(dense),
-            routed_scaling_factor=c.moe_router_topk_scaling_factor or 1.0,
-            topk_method="group_limited_greedy" if c.moe_router_num_groups else "greedy",
-            n_group=c.moe_router_num_groups, topk_group=c.moe_router_group_topk,
-            norm_topk_prob=False, scoring_func="softmax", moe_layer_freq=1,
-            aux_loss_alpha=c.moe_aux_loss_coeff,
-            seq_aux=c.moe_router_load_balancing_type == "seq_aux_loss", **_rope(c))
-        return out
+            first_k_dense_replace=len(dense), moe_layer_freq=1, **_rope(c))
+        if not c.num_experts:  # every layer dense (first_k_dense_replace = all of them)
+            return dict(out, n_routed_experts=0)
+        return dict(out, **_deepseek_v2_experts(c))
     raise ConversionError(f"unsupported Hugging Face model_type {model_type!r}")
+
+
+def _deepseek_v2_experts(c: TransformerConfig) -> dict:
+    """DeepSeek-V2's routing keys for a model with experts."""
+    shared = c.moe_shared_expert_intermediate_size or 0
+    if shared % c.moe_ffn_hidden_size:
+        raise ConversionError(f"--moe-shared-expert-intermediate-size {shared} is not a "
+                              f"multiple of --moe-ffn-hidden-size {c.moe_ffn_hidden_size}, "
+                              f"as DeepSeek-V2's n_shared_experts needs")
+    return dict(
+        n_routed_experts=c.num_experts, n_shared_experts=shared // c.moe_ffn_hidden_size,
+        moe_intermediate_size=c.moe_ffn_hidden_size, num_experts_per_tok=c.moe_router_topk,
+        routed_scaling_factor=c.moe_router_topk_scaling_factor or 1.0,
+        topk_method="group_limited_greedy" if c.moe_router_num_groups else "greedy",
+        n_group=c.moe_router_num_groups, topk_group=c.moe_router_group_topk,
+        norm_topk_prob=False, scoring_func="softmax", aux_loss_alpha=c.moe_aux_loss_coeff,
+        seq_aux=c.moe_router_load_balancing_type == "seq_aux_loss")
 
 
 def hf_config_from_paratron(c: TransformerConfig, model_type: str, vocab_size: int,

@@ -18,6 +18,7 @@ import torch
 from paratron.checkpoint import files as ckpt_files
 from paratron.checkpoint.checkpointing import TensorReader
 from paratron.checkpoint.files import TOKENIZER_DIR
+from paratron.checkpoint.megatron_folder import megatron_load_problem
 from paratron.checkpoint.writer import LogicalCheckpointWriter
 from paratron.config import Config, finalize, pad_vocab_size, validate
 from paratron.convert.errors import ConversionError
@@ -26,7 +27,7 @@ from paratron.convert.streaming import (StreamedModel, cast, model_layout, progr
                                         resize_vocab, staged_output)
 from paratron.convert.tokenizer_files import (TokenizerFiles, copy_into, describe,
                                              vocab_size as tokenizer_vocab_size)
-from paratron.model.config import TransformerConfig
+from paratron.model.config import UNRECORDED_VALUES, TransformerConfig
 from paratron.options import ConfigError
 
 _TRANSFORMER_FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -36,6 +37,9 @@ def find_checkpoint(load_dir: str | Path) -> Path:
     """The checkpoint directory `load_dir` names: itself when it holds metadata.json,
     else the iteration `latest_checkpointed_iteration.txt` names, else the newest."""
     load_dir = Path(load_dir)
+    problem = megatron_load_problem(load_dir, "--load-dir")
+    if problem:
+        raise ConversionError(problem)
     if (load_dir / ckpt_files.METADATA).exists():
         return load_dir
     if not load_dir.is_dir():
@@ -69,7 +73,7 @@ def read_paratron_checkpoint(load_dir: str | Path) -> StreamedModel:
         raise ConversionError(f"{problems[0]}{more}; the checkpoint is incomplete or corrupt")
     meta = ckpt_files.read_metadata(path)
     saved = meta.get("config") or {}
-    fields = {k: v for k, v in (saved.get("model") or {}).items()
+    fields = {k: v for k, v in {**UNRECORDED_VALUES, **(saved.get("model") or {})}.items()
               if k in _TRANSFORMER_FIELDS and k not in ("sequence_parallel", "cp_comm_type")}
     if not fields.get("padded_vocab_size"):
         raise ConversionError(f"{path / ckpt_files.METADATA}: the config has no "

@@ -17,6 +17,7 @@ from typing import Callable
 
 from paratron.checkpoint import find_latest_valid, load_checkpoint, read_metadata
 from paratron.checkpoint.files import TOKENIZER_DIR, read_tokenizer_info
+from paratron.checkpoint.megatron_folder import megatron_load_problem
 from paratron.checkpoint.state import load_model
 from paratron.config import SECTIONS, Config, config_from_dict
 from paratron.data.errors import DataError
@@ -38,6 +39,9 @@ def find_checkpoint(load_dir: str | os.PathLike, log: Callable[[str], None] = pr
     folder = Path(load_dir)
     if not folder.is_dir():
         raise ValueError(f"--load {load_dir}: no such directory")
+    problem = megatron_load_problem(folder)
+    if problem:
+        raise ValueError(problem)
     found = find_latest_valid(folder, log=log)
     if found is not None:
         return found

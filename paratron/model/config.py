@@ -59,13 +59,19 @@ class TransformerConfig:
     norm_epsilon: float = opt(1e-5, "Epsilon of the normalisation layers.", type=float)
     swiglu: bool = opt(False, "SwiGLU MLP (gated linear unit with SiLU).")
     openai_gelu: bool = opt(False, "tanh-approximated GeLU, as the original GPT-2.")
+    bias_gelu_fusion: bool = opt(True, "Exact (erf) GeLU. Without it a GeLU model with "
+                                 "biases computes the tanh approximation, as Megatron's "
+                                 "fused bias-GeLU kernel does (without biases Megatron "
+                                 "turns the fusion off, and the GeLU is exact).",
+                                 flag="--no-bias-gelu-fusion")
     squared_relu: bool = opt(False, "Squared ReLU activation.")
     add_bias_linear: bool = opt(True, "Drop the biases of all linear layers.",
                                 flag="--disable-bias-linear")
     add_qkv_bias: bool = opt(False, "Keep a bias on the QKV projection (Qwen2.5) even with "
                              "--disable-bias-linear.")
     qk_layernorm: bool = opt(False, "Normalise queries and keys per head (Qwen3); "
-                             "multi-latent attention always normalises its latents.")
+                             "multi-latent attention normalises its latents unless "
+                             "--no-mla-latent-layernorm.")
     untie_embeddings_and_output_weights: bool = opt(False, "Separate output layer weights.")
     make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this "
                                             "(times TP).", type=int, positive=True)
@@ -167,6 +173,11 @@ class TransformerConfig:
                            group="mla")
     qk_pos_emb_head_dim: int = opt(64, "Query/key rope head dimension.", type=int, group="mla")
     v_head_dim: int = opt(128, "Value head dimension.", type=int, group="mla")
+    mla_latent_layernorm: bool = opt(True, "Leave the query and key/value latents "
+                                     "unnormalised, as Megatron-LM's multi-latent attention "
+                                     "does without --qk-layernorm (its latent norms are "
+                                     "identities then).", flag="--no-mla-latent-layernorm",
+                                     group="mla")
 
     # Set from the parallel layout by `finalize` (as Megatron's TransformerConfig
     # inherits ModelParallelConfig): the model builds sequence-parallel layers.
@@ -187,11 +198,19 @@ class TransformerConfig:
         return 4096 if self.uses_yarn() else 8192
 
     def mlp_activation(self) -> str:
+        """The MLP's activation; a GeLU is tanh-approximated under --openai-gelu or, as
+        Megatron-Core's fused bias-GeLU kernel computes it, in a model with biases."""
         if self.swiglu:
             return "swiglu"
         if self.squared_relu:
             return "squared_relu"
-        return "gelu_tanh" if self.openai_gelu else "gelu"
+        tanh = self.openai_gelu or (self.bias_gelu_fusion and self.add_bias_linear)
+        return "gelu_tanh" if tanh else "gelu"
+
+
+# Model settings added after checkpoints were first written, with the value the model of
+# a checkpoint that does not record them computed with (not today's default).
+UNRECORDED_VALUES = {"bias_gelu_fusion": False}
 
 
 def derive_model(m: TransformerConfig, seq_length: int | None = None,

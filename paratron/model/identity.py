@@ -14,7 +14,8 @@ import dataclasses
 import shlex
 from typing import Any
 
-from paratron.model.config import TransformerConfig, derive_model, moe_layer_pattern
+from paratron.model.config import (UNRECORDED_VALUES, TransformerConfig, derive_model,
+                                   moe_layer_pattern)
 from paratron.options import check_numbers, flags_of
 
 # Settings of a run, not of the model: they change how it is trained or executed, never
@@ -36,12 +37,15 @@ RUN_SETTINGS = frozenset({
 VOCABULARY_SETTINGS = frozenset({"vocab_size", "extra_vocab_size", "padded_vocab_size",
                                  "make_vocab_size_divisible_by"})
 _FIELDS = {f.name: f for f in dataclasses.fields(TransformerConfig)}
-_MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"}
+_MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+        "mla_latent_layernorm"}
 _ROTARY = {"rotary_base", "rotary_percent", "rotary_interleaved",
            "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor",
            "original_max_position_embeddings"}
 _YARN = {"rotary_scaling_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
-_ACTIVATIONS = ("swiglu", "squared_relu", "openai_gelu")  # the first one set decides
+_ACTIVATIONS = ("swiglu", "squared_relu")  # the first one set decides; else a GeLU
+# Compared as one, after the settings they depend on: whether a GeLU is tanh-approximated.
+_GELU = ("openai_gelu", "bias_gelu_fusion")
 TOKENS = "tokens"  # `vocabulary_difference`: the run's tokens do not fit the checkpoint's
 
 
@@ -50,7 +54,7 @@ def model_identity(c: TransformerConfig) -> dict[str, Any]:
     (`moe_pattern` stands for --moe-layer-freq), leaving out those that cannot matter
     for this model (MLA sizes without MLA, rotary settings without rotary, ...)."""
     out = {k: v for k, v in dataclasses.asdict(c).items()
-           if k not in RUN_SETTINGS and k not in VOCABULARY_SETTINGS}
+           if k not in RUN_SETTINGS and k not in VOCABULARY_SETTINGS and k not in _GELU}
     out.update(_effective_values(c))
     drop = _irrelevant(c)
     return {k: v for k, v in out.items() if k not in drop}
@@ -59,6 +63,8 @@ def model_identity(c: TransformerConfig) -> dict[str, Any]:
 def _effective_values(c: TransformerConfig) -> dict[str, Any]:
     """Settings whose spelling varies for one model, as the model uses them."""
     out: dict[str, Any] = {}
+    if c.mlp_activation().startswith("gelu"):
+        out["bias_gelu_fusion"] = c.mlp_activation() == "gelu_tanh"
     if c.uses_yarn():
         out["position_embedding_type"] = "yarn"  # rope + a scaling factor under MLA
     if c.uses_yarn() or c.use_rope_scaling:
@@ -74,7 +80,7 @@ def _effective_values(c: TransformerConfig) -> dict[str, Any]:
 
 def _irrelevant(c: TransformerConfig) -> set[str]:
     """Settings that `c`'s other settings make moot (nothing reads them)."""
-    if c.multi_latent_attention:  # its own head sizes; it always normalises its latents
+    if c.multi_latent_attention:  # its own head sizes; its latent norms have their own flag
         drop = {"kv_channels", "num_query_groups", "qk_layernorm"}
     else:
         drop = set(_MLA)
@@ -110,7 +116,8 @@ def saved_model_config(saved: dict) -> TransformerConfig:
     A TypeError or ValueError when the record does not describe a model."""
     if not isinstance(saved, dict):
         raise TypeError("the recorded model configuration is not an object")
-    model = TransformerConfig(**{k: v for k, v in saved.items() if k in _FIELDS})
+    model = TransformerConfig(**{k: v for k, v in {**UNRECORDED_VALUES, **saved}.items()
+                                 if k in _FIELDS})
     check_numbers(model)
     derive_model(model)
     model_identity(model)  # a record it cannot be computed from fails here
@@ -158,6 +165,9 @@ def flag_fix(key: str, saved: TransformerConfig) -> str:
     setting `key`, e.g. "give --num-layers 4" or "leave out --swiglu"."""
     if key == "moe_pattern":
         key = "moe_layer_freq"
+    if key == "bias_gelu_fusion":  # whether the checkpoint's GeLU is tanh-approximated
+        return ("give --openai-gelu" if saved.mlp_activation() == "gelu_tanh"
+                else "give --no-bias-gelu-fusion and leave out --openai-gelu")
     if key == "num_query_groups":
         return f"give --group-query-attention --num-query-groups {saved.num_query_groups}"
     if key not in _FIELDS:

@@ -55,7 +55,10 @@ class ReplicatedLinear(nn.Module):
 
 
 def _replicated_norm(config, size: int) -> nn.Module:
-    """A latent norm, replicated over TP; summed over TP under sequence parallelism."""
+    """A latent norm, replicated over TP; summed over TP under sequence parallelism. With
+    --no-mla-latent-layernorm the identity, as in Megatron's MLA without --qk-layernorm."""
+    if not config.mla_latent_layernorm:
+        return nn.Identity()
     norm = build_norm(config.normalization, size, config.norm_epsilon)
     return replicated(norm, partial_grad=config.sequence_parallel)
 

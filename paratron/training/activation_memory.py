@@ -99,6 +99,16 @@ def _norm_saved(m, a: ActivationShape, tokens: int, size: int, view_of: int | No
     return kept + FP32 * tokens + a.width * tokens * size
 
 
+def _latent_norm_saved(m, a: ActivationShape, tokens: int, size: int,
+                       view_of: int | None = None) -> int:
+    """An MLA latent norm's saved tensors plus its output, which the up projection
+    saves; without the norm (--no-mla-latent-layernorm) the up projection saves the down
+    projection's output, or keeps alive what that is a view of (`view_of` bytes)."""
+    if not m.mla_latent_layernorm:
+        return a.width * tokens * size if view_of is None else view_of
+    return _norm_saved(m, a, tokens, size, view_of=view_of) + a.width * tokens * size
+
+
 def _attention_saved(m, pg: ProcessGroups, a: ActivationShape, core_recomputed: bool) -> int:
     """q, k, v (v keeps the whole fused QKV or kv up-projection alive, being a view of
     it), the attention output (also linear_proj's input) and, unless selective recompute
@@ -109,9 +119,9 @@ def _attention_saved(m, pg: ProcessGroups, a: ActivationShape, core_recomputed: 
     if m.multi_latent_attention:
         q_dim, v_dim = m.qk_head_dim + m.qk_pos_emb_head_dim, m.v_head_dim
         if m.q_lora_rank is not None:
-            total += _norm_saved(m, a, T, m.q_lora_rank) + w * T * m.q_lora_rank
+            total += _latent_norm_saved(m, a, T, m.q_lora_rank)
         latent = w * T * (m.kv_lora_rank + m.qk_pos_emb_head_dim)  # the down projection
-        total += _norm_saved(m, a, T, m.kv_lora_rank, view_of=latent) + w * T * m.kv_lora_rank
+        total += _latent_norm_saved(m, a, T, m.kv_lora_rank, view_of=latent)
         kv_heads, k_dim = heads, q_dim
         q = k = w * T * heads * q_dim                       # [nope, rope] concatenated
         v = w * T * heads * (m.qk_head_dim + v_dim)         # the kv up-projection

@@ -24,6 +24,7 @@ from typing import Callable
 
 from paratron.checkpoint import files
 from paratron.checkpoint.files import RUN_CONFIG, TOKENIZER_DIR, TOKENIZER_INFO
+from paratron.checkpoint.megatron_folder import megatron_load_problem
 from paratron.checkpoint.checkpointing import (PendingSave, load_checkpoint, load_rng_states,
                                                save_checkpoint)
 from paratron.cli.args import config_to_yaml
@@ -46,7 +47,11 @@ _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "warmup_steps": "--lr
 
 def find_checkpoint(load_dir: str, *, required: bool, log: Callable[[str], None]):
     """(iteration, path) of the newest complete checkpoint in `load_dir`, or None with
-    Megatron's warning (a ConfigError with --exit-on-missing-checkpoint)."""
+    Megatron's warning (a ConfigError with --exit-on-missing-checkpoint). A Megatron-LM
+    checkpoint is refused with the command that converts it, whatever the flags."""
+    problem = megatron_load_problem(load_dir)
+    if problem:
+        raise ConfigError(problem)
     found = files.find_latest_valid(load_dir, log=log)
     if found is not None:
         newer = [i for i in files.interrupted_saves(load_dir) if i > found[0]]
@@ -64,9 +69,6 @@ def find_checkpoint(load_dir: str, *, required: bool, log: Callable[[str], None]
     if Path(load_dir, "config.json").is_file() and any(Path(load_dir).glob("*.safetensors")):
         why = ("a Hugging Face model, not a Paratron checkpoint: convert it with `paratron "
                "convert --loader hf --saver paratron`")
-    elif any(Path(load_dir).glob("iter_*/mp_rank_*")):
-        why = ("a Megatron-LM torch checkpoint: import it with `paratron convert --loader "
-               "megatron --trust-pickle`")
     if required:
         raise ConfigError(f"--load {load_dir}: {why}; --exit-on-missing-checkpoint is set")
     log(f"WARNING: --load {load_dir}: {why}; training starts from randomly initialised "

@@ -31,6 +31,8 @@ CASES = {
     "gpt2_tied": ("gpt2", dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
     "gpt2_untied": ("gpt2", dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                  n_inner=96, tie_word_embeddings=False)),
+    "gpt2_exact_gelu": ("gpt2", dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     activation_function="gelu")),
     "llama_gqa_untied": ("llama", dict(num_key_value_heads=2, intermediate_size=96)),
     "llama_mha_tied_biases": ("llama", dict(num_key_value_heads=4, intermediate_size=96,
                                             attention_bias=True, mlp_bias=True,

@@ -152,8 +152,8 @@ def saved_run(tmp_path_factory):
     ("gpt", ["--position-embedding-type", "rope"],
      "position_embedding_type is learned_absolute there, rope here"),
     ("gpt", ["--norm-epsilon", "1e-6"], "norm_epsilon is 1e-05 there, 1e-06 here"),
-    ("gpt", ["--openai-gelu"], "openai_gelu is False there, True here; leave out "
-                               "--openai-gelu or give --use-checkpoint-args"),
+    ("gpt", ["--no-bias-gelu-fusion"], "bias_gelu_fusion is True there, False here; give "
+                                       "--openai-gelu or --use-checkpoint-args"),
     ("gpt", ["--disable-bias-linear"], "add_bias_linear is True there, False here; leave out "
                                        "--disable-bias-linear"),
     ("gpt", ["--untie-embeddings-and-output-weights"],
