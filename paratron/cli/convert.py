@@ -10,10 +10,10 @@ Loaders: `hf` (also as `llama_mistral`/`mixtral_hf`), `paratron`, `megatron` (a
 torch_dist folder or legacy `model_optim_rng.pt` files; also as `mcore`). Savers:
 `paratron`, `hf`. Megatron's files are pickles, read with no code in them run
 (`paratron.checkpoint.safe_pickle`); `--trust-pickle` unpickles in full only a legacy
-file holding a global that reader refuses. The target sizes are checked against the model and recorded; Paratron
-checkpoints hold unsharded tensors, so any layout loads them. The output is written to a
-temporary folder and renamed at the end: after an error, SIGTERM or Ctrl-C nothing is left
-at --save-dir, and a refused input is one line on stderr.
+file holding a global that reader refuses. The target sizes are checked against the model
+and recorded; Paratron checkpoints hold unsharded tensors, so any layout loads them. The
+output is written to a temporary folder and renamed at the end: after an error, SIGTERM or
+Ctrl-C nothing is left at --save-dir, and a refused input is one line on stderr.
 """
 
 from __future__ import annotations
