@@ -6,7 +6,7 @@
 * A `model_optim_rng.pt` whose object calls os.system, eval, subprocess or torch.load on
   unpickling is refused in one line, exit code 2, nothing at --save-dir, marker absent.
 * --trust-pickle unpickles in full only a file holding a global the safe reader refuses,
-  with a warning.
+  with a warning; it never unlocks a torch_dist folder's `.metadata` or `common.pt`.
 """
 
 from __future__ import annotations
@@ -100,3 +100,25 @@ def test_trust_pickle_reads_in_full_only_what_the_safe_reader_refuses(tmp_path, 
     warnings = [line for line in lines if line.startswith("WARNING")]
     assert len(warnings) == 1 and "--trust-pickle" in warnings[0], lines
     assert "pathlib.PurePosixPath" in warnings[0]
+
+
+DIST = FIXTURES / "gpt2" / "tp2xpp2" / "torch_dist"
+
+
+@pytest.mark.parametrize("trust", [False, True], ids=["plain", "trust_pickle"])
+@pytest.mark.parametrize("file", [".metadata", "common.pt"])
+@pytest.mark.parametrize("name", list(payloads(Path("MARKER"))))
+def test_code_in_a_torch_dist_file_is_refused_even_with_trust_pickle(name, file, trust,
+                                                                     tmp_path, capsys):
+    folder = tmp_path / "in"
+    shutil.copytree(DIST, folder)
+    target = next(folder.glob(f"iter_*/{file}"))
+    marker = tmp_path / "MARKER"
+    payload, word = payloads(marker)[name]
+    craft(target, payload)
+    assert _convert(tmp_path, folder, *(["--trust-pickle"] if trust else [])) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"paratron convert: error: {target}: "), \
+        lines
+    assert word in lines[0] and "--trust-pickle" not in lines[0]
+    assert not marker.exists() and not (tmp_path / "out").exists()
