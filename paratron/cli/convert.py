@@ -8,9 +8,12 @@ The flags are those of Megatron-LM's `tools/checkpoint/convert.py`:
 
 Loaders: `hf` (also as `llama_mistral`/`mixtral_hf`), `paratron`, `megatron` (a
 torch_dist folder or legacy `model_optim_rng.pt` files; also as `mcore`). Savers:
-`paratron`, `hf`. Megatron's files are pickles, read with no code in them run
-(`paratron.checkpoint.safe_pickle`); `--trust-pickle` unpickles in full only a legacy
-file holding a global that reader refuses. The target sizes are checked against the model
+`paratron`, `hf`, `megatron` (Megatron-LM's legacy `torch` format: a `release`
+checkpoint sharded at the target sizes, its args a Namespace of builtins that
+--use-checkpoint-args reads; also as `mcore`, `core`, `legacy`). Megatron's files are
+pickles, read with no code in them run (`paratron.checkpoint.safe_pickle`);
+`--trust-pickle` unpickles in full only a legacy file holding a global that reader
+refuses. The target sizes are checked against the model
 and recorded; Paratron checkpoints hold unsharded tensors, so any layout loads them. The
 output is written to a temporary folder and renamed at the end: after an error, SIGTERM or
 Ctrl-C nothing is left at --save-dir, and a refused input is one line on stderr.
@@ -35,9 +38,8 @@ from paratron.options import ConfigError
 
 LOADERS = {"hf": "hf", "llama_mistral": "hf", "mixtral_hf": "hf", "paratron": "paratron",
            "megatron": "megatron", "mcore": "megatron"}
-SAVERS = ("paratron", "hf")
-# Megatron's savers write Megatron-LM's own format, which Paratron does not produce.
-_MEGATRON_SAVERS = ("core", "mcore", "megatron", "legacy", "llama_mistral")
+SAVERS = {"paratron": "paratron", "hf": "hf", "megatron": "megatron", "mcore": "megatron",
+          "core": "megatron", "legacy": "megatron"}
 # Preset settings that describe training or the context length chosen, not the weights.
 _PRESET_IGNORED = {"seq_length", "max_position_embeddings", "hidden_dropout",
                    "attention_dropout", "init_method_std", "moe_router_load_balancing_type",
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-type", required=True, choices=["GPT"],
                         help="model family (Paratron converts GPT-style decoders)")
     parser.add_argument("--loader", required=True, help="hf | paratron | megatron")
-    parser.add_argument("--saver", required=True, help="paratron | hf")
+    parser.add_argument("--saver", required=True, help="paratron | hf | megatron")
     parser.add_argument("--load-dir", required=True, help="folder to read")
     parser.add_argument("--save-dir", required=True, help="folder to create")
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
@@ -111,22 +113,20 @@ def run(args: argparse.Namespace, warn) -> str:
     from paratron.convert import hf_export, paratron_io
     from paratron.convert.hf_source import read_hf_folder
     from paratron.convert.megatron_dist import read_megatron
+    from paratron.convert.megatron_saver import save_megatron_checkpoint
     from paratron.convert.streaming import check_new_folder
     from paratron.convert.tokenizer_files import describe
 
-    if args.saver in _MEGATRON_SAVERS:
-        raise ConversionError(f"--saver {args.saver} writes Megatron-LM's format; Paratron "
-                              f"trains from its own: use --saver paratron (or hf)")
     _choice(args.loader, LOADERS, "--loader")
     _choice(args.saver, SAVERS, "--saver")
-    loader = LOADERS[args.loader]
+    loader, saver = LOADERS[args.loader], SAVERS[args.saver]
     targets = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                args.target_expert_parallel_size)
     if min(targets) < 1:
         raise ConversionError("--target-*-parallel-size must be positive")
-    if args.saver == "hf" and (targets != (1, 1, 1) or args.first_stage_layers is not None):
-        raise ConversionError("--target-*-parallel-size apply to --saver paratron; a Hugging "
-                              "Face folder has no parallel layout")
+    if saver == "hf" and (targets != (1, 1, 1) or args.first_stage_layers is not None):
+        raise ConversionError("--target-*-parallel-size apply to --saver paratron and "
+                              "megatron; a Hugging Face folder has no parallel layout")
     if args.make_vocab_size_divisible_by < 1:
         raise ConversionError("--make-vocab-size-divisible-by must be positive")
     max_shard = hf_export.parse_size(args.max_shard_size)
@@ -151,10 +151,12 @@ def run(args: argparse.Namespace, warn) -> str:
         model.tokenizer = found
     for note in model.notes:
         warn(f"note: {note}")
-    if args.saver == "paratron":
-        target = paratron_io.TargetLayout(*targets, args.make_vocab_size_divisible_by,
-                                          args.first_stage_layers)
+    target = paratron_io.TargetLayout(*targets, args.make_vocab_size_divisible_by,
+                                      args.first_stage_layers)
+    if saver == "paratron":
         out = paratron_io.save_paratron_checkpoint(model, args.save_dir, target, dtype)
+    elif saver == "megatron":
+        out = save_megatron_checkpoint(model, args.save_dir, target, dtype)
     else:
         out = hf_export.save_hf_folder(model, args.save_dir, dtype=dtype,
                                        max_shard_size=max_shard)
