@@ -64,9 +64,8 @@ def _megatron_logits(arch: str, layout: str) -> torch.Tensor:
 
 def _saved_args(arch: str, **changes) -> argparse.Namespace:
     """The args Megatron-Core 0.16's parse_args leaves for a fixture's run: --norm-epsilon
-    under layernorm_epsilon only (the fixture script also wrote the older name)."""
+    under layernorm_epsilon only."""
     args = json.loads((FIXTURES / arch / "tp1" / "args.json").read_text())
-    del args["norm_epsilon"]
     return argparse.Namespace(**{**args, **changes})
 
 

@@ -99,3 +99,13 @@ def test_logits_have_the_recorded_shape(fixture):
     assert logits.dtype == np.float32
     assert logits.shape == (*tokens.shape, args["padded_vocab_size"])
     assert np.isfinite(logits).all() and logits.std() > 0
+
+
+@pytest.mark.parametrize("fixture", [f for f in _fixtures() if f["format"] == "torch"],
+                         ids=lambda f: f"{f['architecture']}-{f['layout']}")
+def test_args_hold_only_what_megatron_core_stores(fixture):
+    """Since core_v0.16.0 ``--norm-epsilon`` is stored as ``layernorm_epsilon`` alone; a
+    fixture whose args also carried ``norm_epsilon`` hid an importer that read the wrong one."""
+    args = json.loads((ROOT / fixture["args"]).read_text())
+    assert "norm_epsilon" not in args
+    assert args["layernorm_epsilon"] == fixture["flags"]["layernorm_epsilon"]
