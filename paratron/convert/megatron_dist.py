@@ -37,7 +37,7 @@ from paratron.checkpoint.untrusted import UntrustedFileError, inside, read_json
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_mapping import OUTPUT
 from paratron.convert.megatron_args import config_from_args
-from paratron.convert.megatron_legacy import (FUSED_NORMS, iteration_dir,
+from paratron.convert.megatron_legacy import (FUSED_NORMS, check_names, iteration_dir,
                                               read_megatron_checkpoint)
 from paratron.convert.streaming import ModelLayout, StreamedModel, model_layout
 
@@ -260,15 +260,7 @@ def _pieces(chunks: _Chunks, layout: ModelLayout, tied: bool) -> dict[str, list[
             if name == OUTPUT and tied:
                 continue  # the output layer's copy of the tied embedding
             found.setdefault(name, []).append(piece)
-    expected = {n for group in layout.groups for n in group}
-    extra = sorted(set(found) - expected)
-    if extra:
-        raise ConversionError(f"{chunks.where}: tensor {extra[0]} does not belong to the "
-                              f"model the saved args describe ({len(extra)} such tensors)")
-    missing = sorted(expected - set(found))
-    if missing:
-        raise ConversionError(f"{chunks.where}: no tensor for {missing[0]} ({len(missing)} "
-                              f"missing)")
+    check_names(set(found), layout, chunks.where)
     for name, pieces in found.items():
         want = torch.empty(layout.shape(name), device="meta")
         covered = 0

@@ -73,6 +73,19 @@ def iteration_dir(load_dir: Path) -> Path:
     return load_dir / f"iter_{int(text):07d}"
 
 
+def check_names(found: set[str], layout, where) -> None:
+    """Refuse a checkpoint whose tensors are not exactly the model its args describe."""
+    expected = {n for group in layout.groups for n in group}
+    extra = sorted(found - expected)
+    if extra:
+        raise ConversionError(f"{where}: tensor {extra[0]} does not belong to the model "
+                              f"the saved args describe ({len(extra)} such tensors)")
+    missing = sorted(expected - found)
+    if missing:
+        raise ConversionError(f"{where}: no tensor for {missing[0]} ({len(missing)} "
+                              f"missing)")
+
+
 def _once(warn: Callable[[str], None]) -> Callable[[str], None]:
     """`warn` saying each distinct line once (one per refused global, not per file)."""
     said: set[str] = set()
@@ -210,15 +223,7 @@ def read_megatron_checkpoint(load_dir: str | Path, *, trust_pickle: bool,
                                           f"checkpoints (--use-mcore-models)")
                 where.setdefault(named[0], {}).setdefault((t, e), []).append(
                     (shard, key, local, named[1]))
-    expected = {n for g in layout.groups for n in g}
-    extra = sorted(set(where) - expected)
-    if extra:
-        raise ConversionError(f"{folder}: tensor {extra[0]} does not belong to the model "
-                              f"the saved args describe ({len(extra)} such tensors)")
-    missing = sorted(expected - set(where))
-    if missing:
-        raise ConversionError(f"{folder}: no tensor for {missing[0]} ({len(missing)} "
-                              f"missing)")
+    check_names(set(where), layout, folder)
 
     def piece(entries, param) -> torch.Tensor:
         """One (TP, EP) rank's tensor: experts stacked, others as stored."""

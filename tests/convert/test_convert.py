@@ -23,12 +23,12 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers.checkpoint import checkpoint_logits  # noqa: E402
 from tests.helpers.hf_utils import randomize  # noqa: E402
 from tests.helpers.pickle_payloads import craft, payloads  # noqa: E402
-from paratron.checkpoint import find_latest_valid, load_checkpoint, read_metadata  # noqa: E402
+from paratron.checkpoint import find_latest_valid  # noqa: E402
 from paratron.cli.convert import main as convert  # noqa: E402
 from paratron.convert.hf_config import transformer_config  # noqa: E402
-from paratron.model.gpt import GPTModel  # noqa: E402
 
 GPT2_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2"
 TINY_QWEN2 = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -41,16 +41,6 @@ def _hf(model_type="qwen2", **config):
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     randomize(model)
     return model.eval()
-
-
-def _paratron_logits(path, ids):
-    meta = read_metadata(path)
-    config = transformer_config({k: v for k, v in meta["config"]["model"].items()
-                                 if k not in ("sequence_parallel", "cp_comm_type")})
-    model = GPTModel(config).eval()
-    load_checkpoint(path, [model], model.pg, load_rng=False)
-    with torch.no_grad():
-        return model(ids)
 
 
 # ------------------------------------------------------------------ Megatron-LM legacy
@@ -144,7 +134,7 @@ def _imported_logit_diff(tmp_path, hf_model) -> float:
                     "--load-dir", str(tmp_path / "megatron"),
                     "--save-dir", str(tmp_path / "out")]) == 0
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    got = _paratron_logits(find_latest_valid(tmp_path / "out")[1], ids)
+    got = checkpoint_logits(find_latest_valid(tmp_path / "out")[1], ids)
     with torch.no_grad():
         expected = hf_model(input_ids=ids).logits
     return (got - expected).abs().max().item()
@@ -430,7 +420,7 @@ def test_trained_run_exports_and_transformers_generates(tmp_path):
     assert out.shape[1] > ids.shape[1] and torch.equal(out[:, :ids.shape[1]], ids)
     # The exported weights are the trained ones: same logits as the Paratron model.
     _, path = find_latest_valid(save)
-    paratron = _paratron_logits(path, ids)[..., :50257]
+    paratron = checkpoint_logits(path, ids)[..., :50257]
     with torch.no_grad():
         assert (model(input_ids=ids).logits - paratron).abs().max().item() < 1e-5
 

@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from paratron.checkpoint import load_checkpoint, read_metadata
 from paratron.checkpoint.safe_pickle import load_pickle, load_torch
 from paratron.cli.convert import main as convert
-from paratron.convert.hf_config import transformer_config
 from paratron.convert.megatron_dist import read_megatron
 from paratron.convert.streaming import StreamedModel
 from paratron.model.gpt import GPTModel
+from tests.helpers.checkpoint import checkpoint_logits
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "megatron"
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
@@ -86,13 +85,7 @@ def test_converted_at_tp2_pp2_loads_at_one_process(arch, tmp_path, capsys):
                     "--target-pipeline-parallel-size", "2", *ep]) == 0, \
         capsys.readouterr().err
     path = next(out.glob("iter_*"))
-    meta = read_metadata(path)
-    config = transformer_config({k: v for k, v in meta["config"]["model"].items()
-                                 if k not in ("sequence_parallel", "cp_comm_type")})
-    model = GPTModel(config).eval()
-    load_checkpoint(path, [model], model.pg, load_rng=False)
-    with torch.no_grad():
-        logits = model(TOKENS)
+    logits = checkpoint_logits(path, TOKENS)
     assert (logits - _megatron_logits(fixture)).abs().max() <= 1e-5
 
 
