@@ -106,7 +106,12 @@ def build_training(args):
     config = make_config(args)
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    model = DistributedDataParallel(config, ddp_config, build_model(args, config))
+    module = build_model(args, config)
+    # pretrain_gpt's parallel_output=True: the loss is vocab-parallel cross entropy over each
+    # rank's logits. The fixture builder gathers the logits (it records them whole), and
+    # the vocab-parallel loss of whole logits is another function.
+    module.output_layer.gather_output = False
+    model = DistributedDataParallel(config, ddp_config, module)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,

@@ -55,10 +55,12 @@ class LogicalCheckpointWriter:
                                "dtype": str(t.dtype).removeprefix("torch."),
                                "chunks": [{"file": name, "key": key, "offsets": [0] * t.dim()}]}
 
-    def finish(self, *, config: dict, train_state: dict | None = None) -> Path:
-        """Write metadata.json, rename the directory into place, point `latest` at it."""
+    def finish(self, *, config: dict, train_state: dict | None = None,
+               optimizer: dict | None = None) -> Path:
+        """Write metadata.json, rename the directory into place, point `latest` at it.
+        `optimizer` is the metadata's optimizer entry when `optim/...` tensors were added."""
         meta = {"format_version": files.FORMAT_VERSION, "iteration": self.iteration,
                 "config": config, "train_state": train_state or {},
-                "layout": dict(CONVERTER_LAYOUT), "rng_saved": False, "optimizer": None,
+                "layout": dict(CONVERTER_LAYOUT), "rng_saved": False, "optimizer": optimizer,
                 "files": self.written, "tensors": self.index}
         return files.finalize(self.save_dir, self.iteration, meta)

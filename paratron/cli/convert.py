@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="unpickle in full a Megatron-LM model_optim_rng.pt that "
                         "holds a global the safe reader refuses (can run code in it)")
+    parser.add_argument("--no-load-optim", action="store_true",
+                        help="convert a Megatron-LM run's weights only (its distributed-"
+                        "optimizer state and progress travel to --saver paratron otherwise)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest Hugging Face safetensors shard (default 5GB)")
     parser.add_argument("--checkpoint-type", choices=["hf"], default=None,
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace, warn) -> str:
     elif loader == "paratron":
         model = paratron_io.read_paratron_checkpoint(args.load_dir)
     else:
-        model = read_megatron(args.load_dir, trust_pickle=args.trust_pickle, warn=warn)
+        model = read_megatron(args.load_dir, trust_pickle=args.trust_pickle, warn=warn,
+                              optimizer=saver == "paratron" and not args.no_load_optim)
     if args.model_size:
         check_preset(model.config, model.vocab_size, args.model_size)
     if args.tokenizer_model:

@@ -39,9 +39,11 @@ from paratron.convert.hf_mapping import OUTPUT
 from paratron.convert.megatron_args import config_from_args
 from paratron.convert.megatron_legacy import (FUSED_NORMS, check_names, iteration_dir,
                                               read_megatron_checkpoint)
+from paratron.convert.megatron_optimizer import carry_legacy_optimizer, carry_optimizer
 from paratron.convert.streaming import ModelLayout, StreamedModel, model_layout
 
 METADATA = ".metadata"
+OPTIMIZER = "optimizer."
 COMMON = "common.pt"
 BACKEND_FILE = "metadata.json"
 _LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
@@ -55,13 +57,17 @@ _FOREIGN = (("encoder.", "an encoder-decoder (T5) or BERT model"),
 _MAMBA = re.compile(r"^decoder\.layers\.(?:\d+\.)?mixer\.")
 
 
-def read_megatron(load_dir: str | Path, *, trust_pickle: bool,
-                  warn: Callable[[str], None]) -> StreamedModel:
+def read_megatron(load_dir: str | Path, *, trust_pickle: bool, warn: Callable[[str], None],
+                  optimizer: bool = False) -> StreamedModel:
     """A Megatron-LM checkpoint in either format (told apart by its files) as a stream of
-    Paratron layer groups."""
+    Paratron layer groups; with `optimizer`, the distributed optimizer's state and the
+    run's progress come along where the checkpoint has them (megatron_optimizer.py)."""
     if Path(load_dir).is_dir() and megatron_format(load_dir) == "torch_dist":
-        return read_torch_dist(load_dir)
-    return read_megatron_checkpoint(load_dir, trust_pickle=trust_pickle, warn=warn)
+        return read_torch_dist(load_dir, optimizer=optimizer)
+    model = read_megatron_checkpoint(load_dir, trust_pickle=trust_pickle, warn=warn)
+    if optimizer:
+        carry_legacy_optimizer(model, Path(model.source))
+    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +262,8 @@ def _pieces(chunks: _Chunks, layout: ModelLayout, tied: bool) -> dict[str, list[
     """Every Paratron tensor's pieces, checked to fill it exactly."""
     found: dict[str, list[_Piece]] = {}
     for fqn, meta in chunks.tensors.items():
+        if fqn.startswith(OPTIMIZER):
+            continue  # the distributed optimizer's buffers: megatron_optimizer.py
         for name, piece in _places(fqn, meta.size, meta.chunks):
             if name == OUTPUT and tied:
                 continue  # the output layer's copy of the tied embedding
@@ -282,7 +290,7 @@ def _pieces(chunks: _Chunks, layout: ModelLayout, tied: bool) -> dict[str, list[
     return found
 
 
-def read_torch_dist(load_dir: str | Path) -> StreamedModel:
+def read_torch_dist(load_dir: str | Path, optimizer: bool = False) -> StreamedModel:
     """A Megatron-Core torch_dist checkpoint as a stream of Paratron layer groups."""
     load_dir = Path(load_dir)
     folder = load_dir if _is_iteration(load_dir) else iteration_dir(load_dir)
@@ -326,5 +334,8 @@ def read_torch_dist(load_dir: str | Path) -> StreamedModel:
         for names in layout.groups:
             yield {layout.key(n): assemble(n) for n in names}
 
-    return StreamedModel(config=config, vocab_size=config.padded_vocab_size, groups=groups,
-                         num_groups=len(layout.groups), source=str(folder))
+    model = StreamedModel(config=config, vocab_size=config.padded_vocab_size, groups=groups,
+                          num_groups=len(layout.groups), source=str(folder))
+    if optimizer and any(f.startswith(OPTIMIZER) for f in metadata.state_dict_metadata):
+        carry_optimizer(model, args, common, folder, metadata=metadata, chunks=chunks)
+    return model

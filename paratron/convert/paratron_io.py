@@ -19,6 +19,7 @@ from paratron.checkpoint import files as ckpt_files
 from paratron.checkpoint.checkpointing import TensorReader
 from paratron.checkpoint.files import TOKENIZER_DIR
 from paratron.checkpoint.megatron_folder import megatron_load_problem
+from paratron.checkpoint.state import VOCAB_ROWS, resize_rows
 from paratron.checkpoint.writer import LogicalCheckpointWriter
 from paratron.config import Config, finalize, pad_vocab_size, validate
 from paratron.convert.errors import ConversionError
@@ -185,14 +186,38 @@ def save_paratron_checkpoint(model: StreamedModel, save_dir: str | Path, target:
                               **{k: saved["parallel"][k] for k in (
                                   "tensor_model_parallel_size", "pipeline_model_parallel_size",
                                   "expert_model_parallel_size")}}}
+    carry = model.optimizer
+    if carry is not None:  # a Megatron run continues: its optimizer settings and progress
+        for section, values in carry.settings.items():
+            saved[section] = {**saved.get(section, {}), **values}
     with staged_output(save_dir) as tmp:
-        writer = LogicalCheckpointWriter(tmp, iteration=0)
+        writer = LogicalCheckpointWriter(tmp, iteration=carry.iteration if carry else 0)
         with progress(model.num_groups, "writing Paratron checkpoint") as bar:
             for group in model.groups():
-                writer.add(cast(resize_vocab(group, rows), dtype))
+                tensors = cast(resize_vocab(group, rows), dtype)
+                if carry is not None:
+                    tensors.update(_optimizer_tensors(carry, group, tensors, rows))
+                writer.add(tensors)
                 bar.update()
         if model.tokenizer is not None:
             copy_into(model.tokenizer, tmp / TOKENIZER_DIR)
-        writer.finish(config=saved)
+        if carry is None:
+            writer.finish(config=saved)
+        else:
+            writer.finish(config=saved, train_state=carry.train_state,
+                          optimizer=carry.optimizer)
     return final
+
+
+def _optimizer_tensors(carry, stored: dict, weights: dict, rows: int) -> dict:
+    """A layer group's optimizer tensors in Paratron's keys: fp32 main weights only when
+    the saved weights are not fp32 (as a run saves them), vocabulary rows as the weights'."""
+    names = [key.split("/", 1)[1] for key in stored if key.startswith("model/")]
+    out = {}
+    for key, t in carry.tensors(names, stored).items():
+        name = key.split("/", 2)[2]
+        if key.startswith("optim/main/") and weights[f"model/{name}"].dtype == torch.float32:
+            continue
+        out[key] = resize_rows(t, rows) if name.endswith(VOCAB_ROWS) else t
+    return out
 

@@ -89,6 +89,7 @@ class StreamedModel:
     tokenizer: TokenizerFiles | None = None  # tokenizer files that belong to the model
     saved_config: dict | None = None   # a Paratron run config the checkpoint carried
     notes: list[str] = field(default_factory=list)
+    optimizer: object | None = None    # a Megatron run's optimizer state (OptimizerCarry)
 
 
 def resize_vocab(group: Group, rows: int) -> Group:

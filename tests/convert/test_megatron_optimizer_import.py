@@ -1,0 +1,172 @@
+"""A Megatron-Core run with the distributed optimizer continues in Paratron.
+
+The fixture (tests/fixtures/megatron/optimizer, written by Megatron-Core 0.16.1 itself) is
+a tiny Llama trained 3 steps at TP2 x DP2. `paratron convert --loader megatron` carries its
+main weights, Adam moments, step count and progress; a one-process Paratron run (another
+layout) loads them, and they equal Megatron's own tensors (record.npz) exactly. Its next
+step is then checked against AdamW applied by hand, in float64, to those tensors with
+Megatron's own step-4 gradient, and against Megatron's step-4 weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from paratron.checkpoint.state import collect_tensors
+from paratron.cli.args import parse_args
+from paratron.cli.convert import main as convert
+from paratron.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "megatron" / "optimizer"
+RECORD = json.loads((ROOT / "RECORD.json").read_text())
+FORMATS = ("torch_dist", "torch")
+
+
+@pytest.fixture(scope="module")
+def record():
+    with np.load(ROOT / "record.npz", allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def logical(name: str, array: np.ndarray) -> torch.Tensor:
+    """A record.npz tensor (TP shards concatenated) in Paratron's layout: a SwiGLU fc1 is
+    [gate; up] of the whole layer, not each rank's [gate_r; up_r] one after another."""
+    t = torch.from_numpy(array)
+    if name.endswith("linear_fc1.weight"):
+        halves = [shard.chunk(2) for shard in t.chunk(RECORD["tp"])]
+        t = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    return t
+
+
+class Rows:
+    """Megatron's data: sample i is row i % 2 of the fixture tokens, shifted by one."""
+
+    def __init__(self):
+        self.tokens = np.array(RECORD["tokens"])
+
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, i):
+        row = self.tokens[i % len(self.tokens)]
+        return {"tokens": row[:-1], "labels": row[1:],
+                "loss_mask": np.ones(len(row) - 1, np.float32),
+                "position_ids": np.arange(len(row) - 1)}
+
+
+def run_flags(load: Path) -> list[str]:
+    """The Megatron run's flags, for Paratron (the model comes from the checkpoint)."""
+    h = RECORD["hyper_parameters"]
+    return (f"--load {load} --use-checkpoint-args --seq-length {len(RECORD['tokens'][0]) - 1} "
+            f"--micro-batch-size {RECORD['micro_batch_size']} "
+            f"--global-batch-size {RECORD['global_batch_size']} --lr {h['lr']} "
+            f"--min-lr {h['min_lr']} --lr-decay-style {h['lr_decay_style']} "
+            f"--lr-warmup-iters {h['lr_warmup_iters']} --train-iters {h['train_iters']} "
+            f"--weight-decay {h['weight_decay']} --adam-beta1 {h['adam_beta1']} "
+            f"--adam-beta2 {h['adam_beta2']} --adam-eps {h['adam_eps']} "
+            f"--clip-grad {h['clip_grad']} --device cpu --eval-iters 0 "
+            f"--log-interval 1000").split()
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def converted(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "paratron"
+    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
+                    "--load-dir", str(ROOT / request.param), "--save-dir", str(out)]) == 0
+    return out
+
+
+def trainer_from(converted: Path) -> Trainer:
+    data = Rows()
+    return Trainer(parse_args(run_flags(converted)), (data, data, None), log=lambda line: None)
+
+
+def test_conversion_carries_progress(converted):
+    meta = json.loads((converted / f"iter_{RECORD['steps']:07d}" / "metadata.json").read_text())
+    assert meta["iteration"] == RECORD["steps"]
+    assert meta["train_state"]["consumed_train_samples"] == \
+        RECORD["steps"] * RECORD["global_batch_size"]
+    assert meta["optimizer"]["step_count"] == RECORD["steps"]
+    assert meta["config"]["optimizer"]["adam_beta2"] == RECORD["hyper_parameters"]["adam_beta2"]
+
+
+def test_loaded_state_is_megatrons(converted, record):
+    trainer = trainer_from(converted)
+    assert trainer.state.iteration == RECORD["steps"]
+    loaded = collect_tensors(trainer.models, trainer.pg, trainer.optimizer)
+    names = [key.split("/", 1)[1] for key in record if key.startswith("main/")]
+    assert len(names) == len([k for k in loaded if k.startswith("model/")])
+    for name in names:
+        assert torch.equal(loaded[f"model/{name}"], logical(name, record[f"main/{name}"])), name
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded[f"optim/{moment}/{name}"],
+                               logical(name, record[f"{moment}/{name}"])), (moment, name)
+
+
+def test_next_step_is_adamw_by_hand(converted, record):
+    """Step 4 in Paratron = AdamW by hand (float64) on the loaded tensors with Megatron's
+    step-4 gradient, clipped to the global norm as Megatron clips it."""
+    h = RECORD["hyper_parameters"]
+    trainer = trainer_from(converted)
+    before = {k: t.clone() for k, t in
+              collect_tensors(trainer.models, trainer.pg, trainer.optimizer).items()}
+    loss, stepped, _, _ = trainer.train_step()
+    assert stepped
+    after = collect_tensors(trainer.models, trainer.pg, trainer.optimizer)
+    names = [key.split("/", 1)[1] for key in record if key.startswith("main/")]
+    grads = {n: logical(n, record[f"grad_step4/{n}"]).double() for n in names}
+    norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+    clip = min(1.0, h["clip_grad"] / (float(norm) + 1e-6))
+    lr, step = float(record["lr_step4"]), RECORD["steps"] + 1
+    beta1, beta2 = h["adam_beta1"], h["adam_beta2"]
+    for name in names:
+        grad = grads[name] * clip
+        exp_avg = beta1 * before[f"optim/exp_avg/{name}"].double() + (1 - beta1) * grad
+        exp_avg_sq = beta2 * before[f"optim/exp_avg_sq/{name}"].double() + \
+            (1 - beta2) * grad * grad
+        weight = before[f"model/{name}"].double()
+        decay = h["weight_decay"] if weight.dim() > 1 else 0.0
+        denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt() + h["adam_eps"]
+        expected = weight * (1 - lr * decay) - lr * exp_avg / (1 - beta1 ** step) / denom
+        got = after[f"model/{name}"].double()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(got, logical(name, record[f"main_step4/{name}"]).double(),
+                                   rtol=1e-5, atol=1e-7, msg=name)
+    assert abs(loss - float(record["loss_step4"])) < 1e-5
+
+
+def test_weights_only_conversion(tmp_path):
+    """--no-load-optim converts the weights of a checkpoint that holds optimizer state
+    (which the importer once refused as tensors foreign to the model)."""
+    out = tmp_path / "weights"
+    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
+                    "--load-dir", str(ROOT / "torch_dist"), "--save-dir", str(out),
+                    "--no-load-optim"]) == 0
+    meta = json.loads((out / "iter_0000000" / "metadata.json").read_text())
+    assert meta["optimizer"] is None
+    assert not [k for k in meta["tensors"] if k.startswith("optim/")]
+
+
+def test_a_damaged_buffer_is_refused(tmp_path, capsys):
+    """A bucket whose main weights are not the model's stops the conversion in one line,
+    with nothing written."""
+    src = tmp_path / "megatron"
+    shutil.copytree(ROOT / "torch", src)
+    path = src / f"iter_{RECORD['steps']:07d}" / "mp_rank_01" / "distrib_optim.pt"
+    state = torch.load(path, weights_only=True)
+    (flat,) = state[0].values()
+    flat["param"][100] += 1.0
+    torch.save(state, path)
+    out = tmp_path / "out"
+    code = convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
+                    "--load-dir", str(src), "--save-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1
+    assert "are not the model's" in err and "--no-load-optim" in err
+    assert not out.exists()
