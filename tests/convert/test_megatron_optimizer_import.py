@@ -21,7 +21,9 @@ import torch
 from paratron.checkpoint.state import collect_tensors
 from paratron.cli.args import parse_args
 from paratron.cli.convert import main as convert
+from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
+from tests.helpers.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "megatron" / "optimizer"
 RECORD = json.loads((ROOT / "RECORD.json").read_text())
@@ -71,7 +73,7 @@ def run_flags(load: Path) -> list[str]:
             f"--weight-decay {h['weight_decay']} --adam-beta1 {h['adam_beta1']} "
             f"--adam-beta2 {h['adam_beta2']} --adam-eps {h['adam_eps']} "
             f"--clip-grad {h['clip_grad']} --device cpu --eval-iters 0 "
-            f"--log-interval 1000").split()
+            f"--log-interval 1000 --num-workers 0").split()
 
 
 @pytest.fixture(scope="module", params=FORMATS)
@@ -82,9 +84,10 @@ def converted(request, tmp_path_factory):
     return out
 
 
-def trainer_from(converted: Path) -> Trainer:
+def trainer_from(converted: Path, *layout: str, pg=None) -> Trainer:
     data = Rows()
-    return Trainer(parse_args(run_flags(converted)), (data, data, None), log=lambda line: None)
+    return Trainer(parse_args(run_flags(converted) + list(layout)), (data, data, None),
+                   log=lambda line: None, pg=pg)
 
 
 def test_conversion_carries_progress(converted):
@@ -109,22 +112,17 @@ def test_loaded_state_is_megatrons(converted, record):
                                logical(name, record[f"{moment}/{name}"])), (moment, name)
 
 
-def test_next_step_is_adamw_by_hand(converted, record):
-    """Step 4 in Paratron = AdamW by hand (float64) on the loaded tensors with Megatron's
-    step-4 gradient, clipped to the global norm as Megatron clips it."""
+def expected_step4(record, before: dict) -> dict[str, torch.Tensor]:
+    """AdamW by hand (float64) on the state `before` with Megatron's step-4 gradient,
+    clipped to the global norm as Megatron clips it."""
     h = RECORD["hyper_parameters"]
-    trainer = trainer_from(converted)
-    before = {k: t.clone() for k, t in
-              collect_tensors(trainer.models, trainer.pg, trainer.optimizer).items()}
-    loss, stepped, _, _ = trainer.train_step()
-    assert stepped
-    after = collect_tensors(trainer.models, trainer.pg, trainer.optimizer)
     names = [key.split("/", 1)[1] for key in record if key.startswith("main/")]
     grads = {n: logical(n, record[f"grad_step4/{n}"]).double() for n in names}
     norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
     clip = min(1.0, h["clip_grad"] / (float(norm) + 1e-6))
     lr, step = float(record["lr_step4"]), RECORD["steps"] + 1
     beta1, beta2 = h["adam_beta1"], h["adam_beta2"]
+    out = {}
     for name in names:
         grad = grads[name] * clip
         exp_avg = beta1 * before[f"optim/exp_avg/{name}"].double() + (1 - beta1) * grad
@@ -133,12 +131,57 @@ def test_next_step_is_adamw_by_hand(converted, record):
         weight = before[f"model/{name}"].double()
         decay = h["weight_decay"] if weight.dim() > 1 else 0.0
         denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt() + h["adam_eps"]
-        expected = weight * (1 - lr * decay) - lr * exp_avg / (1 - beta1 ** step) / denom
+        out[name] = weight * (1 - lr * decay) - lr * exp_avg / (1 - beta1 ** step) / denom
+    return out
+
+
+def test_next_step_is_adamw_by_hand(converted, record):
+    """Step 4 in Paratron = AdamW by hand on the loaded tensors = Megatron's step 4."""
+    trainer = trainer_from(converted)
+    before = {k: t.clone() for k, t in
+              collect_tensors(trainer.models, trainer.pg, trainer.optimizer).items()}
+    loss, stepped, _, _ = trainer.train_step()
+    assert stepped
+    after = collect_tensors(trainer.models, trainer.pg, trainer.optimizer)
+    for name, expected in expected_step4(record, before).items():
         got = after[f"model/{name}"].double()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7, msg=name)
         torch.testing.assert_close(got, logical(name, record[f"main_step4/{name}"]).double(),
                                    rtol=1e-5, atol=1e-7, msg=name)
     assert abs(loss - float(record["loss_step4"])) < 1e-5
+
+
+def _step_at(converted: Path, tp: int, pp: int) -> tuple[dict, dict]:
+    """One rank of a run at another layout: the logical tensors it writes (a share of the
+    whole), as loaded and after step 4."""
+    pg = ProcessGroups.build(tp, pp)
+    trainer = trainer_from(converted, "--tensor-model-parallel-size", str(tp),
+                           "--pipeline-model-parallel-size", str(pp),
+                           "--use-distributed-optimizer", "--world-size",
+                           str(pg.world_size), pg=pg)
+    before = {k: t.clone() for k, t in
+              collect_tensors(trainer.models, trainer.pg, trainer.optimizer).items()}
+    trainer.train_step()
+    after = collect_tensors(trainer.models, trainer.pg, trainer.optimizer)
+    return before, after
+
+
+@pytest.mark.slow
+def test_continues_at_another_layout(converted, record):
+    """PP2 x DP2 with the distributed optimizer (Megatron ran TP2 x DP2): every rank loads
+    its shard of Megatron's state, and step 4 is AdamW by hand on it."""
+    pieces = run_distributed(4, _step_at, converted, 1, 2, timeout=240)
+    before = {k: t for b, _ in pieces for k, t in b.items()}
+    after = {k: t for _, a in pieces for k, t in a.items()}
+    names = [key.split("/", 1)[1] for key in record if key.startswith("main/")]
+    for name in names:
+        assert torch.equal(before[f"model/{name}"], logical(name, record[f"main/{name}"]))
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(before[f"optim/{moment}/{name}"],
+                               logical(name, record[f"{moment}/{name}"])), (moment, name)
+    for name, expected in expected_step4(record, before).items():
+        torch.testing.assert_close(after[f"model/{name}"].double(), expected, rtol=1e-5,
+                                   atol=1e-7, msg=name)
 
 
 def test_weights_only_conversion(tmp_path):
