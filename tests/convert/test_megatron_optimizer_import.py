@@ -5,7 +5,9 @@ a tiny Llama trained 3 steps at TP2 x DP2. `paratron convert --loader megatron` 
 main weights, Adam moments, step count and progress; a one-process Paratron run (another
 layout) loads them, and they equal Megatron's own tensors (record.npz) exactly. Its next
 step is then checked against AdamW applied by hand, in float64, to those tensors with
-Megatron's own step-4 gradient, and against Megatron's step-4 weights.
+Megatron's own step-4 gradient, and against Megatron's step-4 weights. A second fixture
+(optimizer_layouts: GPT-2 with tied embeddings at TP2 x PP2 x DP2, six gradient buckets on
+the first stage, the embedding in its own) imports exactly too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from paratron.checkpoint.checkpointing import TensorReader
 from paratron.checkpoint.state import collect_tensors
 from paratron.cli.args import parse_args
 from paratron.cli.convert import main as convert
@@ -26,6 +29,7 @@ from paratron.training.trainer import Trainer
 from tests.helpers.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "megatron" / "optimizer"
+LAYOUTS = ROOT.parent / "optimizer_layouts"
 RECORD = json.loads((ROOT / "RECORD.json").read_text())
 FORMATS = ("torch_dist", "torch")
 
@@ -182,6 +186,22 @@ def test_continues_at_another_layout(converted, record):
     for name, expected in expected_step4(record, before).items():
         torch.testing.assert_close(after[f"model/{name}"].double(), expected, rtol=1e-5,
                                    atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("folder", FORMATS)
+def test_pipeline_stages_and_buckets_import_exactly(folder, tmp_path):
+    out = tmp_path / "paratron"
+    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
+                    "--load-dir", str(LAYOUTS / folder), "--save-dir", str(out)]) == 0
+    meta = json.loads((out / "iter_0000003" / "metadata.json").read_text())
+    with np.load(LAYOUTS / "record.npz", allow_pickle=False) as data:
+        record = {name: data[name] for name in data.files}
+    keys = {"main": "model", "exp_avg": "optim/exp_avg", "exp_avg_sq": "optim/exp_avg_sq"}
+    wanted = {f"{keys[k.split('/', 1)[0]]}/{k.split('/', 1)[1]}": k for k in record}
+    assert set(wanted) == {k for k in meta["tensors"] if not k.startswith("buffer/")}
+    read = TensorReader(out / "iter_0000003", meta)
+    for key, name in wanted.items():
+        assert torch.equal(read(key), torch.from_numpy(record[name])), key
 
 
 def test_weights_only_conversion(tmp_path):
