@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from paratron.checkpoint.checkpointing import TensorReader
+from paratron.checkpoint.safe_pickle import load_torch
 from paratron.checkpoint.state import collect_tensors
 from paratron.cli.args import parse_args
 from paratron.cli.convert import main as convert
@@ -202,6 +203,41 @@ def test_pipeline_stages_and_buckets_import_exactly(folder, tmp_path):
     read = TensorReader(out / "iter_0000003", meta)
     for key, name in wanted.items():
         assert torch.equal(read(key), torch.from_numpy(record[name])), key
+
+
+def test_bf16_target_keeps_fp32_main_weights(record, tmp_path):
+    """Converted to bf16 weights, the fp32 main weights travel as `optim/main/`, as a bf16
+    Paratron run saves them."""
+    out = tmp_path / "bf16"
+    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
+                    "--load-dir", str(ROOT / "torch_dist"), "--save-dir", str(out),
+                    "--bf16"]) == 0
+    meta = json.loads((out / "iter_0000003" / "metadata.json").read_text())
+    read = TensorReader(out / "iter_0000003", meta)
+    for key in (k for k in record if k.startswith("main/")):
+        name = key.split("/", 1)[1]
+        main = logical(name, record[key])
+        assert torch.equal(read(f"optim/main/{name}"), main)
+        assert torch.equal(read(f"model/{name}"), main.bfloat16())
+
+
+def test_state_that_cannot_travel_is_named(tmp_path, capsys):
+    """An optimizer Paratron does not carry (here the args say SGD) leaves a one-line note;
+    the weights convert, without optimizer state."""
+    src = tmp_path / "megatron"
+    shutil.copytree(ROOT / "torch", src)
+    path = src / f"iter_{RECORD['steps']:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    state = load_torch(path, mmap=False)  # the file is rewritten below
+    state["args"].optimizer = "sgd"
+    state["args"].attention_backend = None  # an inert stand-in once read; not re-pickled
+    torch.save(state, path)
+    out = tmp_path / "out"
+    assert convert(["--model-type", "GPT", "--loader", "megatron", "--saver", "paratron",
+                    "--load-dir", str(src), "--save-dir", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert "optimizer state is not converted: the optimizer is sgd" in err
+    assert "--finetune" in err and len(err.splitlines()) == 1
+    assert json.loads((out / "iter_0000000" / "metadata.json").read_text())["optimizer"] is None
 
 
 def test_weights_only_conversion(tmp_path):
