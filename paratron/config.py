@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from paratron.data.config import DataConfig
 from paratron.model.config import (TransformerConfig, check_experts_and_mla, check_model,
                                    check_tensor_parallel, derive_model)
+from paratron.model.fp8 import check_fp8
 from paratron.options import MAX_SEED, ConfigError, check_numbers, fields_with_flags, opt
 from paratron.parallel.config import (ParallelConfig, check_context_parallel,
                                       check_pipeline)
@@ -69,12 +70,6 @@ class TrainingConfig:
                                  group="mixed precision", positive=True)
     hysteresis: int = opt(2, "Overflows tolerated before the loss scale halves.", type=int,
                           group="mixed precision", positive=True)
-    fp8: str | None = opt(None, "FP8 format.", flag=("--fp8-format", "--fp8"),
-                          choices=["e4m3", "hybrid"],
-                          group="mixed precision")
-    fp8_recipe: str = opt("delayed", "FP8 scaling recipe.",
-                          choices=["tensorwise", "delayed", "mxfp8", "blockwise"],
-                          group="mixed precision")
     eval_interval: int = opt(1000, "Iterations between evaluations.", type=int,
                              group="validation", positive=True)
     eval_iters: int = opt(100, "Batches per evaluation.", type=int, group="validation")
@@ -313,6 +308,7 @@ def validate(cfg: Config, training: bool = True) -> None:
                           f"--micro-batch-size {t.micro_batch_size} x data-parallel size "
                           f"{cfg.data_parallel_size}; make it a multiple of {micro_dp}")
     check_tensor_parallel(m, tp, d.seq_length)
+    _validate_fp8(cfg)
     check_pipeline(cfg)
     check_experts_and_mla(m, tp, p.expert_model_parallel_size, p.expert_tensor_parallel_size)
     check_context_parallel(cfg)
@@ -378,12 +374,28 @@ def _validate_logging(cfg: Config) -> None:
                               "(or drop --wandb-project)")
 
 
+def _validate_fp8(cfg: Config) -> None:
+    """FP8's refusals (model/fp8.py), and the tokens of a micro-batch on one rank, which
+    every FP8 GEMM of the weight gradient multiplies over: a multiple of 16."""
+    m, p = cfg.model, cfg.parallel
+    check_fp8(m)
+    if m.fp8 is None:
+        return
+    split = p.context_parallel_size * (p.tensor_model_parallel_size if m.sequence_parallel
+                                       else 1)
+    tokens = cfg.training.micro_batch_size * cfg.data.seq_length // split
+    if tokens % 16:
+        raise ConfigError(f"--fp8-format: a micro-batch gives {tokens} tokens per rank "
+                          f"(--micro-batch-size x --seq-length / context and sequence "
+                          f"parallel ranks), which FP8 GEMMs cannot take (a multiple of "
+                          f"16); change --seq-length or --micro-batch-size")
+
+
 def _refuse_unavailable(cfg: Config) -> None:
     """Features whose flags parse today but whose implementation arrives later; each
     leaves this table as it lands."""
     t, c = cfg.training, cfg.checkpoint
-    for requested, what in [(t.fp8 is not None, "--fp8-format"),
-                            (t.rampup_batch_size is not None, "--rampup-batch-size"),
+    for requested, what in [(t.rampup_batch_size is not None, "--rampup-batch-size"),
                             (c.ckpt_format == "zarr", "--ckpt-format zarr (use torch_dist)")]:
         if requested:
             raise ConfigError(f"{what} is not supported yet in this version of Paratron; "

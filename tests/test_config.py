@@ -145,8 +145,8 @@ def test_feature_of_a_later_release_is_refused_not_ignored(monkeypatch):
     with pytest.raises(ConfigError, match="--ckpt-format zarr .use torch_dist. is not supported"):
         parse_args(TINY + ["--save", "/tmp/run", "--ckpt-format", "zarr"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="--fp8-format is not supported yet"):
-        parse_args(TINY + ["--fp8-format", "e4m3"])
+    with pytest.raises(ConfigError, match="--rampup-batch-size is not supported yet"):
+        parse_args(TINY + ["--rampup-batch-size", "2", "2", "100"])
 
 
 TP_REFUSALS = [

@@ -120,6 +120,26 @@ class TransformerConfig:
     torch_compile_backend: str = opt("inductor", "torch.compile backend of --torch-compile.",
                                      choices=["inductor", "aot_eager", "eager"],
                                      group="performance")
+    # FP8 compute (model/fp8.py): not part of the model's identity, a run setting
+    fp8: str | None = opt(None, "Compute the transformer layers' linear layers in FP8 "
+                          "(torchao): e4m3 everywhere, or hybrid (e5m2 gradients).",
+                          flag=("--fp8-format", "--fp8"), choices=["e4m3", "hybrid"],
+                          group="mixed precision")
+    fp8_recipe: str = opt("tensorwise", "FP8 scaling: tensorwise (dynamic, one scale per "
+                          "tensor) is implemented; Megatron's delayed, mxfp8 and blockwise "
+                          "are refused.",
+                          choices=["tensorwise", "delayed", "mxfp8", "blockwise"],
+                          group="mixed precision")
+    fp8_margin: int = opt(0, "Scale FP8 values down by 2**margin below the format's "
+                          "largest value.", type=int, group="mixed precision")
+    first_last_layers_bf16: bool = opt(False, "Keep the first and last transformer layers "
+                                       "out of FP8.", group="mixed precision")
+    num_layers_at_start_in_bf16: int = opt(1, "Layers kept out of FP8 at the start, with "
+                                           "--first-last-layers-bf16.", type=int,
+                                           group="mixed precision")
+    num_layers_at_end_in_bf16: int = opt(1, "Layers kept out of FP8 at the end, with "
+                                         "--first-last-layers-bf16.", type=int,
+                                         group="mixed precision")
     # Mixture of experts
     num_experts: int | None = opt(None, "Number of routed experts.", type=int, group="moe")
     moe_ffn_hidden_size: int | None = opt(None, "Hidden size of each routed expert.",

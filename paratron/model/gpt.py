@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paratron.model.fp8 import enable_fp8
 from paratron.model.moe import moe_layers, moe_loss_totals, update_expert_bias
 from paratron.model.rotary import build_rotary
 from paratron.model.transformer import TransformerBlock
@@ -87,6 +88,7 @@ class GPTModel(nn.Module):
         self.embedding = LanguageModelEmbedding(c, self.pg) if pre_process else None
         self.rotary_pos_emb = build_rotary(c)
         self.decoder = TransformerBlock(c, layer_numbers, post_process, self.pg)
+        enable_fp8(self.decoder.layers, c, self.pg)
         self.output_layer = None
         if post_process:
             # Tied embeddings on a single stage: the output layer borrows the embedding.

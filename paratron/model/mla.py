@@ -50,8 +50,10 @@ class ReplicatedLinear(nn.Module):
         replicated(self, partial_grad=sequence_parallel)
         self.init_std = init_std
 
+    matmul = staticmethod(F.linear)  # FP8 layers get model/fp8.py's Float8Matmul
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.weight, self.bias)
 
 
 def _replicated_norm(config, size: int) -> nn.Module:

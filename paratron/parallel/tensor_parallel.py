@@ -227,6 +227,8 @@ class ColumnParallelLinear(nn.Module):
     to forward.
     """
 
+    matmul = staticmethod(F.linear)  # FP8 layers get model/fp8.py's Float8Matmul
+
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  gather_output: bool = False, pg: ProcessGroups | None = None,
                  init_std: float = 0.02, dtype=None, skip_weight_param_allocation: bool = False,
@@ -252,7 +254,7 @@ class ColumnParallelLinear(nn.Module):
             x = GatherFromSequenceParallelRegion.apply(x, self.group)
         else:
             x = CopyToTensorParallelRegion.apply(x, self.group)
-        y = F.linear(x, weight, self.bias)
+        y = self.matmul(x, weight, self.bias)
         return GatherFromTensorParallelRegion.apply(y, self.group) if self.gather_output else y
 
 
@@ -264,6 +266,8 @@ class RowParallelLinear(nn.Module):
     this rank's shard [s/TP, b, h]; the bias, added to that shard, gets its gradient
     summed over TP.
     """
+
+    matmul = staticmethod(F.linear)  # FP8 layers get model/fp8.py's Float8Matmul
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  pg: ProcessGroups | None = None, init_std: float = 0.02, dtype=None,
@@ -282,7 +286,7 @@ class RowParallelLinear(nn.Module):
         self.init_std = init_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = self.matmul(x, self.weight)
         if self.sequence_parallel:
             y = ReduceScatterToSequenceParallelRegion.apply(partial, self.group)
         else:

@@ -125,7 +125,8 @@ def test_torch_compile_per_layer_equals_eager():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--fp8-format", "hybrid"], "--fp8-format is not supported yet"),
+    (["--fp8-format", "hybrid", "--fp8-recipe", "delayed"],
+     "--fp8-recipe delayed is not implemented"),
     (["--torch-compile", "--recompute-activations"], "--torch-compile compiles whole layers"),
     (["--cross-entropy-chunk-size", "0"],
      "--cross-entropy-chunk-size must be positive"),
