@@ -64,25 +64,36 @@ def _group_max(amax: torch.Tensor, groups: tuple) -> torch.Tensor:
     return amax
 
 
-class _CastGradient(torch.autograd.Function):
-    """Identity forward; backward casts the incoming gradient to float8 with a scale
-    whose amax is reduced over the gradient's groups (torchao's matmul takes a gradient
-    already in float8 as it is)."""
+class _Float8Linear(torch.autograd.Function):
+    """x W^T in float8 as torchao's `matmul_with_hp_or_float8_args` computes it (the same
+    casts and GEMMs), with every amax reduced over its groups. One function for both
+    directions, so no float8 tensor crosses an autograd boundary (torch.compile needs
+    that); the scales are saved and the casts redone in the backward."""
 
     @staticmethod
-    def forward(ctx, y, cast):
-        ctx.cast = cast
-        return y
+    def forward(ctx, x, weight, matmul):
+        x_scale, w_scale = matmul.scale(x, "input"), matmul.scale(weight, "weight")
+        ctx.save_for_backward(x, weight, x_scale, w_scale)
+        ctx.matmul = matmul
+        x8 = matmul.cast(x.reshape(-1, x.shape[-1]), x_scale, "input")
+        y = torch.mm(x8, matmul.cast(weight, w_scale, "weight").t())
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.cast(grad), None
+        x, weight, x_scale, w_scale = ctx.saved_tensors
+        matmul = ctx.matmul
+        grad = grad.reshape(-1, grad.shape[-1])
+        g8 = matmul.cast(grad, matmul.scale(grad, "grad"), "grad")
+        grad_x = torch.mm(g8, matmul.cast(weight, w_scale, "weight"))
+        grad_w = torch.mm(g8.t(), matmul.cast(x.reshape(-1, x.shape[-1]), x_scale, "input"))
+        return grad_x.reshape(*x.shape[:-1], grad_x.shape[-1]), grad_w, None
 
 
 @dataclasses.dataclass(frozen=True)
 class Float8Matmul:
-    """`F.linear` in float8 for one layer: the dtypes of its format, its margin, and the
-    process groups that split its input, its weight and its output gradient."""
+    """`F.linear` in float8 for one layer: its format, its margin, and the process groups
+    that split its input, its weight and its output gradient."""
 
     fp8_format: str
     margin: int
@@ -90,29 +101,29 @@ class Float8Matmul:
     weight_groups: tuple = ()
     grad_groups: tuple = ()
 
-    def cast(self, t: torch.Tensor, dtype: torch.dtype, groups: tuple, role, mm_config):
-        _, tensor, utils = _torchao()
-        amax = _group_max(utils.tensor_to_amax(t).float(), groups)
-        scale = utils.amax_to_scale(amax, dtype)
-        if self.margin:
-            scale = scale / 2.0 ** self.margin
-        return tensor.hp_tensor_and_scale_to_float8(t, scale, dtype, mm_config, role)
+    def dtype(self, role: str) -> torch.dtype:
+        if role == "grad":
+            return _linear_config(self.fp8_format).cast_config_grad_output.target_dtype
+        return torch.float8_e4m3fn
+
+    @torch.no_grad()
+    def scale(self, t: torch.Tensor, role: str) -> torch.Tensor:
+        """torchao's tensorwise scale of `t`, from the amax over `role`'s groups."""
+        _, _, utils = _torchao()
+        amax = _group_max(utils.tensor_to_amax(t).float(), getattr(self, f"{role}_groups"))
+        scale = utils.amax_to_scale(amax, self.dtype(role))
+        return scale / 2.0 ** self.margin if self.margin else scale
+
+    def cast(self, t: torch.Tensor, scale: torch.Tensor, role: str):
+        _, tensor, _ = _torchao()
+        gemm_role = {"input": tensor.GemmInputRole.INPUT, "weight": tensor.GemmInputRole.WEIGHT,
+                     "grad": tensor.GemmInputRole.GRAD_OUTPUT}[role]
+        return tensor.hp_tensor_and_scale_to_float8(
+            t, scale, self.dtype(role), _mm_config(_linear_config(self.fp8_format)), gemm_role)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-        linear, tensor, _ = _torchao()
-        config = _linear_config(self.fp8_format)
-        mm_config = _mm_config(config)
-        role = tensor.GemmInputRole
-        x8 = self.cast(x, torch.float8_e4m3fn, self.input_groups, role.INPUT, mm_config)
-        w8 = self.cast(weight, torch.float8_e4m3fn, self.weight_groups, role.WEIGHT, mm_config)
-        grad_dtype = config.cast_config_grad_output.target_dtype
-
-        def cast_grad(grad):
-            return self.cast(grad, grad_dtype, self.grad_groups, role.GRAD_OUTPUT, mm_config)
-
-        y = linear.matmul_with_hp_or_float8_args.apply(x8, w8.t(), mm_config, config)
-        y = _CastGradient.apply(y, cast_grad)
+        y = _Float8Linear.apply(x, weight, self)
         return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -153,6 +164,7 @@ def enable_fp8(layers: nn.ModuleList, config, pg) -> None:
 
     if config.fp8 is None:
         return
+    _torchao()  # imported here, never first inside a torch.compile trace
     tp = (pg.tp.group,) if pg.tp.size > 1 else ()
     cp = (pg.cp.group,) if pg.cp.size > 1 else ()
     sp_tp = tp if config.sequence_parallel else ()
