@@ -5,8 +5,11 @@ inside the transformer layers multiplies in float8 as torchao's `Float8Linear` d
 input and the weight are cast to e4m3 with a tensorwise scale (the largest magnitude
 mapped to e4m3's largest value, divided by 2**--fp8-margin), multiplied by
 `torch._scaled_mm`, and in the backward the output gradient is cast too (e5m2 with
-`hybrid`, e4m3 with `e4m3`). Embeddings, the output layer, norms, the router and attention
-itself keep the model dtype, as in Megatron. Weights, main weights, optimizer state and
+`hybrid`, e4m3 with `e4m3`). Routed experts multiply in FP8 too, with torchao's
+`rowwise_with_gw_hp` recipe: one scale per token row (the rows that meet at an expert come
+from several micro-batches under expert parallelism, and must not share a scale) and the
+weight gradient in the model dtype. Embeddings, the output layer, norms, the router and
+attention itself keep the model dtype, as in Megatron. Weights, main weights, optimizer state and
 checkpoints do not change: FP8 is compute only, so any checkpoint resumes with or without
 it.
 
@@ -50,9 +53,10 @@ def check_fp8(m) -> None:
 
 
 def _torchao():
-    """torchao's float8 pieces (imported on first use; its optional CUDA kernels that do
-    not load here are not errors for this use, so their warnings are silenced)."""
-    for name in ("torchao", "torch.utils._pytree"):  # the latter: torchao's enum, once
+    """torchao's float8 pieces. Three harmless warnings are silenced: torchao's optional
+    CUDA kernels that do not load here, torch's note on torchao's enum, and inductor's
+    compile cache, which cannot hash torchao's float8 tensors (it compiles uncached)."""
+    for name in ("torchao", "torch.utils._pytree", "torch._inductor.codecache"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from torchao.float8 import float8_linear, float8_training_tensor, float8_utils
     return float8_linear, float8_training_tensor, float8_utils
@@ -66,60 +70,105 @@ def _group_max(amax: torch.Tensor, groups: tuple) -> torch.Tensor:
 
 class _Float8Linear(torch.autograd.Function):
     """x W^T in float8 as torchao's `matmul_with_hp_or_float8_args` computes it (the same
-    casts and GEMMs), with every amax reduced over its groups. One function for both
-    directions, so no float8 tensor crosses an autograd boundary (torch.compile needs
-    that); the scales are saved and the casts redone in the backward."""
+    casts and GEMMs for the same config), with every amax reduced over its groups. One
+    function for both directions, so no float8 tensor crosses an autograd boundary
+    (torch.compile needs that); the backward casts again from the saved inputs, which
+    for a tensorwise scale gives the forward's values."""
 
     @staticmethod
     def forward(ctx, x, weight, matmul):
-        x_scale, w_scale = matmul.scale(x, "input"), matmul.scale(weight, "weight")
-        ctx.save_for_backward(x, weight, x_scale, w_scale)
-        ctx.matmul = matmul
-        x8 = matmul.cast(x.reshape(-1, x.shape[-1]), x_scale, "input")
-        y = torch.mm(x8, matmul.cast(weight, w_scale, "weight").t())
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.matmul, ctx.shape = matmul, x.shape
+        y = torch.mm(matmul.cast(x2, "input"), matmul.cast(weight.t(), "weight"))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, x_scale, w_scale = ctx.saved_tensors
+        x2, weight = ctx.saved_tensors
         matmul = ctx.matmul
-        grad = grad.reshape(-1, grad.shape[-1])
-        g8 = matmul.cast(grad, matmul.scale(grad, "grad"), "grad")
-        grad_x = torch.mm(g8, matmul.cast(weight, w_scale, "weight"))
-        grad_w = torch.mm(g8.t(), matmul.cast(x.reshape(-1, x.shape[-1]), x_scale, "input"))
-        return grad_x.reshape(*x.shape[:-1], grad_x.shape[-1]), grad_w, None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = torch.mm(matmul.cast(g2, "grad"), matmul.cast(weight.t(), "weight_gi").t())
+        grad_w = torch.mm(matmul.cast(g2, "grad_gw").t(), matmul.cast(x2, "input_gw"))
+        return grad_x.reshape(ctx.shape), grad_w.to(weight.dtype), None
+
+
+# Each cast of torchao's linear: the tensor it casts (x [T, K], w^T [K, N] or the output
+# gradient g [T, N]), the axis a row-wise scale runs along, and its config's name.
+_CASTS = {"input": ("x", -1, "cast_config_input"),
+          "weight": ("wt", 0, "cast_config_weight"),
+          "grad": ("g", -1, "cast_config_grad_output"),
+          "weight_gi": ("wt", -1, "cast_config_weight_for_grad_input"),
+          "grad_gw": ("g", 0, "cast_config_grad_output_for_grad_weight"),
+          "input_gw": ("x", 0, "cast_config_input_for_grad_weight")}
+# The dimensions (tokens T, contraction K, output N) of each tensor, in order.
+_DIMS = {"x": "TK", "wt": "KN", "g": "TN"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Float8Matmul:
-    """`F.linear` in float8 for one layer: its format, its margin, and the process groups
-    that split its input, its weight and its output gradient."""
+    """`F.linear` in float8 for one layer: its format, margin and recipe (torchao's
+    `tensorwise`, or `rowwise_with_gw_hp` for routed experts), and the process groups
+    that split its tokens, its contraction (input) dimension and its output dimension.
+    `token_groups` None: the tokens come from several micro-batches (routed experts), so
+    no scale may span them; the recipe never asks for one."""
 
     fp8_format: str
     margin: int
-    input_groups: tuple = ()
-    weight_groups: tuple = ()
-    grad_groups: tuple = ()
+    token_groups: tuple | None = ()
+    in_groups: tuple = ()
+    out_groups: tuple = ()
+    recipe: str = "tensorwise"
+    config: object = dataclasses.field(init=False, repr=False, compare=False)
+    mm_configs: dict = dataclasses.field(init=False, repr=False, compare=False)
 
-    def dtype(self, role: str) -> torch.dtype:
-        if role == "grad":
-            return _linear_config(self.fp8_format).cast_config_grad_output.target_dtype
-        return torch.float8_e4m3fn
+    def __post_init__(self):  # made here, outside any torch.compile trace
+        config = _linear_config(self.fp8_format, self.recipe)
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "mm_configs", {
+            emulate: _mm_config(dataclasses.replace(config, emulate=emulate))
+            for emulate in (False, True)})
+
+    def mm_config(self, dtype: torch.dtype):
+        """torch._scaled_mm gives row-wise scaled products in bf16 only, so an fp32 model
+        (the CPU checks) multiplies row-wise float8 values in fp32 (torchao's emulation:
+        the same float8 values, no bf16 rounding of partial sums split over ranks)."""
+        return self.mm_configs[self.recipe != "tensorwise" and dtype == torch.float32]
+
+    def groups(self, role: str, rowwise: bool) -> tuple:
+        """The groups an amax of `role` is reduced over: those splitting the dimensions
+        it spans (all of its tensor's, or the one axis of a row-wise scale)."""
+        tensor, axis, _ = _CASTS[role]
+        dims = _DIMS[tensor][axis] if rowwise else _DIMS[tensor]
+        by_dim = {"T": self.token_groups, "K": self.in_groups, "N": self.out_groups}
+        if any(by_dim[d] is None for d in dims):
+            raise ValueError(f"FP8 {role} scale would span tokens of several micro-batches")
+        return tuple(g for d in dims for g in by_dim[d])
 
     @torch.no_grad()
-    def scale(self, t: torch.Tensor, role: str) -> torch.Tensor:
-        """torchao's tensorwise scale of `t`, from the amax over `role`'s groups."""
+    def _scale(self, t: torch.Tensor, role: str, cast, axis) -> torch.Tensor:
         _, _, utils = _torchao()
-        amax = _group_max(utils.tensor_to_amax(t).float(), getattr(self, f"{role}_groups"))
-        scale = utils.amax_to_scale(amax, self.dtype(role))
+        rowwise = axis is not None
+        amax = torch.amax(t.abs(), dim=axis, keepdim=True) if rowwise else t.abs().max()
+        amax = _group_max(amax.float(), self.groups(role, rowwise))
+        scale = utils.amax_to_scale(amax, cast.target_dtype,
+                                    self.config.round_scales_to_power_of_2)
         return scale / 2.0 ** self.margin if self.margin else scale
 
-    def cast(self, t: torch.Tensor, scale: torch.Tensor, role: str):
+    def cast(self, t: torch.Tensor, role: str):
+        """`t` in float8 for `role` (as is when the recipe keeps that operand precise)."""
         _, tensor, _ = _torchao()
-        gemm_role = {"input": tensor.GemmInputRole.INPUT, "weight": tensor.GemmInputRole.WEIGHT,
-                     "grad": tensor.GemmInputRole.GRAD_OUTPUT}[role]
+        _, axis, name = _CASTS[role]
+        cast = getattr(self.config, name)
+        if cast.scaling_type.value == "disabled":
+            return t
+        rowwise = cast.scaling_granularity.value == "axiswise"
+        axis = axis if rowwise else None
+        gemm_role = {"x": tensor.GemmInputRole.INPUT, "wt": tensor.GemmInputRole.WEIGHT,
+                     "g": tensor.GemmInputRole.GRAD_OUTPUT}[_CASTS[role][0]]
         return tensor.hp_tensor_and_scale_to_float8(
-            t, scale, self.dtype(role), _mm_config(_linear_config(self.fp8_format)), gemm_role)
+            t, self._scale(t, role, cast, axis), cast.target_dtype, self.mm_config(t.dtype),
+            gemm_role, axis)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,11 +177,15 @@ class Float8Matmul:
 
 
 @functools.cache
-def _linear_config(fp8_format: str):
-    """torchao's Float8LinearConfig for a Megatron --fp8-format (tensorwise, dynamic)."""
-    from torchao.float8 import CastConfig, Float8LinearConfig
+def _linear_config(fp8_format: str, recipe: str = "tensorwise"):
+    """torchao's Float8LinearConfig for a Megatron --fp8-format and a torchao recipe:
+    e4m3 everywhere, or e5m2 output gradients with `hybrid`."""
+    from torchao.float8 import Float8LinearConfig
+    config = Float8LinearConfig.from_recipe_name(recipe)
     grad = torch.float8_e5m2 if fp8_format == "hybrid" else torch.float8_e4m3fn
-    return Float8LinearConfig(cast_config_grad_output=CastConfig(target_dtype=grad))
+    grads = {name: dataclasses.replace(getattr(config, name), target_dtype=grad)
+             for name in ("cast_config_grad_output", "cast_config_grad_output_for_grad_weight")}
+    return dataclasses.replace(config, **grads)
 
 
 @functools.cache
@@ -160,6 +213,7 @@ def enable_fp8(layers: nn.ModuleList, config, pg) -> None:
     `layer_number`) to FP8 as the config says; each dimension an FP8 GEMM multiplies
     must be a multiple of 16, and a layer that is not is named."""
     from paratron.model.mla import ReplicatedLinear
+    from paratron.model.moe import Experts
     from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     if config.fp8 is None:
@@ -167,24 +221,37 @@ def enable_fp8(layers: nn.ModuleList, config, pg) -> None:
     _torchao()  # imported here, never first inside a torch.compile trace
     tp = (pg.tp.group,) if pg.tp.size > 1 else ()
     cp = (pg.cp.group,) if pg.cp.size > 1 else ()
+    etp = (pg.etp.group,) if pg.etp.size > 1 else ()
     sp_tp = tp if config.sequence_parallel else ()
+    fp8 = functools.partial(Float8Matmul, config.fp8, config.fp8_margin)
     chosen = set(fp8_layer_numbers(config))
     for layer in layers:
         if layer.layer_number not in chosen:
             continue
         for name, module in layer.named_modules():
-            if isinstance(module, ColumnParallelLinear):  # input whole over TP
-                groups = dict(input_groups=cp, weight_groups=tp, grad_groups=tp + cp)
+            where = f"decoder.layers.{layer.layer_number}.{name}"
+            if isinstance(module, ColumnParallelLinear):  # output split over TP
+                _check_sizes(where, module.weight.shape)
+                module.matmul = fp8(token_groups=cp, out_groups=tp)
             elif isinstance(module, RowParallelLinear):  # input split over TP
-                groups = dict(input_groups=tp + cp, weight_groups=tp, grad_groups=cp)
+                _check_sizes(where, module.weight.shape)
+                module.matmul = fp8(token_groups=cp, in_groups=tp)
             elif isinstance(module, ReplicatedLinear):  # tokens split under SP
-                groups = dict(input_groups=sp_tp + cp, weight_groups=(), grad_groups=sp_tp + cp)
-            else:
-                continue
-            for size in module.weight.shape:
-                if size % 16:
-                    raise ConfigError(f"--fp8-format: decoder.layers.{layer.layer_number}."
-                                      f"{name} multiplies a dimension of {size} per rank, "
-                                      f"which FP8 GEMMs cannot take (a multiple of 16); "
-                                      f"change the size or keep the layer in bf16")
-            module.matmul = Float8Matmul(config.fp8, config.fp8_margin, **groups)
+                _check_sizes(where, module.weight.shape)
+                module.matmul = fp8(token_groups=sp_tp + cp)
+            elif isinstance(module, Experts):
+                # Rows of several micro-batches (EP): one scale per row, never across
+                # them, and the weight gradient in the model dtype (torchao's recipe).
+                _check_sizes(where, module.linear_fc1.weight.shape[1:])
+                _check_sizes(where, module.linear_fc2.weight.shape[1:])
+                rowwise = functools.partial(fp8, token_groups=None, recipe="rowwise_with_gw_hp")
+                module.matmul_fc1 = rowwise(out_groups=etp)
+                module.matmul_fc2 = rowwise(in_groups=etp)
+
+
+def _check_sizes(where: str, shape) -> None:
+    for size in shape:
+        if size % 16:
+            raise ConfigError(f"--fp8-format: {where} multiplies a dimension of {size} per "
+                              f"rank, which FP8 GEMMs cannot take (a multiple of 16); change "
+                              f"the size or keep the layer in bf16")

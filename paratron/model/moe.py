@@ -325,12 +325,16 @@ class Experts(nn.Module):
                                        init_std=c.init_method_std
                                        / math.sqrt(2.0 * c.num_layers), **common)
 
+    # FP8 experts (model/fp8.py) multiply one expert at a time through these.
+    matmul_fc1 = matmul_fc2 = staticmethod(F.linear)
+
     def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """rows [n, h]: tokens_per_expert[e] rows for each local expert e in turn, then
         rows of no expert (their results are never used) -> [n, h], partial sums over
         the expert-TP slices when ETP > 1."""
         w1, w2 = self.linear_fc1.weight, self.linear_fc2.weight
-        if self.grouped_gemm and grouped_mm_supported(rows, w1, w2):
+        fp8 = self.matmul_fc1 is not F.linear
+        if self.grouped_gemm and not fp8 and grouped_mm_supported(rows, w1, w2):
             offsets = tokens_per_expert.cumsum(0).to(torch.int32)
             grouped_mm = grouped_mm_fn()
             h = activate(grouped_mm(rows, w1.transpose(1, 2), offs=offsets), self.activation)
@@ -339,7 +343,7 @@ class Experts(nn.Module):
 
     def _sequential(self, rows, sizes: list[int], w1, w2):
         groups = rows.split(sizes + [rows.shape[0] - sum(sizes)])
-        outputs = [F.linear(activate(F.linear(x, w1[e]), self.activation), w2[e])
+        outputs = [self.matmul_fc2(activate(self.matmul_fc1(x, w1[e]), self.activation), w2[e])
                    for e, x in enumerate(groups[:-1])]
         return torch.cat([*outputs, rows.new_zeros((groups[-1].shape[0], w2.shape[1]))])
 
