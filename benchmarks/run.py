@@ -2,6 +2,7 @@
 
     python benchmarks/run.py <config> [--iters N] [--warmup N] [--json-out FILE]
                              [--peak-tflops X] [--paths paratron,transformers]
+                             [--fp8 e4m3|hybrid]
                              [-- <Paratron flags, e.g. --torch-compile>]
 
 Each named configuration is a Hugging Face `config.json` (the model's published shapes),
@@ -14,6 +15,10 @@ random weights, read the same synthetic tokens, and run `--warmup` untimed then
 * transformers: `AutoModelForCausalLM.from_config` with SDPA attention, fp32 weights
   under bf16 autocast on CUDA, torch AdamW (fused on CUDA), gradient accumulation over
   the same micro-batches, clipping at 1.0.
+
+With `--fp8 FORMAT`, Paratron runs with `--fp8-format FORMAT` and the transformers model
+has its linear layers (not the output layer) swapped by torchao's
+`convert_to_float8_training` with the same tensorwise recipe and gradient format.
 
 Reported per device: tokens/s, TFLOP/s (Megatron's FLOP formula, `training/flops.py`,
 the same count for both paths), MFU (over `--peak-tflops` or the table in
@@ -186,12 +191,18 @@ def run_paratron(bench: Bench, hf: dict, device: torch.device, warmup: int, iter
 
 
 def run_transformers(bench: Bench, hf_cfg, device: torch.device, warmup: int,
-                     iters: int) -> dict:
+                     iters: int, fp8: str | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     _fresh_memory(device)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    if fp8 is not None:
+        from torchao.float8 import convert_to_float8_training
+
+        from paratron.model.fp8 import _linear_config
+        convert_to_float8_training(model, config=_linear_config(fp8),
+                                   module_filter_fn=lambda module, name: name != "lm_head")
     model.train()
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
@@ -279,6 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", default=",".join(PATHS),
                    help="comma-separated subset of: " + ", ".join(PATHS))
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--fp8", choices=["e4m3", "hybrid"],
+                   help="both paths in FP8 (tensorwise scales) with this format")
     return p
 
 
@@ -309,6 +322,8 @@ def run(argv: list[str]) -> dict:
         argv, extra = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
     paths = _check(args)
+    if args.fp8:
+        extra = [*extra, "--fp8-format", args.fp8]
     bench = BENCHES[args.config]
     cuda = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -324,7 +339,7 @@ def run(argv: list[str]) -> dict:
         raw = run_paratron(bench, hf, device, args.warmup, args.iters, extra)
         results["paratron"] = summarise(raw, flops, tokens, peak)
     if "transformers" in paths:
-        raw = run_transformers(bench, hf_cfg, device, args.warmup, args.iters)
+        raw = run_transformers(bench, hf_cfg, device, args.warmup, args.iters, args.fp8)
         results["transformers"] = summarise(raw, flops, tokens, peak)
     for name, module in OTHER_FRAMEWORKS.items():
         try:
@@ -339,10 +354,12 @@ def run(argv: list[str]) -> dict:
               "micro_batch_size": bench.micro_batch_size,
               "global_batch_size": bench.global_batch_size, "warmup": args.warmup,
               "iters": args.iters, "flops_per_iteration": flops, "peak_tflops": peak,
-              "paratron_flags": extra, "torch": torch.__version__, "results": results}
+              "fp8": args.fp8, "paratron_flags": extra, "torch": torch.__version__,
+              "results": results}
     print(f"{args.config} ({bench.about}) on {record['device']}, {record['dtype']}, "
           f"sequence {bench.seq_length}, global batch {bench.global_batch_size}, "
-          f"{args.iters} measured iterations after {args.warmup} warm-up")
+          f"{args.iters} measured iterations after {args.warmup} warm-up"
+          + (f", FP8 {args.fp8}" if args.fp8 else ""))
     print(table(record))
     if args.json_out:
         with open(args.json_out, "a") as fh:
