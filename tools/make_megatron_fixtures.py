@@ -29,6 +29,11 @@ Patches, applied at runtime only (site-packages is never edited), all needed for
 - ``moe_utils.te_general_gemm = None``: 0.16.1 leaves the name undefined without Transformer
   Engine and the router's matmul raises ``NameError``.
 - MoE uses the ``allgather`` token dispatcher: ``alltoall`` creates a ``torch.cuda.Stream``.
+- MLA's core attention is ``PlainCoreAttention`` (causal softmax with MLA's softmax scale,
+  key and value head sizes): 0.16.1's local spec hands MLA the local DotProductAttention,
+  which takes neither ``k_channels`` nor ``v_channels``; and ``TELinear``, a stand-in
+  without Transformer Engine that MLA passes to ``isinstance``, becomes a class nothing
+  is an instance of. MLA's projections, norms and rope are Megatron's own.
 - processes use gloo and ``use_cpu_initialization=True``; no CUDA RNG tracker is seeded
   (``torch.manual_seed`` only).
 
@@ -98,15 +103,15 @@ ARCHITECTURES = {
         moe_ffn_hidden_size=16, moe_shared_expert_intermediate_size=16,
         moe_layer_freq=[0, 1], moe_grouped_gemm=False,
         moe_router_load_balancing_type="none", moe_token_dispatcher_type="allgather"),
+    "deepseek_v2_lite": dict(
+        normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
+        add_bias_linear=False, layernorm_epsilon=1e-6, multi_latent_attention=True,
+        q_lora_rank=None, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=8,
+        v_head_dim=8, qk_layernorm=False),
 }
 
 # What the manifest names as missing, and why, so no test mistakes an absence for coverage.
-NOT_PRODUCED = [
-    {"architecture": "deepseek_v2", "fixture": "MLA + MoE with shared experts",
-     "reason": "megatron-core 0.16.1 local spec: MLASelfAttention passes k_channels to the "
-               "local DotProductAttention, which does not accept it (MLA needs Transformer "
-               "Engine's attention there)"},
-]
+NOT_PRODUCED = []
 
 DENSE_LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1)]  # (tp, pp, ep)
 MOE_LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (1, 2, 2)]
@@ -145,6 +150,43 @@ def _patch_for_cpu():
             self.config.bf16 = bf16
 
     experts.GroupedMLP.forward = fp32_grouped_forward
+
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    build = mla.build_module
+
+    def build_mla_part(spec, *args, **kwargs):
+        if spec is DotProductAttention and "k_channels" in kwargs:
+            return PlainCoreAttention(**kwargs)
+        return build(spec, *args, **kwargs)
+
+    mla.build_module = build_mla_part
+    if not isinstance(mla.TELinear, type):  # a stand-in without Transformer Engine
+        mla.TELinear = type("NoTransformerEngineLinear", (), {})
+
+
+class PlainCoreAttention(torch.nn.Module):
+    """MLA's core attention for the local spec: causal softmax(q k^T * softmax_scale) v
+    over [s, b, heads, dim] inputs with the key and value head sizes MLA passes
+    (``k_channels`` = qk_head_dim + qk_pos_emb_head_dim, ``v_channels`` = v_head_dim),
+    returning [s, b, heads * v_head_dim] as DotProductAttention does. Only this kernel is
+    substituted; MLA's projections, norms and rope stay Megatron's."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale,
+                 k_channels, v_channels, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+        self.current_max_attn_logits = None
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, **kwargs):
+        scores = torch.einsum("sbnh,tbnh->bnst", query.float(), key.float())
+        scores = scores * self.softmax_scale
+        s, t = scores.shape[-2:]
+        causal = torch.ones(s, t, dtype=torch.bool).triu(1)
+        probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        out = torch.einsum("bnst,tbnh->sbnh", probs, value.float()).to(query.dtype)
+        return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 def make_args(arch, tp, pp, ep, ckpt_format):

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "megatron"
 ARCHITECTURES = {"gpt2", "llama", "qwen2", "qwen3", "qwen3_moe_sequential", "mixtral_grouped",
-                 "deepseek_v2"}
+                 "deepseek_v2", "deepseek_v2_lite"}
 
 
 def _manifest():
