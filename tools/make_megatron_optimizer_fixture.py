@@ -212,10 +212,13 @@ def save_torch_dist(model, optimizer, scheduler, args, folder, sharding):
 
 
 def save_legacy(model, optimizer, scheduler, args, folder):
-    """``mp_rank_XX/model_optim_rng.pt`` on data-parallel rank 0, ``distrib_optim.pt`` beside."""
+    """``mp_rank_TT[_PPP]/model_optim_rng.pt`` on data-parallel rank 0, ``distrib_optim.pt``
+    beside (every data-parallel rank writes its part of it)."""
     from megatron.core import parallel_state as ps
-    rank_dir = os.path.join(folder, f"iter_{STEPS:07d}",
-                            f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}")
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+    rank_dir = os.path.join(folder, f"iter_{STEPS:07d}", name)
     os.makedirs(rank_dir, exist_ok=True)
     dist.barrier()
     optimizer.save_parameter_state(os.path.join(rank_dir, "distrib_optim.pt"))

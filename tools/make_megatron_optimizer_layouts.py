@@ -9,7 +9,7 @@ buckets, which Megatron applies on the first stage only) and ``DistributedOptimi
 takes three optimizer steps on made-up gradients (the layout is the point, not the
 training: each parameter's gradient is drawn from its global name and the step, so data-
 parallel and tensor-parallel copies agree) and saves both formats as
-``make_megatron_optimizer_fixture.py`` does, legacy folders named ``mp_rank_TT_PPP``.
+``make_megatron_optimizer_fixture.py`` does (legacy folders ``mp_rank_TT_PPP``).
 ``record.npz`` holds every parameter's main weight and Adam moments (TP shards put together
 along the partition dimension, global layer numbers). The CPU patches are the other script's.
 
@@ -117,23 +117,6 @@ def gather_records(local: dict) -> dict:
     return merged
 
 
-def save_legacy(model, optimizer, scheduler, args, folder):
-    from megatron.core import parallel_state as ps
-    rank_dir = os.path.join(folder, f"iter_{STEPS:07d}",
-                            f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}_"
-                            f"{ps.get_pipeline_model_parallel_rank():03d}")
-    os.makedirs(rank_dir, exist_ok=True)
-    dist.barrier()
-    optimizer.save_parameter_state(os.path.join(rank_dir, "distrib_optim.pt"))
-    if ps.get_data_parallel_rank() == 0:
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": STEPS,
-                    "model": model.module.state_dict_for_save_checkpoint(),
-                    "optimizer": optimizer.state_dict(),
-                    "opt_param_scheduler": scheduler.state_dict(),
-                    "num_floating_point_operations_so_far": 0},
-                   os.path.join(rank_dir, "model_optim_rng.pt"))
-
-
 def worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -152,7 +135,7 @@ def worker(rank, world, port, out_dir):
         scheduler.step(increment=args.global_batch_size)
     trained.save_torch_dist(model, optimizer, scheduler, args,
                             os.path.join(out_dir, "torch_dist"), "dp_reshardable")
-    save_legacy(model, optimizer, scheduler, args, os.path.join(out_dir, "torch"))
+    trained.save_legacy(model, optimizer, scheduler, args, os.path.join(out_dir, "torch"))
     merged = gather_records(record(model, optimizer))
     if rank == 0:
         np.savez_compressed(os.path.join(out_dir, "record.npz"), **merged)
