@@ -34,7 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 RUNS = {"bf16": ["--bf16"], "fp8": ["--bf16", "--fp8-format", "hybrid"]}
 
 MODEL = ("--num-layers 4 --hidden-size 128 --ffn-hidden-size 384 --num-attention-heads 4 "
@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--log-dir", default="/tmp/fp8_study", help="where the runs' logs go")
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--prepare-from", type=Path, metavar="DIR",
-                   help="first make the data at --data-prefix from DIR (e.g. /work/shared/data)")
+                   help="first make the data at --data-prefix from DIR (e.g. ../shared/data)")
     args = p.parse_args()
     if args.iters < 1:
         sys.exit("fp8_convergence: --iters must be positive")
