@@ -214,9 +214,12 @@ def test_ctrl_c_of_a_single_process_run_is_one_line(tmp_path):
     import sys
     import time
     from tests.helpers.cli_utils import ENV, TINY_TRAIN
+    # As from a terminal: a shell's background job (`pytest ... &`) runs with SIGINT
+    # ignored, which a child would inherit.
     proc = subprocess.Popen([sys.executable, "-m", "paratron", "train", *TINY_TRAIN,
                              "--train-iters", "100000", "--log-interval", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # wait until it trains
         if "iteration" in line and "lm loss" in line:
             break
