@@ -200,8 +200,8 @@ def run_transformers(bench: Bench, hf_cfg, device: torch.device, warmup: int,
     if fp8 is not None:
         from torchao.float8 import convert_to_float8_training
 
-        from paratron.model.fp8 import _linear_config
-        convert_to_float8_training(model, config=_linear_config(fp8),
+        from paratron.model.fp8 import torchao_config
+        convert_to_float8_training(model, config=torchao_config(fp8),
                                    module_filter_fn=lambda module, name: name != "lm_head")
     model.train()
     cuda = device.type == "cuda"

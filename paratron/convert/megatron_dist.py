@@ -38,7 +38,7 @@ from paratron.convert.errors import ConversionError
 from paratron.convert.hf_mapping import OUTPUT
 from paratron.convert.megatron_args import config_from_args
 from paratron.convert.megatron_legacy import (FUSED_NORMS, check_names, iteration_dir,
-                                              read_megatron_checkpoint)
+                                              load_required, read_megatron_checkpoint)
 from paratron.convert.megatron_optimizer import carry_legacy_optimizer, carry_optimizer
 from paratron.convert.streaming import ModelLayout, StreamedModel, model_layout
 
@@ -218,15 +218,9 @@ class _Chunks:
                                   f"uncovered (at {list(select)}); an incomplete checkpoint")
         return out
 
-    def _chunk(self, fqn: str, meta, offsets: tuple, sizes: tuple) -> torch.Tensor:
-        info = self.storage.get((fqn, offsets))
-        if info is None:
-            raise ConversionError(f"{self.where}: no storage entry for {fqn} at "
-                                  f"{list(offsets)}")
-        if getattr(info, "transform_descriptors", None):
-            raise ConversionError(f"{self.where}: {fqn} is stored transformed "
-                                  f"({info.transform_descriptors}); Paratron reads plain "
-                                  f"chunks")
+    def load(self, info, fqn: str):
+        """(the object at `info`'s byte range, read with no code run; its file), the range
+        and the file checked: inside the folder, present, long enough."""
         try:
             path = inside(self.folder, getattr(info, "relative_path", None), self.where)
         except UntrustedFileError as exc:
@@ -245,10 +239,21 @@ class _Chunks:
             raise ConversionError(f"{path}: truncated ({fqn} needs bytes {start}..{end}, the "
                                   f"file ends at {start + len(data)})")
         try:
-            tensor = load_torch(io.BytesIO(data))
+            return load_torch(io.BytesIO(data)), path
         except UntrustedFileError as exc:
             raise ConversionError(f"{path}: {fqn} at bytes {start}..{end}: {exc}"
                                   ) from None
+
+    def _chunk(self, fqn: str, meta, offsets: tuple, sizes: tuple) -> torch.Tensor:
+        info = self.storage.get((fqn, offsets))
+        if info is None:
+            raise ConversionError(f"{self.where}: no storage entry for {fqn} at "
+                                  f"{list(offsets)}")
+        if getattr(info, "transform_descriptors", None):
+            raise ConversionError(f"{self.where}: {fqn} is stored transformed "
+                                  f"({info.transform_descriptors}); Paratron reads plain "
+                                  f"chunks")
+        tensor, path = self.load(info, fqn)
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != meta.properties.dtype or \
                 tuple(tensor.shape) != sizes:
             got = (f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor)
@@ -300,12 +305,7 @@ def read_torch_dist(load_dir: str | Path, optimizer: bool = False) -> StreamedMo
     _check_backend(folder)
     metadata = _read_metadata(folder / METADATA)
     common_path = folder / COMMON
-    if not common_path.is_file():
-        raise ConversionError(f"{common_path}: missing; cannot tell the model's shape")
-    try:
-        common = load_torch(common_path)
-    except UntrustedFileError as exc:
-        raise ConversionError(str(exc)) from None
+    common = load_required(common_path, "cannot tell the model's shape")
     args = common.get("args") if isinstance(common, dict) else None
     if args is None:
         raise ConversionError(f"{common_path}: holds no 'args'; cannot tell the model's "
@@ -337,5 +337,5 @@ def read_torch_dist(load_dir: str | Path, optimizer: bool = False) -> StreamedMo
     model = StreamedModel(config=config, vocab_size=config.padded_vocab_size, groups=groups,
                           num_groups=len(layout.groups), source=str(folder))
     if optimizer and any(f.startswith(OPTIMIZER) for f in metadata.state_dict_metadata):
-        carry_optimizer(model, args, common, folder, metadata=metadata, chunks=chunks)
+        carry_optimizer(model, args, common, folder, chunks=chunks)
     return model

@@ -57,6 +57,23 @@ FUSED_NORMS = {
 }
 
 
+def rank_folder(tp_rank: int, pp_rank: int, ep_rank: int, pp: int, ep: int) -> str:
+    """Megatron's `mp_rank_TT[_PPP][_EEE]` name of a rank's folder at PP `pp`, EP `ep`."""
+    return (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+            + (f"_{ep_rank:03d}" if ep > 1 else ""))
+
+
+def load_required(path: Path, missing: str):
+    """A Megatron torch file read with no code run; a missing or refused file is one
+    ConversionError (`missing` says what its absence means)."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing; {missing}")
+    try:
+        return load_torch(path)
+    except UntrustedFileError as exc:
+        raise ConversionError(str(exc)) from None
+
+
 def iteration_dir(load_dir: Path) -> Path:
     if any(_RANK_DIR.match(p.name) for p in load_dir.iterdir() if p.is_dir()):
         return load_dir
@@ -190,9 +207,7 @@ def read_megatron_checkpoint(load_dir: str | Path, *, trust_pickle: bool,
     for t in range(tp):
         for p in range(pp):
             for e in range(ep):
-                name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + \
-                       (f"_{e:03d}" if ep > 1 else "")
-                path = folder / name / FILE
+                path = folder / rank_folder(t, p, e, pp, ep) / FILE
                 if not path.is_file():
                     raise ConversionError(f"{path}: missing (the checkpoint was saved at TP "
                                           f"{tp} x PP {pp} x EP {ep})")

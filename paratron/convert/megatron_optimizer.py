@@ -22,7 +22,6 @@ optimizer) is named in a note and the conversion keeps the weights only.
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 from pathlib import Path
 from typing import Callable
@@ -30,10 +29,10 @@ from typing import Callable
 import torch
 
 from paratron.checkpoint.safe_pickle import load_torch
-from paratron.checkpoint.untrusted import UntrustedFileError, inside
+from paratron.checkpoint.untrusted import UntrustedFileError
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_mapping import OUTPUT
-from paratron.convert.megatron_legacy import FILE
+from paratron.convert.megatron_legacy import FILE, load_required, rank_folder
 from paratron.convert.streaming import ModelLayout, StreamedModel, model_layout
 from paratron.parallel.pipeline import model_chunks
 from paratron.parallel.sharding import gather_tensor, shard_tensor
@@ -161,8 +160,8 @@ def _bucket_size(args, stage: int) -> int | None:
 class _DistBuffers:
     """The flat bucket tensors of a torch_dist checkpoint, per model-parallel rank."""
 
-    def __init__(self, folder: Path, metadata, chunks) -> None:
-        self.folder, self.metadata, self.chunks = folder, metadata, chunks
+    def __init__(self, folder: Path, chunks) -> None:
+        self.folder, self.chunks = folder, chunks
         self.keys: dict[int, dict[tuple[int, int], dict[str, str]]] = {}
         for fqn in chunks.tensors:
             match = _BUCKET_KEY.match(fqn)
@@ -173,22 +172,11 @@ class _DistBuffers:
 
     def object(self, key: str):
         """A pickled object Megatron saved under `key` (one shard), read safely."""
-        where = str(self.folder / ".metadata")
-        for index, info in self.metadata.storage_data.items():
-            if getattr(index, "fqn", None) != key:
-                continue
-            try:
-                path = inside(self.folder, getattr(info, "relative_path", None), where)
-                with open(path, "rb") as fh:
-                    fh.seek(info.offset)
-                    data = fh.read(info.length)
-                if len(data) != info.length:
-                    raise ConversionError(f"{path}: truncated ({key} needs {info.length} "
-                                          f"bytes at {info.offset})")
-                return load_torch(io.BytesIO(data))
-            except (UntrustedFileError, OSError, TypeError) as exc:
-                raise ConversionError(f"{where}: {key}: {exc}") from None
-        raise ConversionError(f"{where}: no entry {key}; the optimizer state is incomplete")
+        info = self.chunks.storage.get((key, None))
+        if info is None:
+            raise ConversionError(f"{self.chunks.where}: no entry {key}; the optimizer state "
+                                  f"is incomplete")
+        return self.chunks.load(info, key)[0]
 
     def rank(self, mp_rank: int) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
         """(per bucket: quantity -> flat tensor, unpadded sizes Megatron recorded)."""
@@ -218,12 +206,7 @@ class _DistBuffers:
 
 def _legacy_buffers(path: Path, layout_sizes: list[int]) -> tuple[list[dict], list[int]]:
     """A legacy `distrib_optim.pt`: one coalesced buffer per quantity, cut into buckets."""
-    if not path.is_file():
-        raise ConversionError(f"{path}: missing; the optimizer state is incomplete")
-    try:
-        state = load_torch(path)
-    except UntrustedFileError as exc:
-        raise ConversionError(str(exc)) from None
+    state = load_required(path, "the optimizer state is incomplete")
     gbufs = [k for k in state if isinstance(k, int)] if isinstance(state, dict) else []
     if gbufs != [0] or not isinstance(state[0], dict) or len(state[0]) != 1:
         raise NotCarried(f"{path.name} holds several gradient buffers (mixed dtypes or "
@@ -297,9 +280,9 @@ def _run_settings(args, adam: dict) -> dict[str, dict]:
 
 
 def read_megatron_optimizer(model: StreamedModel, args, common: dict, folder: Path,
-                            metadata=None, chunks=None) -> OptimizerCarry:
+                            chunks=None) -> OptimizerCarry:
     """The distributed-optimizer state of the Megatron checkpoint at `folder` (torch_dist
-    when `metadata`/`chunks` are given, else legacy). Raises NotCarried for state that
+    when its `.metadata`'s `chunks` are given, else legacy). Raises NotCarried for state that
     exists but cannot travel."""
     if not getattr(args, "use_distributed_optimizer", False):
         raise NotCarried("the run did not use the distributed optimizer "
@@ -324,7 +307,7 @@ def read_megatron_optimizer(model: StreamedModel, args, common: dict, folder: Pa
         if sharding != "dp_reshardable":
             raise NotCarried(f"the optimizer state is saved with sharding {sharding!r}; "
                              f"Paratron reads dp_reshardable (Megatron's default)")
-        buffers = _DistBuffers(folder, metadata, chunks)
+        buffers = _DistBuffers(folder, chunks)
         groups = _param_groups(buffers.object("optimizer.distributed.dp_group_idx_0."
                                               "optimizer/shard_0_1"), where)
     else:
@@ -345,7 +328,7 @@ def read_megatron_optimizer(model: StreamedModel, args, common: dict, folder: Pa
         if chunks is not None:
             buckets, recorded = buffers.rank(mp_rank)
         else:
-            path = _rank_folder(folder, t, stage, pp) / DISTRIB_OPTIM
+            path = folder / rank_folder(t, stage, 0, pp, 1) / DISTRIB_OPTIM
             buckets, recorded = _legacy_buffers(path, planned)
             planned = [sum(planned)]
         if recorded != planned or len(buckets) != len(plan):
@@ -414,15 +397,11 @@ def read_megatron_optimizer(model: StreamedModel, args, common: dict, folder: Pa
 
 
 
-def _rank_folder(folder: Path, t: int, stage: int, pp: int) -> Path:
-    return folder / (f"mp_rank_{t:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
-
-
 
 
 def carry_optimizer(model: StreamedModel, args, common: dict, folder: Path, **dist) -> None:
     """Attach the checkpoint's optimizer state to `model` (`model.optimizer`), or a note
-    saying why it stays behind. `dist` holds torch_dist's `metadata` and `chunks`."""
+    saying why it stays behind. `dist` holds torch_dist's `chunks`."""
     try:
         model.optimizer = read_megatron_optimizer(model, args, common, folder, **dist)
     except NotCarried as why:

@@ -31,7 +31,7 @@ import torch
 
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_mapping import OUTPUT
-from paratron.convert.megatron_legacy import FILE, LATEST
+from paratron.convert.megatron_legacy import FILE, LATEST, rank_folder
 from paratron.convert.paratron_io import TargetLayout, target_config
 from paratron.convert.streaming import (StreamedModel, cast, model_layout, progress,
                                         resize_vocab, staged_output)
@@ -71,12 +71,6 @@ def megatron_args(model: TransformerConfig, target: TargetLayout,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         iteration=0, consumed_train_samples=0, consumed_valid_samples=0)
     return argparse.Namespace(**fields)
-
-
-def rank_folder(tp: int, pp: int, ep: int, target: TargetLayout) -> str:
-    """Megatron's `mp_rank_TT[_PPP][_EEE]` name of a rank's folder."""
-    return (f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if target.pp > 1 else "")
-            + (f"_{ep:03d}" if target.ep > 1 else ""))
 
 
 def _megatron_key(name: str, stage_layers: range) -> str:
@@ -151,7 +145,7 @@ def save_megatron_checkpoint(model: StreamedModel, save_dir: str | Path, target:
 
         def write(p: int) -> None:
             for (t, e), state in stage.states.items():
-                rank = folder / rank_folder(t, p, e, target)
+                rank = folder / rank_folder(t, p, e, target.pp, target.ep)
                 rank.mkdir()
                 with open(rank / FILE, "xb") as f:
                     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0,

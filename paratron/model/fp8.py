@@ -34,7 +34,6 @@ from torch import nn
 
 from paratron.options import ConfigError
 
-FORMATS = ("e4m3", "hybrid")
 RECIPES = ("tensorwise",)  # of Megatron's --fp8-recipe choices, those Paratron computes
 INSTALL = "pip install 'paratron[fp8]' (torchao)"
 
@@ -123,7 +122,7 @@ class Float8Matmul:
     mm_configs: dict = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):  # made here, outside any torch.compile trace
-        config = _linear_config(self.fp8_format, self.recipe)
+        config = torchao_config(self.fp8_format, self.recipe)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "mm_configs", {
             emulate: _mm_config(dataclasses.replace(config, emulate=emulate))
@@ -177,7 +176,7 @@ class Float8Matmul:
 
 
 @functools.cache
-def _linear_config(fp8_format: str, recipe: str = "tensorwise"):
+def torchao_config(fp8_format: str, recipe: str = "tensorwise"):
     """torchao's Float8LinearConfig for a Megatron --fp8-format and a torchao recipe:
     e4m3 everywhere, or e5m2 output gradients with `hybrid`."""
     from torchao.float8 import Float8LinearConfig

@@ -17,7 +17,7 @@ from torch import nn
 
 from paratron.cli.args import parse_args
 from paratron.cli.train import main as train_main
-from paratron.model.fp8 import Float8Matmul, _linear_config
+from paratron.model.fp8 import Float8Matmul, torchao_config
 from paratron.model.mla import ReplicatedLinear
 from paratron.options import ConfigError
 from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -59,7 +59,7 @@ def _torchao_matmul(fp8_format):
 
     def matmul(x, w, b=None):
         linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
-        module = Float8Linear.from_float(linear, _linear_config(fp8_format))
+        module = Float8Linear.from_float(linear, torchao_config(fp8_format))
         params = {"weight": w} if b is None else {"weight": w, "bias": b}
         return torch.func.functional_call(module, params, (x,))
     return matmul
