@@ -261,9 +261,16 @@ def worker(rank, world, port, out_dir):
     group = optimizer.param_groups[0]
     record.update(losses=np.array(losses), loss_step4=np.array(loss4),
                   lr_step4=np.array(group["lr"]), weight_decay=np.array(group["weight_decay"]))
+    finish(rank, out_dir, record, (*SHARDINGS, "torch"))
+
+
+def finish(rank, out_dir, record, folders):
+    """Rank 0 writes record.npz and each folder's latest_checkpointed_iteration.txt; then
+    every rank leaves its groups."""
+    from megatron.core import parallel_state as ps
     if rank == 0:
         np.savez_compressed(os.path.join(out_dir, "record.npz"), **record)
-        for folder in (*SHARDINGS, "torch"):
+        for folder in folders:
             with open(os.path.join(out_dir, folder, "latest_checkpointed_iteration.txt"),
                       "w") as f:
                 f.write(str(STEPS))
@@ -272,16 +279,22 @@ def worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(worker, world, default_name, description):
+    """Parse --out (default tests/fixtures/megatron/<default_name>), empty it, run `world`
+    ranks of `worker`; returns the folder."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests",
-                                                      "fixtures", "megatron", "optimizer"))
+                                                      "fixtures", "megatron", default_name))
     out_dir = os.path.abspath(parser.parse_args().out)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
-    mp.spawn(worker, args=(TP * DP, 29000 + os.getpid() % 1000, out_dir), nprocs=TP * DP,
+    mp.spawn(worker, args=(world, 29000 + os.getpid() % 1000, out_dir), nprocs=world,
              join=True)
-    write_record_json(out_dir)
+    return out_dir
+
+
+def main():
+    write_record_json(run(worker, TP * DP, "optimizer", __doc__.splitlines()[0]))
 
 
 def write_record_json(out_dir):

@@ -16,10 +16,8 @@ along the partition dimension, global layer numbers). The CPU patches are the ot
 Usage: ``OMP_NUM_THREADS=1 python tools/make_megatron_optimizer_layouts.py [--out DIR]``
 """
 
-import argparse
 import json
 import os
-import shutil
 import sys
 import zlib
 
@@ -29,10 +27,8 @@ from make_megatron_fixtures import (  # noqa: E402
     ARCHITECTURES, _COMMON, _patch_for_cpu, build_model, make_args, make_config)
 
 import megatron.core  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 ARCH, TP, PP, DP, STEPS, BUCKET = "gpt2", 2, 2, 2, trained.STEPS, 600
 
@@ -136,29 +132,13 @@ def worker(rank, world, port, out_dir):
     trained.save_torch_dist(model, optimizer, scheduler, args,
                             os.path.join(out_dir, "torch_dist"), "dp_reshardable")
     trained.save_legacy(model, optimizer, scheduler, args, os.path.join(out_dir, "torch"))
-    merged = gather_records(record(model, optimizer))
-    if rank == 0:
-        np.savez_compressed(os.path.join(out_dir, "record.npz"), **merged)
-        for folder in ("torch_dist", "torch"):
-            with open(os.path.join(out_dir, folder, "latest_checkpointed_iteration.txt"),
-                      "w") as f:
-                f.write(str(STEPS))
-    dist.barrier()
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    trained.finish(rank, out_dir, gather_records(record(model, optimizer)),
+                   ("torch_dist", "torch"))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests",
-                                                      "fixtures", "megatron",
-                                                      "optimizer_layouts"))
-    out_dir = os.path.abspath(parser.parse_args().out)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(out_dir)
     world = TP * PP * DP
-    mp.spawn(worker, args=(world, 29000 + os.getpid() % 1000, out_dir), nprocs=world,
-             join=True)
+    out_dir = trained.run(worker, world, "optimizer_layouts", __doc__.splitlines()[0])
     with open(os.path.join(out_dir, "RECORD.json"), "w") as f:
         json.dump(dict(
             megatron_core=megatron.core.__version__, torch=torch.__version__,
