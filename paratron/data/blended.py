@@ -18,6 +18,7 @@ import torch
 from paratron.data.errors import DataError
 from paratron.data.index_cache import description_hash, load_cached_arrays, save_cached_arrays
 from paratron.data.indices import build_blending_indices, build_exhaustive_blending_indices
+from paratron.data.sampler import fetch_batch
 
 
 def normalize(weights: Sequence[float]) -> list[float]:
@@ -117,3 +118,19 @@ class BlendedDataset(torch.utils.data.Dataset):
         sample = self.datasets[d][int(self.dataset_sample_index[idx])]
         sample["dataset_id"] = torch.tensor(d, dtype=torch.int64)
         return sample
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A whole micro-batch: each blended dataset reads its samples of it at once, and
+        the rows are put back in the batch's order."""
+        chosen = self.dataset_index[list(indices)]
+        rows = self.dataset_sample_index[list(indices)]
+        batch: dict[str, torch.Tensor] = {}
+        for d in np.unique(chosen).tolist():
+            where = torch.from_numpy(np.flatnonzero(chosen == d))
+            part = fetch_batch(self.datasets[d], rows[where.numpy()].tolist())
+            for key, value in part.items():
+                if key not in batch:
+                    batch[key] = value.new_empty((len(chosen), *value.shape[1:]))
+                batch[key][where] = value
+        batch["dataset_id"] = torch.from_numpy(chosen.astype(np.int64))
+        return batch

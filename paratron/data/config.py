@@ -23,7 +23,8 @@ class DataConfig:
     split: str = opt("969, 30, 1", "Train, validation, test proportions.")
     seq_length: int | None = opt(None, "Sequence length of a sample.", type=int, positive=True)
     mock_data: bool = opt(False, "Deterministic synthetic tokens (no files needed).")
-    num_workers: int = opt(2, "Data-loader worker processes.", type=int)
+    num_workers: int | None = opt(None, "Data-loader worker processes (default: none, "
+                                  "batches are read in the training process).", type=int)
     data_cache_path: str | None = opt(None, "Where sample indices are cached.")
     eod_mask_loss: bool = opt(False, "No loss on end-of-document tokens.")
     reset_position_ids: bool = opt(False, "Restart position ids after each end of document.")

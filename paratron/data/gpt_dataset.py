@@ -75,31 +75,34 @@ def masks_and_position_ids(
     reset_attention_mask: bool,
     create_attention_mask: bool,
 ) -> dict[str, torch.Tensor]:
-    """Megatron's loss mask, position ids and attention mask for one left-to-right sample.
+    """Megatron's loss mask, position ids and attention mask for left-to-right samples:
+    `tokens` is one sample [S] or a batch [B, S] (CPU).
 
-    Vectorised: `document_ids[i]` counts the eod tokens strictly before i, so
-    a new document starts right after each eod (the eod itself belongs to the
-    document it ends), as in Megatron's loop.
+    Only what a flag asks for is computed: without one the loss mask is all ones and the
+    positions count up. `document_ids[i]` counts the eod tokens strictly before i, so a
+    new document starts right after each eod (the eod itself belongs to the document it
+    ends), as in Megatron's loop.
     """
-    s = tokens.numel()
-    out: dict[str, torch.Tensor] = {}
-    is_eod = tokens == eod
-    loss_mask = torch.ones(s, dtype=torch.float32)
+    ids = tokens.numpy()
+    shape, s = ids.shape, ids.shape[-1]
+    loss_mask = np.ones(shape, dtype=np.float32)
+    positions = np.empty(shape, dtype=np.int64)
+    positions[...] = np.arange(s, dtype=np.int64)
+    is_eod = ids == eod if eod_mask_loss or reset_position_ids or reset_attention_mask else None
     if eod_mask_loss:
         loss_mask[is_eod] = 0.0
-    out["loss_mask"] = loss_mask
-    positions = torch.arange(s, dtype=torch.int64)
-    document_ids = torch.cumsum(is_eod.to(torch.int64), 0) - is_eod.to(torch.int64)
     if reset_position_ids:
-        # First position of each document: 0, then one past each eod.
-        starts = torch.cat([torch.zeros(1, dtype=torch.int64), positions[is_eod] + 1])
-        positions = positions - starts[document_ids]
-    out["position_ids"] = positions
+        # Each position minus its document's first position: one past the last eod before it.
+        after_eod = np.zeros(shape, dtype=np.int64)
+        after_eod[..., 1:] = np.where(is_eod[..., :-1], positions[..., 1:], 0)
+        positions -= np.maximum.accumulate(after_eod, axis=-1)
+    out = {"loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.from_numpy(positions)}
     if reset_attention_mask:
-        out["document_ids"] = document_ids
+        out["document_ids"] = torch.from_numpy(np.cumsum(is_eod, axis=-1, dtype=np.int64) - is_eod)
     if create_attention_mask:  # one document unless they are kept apart
-        documents = document_ids if reset_attention_mask else torch.zeros_like(document_ids)
-        out["attention_mask"] = packed_attention_mask(documents).unsqueeze(0)
+        documents = (out["document_ids"] if reset_attention_mask
+                     else torch.zeros(shape, dtype=torch.int64))
+        out["attention_mask"] = packed_attention_mask(documents).unsqueeze(-3)
     return out
 
 
@@ -176,7 +179,11 @@ class GPTDataset(torch.utils.data.Dataset):
             except OSError as exc:
                 raise DataError(f"cannot write dataset index cache in {cache} ({exc.strerror}); "
                                 "pass --data-cache-path <writable folder>") from None
-            return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+            cached = load_cached_arrays(paths)
+            if cached is None:
+                raise DataError(f"cannot read back the dataset index cache just written in "
+                                f"{cache}; pass --data-cache-path <another folder>")
+            return cached
         return arrays
 
     def _indices_fit(self, document_index, sample_index, shuffle_index) -> bool:
@@ -198,33 +205,60 @@ class GPTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.sample_index.shape[0] - 1
 
+    def _pieces(self, idx: int) -> list[tuple[int, int, int]]:
+        """(sequence, offset, length) of each corpus slice sample `idx` spans, in order."""
+        i = int(self.shuffle_index[idx])
+        (pos_beg, off_beg), (pos_end, off_end) = self.sample_index[i : i + 2].tolist()
+        sequences = self.document_index[pos_beg : pos_end + 1].tolist()
+        ends = self.low_level.sequence_lengths[sequences].tolist()
+        ends[-1] = off_end + 1
+        begins = [off_beg] + [0] * (len(sequences) - 1)
+        return [(s, b, e - b) for s, b, e in zip(sequences, begins, ends)]
+
+    def _check_indices(self, indices) -> None:
+        if len(indices) and (min(indices) < 0 or max(indices) >= len(self)):
+            bad = next(i for i in indices if not 0 <= i < len(self))
+            raise IndexError(f"sample {bad} out of range ({len(self)} samples in the "
+                             f"{self.split_name} split)")
+
+    def _outside_vocabulary(self, tokens: np.ndarray) -> bool:
+        vocab = self.config.vocab_size
+        if vocab is None or tokens.size == 0:
+            return False
+        signed = np.issubdtype(tokens.dtype, np.signedinteger)
+        return int(tokens.max()) >= vocab or (signed and int(tokens.min()) < 0)
+
     def sample_tokens(self, idx: int) -> np.ndarray:
         """The `seq_length + 1` token ids of sample `idx` (after the shuffle), int64."""
-        if not 0 <= idx < len(self):
-            raise IndexError(f"sample {idx} out of range ({len(self)} samples in the "
-                             f"{self.split_name} split)")
-        i = int(self.shuffle_index[idx])
-        pos_beg, off_beg = (int(v) for v in self.sample_index[i])
-        pos_end, off_end = (int(v) for v in self.sample_index[i + 1])
-        get = self.low_level.get
-        doc = self.document_index
-        if pos_beg == pos_end:
-            parts = [get(int(doc[pos_beg]), off_beg, off_end - off_beg + 1)]
-        else:
-            parts = [get(int(doc[pos_beg]), off_beg)]
-            parts += [get(int(doc[p])) for p in range(pos_beg + 1, pos_end)]
-            parts.append(get(int(doc[pos_end]), 0, off_end + 1))
-        tokens = np.concatenate(parts)
-        vocab = self.config.vocab_size
-        if (vocab is not None and len(tokens)
-                and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab)):
-            self._refuse_token(parts, [int(doc[p]) for p in range(pos_beg, pos_end + 1)], vocab)
-        return tokens.astype(np.int64)
+        return self._text([int(idx)])[0].astype(np.int64)
 
-    def _refuse_token(self, parts: list[np.ndarray], sequences: list[int], vocab: int) -> None:
-        """Raise a DataError naming the file, document and id of the first token outside
-        the vocabulary."""
-        for part, sequence in zip(parts, sequences):
+    def _text(self, indices: list[int]) -> np.ndarray:
+        """[len(indices), seq_length + 1] token ids in the corpus's dtype: every slice the
+        samples span, joined in one copy."""
+        self._check_indices(indices)
+        get, documents, parts = self.low_level.get, self.document_index, []
+        for idx in indices:  # _pieces, inlined: this loop is the data path's hot spot
+            i = int(self.shuffle_index[idx])
+            (pos_beg, off_beg), (pos_end, off_end) = self.sample_index[i : i + 2].tolist()
+            if pos_beg == pos_end:
+                parts.append(get(documents[pos_beg], off_beg, off_end + 1 - off_beg))
+                continue
+            parts.append(get(documents[pos_beg], off_beg))
+            parts += [get(documents[pos]) for pos in range(pos_beg + 1, pos_end)]
+            parts.append(get(documents[pos_end], 0, off_end + 1))
+        text = np.concatenate(parts)
+        text = text.reshape(len(indices), self.config.seq_length + 1)
+        if self._outside_vocabulary(text):
+            row = next(r for r in range(len(indices)) if self._outside_vocabulary(text[r]))
+            self._refuse_token(indices[row])
+        return text
+
+    def _refuse_token(self, idx: int) -> None:
+        """Raise a DataError naming the file, document and id of sample `idx`'s first token
+        outside the vocabulary."""
+        vocab = self.config.vocab_size
+        for sequence, offset, length in self._pieces(idx):
+            part = self.low_level.get(sequence, offset, length)
             outside = np.flatnonzero((part < 0) | (part >= vocab))
             if len(outside):
                 break
@@ -234,11 +268,11 @@ class GPTDataset(torch.utils.data.Dataset):
         raise DataError(f"{where} holds token id {token}, outside the tokenizer's vocabulary of "
                         f"{vocab} ids; tokenize the data with the tokenizer given for training")
 
-    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+    def _samples(self, text: np.ndarray) -> dict[str, torch.Tensor]:
+        """Inputs, labels and masks from `seq_length + 1` ids per sample ([S+1] or [B, S+1])."""
         cfg = self.config
-        text = torch.from_numpy(self.sample_tokens(int(idx)))
-        tokens = text[:-1].clone()
-        labels = text[1:].clone()
+        tokens = torch.from_numpy(text[..., :-1].astype(np.int64, order="C"))
+        labels = torch.from_numpy(text[..., 1:].astype(np.int64, order="C"))
         sample = {"tokens": tokens, "labels": labels}
         sample.update(masks_and_position_ids(tokens, cfg.eod, cfg.eod_mask_loss,
                                              cfg.reset_position_ids, cfg.reset_attention_mask,
@@ -249,6 +283,14 @@ class GPTDataset(torch.utils.data.Dataset):
             tokens[tokens == cfg.pad] = 0
             labels[labels == cfg.pad] = 0
         return {k: sample[k] for k in _KEY_ORDER if k in sample}
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self._samples(self._text([int(idx)])[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A whole micro-batch: what stacking `self[i]` for each index gives, built at once
+        (the data loader calls this rather than `__getitem__` sample by sample)."""
+        return self._samples(self._text(list(indices)))
 
 
 _KEY_ORDER = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "attention_mask")

@@ -28,11 +28,15 @@ def description_hash(description: dict) -> str:
 
 def load_cached_arrays(paths: Sequence[str]) -> tuple[np.ndarray, ...] | None:
     """The cached `.npy` files memory-mapped, or None when one is missing or unreadable
-    (then the caller rebuilds them)."""
+    (then the caller rebuilds them).
+
+    Each array is a plain ndarray over the mapping, not an `np.memmap`: the same shared
+    pages, but indexing one element costs what it costs in memory (np.memmap's Python-level
+    `__getitem__` made reading one sample's indices cost more than its tokens)."""
     if not all(os.path.isfile(p) for p in paths):
         return None
     try:
-        return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        return tuple(np.asarray(np.load(p, mmap_mode="r", allow_pickle=False)) for p in paths)
     except (OSError, ValueError, EOFError):
         return None
 

@@ -342,6 +342,11 @@ class IndexedDataset:
             # numpy cannot map an empty file; an empty dataset needs no mapping anyway.
             self._bin_map = (np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size
                              else np.zeros(0, np.uint8))
+            # Every token of the file as one array (sequence pointers are checked to be
+            # multiples of the token size): a slice of it is the cheapest read there is.
+            self._itemsize = self.dtype.itemsize
+            self._tokens = np.frombuffer(self._bin_map, dtype=self.dtype,
+                                         count=bin_size // self._itemsize)
         except OSError as exc:
             raise DataError(f"{exc.filename or prefix}: cannot read "
                             f"({exc.strerror or exc})") from None
@@ -445,10 +450,9 @@ class IndexedDataset:
         if not 0 <= i < self.sequence_count:
             raise IndexError(f"sequence {i} out of range for {self.prefix} "
                              f"({self.sequence_count} sequences)")
-        if length is None:
-            length = int(self.sequence_lengths[i]) - offset
-        start = int(self.sequence_pointers[i]) + int(offset) * self.dtype.itemsize
-        return np.frombuffer(self._bin_map, dtype=self.dtype, count=int(length), offset=start)
+        start = self.sequence_pointers[i] // self._itemsize + offset
+        stop = start - offset + self.sequence_lengths[i] if length is None else start + length
+        return self._tokens[start:stop]
 
     def document(self, d: int) -> np.ndarray:
         """All tokens of document `d` (its sequences joined)."""

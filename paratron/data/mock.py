@@ -35,14 +35,18 @@ class MockCorpus:
         return self.size
 
     def __getitem__(self, idx: int) -> np.ndarray:
-        length = int(self.sequence_lengths[idx])
-        tokens = (np.arange(length - 1, dtype=np.int64) + 1) % self.vocab_size
-        return np.concatenate([tokens, [self.eod]])
+        return self.get(idx)
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens `[offset, offset + length)` of document `idx`: position p holds
+        `(p + 1) % vocab_size`, the last position the eod."""
+        size = int(self.sequence_lengths[idx])
         if length is None:
-            length = int(self.sequence_lengths[idx]) - offset
-        return self[idx][offset : offset + length]
+            length = size - offset
+        positions = np.arange(offset, min(offset + length, size), dtype=np.int64)
+        tokens = (positions + 1) % self.vocab_size
+        tokens[positions == size - 1] = self.eod
+        return tokens
 
     def describe(self) -> dict:
         return {"mock": True, "vocab_size": self.vocab_size, "eod": self.eod, "size": self.size}

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+from torch.utils.data import default_collate
 
 
 def _check_sampler_args(total_samples: int, micro_batch_size: int, data_parallel_rank: int,
@@ -143,19 +144,48 @@ class MegatronPretrainingRandomSampler:
             yield indices[i : i + self.micro_batch_size]
 
 
+def _fetched_whole(batch: dict) -> dict:
+    """The collate step for a dataset whose `__getitems__` already returns the batch."""
+    return batch
+
+
+def fetch_batch(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    """The micro-batch of `indices`: the dataset's own whole-batch read (`__getitems__`)
+    when it has one, else its samples stacked as torch's DataLoader stacks them."""
+    whole = getattr(dataset, "__getitems__", None)
+    return whole(indices) if whole else default_collate([dataset[i] for i in indices])
+
+
+class InProcessLoader:
+    """`--num-workers 0`: each micro-batch read whole in this process as the step asks
+    for it, pinned for a CUDA copy when asked, without torch DataLoader's per-batch
+    machinery (which costs as much as reading a batch of pretraining tokens)."""
+
+    def __init__(self, dataset, batch_sampler, pin_memory: bool = False) -> None:
+        self.dataset, self.batch_sampler, self.pin_memory = dataset, batch_sampler, pin_memory
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for indices in self.batch_sampler:
+            batch = fetch_batch(self.dataset, indices)
+            yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+
+
 def build_pretraining_data_loader(
     dataset,
     consumed_samples: int,
     micro_batch_size: int,
     data_parallel_rank: int,
     data_parallel_size: int,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     dataloader_type: str = "single",
     data_sharding: bool = True,
     wrap_around: bool = False,
     pin_memory: bool = False,
-) -> torch.utils.data.DataLoader | None:
-    """A DataLoader over `dataset` that yields this rank's micro-batches (`--num-workers` workers).
+):
+    """An iterable over `dataset` that yields this rank's micro-batches.
 
     `dataloader_type` is Megatron's `--dataloader-type`: `single` (one
     ordered pass, `MegatronPretrainingSampler`) or `cyclic`
@@ -163,6 +193,11 @@ def build_pretraining_data_loader(
     `single` endless too, for validation (see the module docstring). Returns None for a
     missing or empty dataset (e.g. a split with zero weight). `pin_memory` (for a CUDA
     run) yields page-locked batches, which copy to the GPU without blocking the host.
+
+    `num_workers` is `--num-workers`: None (the default) and 0 read in this process
+    (`InProcessLoader`), which measured faster than worker processes for memory-mapped
+    tokens (`benchmarks/bench_data.py`); N > 0 starts N torch DataLoader workers, as in
+    Megatron, each reading whole micro-batches from its own mapping of the files.
     """
     if dataset is None or len(dataset) == 0:
         return None
@@ -175,6 +210,8 @@ def build_pretraining_data_loader(
         sampler = MegatronPretrainingRandomSampler(**shared, data_sharding=data_sharding)
     else:
         raise ValueError(f"unknown dataloader type {dataloader_type!r} (single or cyclic)")
+    if not num_workers:
+        return InProcessLoader(dataset, sampler, pin_memory)
     # A generator of its own: each new iterator draws a base seed for its workers, and
     # drawing it from torch's global generator would shift dropout's random stream
     # depending on when the iterator happens to be created (a resumed run creates its
@@ -184,7 +221,8 @@ def build_pretraining_data_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
+        collate_fn=_fetched_whole if hasattr(dataset, "__getitems__") else None,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=True,
         generator=generator,
     )

@@ -212,36 +212,43 @@ class SFTDataset(torch.utils.data.Dataset):
         return len(self.order)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        s = self.length
-        tokens = torch.full((s,), self.pad, dtype=torch.int64)
-        labels = torch.full((s,), self.pad, dtype=torch.int64)
-        loss_mask = torch.zeros(s, dtype=torch.float32)
-        position_ids = torch.arange(s, dtype=torch.int64)
-        document_ids = torch.zeros(s, dtype=torch.int64)
-        at = 0
-        members = self.units[int(self.order[idx])].members
-        for d, i in enumerate(members):
-            ids, mask = self.conversations[i]
-            keep = s + 1 if not self.packing else s - at + 1  # a longer conversation is cut
-            ids = torch.from_numpy(np.array(ids[:keep], dtype=np.int64))
-            mask = torch.from_numpy(np.array(mask[: len(ids)], dtype=np.float32))
-            n = len(ids) - 1
-            tokens[at : at + n] = ids[:-1]
-            labels[at : at + n] = ids[1:]
-            loss_mask[at : at + n] = mask[1:]  # trained where the label is a response token
-            document_ids[at : at + n] = d
-            if self.packing:
-                position_ids[at : at + n] = torch.arange(n)
-            at += n
-        if self.packing and at < s:  # padding: its own document, no loss
-            position_ids[at:] = torch.arange(s - at)
-            document_ids[at:] = len(members)
+        return {k: v[0] for k, v in self.__getitems__([int(idx)]).items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A whole micro-batch, what stacking `self[i]` gives, written into one array per
+        field (the data loader calls this rather than `__getitem__` sample by sample)."""
+        b, s = len(indices), self.length
+        tokens = np.full((b, s), self.pad, dtype=np.int64)
+        labels = np.full((b, s), self.pad, dtype=np.int64)
+        loss_mask = np.zeros((b, s), dtype=np.float32)
+        position_ids = np.empty((b, s), dtype=np.int64)
+        position_ids[...] = np.arange(s)
+        document_ids = np.zeros((b, s), dtype=np.int64)
+        for row, idx in enumerate(indices):
+            at = 0
+            members = self.units[int(self.order[idx])].members
+            for d, i in enumerate(members):
+                ids, mask = self.conversations[i]
+                keep = s + 1 if not self.packing else s - at + 1  # a longer one is cut
+                ids = ids[:keep]
+                n = len(ids) - 1
+                tokens[row, at : at + n] = ids[:-1]
+                labels[row, at : at + n] = ids[1:]
+                loss_mask[row, at : at + n] = mask[1 : n + 1]  # trained where the label is
+                document_ids[row, at : at + n] = d  # a response token
+                if self.packing:
+                    position_ids[row, at : at + n] -= at
+                at += n
+            if self.packing and at < s:  # padding: its own document, no loss
+                position_ids[row, at:] -= at
+                document_ids[row, at:] = len(members)
         sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
                   "position_ids": position_ids}
         if self.packing:
             sample["document_ids"] = document_ids
-            if self.create_attention_mask:
-                sample["attention_mask"] = packed_attention_mask(document_ids).unsqueeze(0)
+        sample = {k: torch.from_numpy(v) for k, v in sample.items()}
+        if self.packing and self.create_attention_mask:
+            sample["attention_mask"] = packed_attention_mask(sample["document_ids"]).unsqueeze(-3)
         return sample
 
 

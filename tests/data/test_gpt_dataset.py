@@ -208,7 +208,7 @@ def test_cache_is_reused_and_memory_mapped(tmp_path):
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(files) == 4 and all("GPTDataset-train" in f for f in files)
     second = build_train_valid_test_datasets(*args, cache_path=str(tmp_path / "cache"))[0]
-    assert isinstance(second.sample_index, np.memmap)
+    assert isinstance(second.sample_index.base, np.memmap)  # read through the mapping
     np.testing.assert_array_equal(first.sample_index, second.sample_index)
     assert all(torch.equal(first[i]["tokens"], second[i]["tokens"]) for i in range(10))
     # A different seed is a different cache entry, and different samples.
