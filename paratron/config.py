@@ -176,6 +176,10 @@ class LoggingConfig:
     straggler_threshold: float = opt(0.2, "Report the slowest rank when the ranks' own work "
                                      "per iteration differs by more than this fraction.",
                                      type=float)
+    moe_per_layer_logging: bool = opt(False, "At each log interval, log per MoE layer the "
+                                      "tokens per expert (min, max, coefficient of "
+                                      "variation), the aux and z losses and the dropped "
+                                      "tokens.", group="moe")
 
 
 @dataclass
@@ -360,6 +364,9 @@ def _validate_memory_and_speed(cfg: Config) -> None:
 def _validate_logging(cfg: Config) -> None:
     """Metrics and fault-check settings that make sense, and W&B only when installed."""
     lg, t = cfg.logging, cfg.training
+    if lg.moe_per_layer_logging and not cfg.model.num_experts:
+        raise ConfigError("--moe-per-layer-logging needs an MoE model (--num-experts); "
+                          "drop it for a dense model")
     if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
         raise ConfigError(f"--loss-spike-factor must be above 1 (or 0 to turn the warning "
                           f"off), got {t.loss_spike_factor}")

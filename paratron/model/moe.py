@@ -191,6 +191,9 @@ class TopKRouter(nn.Module):
                                  persistent=False)
         else:
             self.expert_bias = self.local_tokens_per_expert = None
+        # [routed, kept] tokens per expert while --moe-per-layer-logging counts them
+        # (`paratron.training.moe_logging.count_expert_load`); None otherwise.
+        self.load_counts: torch.Tensor | None = None
 
     def forward(self, tokens: torch.Tensor, *, seq_length: int, aux_loss_scale=1.0,
                 token_groups: tuple = (), token_split: int = 1):
@@ -215,11 +218,13 @@ class TopKRouter(nn.Module):
             pre_softmax=c.moe_router_pre_softmax, num_groups=c.moe_router_num_groups,
             group_topk=c.moe_router_group_topk,
             scaling_factor=c.moe_router_topk_scaling_factor, expert_bias=self.expert_bias)
+        routed = routing_map
         factor = c.moe_expert_capacity_factor
         if factor is not None and factor >= 0:
             probs, routing_map = apply_capacity(probs, routing_map, self.topk, factor,
                                                 c.moe_token_drop_policy,
                                                 c.moe_pad_expert_input_to_capacity)
+        self._count_load(routed, routing_map)
         kind, coeff = c.moe_router_load_balancing_type, c.moe_aux_loss_coeff
         if training and kind != "none" and coeff and coeff > 0:
             scores = routing_scores(logits, c.moe_router_score_function)
@@ -242,6 +247,15 @@ class TopKRouter(nn.Module):
             with torch.no_grad():
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
         return probs, routing_map, losses
+
+    def _count_load(self, routed: torch.Tensor, kept: torch.Tensor) -> None:
+        """Add this forward's tokens per expert, chosen by top-k and kept after the
+        capacity drop, on the device: forwards that build a graph only (not evaluation),
+        once each (not again in activation recompute)."""
+        if self.load_counts is None or not torch.is_grad_enabled() or _recomputing():
+            return
+        self.load_counts[0] += routed.sum(dim=0)
+        self.load_counts[1] += (routed & kept).sum(dim=0)
 
 
 class ExpertLinear(nn.Module):
@@ -411,6 +425,9 @@ class MoELayer(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
         self.loss_totals: dict[str, list] = {}
+        # {name: [sum, forwards]} on the device while --moe-per-layer-logging counts
+        # (`paratron.training.moe_logging.count_expert_load`); None otherwise.
+        self.loss_log: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, h = x.shape
@@ -465,6 +482,10 @@ class MoELayer(nn.Module):
                 self.last_z_loss = value
             else:
                 self.last_aux_loss = value
+            if self.loss_log is not None:
+                entry = torch.stack([value.double(), value.new_ones((), dtype=torch.float64)])
+                logged = self.loss_log.get(name)
+                self.loss_log[name] = entry if logged is None else logged + entry
 
 
 def moe_layers(modules: nn.Module | Iterable[nn.Module]) -> list[MoELayer]:

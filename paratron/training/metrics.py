@@ -29,6 +29,8 @@ from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.faults import LossSpikeDetector, straggler_line
 from paratron.training.hardware import (MEMORY_TAGS, device_name, memory_line, memory_stats,
                                         mfu, peak_tflops)
+from paratron.training.moe_logging import (ExpertLoad, expert_load_scalars,
+                                           format_expert_load)
 from paratron.training.timers import (TIMER_LEVELS, Timers, format_min_max, gather_over_ranks,
                                       min_max)
 from paratron.training.writers import (JsonlWriter, ScalarWriters, TensorBoardWriter,
@@ -132,8 +134,11 @@ class TrainingMetrics:
 
     # ------------------------------------------------------------ iterations
     def step(self, state, loss: float, stepped: bool, grad_norm: float | None,
-             num_zeros: int | None, moe_losses: dict[str, float]) -> None:
-        """Account one finished iteration (`state.iteration` already counts it)."""
+             num_zeros: int | None, moe_losses: dict[str, float],
+             expert_load: list[ExpertLoad] | None = None) -> None:
+        """Account one finished iteration (`state.iteration` already counts it);
+        `expert_load`, at log steps under --moe-per-layer-logging, holds the interval's
+        per-layer counts (`paratron.training.moe_logging`)."""
         now = time.perf_counter()
         seconds = now - self._mark if self._mark is not None else 0.0
         self._mark = now
@@ -158,7 +163,7 @@ class TrainingMetrics:
         self._write_step(state, loss if math.isfinite(loss) else None, stepped, grad_norm,
                          num_zeros, moe_losses)
         if self.is_log_step(state.iteration):
-            self._report_interval(state)
+            self._report_interval(state, expert_load or [])
         elif len(self.iteration_seconds) == 1:
             self.log(self._first_line(state, seconds, loss))
 
@@ -201,12 +206,13 @@ class TrainingMetrics:
                 "tokens_per_sec_per_gpu": (t.global_batch_size * self.cfg.data.seq_length
                                            / (seconds * world))}
 
-    def _report_interval(self, state) -> None:
+    def _report_interval(self, state, expert_load: list[ExpertLoad]) -> None:
         iv, lg, it = self.interval, self.cfg.logging, state.iteration
         elapsed = iv.seconds / max(iv.iterations, 1)
         rates = self._throughput(elapsed) if elapsed > 0 else None
         norm = params_norm(self.optimizer) if lg.log_params_norm else None
         self.log(self._log_line(state, elapsed, rates if lg.log_throughput else None, norm))
+        self._report_expert_load(expert_load, it)
         memory = memory_stats(self.device)
         if not self._memory_reported:
             self.log(memory_line(self.pg.rank, it, memory, self.device))
@@ -220,6 +226,16 @@ class TrainingMetrics:
             self.jsonl.write(self._interval_record(state, elapsed, rates, norm, memory, timers,
                                                    rank_ms[0]))
         self.interval = _Interval()
+
+    def _report_expert_load(self, expert_load: list[ExpertLoad], iteration: int) -> None:
+        """One console line and the TensorBoard / W&B scalars per MoE layer, the counts
+        per iteration of the interval."""
+        per_iteration = 1.0 / max(self.interval.iterations, 1)
+        capacity = self.cfg.model.moe_expert_capacity_factor is not None
+        for load in expert_load:
+            self.log(format_expert_load(load, per_iteration, capacity))
+            for tag, value in expert_load_scalars(load, per_iteration, capacity).items():
+                self.writers.scalar(tag, value, iteration)
 
     def _gather_timers(self, iterations: int):
         """Reported timers' (min, max) ms per iteration over ranks, and the straggler

@@ -40,6 +40,7 @@ from paratron.training.flops import flops_per_iteration
 from paratron.training.loss_scaler import DynamicLossScaler, build_loss_scaler
 from paratron.training.lr_schedule import LRSchedule
 from paratron.training.metrics import TrainingMetrics
+from paratron.training.moe_logging import count_expert_load, layer_expert_load
 from paratron.training.optimizer import MixedPrecisionOptimizer
 from paratron.training.run_checkpoints import RunCheckpoints
 from paratron.training.run_lock import hold_save_folder
@@ -203,9 +204,13 @@ class Trainer:
 
     def _moe_bookkeeping(self, stepped: bool) -> None:
         """The MoE layers' part of a step; their aux losses get their gradient scaled like
-        the lm loss: mean over the micro-batches and data-parallel ranks of the step."""
+        the lm loss: mean over the micro-batches and data-parallel ranks of the step.
+        Under --moe-per-layer-logging the layers count their expert load (on the device;
+        read at log steps)."""
         scale = self.optimizer.loss_scaler.scale / (self.num_microbatches * self.pg.dp.size)
         moe_bookkeeping([model.module for model in self.models], self.pg, scale, stepped)
+        if self.cfg.logging.moe_per_layer_logging:
+            count_expert_load(self.models)
 
     # ----------------------------------------------------------------- steps
     def _counts_zeros(self) -> bool:
@@ -331,7 +336,11 @@ class Trainer:
             if not math.isfinite(loss):
                 self.state.nan_iterations += 1
             self.state.losses.append(loss)
-            self.metrics.step(self.state, loss, stepped, grad_norm, num_zeros, self.moe_losses)
+            expert_load = (layer_expert_load(self.models, self.pg)
+                           if self.cfg.logging.moe_per_layer_logging
+                           and self.metrics.is_log_step(self.state.iteration) else None)
+            self.metrics.step(self.state, loss, stepped, grad_norm, num_zeros, self.moe_losses,
+                              expert_load)
             self._evaluate_and_save()
             reason = exits.reason(self.state.iteration)
             if reason is not None:
