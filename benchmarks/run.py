@@ -2,7 +2,7 @@
 
     python benchmarks/run.py <config> [--iters N] [--warmup N] [--json-out FILE]
                              [--peak-tflops X] [--paths paratron,transformers]
-                             [--fp8 e4m3|hybrid]
+                             [--fp8 e4m3|hybrid] [--interleave]
                              [-- <Paratron flags, e.g. --torch-compile>]
 
 Each named configuration is a Hugging Face `config.json` (the model's published shapes),
@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 import torch
@@ -165,7 +166,7 @@ def paratron_config(bench: Bench, hf: dict, device: torch.device, iters: int,
                   global_batch_size=bench.global_batch_size, train_iters=iters,
                   lr=1e-4, min_lr=1e-5, lr_decay_style="cosine", weight_decay=0.1,
                   adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0, eval_iters=0,
-                  eval_interval=10 ** 9, log_interval=10 ** 9, num_workers=0,
+                  eval_interval=10 ** 9, log_interval=10 ** 9,
                   device=device.type, bf16=device.type == "cuda")
     flags = vars(build_parser("benchmarks/run.py --").parse_args(extra_flags))
     values.update({k: v for k, v in flags.items()
@@ -173,28 +174,29 @@ def paratron_config(bench: Bench, hf: dict, device: torch.device, iters: int,
     return config_from_dict(values)
 
 
-def run_paratron(bench: Bench, hf: dict, device: torch.device, warmup: int, iters: int,
-                 extra_flags: list[str]) -> dict:
+@dataclass
+class Path:
+    """One side of the comparison, built and ready: `step()` runs one optimizer step."""
+
+    step: Callable[[], None]
+    losses: list[float]
+
+
+def build_paratron(bench: Bench, hf: dict, device: torch.device, steps: int,
+                   extra_flags: list[str]) -> Path:
     from paratron.training.trainer import Trainer
 
-    cfg = paratron_config(bench, hf, device, warmup + iters, extra_flags)
-    data = RandomTokens(hf["vocab_size"], bench.seq_length,
-                        (warmup + iters) * bench.global_batch_size)
-    _fresh_memory(device)
+    cfg = paratron_config(bench, hf, device, steps, extra_flags)
+    data = RandomTokens(hf["vocab_size"], bench.seq_length, steps * bench.global_batch_size)
     trainer = Trainer(cfg, (data, None, None), log=lambda line: None)
-    losses = []
-    times = _timed(lambda: losses.append(trainer.train_step()[0]), warmup + iters, device)
-    result = {"times_s": times[warmup:], "losses": losses,
-              "peak_memory_gib": _peak_memory_gib(device)}
-    del trainer
-    return result
+    losses: list[float] = []
+    return Path(lambda: losses.append(trainer.train_step()[0]), losses)
 
 
-def run_transformers(bench: Bench, hf_cfg, device: torch.device, warmup: int,
-                     iters: int, fp8: str | None = None) -> dict:
+def build_transformers(bench: Bench, hf_cfg, device: torch.device, steps: int,
+                       fp8: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM
 
-    _fresh_memory(device)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
     if fp8 is not None:
@@ -207,11 +209,10 @@ def run_transformers(bench: Bench, hf_cfg, device: torch.device, warmup: int,
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                   weight_decay=0.1, fused=cuda)
-    data = RandomTokens(hf_cfg.vocab_size, bench.seq_length,
-                        (warmup + iters) * bench.global_batch_size)
+    data = RandomTokens(hf_cfg.vocab_size, bench.seq_length, steps * bench.global_batch_size)
     micro = bench.global_batch_size // bench.micro_batch_size
     position = [0]
-    losses = []
+    losses: list[float] = []
 
     def step():
         total = 0.0
@@ -230,11 +231,31 @@ def run_transformers(bench: Bench, hf_cfg, device: torch.device, warmup: int,
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
 
-    times = _timed(step, warmup + iters, device)
-    result = {"times_s": times[warmup:], "losses": losses,
-              "peak_memory_gib": _peak_memory_gib(device)}
-    del model, optimizer
-    return result
+    return Path(step, losses)
+
+
+def measure(builders: dict[str, Callable[[], Path]], device: torch.device, warmup: int,
+            iters: int, interleave: bool) -> dict[str, dict]:
+    """Each path's measured step times, losses and peak memory. One after the other, each
+    path alone in memory; or `interleave`d, both built and their steps alternating, so a
+    machine's slow minutes fall on both alike (peak memory is then not per path: n/a)."""
+    results = {}
+    if not interleave:
+        for name, build in builders.items():
+            _fresh_memory(device)
+            path = build()
+            times = _timed(path.step, warmup + iters, device)
+            results[name] = {"times_s": times[warmup:], "losses": path.losses,
+                             "peak_memory_gib": _peak_memory_gib(device)}
+            del path
+        return results
+    paths = {name: build() for name, build in builders.items()}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(warmup + iters):
+        for name, path in paths.items():
+            times[name] += _timed(path.step, 1, device)
+    return {name: {"times_s": times[name][warmup:], "losses": path.losses,
+                   "peak_memory_gib": None} for name, path in paths.items()}
 
 
 def summarise(result: dict, flops: float, tokens: int, peak: float | None) -> dict:
@@ -292,6 +313,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--fp8", choices=["e4m3", "hybrid"],
                    help="both paths in FP8 (tensorwise scales) with this format")
+    p.add_argument("--interleave", action="store_true",
+                   help="build both paths, then alternate their steps (no per-path peak)")
     return p
 
 
@@ -334,13 +357,14 @@ def run(argv: list[str]) -> dict:
     flops = flops_per_iteration(cfg.model, bench.seq_length, bench.global_batch_size)
     tokens = bench.seq_length * bench.global_batch_size
     peak = peak_tflops(device, dtype, args.peak_tflops)
-    results: dict = {}
-    if "paratron" in paths:
-        raw = run_paratron(bench, hf, device, args.warmup, args.iters, extra)
-        results["paratron"] = summarise(raw, flops, tokens, peak)
-    if "transformers" in paths:
-        raw = run_transformers(bench, hf_cfg, device, args.warmup, args.iters, args.fp8)
-        results["transformers"] = summarise(raw, flops, tokens, peak)
+    steps = args.warmup + args.iters
+    builders = {"paratron": lambda: build_paratron(bench, hf, device, steps, extra),
+                "transformers": lambda: build_transformers(bench, hf_cfg, device, steps,
+                                                           args.fp8)}
+    measured = measure({name: builders[name] for name in paths}, device, args.warmup,
+                       args.iters, args.interleave)
+    results: dict = {name: summarise(raw, flops, tokens, peak)
+                     for name, raw in measured.items()}
     for name, module in OTHER_FRAMEWORKS.items():
         try:
             found = importlib.util.find_spec(module) is not None
@@ -354,12 +378,13 @@ def run(argv: list[str]) -> dict:
               "micro_batch_size": bench.micro_batch_size,
               "global_batch_size": bench.global_batch_size, "warmup": args.warmup,
               "iters": args.iters, "flops_per_iteration": flops, "peak_tflops": peak,
-              "fp8": args.fp8, "paratron_flags": extra, "torch": torch.__version__,
+              "fp8": args.fp8, "interleave": args.interleave, "paratron_flags": extra, "torch": torch.__version__,
               "results": results}
     print(f"{args.config} ({bench.about}) on {record['device']}, {record['dtype']}, "
           f"sequence {bench.seq_length}, global batch {bench.global_batch_size}, "
           f"{args.iters} measured iterations after {args.warmup} warm-up"
-          + (f", FP8 {args.fp8}" if args.fp8 else ""))
+          + (f", FP8 {args.fp8}" if args.fp8 else "")
+          + (", steps interleaved" if args.interleave else ""))
     print(table(record))
     if args.json_out:
         with open(args.json_out, "a") as fh:

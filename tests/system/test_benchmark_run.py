@@ -70,3 +70,20 @@ def test_refusals_are_one_line(bench, capsys, argv, message):
     assert bench.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_interleaved_steps_alternate_the_paths(bench, tmp_path, monkeypatch):
+    order = []
+    timed = bench._timed
+    monkeypatch.setattr(bench, "_timed", lambda step, steps, device: (
+        order.append(step.__qualname__), timed(step, steps, device))[1])
+    out = tmp_path / "bench.jsonl"
+    assert bench.main(["tiny", "--iters", "2", "--warmup", "1", "--interleave",
+                       "--json-out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["interleave"] is True
+    # One step of each path in turn: p, t, p, t, p, t.
+    assert len(order) == 6 and len(set(order)) == 2 and order[0::2] == [order[0]] * 3
+    for path in ("paratron", "transformers"):
+        assert len(record["results"][path]["times_s"]) == 2
+        assert record["results"][path]["peak_memory_gib"] is None
