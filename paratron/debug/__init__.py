@@ -1,0 +1,1 @@
+"""Debugging tools: re-running a saved iteration on a CPU, comparing layouts."""
