@@ -97,6 +97,8 @@ def layer_expert_load(models: nn.Module | list[nn.Module], pg: ProcessGroups,
     pipeline stage without MoE layers too). `reset` starts the next counts from zero."""
     first = _first_module(models)
     config = first.config
+    if not config.num_experts:
+        return []  # a dense model: every rank alike, no collective needed
     experts, names = config.num_experts, logged_moe_losses(config)
     # Per layer: routed and kept tokens per expert, [sum, forwards] per loss, present.
     table = torch.zeros(config.num_layers, 2 * experts + 2 * len(names) + 1,

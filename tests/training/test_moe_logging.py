@@ -168,6 +168,11 @@ def test_refused_on_a_dense_model():
     assert "\n" not in message
 
 
+def test_a_dense_model_has_no_expert_load():
+    trainer = _trainer(COMMON + LLAMA + ["--train-iters", "1"])
+    assert layer_expert_load(trainer.models, trainer.pg) == []
+
+
 def test_a_step_does_not_wait_for_the_device_to_count():
     """Counting queues device work only: no sync inside the micro-batches, at most the
     step's one outside them (no step here is a log step)."""
