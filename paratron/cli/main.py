@@ -23,6 +23,7 @@ COMMANDS = {
     "generate": ("paratron.cli.generate", "generate text from a checkpoint or a Hugging Face folder"),
     "plan": ("paratron.cli.plan", "per-GPU memory of parallel layouts, and a recommendation"),
     "demo": ("paratron.cli.demo", "train a small model on text every machine has"),
+    "parity": ("paratron.cli.parity", "compare layouts with one process, module by module"),
     "replay": ("paratron.cli.replay", "re-run one saved iteration on the CPU, watching every op"),
 }
 
