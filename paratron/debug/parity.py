@@ -33,8 +33,9 @@ from paratron.config import Config, pad_vocab_size
 from paratron.debug.compare import DEFAULT_TOLERANCE, Difference, differences
 from paratron.debug.layouts import Layout, parse_layout, refuse_layout_flags
 from paratron.debug.recorder import DIRECTION
-from paratron.debug.workers import FAULT_ENV, run_layout
+from paratron.debug.workers import FAULT_ENV, RankRecords, run_layout
 from paratron.options import ConfigError
+from paratron.training.moe_logging import format_expert_load
 
 DIRECTIONS = ("forward", "backward", "optimizer")
 ABBREVIATIONS = {"forward": "fwd", "backward": "bwd", "optimizer": "opt"}
@@ -47,6 +48,7 @@ class LayoutReport:
     layout: str
     tolerance: float
     differences: list[Difference] = field(default_factory=list)
+    expert_load: list[str] = field(default_factory=list)
 
     @property
     def first(self) -> Difference | None:
@@ -84,6 +86,22 @@ class LayoutReport:
             return f"{self.layout}: equal within {self.tolerance:g}"
         return (f"{self.layout}: first difference beyond {self.tolerance:g}: "
                 f"{first.describe()}")
+
+
+def expert_load_lines(reference: RankRecords, layout: RankRecords) -> list[str]:
+    """Each MoE layer's global tokens per expert per iteration, the reference's, and
+    whether the layout routed every token alike (counts: equal, or the routing parted)."""
+    lines = []
+    for iteration, loads in reference.expert_load.items():
+        theirs = {load.layer: load for load in layout.expert_load.get(iteration, [])}
+        for load in loads:
+            other = theirs.get(load.layer)
+            same = other is not None and other.tokens_per_expert == load.tokens_per_expert
+            verdict = ("routed alike" if same else "routed differently: " + (
+                "no count" if other is None else
+                ", ".join(f"{n:g}" for n in other.tokens_per_expert)))
+            lines.append(f" iteration {iteration} |" + format_expert_load(load) + f" {verdict}")
+    return lines
 
 
 def _layer_of(name: str) -> int:
@@ -174,8 +192,11 @@ def check_parity(train_flags: list[str], layouts: list[str], iterations: int = 2
         log(f"layout {layout.text}: {layout.world_size} processes")
         ranks = run_layout(cfg, (layout.tp, layout.pp, layout.cp, layout.ep, layout.etp),
                            layout.world_size, iterations, fault, f"layout {layout.text!r}")
-        report = LayoutReport(layout.text, tol, differences(reference.records, ranks))
+        report = LayoutReport(layout.text, tol, differences(reference.records, ranks),
+                              expert_load_lines(reference, ranks[0]))
         log(report.table())
+        for line in report.expert_load:
+            log(line)
         log(report.verdict())
         reports.append(report)
     return reports

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import wait
 
@@ -36,6 +36,7 @@ from paratron.parallel.comm import all_gather_into
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.sharding import ParamLayout, layout_of
 from paratron.parallel.tensor_parallel import ColumnParallelLinear
+from paratron.training.moe_logging import ExpertLoad, count_expert_load, layer_expert_load
 
 FAULT_ENV = "PARATRON_PARITY_FAULT"
 RANK_DIMENSIONS = ("tp", "cp", "dp", "pp", "ep", "etp")
@@ -50,12 +51,14 @@ class RankRecords:
     """What one rank recorded, with what it takes to put the shards together: the rank's
     place in each dimension ((rank, size) by name), each parameter's layout by global
     name, and the weight layout of each column-parallel linear (its output is split like
-    the weight's rows)."""
+    the weight's rows). `expert_load`: each MoE layer's global tokens per expert, by
+    iteration (the same on every rank)."""
 
     place: dict[str, tuple[int, int]]
     records: dict[Key, np.ndarray]
     param_layouts: dict[str, ParamLayout]
     column_layouts: dict[str, ParamLayout]
+    expert_load: dict[int, list[ExpertLoad]] = field(default_factory=dict)
 
 
 def run_layout(cfg: Config, sizes: tuple, world_size: int, iterations: int,
@@ -186,11 +189,14 @@ def _record(cfg: Config, pg: ProcessGroups, iterations: int) -> RankRecords:
         recorder.record_parameters("grad", reduced_gradients(trainer.models))
 
     trainer.stage.finish_gradients = finish_and_record
+    count_expert_load(trainer.models)
+    expert_load = {}
     first = trainer.state.iteration + 1
     for iteration in range(first, first + iterations):
         recorder.start_iteration(iteration)
         trainer.train_step()
         trainer.state.iteration = iteration
+        expert_load[iteration] = layer_expert_load(trainer.models, pg)
         for model in trainer.models:
             model.finish_param_gather()
         recorder.record_parameters("weight", {name: p for name, p, _ in _parameters(chunks)})
@@ -206,7 +212,8 @@ def _record(cfg: Config, pg: ProcessGroups, iterations: int) -> RankRecords:
         column_layouts={name: layout_of(module.weight) if module.weight is not None
                         else ParamLayout(dim=0)
                         for chunk in chunks for name, module in hooked_modules(chunk)
-                        if isinstance(module, ColumnParallelLinear)})
+                        if isinstance(module, ColumnParallelLinear)},
+        expert_load={i: load for i, load in expert_load.items() if load})
 
 
 def _parameters(chunks):

@@ -48,6 +48,10 @@ def test_layouts_equal_one_process(model):
     if model == "moe":  # the stacked experts are compared gathered over EP
         names = {d.key.module for d in reports[-1].differences if d.key.phase == "weight"}
         assert "decoder.layers.3.mlp.experts.linear_fc1" in names
+        for report in reports:  # 4 MoE layers x 2 iterations, every token routed alike
+            assert len(report.expert_load) == 8
+            assert all(line.endswith("routed alike") for line in report.expert_load)
+            assert " moe layer 3 | tokens per expert min: " in report.expert_load[-1]
 
 
 # fault, layout, extra flags, (module prefix, direction) that parity must name
@@ -151,3 +155,22 @@ def test_activation_shards_make_the_global_tensor():
     np.testing.assert_array_equal(whole, full.numpy())
     [whole] = _activation(sequence, full.transpose(0, 1).shape, tp, cp, None)
     np.testing.assert_array_equal(whole, full.transpose(0, 1).numpy())
+
+
+def test_expert_load_lines_say_whether_routing_parted():
+    from paratron.debug.parity import expert_load_lines
+    from paratron.debug.workers import RankRecords
+    from paratron.training.moe_logging import ExpertLoad
+
+    def records(counts):
+        load = ExpertLoad(0, counts, counts, {"load_balancing_loss": 1.0})
+        return RankRecords({}, {}, {}, {}, expert_load={1: [load]})
+
+    reference = records([6.0, 2.0])
+    assert expert_load_lines(reference, records([6.0, 2.0])) == [
+        " iteration 1 | moe layer 0 | tokens per expert min: 2.0 max: 6.0 cv: 0.5000 |"
+        " load_balancing_loss: 1.000000E+00 | routed alike"]
+    assert expert_load_lines(reference, records([5.0, 3.0]))[0].endswith(
+        "routed differently: 5, 3")
+    assert expert_load_lines(reference, RankRecords({}, {}, {}, {}))[0].endswith(
+        "routed differently: no count")
