@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from paratron.parallel.random import in_backward
+
 # Phases in the order an iteration produces them; a record's direction follows.
 PHASES = ("forward", "backward", "grad", "weight")
 DIRECTION = {"forward": "forward", "backward": "backward", "grad": "backward",
@@ -56,11 +58,6 @@ class _RecordGradient(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.record(grad)
         return grad, None
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward now (a recompute replaying a forward)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 # Modules every pipeline chunk has its own of: what they return is the chunk's, not the
@@ -107,7 +104,7 @@ class Recorder:
 
     def _pre_hook(self, name: str):
         def hook(module, args, kwargs):
-            if _in_backward() or not torch.is_grad_enabled():
+            if in_backward() or not torch.is_grad_enabled():
                 return None
             for i, arg in enumerate(args):
                 if isinstance(arg, torch.Tensor) and arg.requires_grad:
@@ -120,7 +117,7 @@ class Recorder:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if _in_backward():
+            if in_backward():
                 return
             if isinstance(output, torch.Tensor):
                 self._keep(Key(self.iteration, "forward", self._micro(name), name, "output"),

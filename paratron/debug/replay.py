@@ -34,6 +34,7 @@ from paratron.config import SECTIONS, Config, config_of
 from paratron.inference.loading import checkpoint_tokenizer
 from paratron.options import fields_with_flags
 from paratron.parallel.data_parallel import accumulated_grad
+from paratron.parallel.random import in_backward
 from paratron.training.moe_logging import (count_expert_load, format_expert_load,
                                            layer_expert_load)
 from paratron.training.pretrain import build_datasets
@@ -166,11 +167,6 @@ class NonFinite:
                 f"micro-batch {self.micro_batch} ({source})")
 
 
-def _in_backward() -> bool:
-    """Whether autograd's engine is running a backward on this thread."""
-    return torch._C._current_graph_task_id() != -1
-
-
 def _non_finite(tensors, backward: bool) -> str | None:
     """'NaN', 'Inf' or '-Inf' when a floating tensor among `tensors` holds one, else None.
     A forward's -Inf is left out: it is how attention masks are written."""
@@ -203,7 +199,7 @@ class _NonFiniteWatch(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if (self.probe.first_non_finite is None and not func.is_view
                 and func.overloadpacket.__name__ not in _UNWRITTEN):
-            backward = _in_backward()
+            backward = in_backward()
             kind = _non_finite(tree_flatten(out)[0], backward)
             if kind is not None:
                 inputs = tree_flatten((args, kwargs))[0]
@@ -260,7 +256,7 @@ class StepProbe:
     def _post_forward(self, name: str):
         def hook(module, args, output):
             self._forward.pop()
-            if _in_backward():
+            if in_backward():
                 return  # recomputed in backward: seen already
             out = next((t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)
                         and t.is_floating_point()), None)
@@ -332,7 +328,7 @@ class StepProbe:
                 handle.remove()
 
     def _next_micro_batch(self, module, args) -> None:
-        if not _in_backward():
+        if not in_backward():
             self.micro_batch = (self.first_micro_batch if self.micro_batch < 0
                                 else self.micro_batch + 1)
 

@@ -25,6 +25,7 @@ from paratron.model.config import check_moe_config
 from paratron.model.mlp import MLP, activate
 from paratron.parallel.expert_parallel import build_dispatcher
 from paratron.parallel.process_groups import ProcessGroups
+from paratron.parallel.random import in_backward
 from paratron.parallel.sharding import layout_of, replicated, set_layout, shard_tensor
 from paratron.parallel.tensor_parallel import (GatherFromSequenceParallelRegion,
                                                ScatterToSequenceParallelRegion)
@@ -159,11 +160,6 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
         return grad, torch.ones_like(aux_loss) * ctx.scale, None
 
 
-def _recomputing() -> bool:
-    """True inside backward (activation recompute): statistics are not counted twice."""
-    return torch._C._current_graph_task_id() != -1
-
-
 def _all_reduce_over(value: torch.Tensor, groups: list) -> torch.Tensor:
     for group in groups:
         dist.all_reduce(value, group=group)
@@ -243,7 +239,7 @@ class TopKRouter(nn.Module):
             probs = MoEAuxLossAutoScaler.apply(probs, value * coeff, aux_loss_scale)
             name = "seq_load_balancing_loss" if kind == "seq_aux_loss" else "load_balancing_loss"
             losses[name] = value.detach()
-        if self.expert_bias is not None and training and not _recomputing():
+        if self.expert_bias is not None and training and not in_backward():
             with torch.no_grad():
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
         return probs, routing_map, losses
@@ -252,7 +248,7 @@ class TopKRouter(nn.Module):
         """Add this forward's tokens per expert, chosen by top-k and kept after the
         capacity drop, on the device: forwards that build a graph only (not evaluation),
         once each (not again in activation recompute)."""
-        if self.load_counts is None or not torch.is_grad_enabled() or _recomputing():
+        if self.load_counts is None or not torch.is_grad_enabled() or in_backward():
             return
         self.load_counts[0] += routed.sum(dim=0)
         self.load_counts[1] += (routed & kept).sum(dim=0)
@@ -468,7 +464,7 @@ class MoELayer(nn.Module):
         return min(tokens * slots, experts * keep), slots
 
     def _record(self, losses: dict[str, torch.Tensor]) -> None:
-        if not losses or _recomputing():
+        if not losses or in_backward():
             return
         names = sorted(losses)
         values = torch.stack([losses[n] for n in names])

@@ -155,3 +155,9 @@ def seed_everything(seed: int, pg, device: torch.device | str = "cpu") -> None:
     pg.rng.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, pg.tp.rank, pg.pp.rank), device)
     pg.rng.add(EXPERT_PARALLEL_RNG,
                expert_parallel_seed(seed, pg.ep.rank, pg.etp.rank, pg.pp.rank), device)
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine runs a backward on this thread: a forward now is
+    activation recompute replaying one, which statistics and hooks must not count twice."""
+    return torch._C._current_graph_task_id() != -1
