@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows = {"raw memmap": lambda: time_raw(prefix + ".bin", n, micro, seq)}
         for name, dataset in (("pretraining", train), ("SFT packed", sft)):
             for workers in (default_workers, MEGATRON_DEFAULT_WORKERS):
-                label = (f"paratron {name}, default (in process)" if workers is None
-                         else f"paratron {name}, {workers} workers")
+                label = (f"paratron {name}, 0 workers (default)" if workers is None
+                         else f"paratron {name}, {workers} workers (Megatron's default)")
                 rows[label] = (lambda d=dataset, w=workers: time_loader(d, n, micro, w))
         times: dict[str, list[float]] = {name: [] for name in rows}
         for _ in range(args.repeats):
@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> dict:
     raw = statistics.median(times["raw memmap"])
     print(f"{n} micro-batches of {micro} x {seq} tokens, median of {args.repeats} interleaved "
           f"runs, torch threads {torch.get_num_threads()}")
-    print(f"{'loader':<46}{'seconds':>9}{'batches/s':>12}{'vs raw':>9}")
+    print(f"{'loader':<56}{'seconds':>9}{'batches/s':>12}{'vs raw':>9}")
     record = {"batches": n, "micro_batch": micro, "seq_length": seq, "repeats": args.repeats,
               "default_workers": default_workers, "rows": {}}
     for name, values in times.items():
         median = statistics.median(values)
         record["rows"][name] = {"seconds": values, "batches_per_s": n / median,
                                 "vs_raw": raw / median}
-        print(f"{name:<46}{median:>9.3f}{n / median:>12,.0f}{raw / median:>8.2f}x")
+        print(f"{name:<56}{median:>9.3f}{n / median:>12,.0f}{raw / median:>8.2f}x")
     if args.json_out:
         with open(args.json_out, "a") as fh:
             fh.write(json.dumps(record) + "\n")

@@ -24,13 +24,13 @@ def test_small_run_reports_every_loader(tmp_path, capsys):
         del sys.modules[spec.name]
     assert json.loads(out.read_text()) == record
     rows = record["rows"]
-    assert list(rows) == ["raw memmap", "paratron pretraining, default (in process)",
-                          "paratron pretraining, 2 workers",
-                          "paratron SFT packed, default (in process)",
-                          "paratron SFT packed, 2 workers"]
+    assert list(rows) == ["raw memmap", "paratron pretraining, 0 workers (default)",
+                          "paratron pretraining, 2 workers (Megatron's default)",
+                          "paratron SFT packed, 0 workers (default)",
+                          "paratron SFT packed, 2 workers (Megatron's default)"]
     raw = sum(rows["raw memmap"]["seconds"]) / 2  # the median of two
     for row in rows.values():
         assert len(row["seconds"]) == 2
         assert row["vs_raw"] == pytest.approx(raw / (sum(row["seconds"]) / 2))
     printed = capsys.readouterr().out
-    assert "paratron pretraining, default (in process)" in printed
+    assert "paratron pretraining, 0 workers (default)" in printed
