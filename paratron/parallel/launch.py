@@ -81,7 +81,10 @@ def init_distributed(backend: str = "nccl", timeout_minutes: float = 10,
 # pytorch/pytorch#135712), and env:// hands the workers that store as it is. Gloo and
 # NCCL publish each rank's address under fixed keys in it, so a restarted rank can read
 # the address of the previous round's rank 0 and fail with "Connection refused". Each
-# round therefore works under a prefix of its own.
+# round therefore works under a prefix of its own. With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# (the elastic recipe: torchrun's shared store cannot take a node that joins, see the
+# README) every round gets a fresh store of its own and there is nothing to keep apart,
+# nor anything left of the previous round to read.
 def restart_round() -> int:
     """Which of torchrun's restart rounds this is (0 for the first, or without torchrun)."""
     try:
@@ -94,6 +97,9 @@ def _round_prefix(round_: int) -> str:
     return f"paratron/round_{round_}/"
 
 
+_WORLD_KEY = "world_size"  # each round's, under its prefix
+
+
 def _round_store(world_size: int, timeout: timedelta):
     """A client of torchrun's store under this round's prefix, or None when torchrun does
     not hand its workers its store (a launch by hand: env:// makes a fresh store)."""
@@ -102,7 +108,9 @@ def _round_store(world_size: int, timeout: timedelta):
         return None
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
                           is_master=False, timeout=timeout)
-    return dist.PrefixStore(_round_prefix(restart_round()), store)
+    round_store = dist.PrefixStore(_round_prefix(restart_round()), store)
+    round_store.set(_WORLD_KEY, str(world_size))  # an elastic job's next round may differ
+    return round_store
 
 
 def _base_store():
@@ -145,10 +153,15 @@ def previous_round_report() -> str | None:
     """For a restarted round: which ranks of the previous round ended without a word,
     that is, died (None in the first round)."""
     round_, store = restart_round(), _base_store()
-    if round_ == 0 or store is None:
+    if round_ == 0:
         return None
+    if store is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return f"torchrun restart round {round_}"  # the previous round's store is gone
     try:
-        gone = [r for r in range(dist.get_world_size())
+        previous = dist.PrefixStore(_round_prefix(round_ - 1), store)
+        if not previous.check([_WORLD_KEY]):  # a new store: its host was lost with its node
+            return f"torchrun restart round {round_}"
+        gone = [r for r in range(int(previous.get(_WORLD_KEY)))
                 if not store.check([_ended_key(round_ - 1, r)])]
     except Exception:  # noqa: BLE001 - the report is a courtesy; never block a restart
         return f"torchrun restart round {round_}"
