@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from paratron.data.config import DataConfig
 from paratron.model.config import (TransformerConfig, check_experts_and_mla, check_model,
-                                   check_tensor_parallel, derive_model)
+                                   check_mtp, check_tensor_parallel, derive_model)
 from paratron.model.fp8 import check_fp8
 from paratron.options import MAX_SEED, ConfigError, check_numbers, fields_with_flags, opt
 from paratron.parallel.config import (ParallelConfig, check_context_parallel,
@@ -315,6 +315,7 @@ def validate(cfg: Config, training: bool = True) -> None:
     _validate_fp8(cfg)
     check_pipeline(cfg)
     check_experts_and_mla(m, tp, p.expert_model_parallel_size, p.expert_tensor_parallel_size)
+    check_mtp(m, p.pipeline_model_parallel_size, p.context_parallel_size)
     check_context_parallel(cfg)
     _validate_logging(cfg)
     _validate_memory_and_speed(cfg)
@@ -367,6 +368,9 @@ def _validate_logging(cfg: Config) -> None:
     if lg.moe_per_layer_logging and not cfg.model.num_experts:
         raise ConfigError("--moe-per-layer-logging needs an MoE model (--num-experts); "
                           "drop it for a dense model")
+    if lg.moe_per_layer_logging and cfg.model.mtp_num_layers:
+        raise ConfigError("--moe-per-layer-logging counts the decoder's layers only: drop it "
+                          "with --mtp-num-layers")
     if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
         raise ConfigError(f"--loss-spike-factor must be above 1 (or 0 to turn the warning "
                           f"off), got {t.loss_spike_factor}")

@@ -44,8 +44,8 @@ class ParamEntry:
     chunk: object       # the model chunk (DataParallel or module) holding it
 
     @property
-    def is_copy(self) -> bool:
-        return self.name != self.source
+    def is_copy(self) -> bool:  # also the last stage's embedding copy for its MTP modules
+        return layout_of(self.param).tied == "copy"
 
     @property
     def expert(self) -> bool:

@@ -48,12 +48,13 @@ def _machine_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-gb", type=NumberType(float))
     parser.add_argument("--memory-headroom", type=NumberType(float), default=0.1)
     parser.add_argument("--max-rows", type=NumberType(int), default=30)
+    parser.add_argument("--gpus-per-node", type=NumberType(int), default=8)
     parser.add_argument("--check-communication", action="store_true")
     return parser
 
 
 USAGE = f"""usage: {PROG} --num-gpus N --gpu-memory-gb G [--memory-headroom F] [--max-rows R]
-                     <paratron train flags>
+                     [--gpus-per-node P] <paratron train flags>
        {PROG} --check-communication --num-gpus N <paratron train flags>
 
   --num-gpus N          GPUs of the job
@@ -61,6 +62,8 @@ USAGE = f"""usage: {PROG} --num-gpus N --gpu-memory-gb G [--memory-headroom F] [
   --memory-headroom F   fraction of G kept free for the CUDA context, NCCL and
                         allocator fragmentation (default 0.1)
   --max-rows R          layouts shown, best first (default 30)
+  --gpus-per-node P     GPUs that share a node's fast links (default 8): tensor
+                        parallelism stays within them
   --check-communication check instead that the pipeline's sends and receives and the
                         expert all-to-alls of the given layout cannot hang on NCCL
 
@@ -93,6 +96,8 @@ def build(argv: list[str]):
         raise ConfigError(f"--memory-headroom must be in [0, 1), got {machine.memory_headroom}")
     if machine.max_rows <= 0:
         raise ConfigError(f"--max-rows must be positive, got {machine.max_rows}")
+    if machine.gpus_per_node <= 0:
+        raise ConfigError(f"--gpus-per-node must be positive, got {machine.gpus_per_node}")
     if launched_world_size() > 1:
         raise ConfigError("paratron plan runs as one process: unset WORLD_SIZE (the GPUs "
                           "come from --num-gpus)")
@@ -174,6 +179,8 @@ def _table(rows, budget: float, title: str, width: int):
 def _flags(layout, recompute: bool) -> str:
     parts = [f"--tensor-model-parallel-size {layout.tp}",
              f"--pipeline-model-parallel-size {layout.pp}"]
+    if layout.first_stage_layers:
+        parts.append(f"--decoder-first-pipeline-num-layers {layout.first_stage_layers}")
     if layout.cp > 1:
         parts.append(f"--context-parallel-size {layout.cp}")
     if layout.ep > 1:
@@ -227,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"GiB per GPU: add GPUs, or shrink the model, --micro-batch-size or "
                   f"--seq-length")
             return 1
-        candidates, refused = plan(cfg, machine.num_gpus, pinned)
+        candidates, refused = plan(cfg, machine.num_gpus, pinned,
+                                   max_tp=machine.gpus_per_node)
     except ConfigError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2

@@ -6,7 +6,8 @@ is described exactly as a user would describe it with Megatron flags. Llama, Qwe
 Qwen3 share one reader (they differ only in biases and the per-head q/k norm); GPT-2
 has its own because its keys (`n_embd`, `n_layer`, ...) and layer shapes differ. The
 mixtures of experts (Mixtral, Qwen3-MoE) add their routing to the Llama reader;
-DeepSeek-V2 (multi-latent attention, shared experts, YaRN) has its own.
+DeepSeek-V2 (multi-latent attention, shared experts, YaRN) has its own, and DeepSeek-V3
+(with Kimi-K2 and Moonlight) adds sigmoid routing with an expert bias to it.
 
 What Paratron cannot represent is refused with one line naming the key, never
 approximated: a model that loads must give the same logits as in `transformers`.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from paratron.convert.errors import ConversionError
+from paratron.convert.hf_mtp import mtp_fields
 from paratron.model.config import (TransformerConfig, check_moe_config, derive_model,
                                    moe_layer_pattern)
 from paratron.model.rotary import yarn_mscale
@@ -41,6 +43,28 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return hf
+
+
+def fp8_block_size(hf: dict) -> tuple[int, int] | None:
+    """The weight block of an FP8 checkpoint (DeepSeek-V3's and Kimi-K2's
+    `quantization_config`: float8_e4m3fn weights, each [rows, cols] block scaled by one
+    `weight_scale_inv`), or None for an unquantized one. Other quantizations are refused:
+    their weights cannot be read back as the model's."""
+    quant = hf.get("quantization_config")
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if method != "fp8" or not isinstance(quant, dict):
+        _refuse(hf, f"quantization_config quant_method {method!r} (only block-scaled fp8)")
+    if quant.get("fmt", "e4m3") != "e4m3":
+        _refuse(hf, f"quantization_config fmt {quant['fmt']!r} (only e4m3)")
+    block = quant.get("weight_block_size")
+    if (not isinstance(block, list) or len(block) != 2
+            or any(number_problem(b, int, True) for b in block)):
+        raise ConversionError(f"config.json ({hf.get('model_type')}): quantization_config "
+                              f"weight_block_size {block!r}; expected two positive block "
+                              f"sizes such as [128, 128]")
+    return block[0], block[1]
 
 
 # The numeric keys the readers use, as (type, positive): each is checked before any
@@ -325,12 +349,10 @@ def _qwen3_moe(hf: dict) -> dict[str, Any]:
 _DEEPSEEK_LATENT_NORM_EPS = 1e-6
 
 
-def _deepseek_v2(hf: dict) -> dict[str, Any]:
-    """DeepSeek-V2 as transformers runs it: multi-latent attention (optionally with a
-    low-rank query), pair-wise rope with optional YaRN, the first first_k_dense_replace
-    layers dense and the rest MoE with n_shared_experts always-on experts; routing is a
-    softmax over all experts, top-k (greedy, or group_limited_greedy over n_group groups
-    keeping topk_group), not renormalised, times routed_scaling_factor."""
+def _mla_model(hf: dict) -> dict[str, Any]:
+    """What DeepSeek-V2 and V3 share: multi-latent attention (optionally with a low-rank
+    query), pair-wise rope with optional YaRN, SwiGLU, no biases, the first
+    first_k_dense_replace layers dense."""
     if hf.get("hidden_act", "silu") != "silu":
         _refuse(hf, f"hidden_act {hf['hidden_act']!r} (SwiGLU needs silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -339,21 +361,16 @@ def _deepseek_v2(hf: dict) -> dict[str, Any]:
     if eps != _DEEPSEEK_LATENT_NORM_EPS:
         _refuse(hf, f"rms_norm_eps {eps} (the latent norms use {_DEEPSEEK_LATENT_NORM_EPS}; "
                     f"Paratron has one epsilon for all norms)")
-    if hf.get("norm_topk_prob"):
-        # transformers ignores it; DeepSeek's own code renormalises: no single answer.
-        _refuse(hf, "norm_topk_prob true")
-    if hf.get("scoring_func", "softmax") != "softmax":
-        _refuse(hf, f"scoring_func {hf['scoring_func']!r} (only softmax)")
     if hf.get("moe_layer_freq", 1) != 1:
         _refuse(hf, f"moe_layer_freq {hf['moe_layer_freq']}")
-    method = hf.get("topk_method") or "greedy"
-    if method not in ("greedy", "group_limited_greedy"):
-        _refuse(hf, f"topk_method {method!r} (supported: greedy, group_limited_greedy)")
     hidden, heads = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
-    n = _need(hf, "num_hidden_layers")
+    if hf.get("num_key_value_heads") not in (None, heads):
+        _refuse(hf, f"num_key_value_heads {hf['num_key_value_heads']} other than "
+                    f"num_attention_heads {heads} (every head has its own latent keys)")
     v_head_dim = _need(hf, "v_head_dim")
-    fields = dict(
-        num_layers=n, hidden_size=hidden, ffn_hidden_size=_need(hf, "intermediate_size"),
+    return dict(
+        num_layers=_need(hf, "num_hidden_layers"), hidden_size=hidden,
+        ffn_hidden_size=_need(hf, "intermediate_size"),
         num_attention_heads=heads, num_query_groups=heads, group_query_attention=False,
         kv_channels=hidden // heads if hidden % heads == 0 else v_head_dim,
         multi_latent_attention=True, q_lora_rank=hf.get("q_lora_rank"),
@@ -363,24 +380,81 @@ def _deepseek_v2(hf: dict) -> dict[str, Any]:
         **_rope(hf, mla=True),
         normalization="RMSNorm", norm_epsilon=eps, swiglu=True, add_bias_linear=False,
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False))
+
+
+def _deepseek_experts(hf: dict, fields: dict, renormalise: bool) -> bool:
+    """Add the routed and shared experts of a DeepSeek model to `fields`; False when
+    every layer is dense (the routing keys then describe nothing)."""
+    n = fields["num_layers"]
     first_dense = hf.get("first_k_dense_replace") or 0
     if first_dense >= n:
-        return fields  # every layer dense: the routing keys describe nothing
+        return False
     fields.update(_routing(hf, experts_key=("n_routed_experts", "num_experts"),
-                           ffn_key="moe_intermediate_size",
-                           renormalise=False, moe=[i >= first_dense for i in range(n)]),
+                           ffn_key="moe_intermediate_size", renormalise=renormalise,
+                           moe=[i >= first_dense for i in range(n)]),
                   moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
     shared = hf.get("n_shared_experts") or 0
     if shared:
         fields["moe_shared_expert_intermediate_size"] = shared * fields["moe_ffn_hidden_size"]
-    if method == "group_limited_greedy":
-        fields.update(moe_router_num_groups=_need(hf, "n_group"),
-                      moe_router_group_topk=_need(hf, "topk_group"))
     # DeepSeek's own configs carry the training-time balancing (sequence-wise aux loss).
     if hf.get("aux_loss_alpha"):
         fields.update(moe_aux_loss_coeff=float(hf["aux_loss_alpha"]),
                       moe_router_load_balancing_type=("seq_aux_loss" if hf.get("seq_aux", True)
                                                       else "aux_loss"))
+    return True
+
+
+def _deepseek_v2(hf: dict) -> dict[str, Any]:
+    """DeepSeek-V2 as transformers runs it: multi-latent attention, dense first layers,
+    MoE with n_shared_experts always-on experts; routing is a softmax over all experts,
+    top-k (greedy, or group_limited_greedy over n_group groups keeping topk_group), not
+    renormalised, times routed_scaling_factor."""
+    if hf.get("norm_topk_prob"):
+        # transformers ignores it; DeepSeek's own code renormalises: no single answer.
+        _refuse(hf, "norm_topk_prob true")
+    if hf.get("scoring_func", "softmax") != "softmax":
+        _refuse(hf, f"scoring_func {hf['scoring_func']!r} (only softmax)")
+    method = hf.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        _refuse(hf, f"topk_method {method!r} (supported: greedy, group_limited_greedy)")
+    fields = _mla_model(hf)
+    if _deepseek_experts(hf, fields, renormalise=False) and method == "group_limited_greedy":
+        fields.update(moe_router_num_groups=_need(hf, "n_group"),
+                      moe_router_group_topk=_need(hf, "topk_group"))
+    return fields
+
+
+def _deepseek_v3(hf: dict) -> dict[str, Any]:
+    """DeepSeek-V3, Kimi-K2 and Moonlight as transformers runs them: V2's model with
+    sigmoid router scores; the aux-loss-free bias `e_score_correction_bias` added for the
+    choice only; node-limited routing (the best topk_group of n_group groups, a group
+    scored by the sum of its top-2 biased scores, then top-k inside them); the chosen
+    scores renormalised and times routed_scaling_factor (Megatron's
+    --moe-router-score-function sigmoid --moe-router-enable-expert-bias).
+
+    Megatron scores a group by its top (k / group_topk) scores, transformers by its top
+    2: configs where that differs and the groups matter are refused. The MTP layers
+    (num_nextn_predict_layers) are read by the multi-token prediction support."""
+    if hf.get("scoring_func", "sigmoid") != "sigmoid":
+        _refuse(hf, f"scoring_func {hf['scoring_func']!r} (only sigmoid)")
+    if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        _refuse(hf, f"topk_method {hf['topk_method']!r} (only noaux_tc)")
+    if hf.get("norm_topk_prob", True) is False:
+        _refuse(hf, "norm_topk_prob false (sigmoid routing renormalises the top-k scores)")
+    if hf.get("rope_interleave", True) is False:
+        _refuse(hf, "rope_interleave false (DeepSeek's rope rotates channel pairs)")
+    fields = _mla_model(hf)
+    if not _deepseek_experts(hf, fields, renormalise=True):
+        return fields
+    fields.update(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+                  moe_router_enable_expert_bias=True)
+    groups, group_topk = hf.get("n_group") or 1, hf.get("topk_group") or 1
+    if group_topk < groups:  # otherwise every group is kept: plain top-k
+        topk = fields["moe_router_topk"]
+        if topk % group_topk or topk // group_topk != 2:
+            _refuse(hf, f"num_experts_per_tok {topk} with topk_group {group_topk} (a group "
+                        f"scores its top 2 experts, Megatron's its top k / topk_group)")
+        fields.update(moe_router_num_groups=groups, moe_router_group_topk=group_topk)
     return fields
 
 
@@ -392,6 +466,9 @@ _READERS: dict[str, Callable[[dict], dict[str, Any]]] = {
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
     "deepseek_v2": _deepseek_v2,
+    "deepseek_v3": _deepseek_v3,
+    # Kimi-K2's config.json names DeepSeek-V3's architecture kimi_k2.
+    "kimi_k2": _deepseek_v3,
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_READERS)
@@ -411,6 +488,7 @@ def hf_to_paratron_fields(hf: dict) -> dict[str, Any]:
     reader = _READERS[check_model_type(hf)]
     _check_numbers(hf)
     fields = reader(hf)
+    fields.update(mtp_fields(hf))
     fields.update(padded_vocab_size=_need(hf, "vocab_size"),
                   init_method_std=hf.get("initializer_range", 0.02),
                   # Inference-exact by default; fine-tuning sets its own dropout.

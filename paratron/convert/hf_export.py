@@ -3,7 +3,8 @@
 `hf_config_from_paratron` inverts `hf_config.config_from_hf` and is checked, not trusted:
 the written config.json is read back and every setting that changes what the model
 computes must come back equal, so a model a Hugging Face architecture cannot express
-(squared ReLU, partial rotary, sigmoid routing, ...) is refused with the setting named.
+(squared ReLU, partial rotary, sigmoid routing without MLA, ...) is refused with the
+setting named.
 Weights are written as `save_pretrained` does (shards of at most `max_shard_size` with
 `model.safetensors.index.json`, one file when it fits), padded vocabulary rows trimmed
 and routed experts one tensor per expert, so `from_pretrained` and lm-eval load it.
@@ -24,14 +25,16 @@ from paratron.model.identity import model_identity
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import hf_to_paratron_fields, transformer_config
 from paratron.convert.hf_loader import INDEX_FILE, SINGLE_FILE
-from paratron.convert.hf_mapping import PER_EXPERT, architecture
-from paratron.convert.streaming import StreamedModel, cast, progress, resize_vocab, staged_output
+from paratron.convert.hf_mapping import PER_EXPERT
+from paratron.convert.hf_mtp import architecture
+from paratron.convert.streaming import StreamedModel, progress, resize_vocab, staged_output
 from paratron.convert.tokenizer_files import TokenizerFiles, copy_into
 
 ARCHITECTURE_CLASSES = {
     "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
 }
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -39,7 +42,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 def infer_model_type(c: TransformerConfig) -> str:
     """The Hugging Face architecture a Paratron model config describes."""
     if c.multi_latent_attention:
-        return "deepseek_v2"
+        return "deepseek_v3" if c.moe_router_score_function == "sigmoid" else "deepseek_v2"
     if c.position_embedding_type == "learned_absolute":
         return "gpt2"
     if c.num_experts:
@@ -110,11 +113,27 @@ def _by_type(c: TransformerConfig, model_type: str) -> dict:
                     mlp_only_layers=_dense_layers(c),
                     router_aux_loss_coef=c.moe_aux_loss_coeff)
     if model_type == "deepseek_v2":
-        dense = _dense_layers(c)
-        if dense != list(range(len(dense))):
-            raise ConversionError(f"DeepSeek-V2 has dense layers only before its MoE layers; "
-                                  f"this model's dense layers are {dense}")
-        out = dict(
+        out = _deepseek_model(c)
+        if not c.num_experts:  # every layer dense (first_k_dense_replace = all of them)
+            return dict(out, n_routed_experts=0)
+        return dict(out, **_deepseek_v2_experts(c))
+    if model_type in ("deepseek_v3", "kimi_k2"):
+        # The multi-token prediction layers are stored as layers num_hidden_layers + k.
+        out = dict(_deepseek_model(c), rope_interleave=True,
+                   num_nextn_predict_layers=c.mtp_num_layers or 0)
+        if not c.num_experts:
+            return dict(out, n_routed_experts=0)
+        return dict(out, **_deepseek_v3_experts(c))
+    raise ConversionError(f"unsupported Hugging Face model_type {model_type!r}")
+
+
+def _deepseek_model(c: TransformerConfig) -> dict:
+    """The keys DeepSeek-V2 and V3 share: multi-latent attention, the dense layers."""
+    dense = _dense_layers(c)
+    if dense != list(range(len(dense))):
+        raise ConversionError(f"DeepSeek models have dense layers only before their MoE "
+                              f"layers; this model's dense layers are {dense}")
+    return dict(
             hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
             num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
             num_key_value_heads=c.num_attention_heads,
@@ -124,27 +143,37 @@ def _by_type(c: TransformerConfig, model_type: str) -> dict:
             qk_nope_head_dim=c.qk_head_dim, qk_rope_head_dim=c.qk_pos_emb_head_dim,
             v_head_dim=c.v_head_dim, head_dim=c.qk_pos_emb_head_dim,
             first_k_dense_replace=len(dense), moe_layer_freq=1, **_rope(c))
-        if not c.num_experts:  # every layer dense (first_k_dense_replace = all of them)
-            return dict(out, n_routed_experts=0)
-        return dict(out, **_deepseek_v2_experts(c))
-    raise ConversionError(f"unsupported Hugging Face model_type {model_type!r}")
 
 
-def _deepseek_v2_experts(c: TransformerConfig) -> dict:
-    """DeepSeek-V2's routing keys for a model with experts."""
+def _deepseek_experts(c: TransformerConfig) -> dict:
+    """The expert keys DeepSeek-V2 and V3 share."""
     shared = c.moe_shared_expert_intermediate_size or 0
     if shared % c.moe_ffn_hidden_size:
         raise ConversionError(f"--moe-shared-expert-intermediate-size {shared} is not a "
                               f"multiple of --moe-ffn-hidden-size {c.moe_ffn_hidden_size}, "
-                              f"as DeepSeek-V2's n_shared_experts needs")
+                              f"as DeepSeek's n_shared_experts needs")
     return dict(
         n_routed_experts=c.num_experts, n_shared_experts=shared // c.moe_ffn_hidden_size,
         moe_intermediate_size=c.moe_ffn_hidden_size, num_experts_per_tok=c.moe_router_topk,
         routed_scaling_factor=c.moe_router_topk_scaling_factor or 1.0,
-        topk_method="group_limited_greedy" if c.moe_router_num_groups else "greedy",
-        n_group=c.moe_router_num_groups, topk_group=c.moe_router_group_topk,
-        norm_topk_prob=False, scoring_func="softmax", aux_loss_alpha=c.moe_aux_loss_coeff,
+        aux_loss_alpha=c.moe_aux_loss_coeff,
         seq_aux=c.moe_router_load_balancing_type == "seq_aux_loss")
+
+
+def _deepseek_v2_experts(c: TransformerConfig) -> dict:
+    """DeepSeek-V2's routing keys for a model with experts."""
+    return dict(_deepseek_experts(c),
+                topk_method="group_limited_greedy" if c.moe_router_num_groups else "greedy",
+                n_group=c.moe_router_num_groups, topk_group=c.moe_router_group_topk,
+                norm_topk_prob=False, scoring_func="softmax")
+
+
+def _deepseek_v3_experts(c: TransformerConfig) -> dict:
+    """DeepSeek-V3's routing keys: sigmoid scores, the correction bias, groups (one group
+    of all experts when the routing is not group-limited)."""
+    return dict(_deepseek_experts(c), topk_method="noaux_tc", scoring_func="sigmoid",
+                norm_topk_prob=True, n_group=c.moe_router_num_groups or 1,
+                topk_group=c.moe_router_group_topk or 1)
 
 
 def hf_config_from_paratron(c: TransformerConfig, model_type: str, vocab_size: int,
@@ -176,6 +205,8 @@ def _effective(c: TransformerConfig) -> dict:
     if c.num_experts and not c.moe_router_num_groups:
         out.pop("moe_router_num_groups", None)
         out.pop("moe_router_group_topk", None)
+    if c.num_experts and c.moe_router_score_function == "sigmoid":
+        out.pop("moe_router_pre_softmax", None)  # no softmax to place
     return out
 
 
@@ -312,12 +343,16 @@ def save_hf_folder(model: StreamedModel, save_dir: str | Path, *,
         shards = _ShardWriter(tmp, max_shard_size)
         with progress(model.num_groups, "writing Hugging Face safetensors") as bar:
             for group in model.groups():
-                group = cast(resize_vocab(group, model.vocab_size), out_dtype)
+                group = resize_vocab(group, model.vocab_size)
                 for key, tensor in group.items():
-                    if not key.startswith("model/"):
+                    kind, _, name = key.partition("/")
+                    if kind == "model":
+                        tensor = tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+                    elif kind != "buffer" or not arch.maps(name):
                         raise ConversionError(f"{model.source}: {key} has no Hugging Face "
                                               f"{model_type} equivalent")
-                    name = key.removeprefix("model/")
+                    # Buffers (DeepSeek-V3's expert bias) keep their precision, as
+                    # transformers keeps them in fp32.
                     for hf_name, part in arch.to_hf(name, tensor, c, 0, PER_EXPERT).items():
                         shards.add(hf_name, part)
                 bar.update()

@@ -6,7 +6,8 @@ so no pickle is read and only one tensor's sources are in memory besides the mod
 Loading is strict both ways: every Paratron tensor filled, every stored tensor used
 (buffers such as `inv_freq` excepted), so a mapping mistake is one line naming the file
 and tensor, never random weights left behind. Routed experts are read from whichever
-layout the files hold (see `hf_mapping`).
+layout the files hold (see `hf_mapping`). FP8 block-scaled weights (DeepSeek-V3's and
+Kimi-K2's published checkpoints) are dequantized to bf16 as each is read.
 """
 
 from __future__ import annotations
@@ -20,22 +21,39 @@ from safetensors import SafetensorError, safe_open
 from paratron.checkpoint.untrusted import FLOAT_DTYPES, inside, read_json, safetensors_header
 from paratron.model.config import TransformerConfig
 from paratron.convert.errors import ConversionError
-from paratron.convert.hf_config import config_from_hf, read_hf_config
-from paratron.convert.hf_mapping import EMBEDDING, OUTPUT, Architecture, architecture
+from paratron.convert.hf_config import config_from_hf, fp8_block_size, read_hf_config
+from paratron.convert.hf_mapping import EMBEDDING, OUTPUT, Architecture
+from paratron.convert.hf_mtp import architecture
 from paratron.model.gpt import GPTModel
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# The per-block dequantization factors stored beside an FP8 weight `X` as `X_scale_inv`.
+SCALE_SUFFIX = "_scale_inv"
+
+
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
+                      block: tuple[int, int]) -> torch.Tensor:
+    """An FP8 weight [rows, cols] times its block factors [ceil(rows / b0), ceil(cols /
+    b1)] (the last blocks of a dimension that is no multiple of the block are partial),
+    in bf16 as DeepSeek's own fp8_cast_bf16 writes it."""
+    rows, cols = weight.shape
+    factors = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows]
+    factors = factors.repeat_interleave(block[1], dim=1)[:, :cols]
+    return (weight.float() * factors).to(torch.bfloat16)
 
 
 class SafetensorsFolder:
     """The stored tensors of a checkpoint folder: which file holds each, opened lazily.
 
     Use as a context manager; files are opened on first use and closed on exit.
+    block: the FP8 weight block of config.json's quantization_config (None: unquantized);
+    a weight stored with a `_scale_inv` companion is then dequantized when read.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, block: tuple[int, int] | None = None):
         self.folder = Path(folder)
+        self.block = block
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
         self._headers: dict[str, dict] = {}
@@ -143,8 +161,36 @@ class SafetensorsFolder:
         self._handle_with(name)
         return self._headers[self.location[name]][name][0]
 
+    def scale_of(self, name: str) -> str | None:
+        """The stored block factors of FP8 weight `name`, or None."""
+        scale = name + SCALE_SUFFIX
+        return scale if self.block and scale in self.location else None
+
+    def check_quantized(self, name: str) -> None:
+        """Refuse an FP8 weight without block factors, or whose factors do not cover it
+        in blocks of `self.block`."""
+        scale, dtype = self.scale_of(name), self.dtype(name)
+        if scale is None:
+            if dtype.startswith("float8"):
+                hint = (f"no {name}{SCALE_SUFFIX} beside it" if self.block else
+                        "config.json has no quantization_config")
+                raise ConversionError(f"{self.where(name)}: {name} is stored as {dtype} but "
+                                      f"{hint}")
+            return
+        shape = self.shape(name)
+        want = tuple(-(-n // b) for n, b in zip(shape, self.block))
+        if len(shape) != 2 or self.shape(scale) != want:
+            raise ConversionError(f"{self.where(scale)}: {scale} has shape "
+                                  f"{list(self.shape(scale))}, but {name} {list(shape)} in "
+                                  f"blocks of {list(self.block)} needs {list(want)}")
+
     def get(self, name: str) -> torch.Tensor:
-        return self._handle_with(name).get_tensor(name)
+        tensor = self._handle_with(name).get_tensor(name)
+        scale = self.scale_of(name)
+        if scale is None:
+            return tensor
+        return dequantize_blocks(tensor, self._handle_with(scale).get_tensor(scale),
+                                 self.block)
 
     def where(self, name: str) -> Path:
         return self.folder / self.location[name]
@@ -158,6 +204,7 @@ def plan_sources(files: SafetensorsFolder, arch: Architecture, name: str,
     # The shapes the sources must have: the inverse transform of the target's shape.
     expected = arch.to_hf(name, torch.empty(shape, device="meta"), config, offset, layout)
     for stored_name, want in zip(stored, expected.values(), strict=True):
+        files.check_quantized(stored_name)
         got = files.shape(stored_name)
         if files.dtype(stored_name) not in FLOAT_DTYPES and want.is_floating_point():
             raise ConversionError(f"{files.where(stored_name)}: {stored_name} is stored as "
@@ -184,22 +231,28 @@ def load_hf_weights(model: GPTModel, folder: str | Path, model_type: str,
     """
     arch, config = architecture(model_type), model.config
     offset = model.decoder.layer_offset
+    block = fp8_block_size(read_hf_config(folder))
     state = model.state_dict(keep_vars=True)
+    params = dict(model.named_parameters())
     used: set[str] = set()
-    with SafetensorsFolder(folder) as files:
+    with SafetensorsFolder(folder, block) as files:
         for name, target in state.items():
             stored, value = _read_sources(files, arch, name, target, config, offset)
             used.update(stored)
+            # Parameters become `dtype`; buffers (DeepSeek-V3's expert bias) keep the
+            # precision the model gave them.
+            cast_to = dtype if name in params and target.is_floating_point() else target.dtype
             with torch.no_grad():
-                target.data = value.to(dtype if target.is_floating_point() else target.dtype
-                                       ).contiguous()
+                target.data = value.to(cast_to).contiguous()
         if OUTPUT not in state and model.output_layer is not None:
             used.update(check_tied_copy(files, arch, state, config, dtype))
         check_all_used(files, arch, used)
 
 
 def check_all_used(files: SafetensorsFolder, arch: Architecture, used: set[str]) -> None:
-    """Refuse stored tensors the mapping does not consume (buffers excepted)."""
+    """Refuse stored tensors the mapping does not consume (buffers excepted); the block
+    factors of a used FP8 weight are used with it."""
+    used = used | {files.scale_of(n) for n in used} - {None}
     unused = [n for n in files.names() if n not in used and not arch.is_ignored(n)]
     if unused:
         raise ConversionError(f"{files.where(unused[0])}: tensor {unused[0]} is not used "

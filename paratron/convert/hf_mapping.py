@@ -240,6 +240,10 @@ class Architecture:
         rules = self.rules[template]
         return (rules if isinstance(rules, tuple) else (rules,)), layer
 
+    def maps(self, name: str) -> bool:
+        """Whether the table has a rule for Paratron tensor `name`."""
+        return _LAYER.sub("decoder.layers.{i}.", name) in self.rules
+
     def rule(self, name: str, layout: str | None = None) -> tuple[Rule, int | None]:
         """The rule for a Paratron tensor name (the one of `layout` where the table has
         several, else the default) and its layer index (None outside layers)."""
@@ -393,6 +397,14 @@ DEEPSEEK_V2 = Architecture("deepseek_v2", {
     **_swiglu_mlp(_P + "mlp.shared_experts.", _L + "mlp.shared_experts."),
 }, ignored=_LLAMA_IGNORED)
 
+# DeepSeek-V3 (and Kimi-K2, Moonlight): V2's tensors plus the router's aux-loss-free
+# bias, a buffer that transformers keeps in fp32. The multi-token prediction layers,
+# stored as layer num_hidden_layers, are added by their own rules.
+DEEPSEEK_V3 = Architecture("deepseek_v3", {
+    **DEEPSEEK_V2.rules,
+    _P + "mlp.router.expert_bias": _one(_L + "mlp.gate.e_score_correction_bias"),
+}, ignored=_LLAMA_IGNORED)
+
 _H = "transformer.h.{i}."
 
 GPT2 = Architecture("gpt2", {
@@ -413,6 +425,7 @@ GPT2 = Architecture("gpt2", {
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": GPT2, "llama": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
     "mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE, "deepseek_v2": DEEPSEEK_V2,
+    "deepseek_v3": DEEPSEEK_V3, "kimi_k2": DEEPSEEK_V3,
 }
 
 

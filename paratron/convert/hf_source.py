@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from paratron.convert.hf_config import check_model_type, config_from_hf, read_hf_config
+from paratron.convert.hf_config import (check_model_type, config_from_hf, fp8_block_size,
+                                        read_hf_config)
 from paratron.convert.hf_loader import (SafetensorsFolder, check_all_used, check_tied_copy,
                                         plan_sources)
-from paratron.convert.hf_mapping import EMBEDDING, architecture
+from paratron.convert.hf_mapping import EMBEDDING
+from paratron.convert.hf_mtp import architecture
 from paratron.convert.streaming import StreamedModel, model_layout
 from paratron.convert.tokenizer_files import describe
 
@@ -24,10 +26,11 @@ def read_hf_folder(folder: str | Path) -> StreamedModel:
     hf = read_hf_config(folder)
     model_type = check_model_type(hf)
     config = config_from_hf(hf)
+    block = fp8_block_size(hf)  # FP8 weights are dequantized as each group is read
     arch, layout = architecture(model_type), model_layout(config)
     tied = not config.untie_embeddings_and_output_weights
 
-    with SafetensorsFolder(folder) as files:  # every check that reads no weights
+    with SafetensorsFolder(folder, block) as files:  # every check that reads no weights
         used: set[str] = set()
         for names in layout.groups:
             for name in names:
@@ -37,7 +40,7 @@ def read_hf_folder(folder: str | Path) -> StreamedModel:
         check_all_used(files, arch, used)
 
     def groups():
-        with SafetensorsFolder(folder) as files:
+        with SafetensorsFolder(folder, block) as files:
             for names in layout.groups:
                 out = {}
                 for name in names:

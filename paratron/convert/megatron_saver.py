@@ -128,6 +128,9 @@ def save_megatron_checkpoint(model: StreamedModel, save_dir: str | Path, target:
     """Write `model` as a Megatron-LM legacy checkpoint at `save_dir`, crash-safely."""
     cfg = target_config(model.config, target, model.vocab_size)
     config = cfg.model
+    if config.mtp_num_layers:
+        raise ConversionError("multi-token prediction layers (--mtp-num-layers) are not "
+                              "written in Megatron-LM's format; use --saver hf or paratron")
     if config.num_query_groups % target.tp:
         raise ConversionError(f"--target-tensor-parallel-size {target.tp} does not divide the "
                               f"{config.num_query_groups} key/value groups; Megatron-Core "

@@ -184,6 +184,13 @@ class TransformerConfig:
                                              type=float, group="moe")
     moe_token_dispatcher_type: str = opt("allgather", "Token dispatcher.",
                                          choices=["allgather", "alltoall"], group="moe")
+    # Multi-token prediction (DeepSeek-V3)
+    mtp_num_layers: int | None = opt(None, "Multi-token prediction modules after the last "
+                                     "layer, module k predicting token t+k+1.", type=int,
+                                     positive=True, group="mtp")
+    mtp_loss_scaling_factor: float = opt(0.1, "Weight of the multi-token prediction loss "
+                                         "(mean over its modules) in the training loss.",
+                                         type=float, group="mtp")
     # Multi-latent attention
     multi_latent_attention: bool = opt(False, "Multi-latent attention (DeepSeek-V2).",
                                        group="mla")
@@ -374,6 +381,17 @@ def check_experts_and_mla(m: TransformerConfig, tp: int, ep: int, etp: int | Non
                           f"(rotary pairs)")
     if m.position_embedding_type not in ("rope", "yarn"):
         raise ConfigError("--multi-latent-attention needs --position-embedding-type rope")
+
+
+def check_mtp(m: TransformerConfig, pp: int, cp: int) -> None:
+    """Multi-token prediction: the layouts and settings its modules implement."""
+    if not m.mtp_num_layers:
+        return
+    if cp > 1:
+        raise ConfigError("--mtp-num-layers does not run with --context-parallel-size > 1")
+    if pp > 1 and m.position_embedding_type == "learned_absolute":
+        raise ConfigError("--mtp-num-layers with --pipeline-model-parallel-size > 1 needs "
+                          "rotary positions (--position-embedding-type rope)")
 
 
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")

@@ -15,6 +15,7 @@ from torch import nn
 
 from paratron.model.fp8 import enable_fp8
 from paratron.model.moe import moe_layers, moe_loss_totals, update_expert_bias
+from paratron.model.mtp import MultiTokenPrediction
 from paratron.model.rotary import build_rotary
 from paratron.model.transformer import TransformerBlock
 from paratron.parallel.cross_entropy import chunked_vocab_parallel_cross_entropy
@@ -65,13 +66,14 @@ class LanguageModelEmbedding(nn.Module):
 class GPTModel(nn.Module):
     """One pipeline stage's part of the GPT, this tensor-parallel rank's shard of it.
 
-    Holds `embedding` (first stage only), `decoder` (this stage's layers, numbered
-    globally from `decoder.layer_offset`; `global_name` turns a local parameter name into
-    the checkpoint's) and `output_layer` (last stage only; without weights of its own
-    when tied to the embedding on the same stage). Takes token ids [b, s] on the first
-    stage, else the previous stage's hidden state [s, b, h]; returns that hidden state to
-    the next stage, or on the last the per-token loss [b, s] (logits [b, s, V/TP] when no
-    labels are given).
+    Holds `embedding` (first stage only, and a copy on the last for its multi-token
+    prediction), `decoder` (this stage's layers, numbered globally from
+    `decoder.layer_offset`; `global_name` turns a local parameter name into the
+    checkpoint's), `output_layer` (last stage only; without weights of its own when tied
+    to the embedding on the same stage) and `mtp` (last stage, with --mtp-num-layers).
+    Takes token ids [b, s] on the first stage, else the previous stage's hidden state
+    [s, b, h]; returns that hidden state to the next stage, or on the last the per-token
+    loss [b, s] (logits [b, s, V/TP] when no labels are given).
     """
 
     def __init__(self, config, pg: ProcessGroups | None = None, *,
@@ -85,22 +87,29 @@ class GPTModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings = not c.untie_embeddings_and_output_weights
         layer_numbers = layer_numbers if layer_numbers is not None else range(c.num_layers)
-        self.embedding = LanguageModelEmbedding(c, self.pg) if pre_process else None
+        predicts_ahead = post_process and bool(c.mtp_num_layers)
+        has_embedding = pre_process or predicts_ahead
+        self.embedding = LanguageModelEmbedding(c, self.pg) if has_embedding else None
         self.rotary_pos_emb = build_rotary(c)
         self.decoder = TransformerBlock(c, layer_numbers, post_process, self.pg)
         enable_fp8(self.decoder.layers, c, self.pg)
+        self.mtp = MultiTokenPrediction(c, self.pg) if predicts_ahead else None
         self.output_layer = None
         if post_process:
             # Tied embeddings on a single stage: the output layer borrows the embedding.
             self.output_layer = ColumnParallelLinear(
                 c.hidden_size, c.padded_vocab_size, bias=False, pg=self.pg,
                 init_std=c.init_method_std, sequence_parallel=c.sequence_parallel,
-                skip_weight_param_allocation=self.share_embeddings and pre_process)
-        if self.output_layer is not None and self.share_embeddings and not pre_process:
-            # The last stage's copy of the tied embedding: kept equal to the first
-            # stage's by summing their gradients over the embedding group.
+                skip_weight_param_allocation=self.share_embeddings and has_embedding)
+        # The last stage's copy of the embedding (its MTP modules' or the tied output
+        # layer's): kept equal to the first stage's by summing their gradients over the
+        # embedding group.
+        if self.embedding is not None and not pre_process:
+            set_layout(self.embedding.word_embeddings.weight, tied="copy")
+        elif self.output_layer is not None and self.share_embeddings and not pre_process:
             set_layout(self.output_layer.weight, tied="copy")
-        if self.embedding is not None and self.share_embeddings and not post_process:
+        copied = self.share_embeddings or bool(c.mtp_num_layers)
+        if self.embedding is not None and copied and not post_process:
             set_layout(self.embedding.word_embeddings.weight, tied="embedding")
         self.reset_parameters(init_seed)
 
@@ -158,7 +167,8 @@ class GPTModel(nn.Module):
                 attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None,
-                inference_params=None) -> torch.Tensor:
+                inference_params=None, loss_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Returns per-token loss [b, s] with labels, logits [b, s, v/TP] without them,
         or the hidden state [s, b, h] on a stage that is not the last.
 
@@ -167,7 +177,9 @@ class GPTModel(nn.Module):
         inference_params (`paratron.inference.InferenceParams`): the tokens continue the
         cached ones; positions default to the cache length onwards, the attention mask
         comes from the cache, and every layer adds this step's keys and values to it.
-        The caller advances the cache once the forward is done."""
+        The caller advances the cache once the forward is done.
+        input_ids and loss_mask [b, s] on the last stage feed multi-token prediction
+        (training with labels only); its losses join the backward of the returned loss."""
         batch_ids = input_ids if input_ids is not None else labels
         offset = 0
         if inference_params is not None:
@@ -189,10 +201,21 @@ class GPTModel(nn.Module):
         x = self.decoder(x, rotary, allowed, inference_params)
         if not self.post_process:
             return x
-        logits = self.output_layer(x, weight=self.shared_output_weight()).transpose(0, 1)
         if labels is None:
-            return logits.contiguous()
-        c = self.config
+            return self._logits(x).contiguous()
+        loss = self._token_loss(x, labels)
+        if self.mtp is not None and self.training:
+            outputs = self.mtp(x, input_ids, position_ids, self.embedding, rotary, allowed)
+            loss = self.mtp.attach_losses(loss, outputs, labels, loss_mask, self._token_loss)
+        return loss
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer's logits [b, s, V/TP] of a last hidden state [s, b, h]."""
+        return self.output_layer(hidden, weight=self.shared_output_weight()).transpose(0, 1)
+
+    def _token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy [b, s] of the logits of `hidden` against `labels`."""
+        logits, c = self._logits(hidden), self.config
         if c.cross_entropy_loss_fusion:  # fp32 logits one chunk at a time
             backend = c.torch_compile_backend if c.torch_compile else None
             return chunked_vocab_parallel_cross_entropy(logits, labels, self.pg,

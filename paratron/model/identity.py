@@ -28,6 +28,7 @@ RUN_SETTINGS = frozenset({
     "torch_compile", "torch_compile_backend",
     "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
     "moe_router_bias_update_rate", "moe_token_dispatcher_type", "moe_grouped_gemm",
+    "mtp_loss_scaling_factor",
     "sequence_parallel", "cp_comm_type",
     "fp8", "fp8_recipe", "fp8_margin", "first_last_layers_bf16",
     "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",

@@ -43,6 +43,17 @@ def _shape(layers, hidden, heads, ffn=None, groups=None, **extra):
     return shape
 
 
+# DeepSeek-V3's family: V2's attention (7168 wide, latent ranks 1536 / 512) and experts of
+# 2048 with one shared, routed by sigmoid scores with the aux-loss-free expert bias, eight
+# per token, the chosen scores renormalised and scaled. The sequence-wise aux loss keeps
+# the DeepSeek-V3 paper's small factor 1e-4 (its config.json's aux_loss_alpha says 1e-3).
+_DEEPSEEK_V3 = dict(_DEEPSEEK_V2, **_shape(61, 7168, 128, 18432), q_lora_rank=1536,
+                    moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048,
+                    moe_router_topk=8, moe_router_pre_softmax=False,
+                    moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                    moe_aux_loss_coeff=1e-4, mscale=1.0, mscale_all_dim=1.0)
+
+
 PRESETS: dict[str, dict] = {
     "gpt2-124m": dict(_GPT2, **_shape(12, 768, 12)),
     "gpt2-355m": dict(_GPT2, **_shape(24, 1024, 16)),
@@ -80,6 +91,27 @@ PRESETS: dict[str, dict] = {
                         moe_shared_expert_intermediate_size=3072,
                         moe_layer_freq="([0]+[1]*59)", moe_router_num_groups=8,
                         moe_router_group_topk=3, moe_router_topk_scaling_factor=16.0),
+    # config.json of deepseek-ai/DeepSeek-V3 on the Hugging Face Hub: 3 dense layers, 256
+    # experts in 8 groups of which a token reaches 4, YaRN x40 over 4096 positions, one
+    # multi-token prediction module (num_nextn_predict_layers).
+    "deepseek-v3": dict(_DEEPSEEK_V3, num_experts=256, moe_layer_freq="([0]*3+[1]*58)",
+                        mtp_num_layers=1, moe_router_num_groups=8, moe_router_group_topk=4,
+                        moe_router_topk_scaling_factor=2.5, padded_vocab_size=129280),
+    # config.json of moonshotai/Kimi-K2-Instruct (model_type kimi_k2): 64 heads, 384
+    # experts in one group, one dense layer, YaRN x32 with beta 1 / 1, rope base 50000.
+    "kimi-k2": dict(_DEEPSEEK_V3, num_attention_heads=64, num_experts=384,
+                    moe_layer_freq="([0]+[1]*60)", moe_router_topk_scaling_factor=2.827,
+                    rotary_base=50000.0, rotary_scaling_factor=32.0, beta_fast=1.0,
+                    beta_slow=1.0, max_position_embeddings=131072, padded_vocab_size=163840),
+    # config.json of moonshotai/Moonlight-16B-A3B (model_type deepseek_v3): V2-Lite's
+    # shape with V3's routing, 64 experts in one group, no rope scaling.
+    "moonlight-16b-a3b": dict(
+        _DEEPSEEK_V3, **_shape(27, 2048, 16, 11264), q_lora_rank=None, num_experts=64,
+        moe_ffn_hidden_size=1408, moe_shared_expert_intermediate_size=2816, moe_router_topk=6,
+        moe_layer_freq="([0]+[1]*26)", moe_router_topk_scaling_factor=2.446,
+        norm_epsilon=1e-5, rotary_base=50000.0, rotary_scaling_factor=1.0,
+        original_max_position_embeddings=None,
+        max_position_embeddings=8192, padded_vocab_size=163840),
     "mixtral-8x7b": dict(_LLAMA, **_MOE, **_shape(32, 4096, 32, 14336, groups=8), num_experts=8,
                          moe_ffn_hidden_size=14336, moe_router_topk=2, moe_aux_loss_coeff=0.02,
                          norm_epsilon=1e-5, rotary_base=1000000.0,

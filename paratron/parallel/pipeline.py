@@ -390,11 +390,14 @@ class Stage:
 
         def forward(c: int, m: int, hidden: torch.Tensor | None) -> torch.Tensor:
             batch, chunk = batches[m], self.chunks[c]
+            # The last stage's multi-token prediction reads the tokens and the loss mask.
+            ends = {"labels": batch["labels"], "loss_mask": batch.get("loss_mask")} \
+                if chunk.is_last else {}
             with self.timers("forward-compute"):
-                return self.models[c](batch["tokens"] if chunk.is_first else None,
+                return self.models[c](batch["tokens"] if chunk.is_first or chunk.is_last
+                                      else None,
                                       batch.get("position_ids"), batch.get("attention_mask"),
-                                      labels=batch["labels"] if chunk.is_last else None,
-                                      hidden_states=hidden)
+                                      hidden_states=hidden, **ends)
 
         def loss(m: int, per_token_loss: torch.Tensor) -> torch.Tensor:
             with self.timers("forward-compute"):

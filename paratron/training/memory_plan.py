@@ -45,7 +45,8 @@ GIB = 2 ** 30
 # ------------------------------------------------------------------ the layout
 @dataclass(frozen=True)
 class Layout:
-    """Sizes of one way to place the run on `world` GPUs (etp defaults to tp)."""
+    """Sizes of one way to place the run on `world` GPUs (etp defaults to tp);
+    first_stage_layers: an uneven pipeline's first stage (`first_stage_layers`)."""
 
     world: int
     tp: int = 1
@@ -53,6 +54,7 @@ class Layout:
     cp: int = 1
     ep: int = 1
     etp: int | None = None
+    first_stage_layers: int | None = None
 
     @property
     def dp(self) -> int:
@@ -63,7 +65,24 @@ class Layout:
         return self.tp * self.pp * self.cp
 
     def label(self) -> str:
-        return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp} EP{self.ep}"
+        first = f" (first {self.first_stage_layers})" if self.first_stage_layers else ""
+        return f"TP{self.tp} PP{self.pp}{first} CP{self.cp} DP{self.dp} EP{self.ep}"
+
+
+def first_stage_layers(base: Config, pp: int) -> int | None:
+    """The first stage's layers when --num-layers does not split evenly over `pp`
+    stages and the flags place no layers themselves: every other stage takes
+    ceil(layers / pp) and the first, which also holds the embedding, the rest (61
+    DeepSeek-V3 layers over 8 stages: 5 + 7 x 8). None when the split is even, given,
+    or impossible."""
+    p, layers = base.parallel, base.model.num_layers
+    placed = (p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
+              p.num_layers_per_virtual_pipeline_stage, p.num_virtual_stages_per_pipeline_rank)
+    if (any(v is not None for v in placed) or p.account_for_embedding_in_pipeline_split
+            or p.account_for_loss_in_pipeline_split or layers % pp == 0):
+        return None
+    first = layers - (pp - 1) * -(-layers // pp)
+    return first if first >= 1 else None
 
 
 def layout_config(base: Config, layout: Layout) -> Config:
@@ -75,6 +94,8 @@ def layout_config(base: Config, layout: Layout) -> Config:
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
     p.context_parallel_size, p.expert_model_parallel_size = layout.cp, layout.ep
     p.expert_tensor_parallel_size = layout.etp
+    if layout.first_stage_layers:
+        p.decoder_first_pipeline_num_layers = layout.first_stage_layers
     finalize(cfg, layout.world)
     validate(cfg)
     cfg.model.padded_vocab_size = resolve_vocab_size(cfg, None)
@@ -307,15 +328,18 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(base: Config, num_gpus: int,
-                      pinned: dict[str, int] | None = None) -> list[Layout]:
+def candidate_layouts(base: Config, num_gpus: int, pinned: dict[str, int] | None = None,
+                      max_tp: int | None = None) -> list[Layout]:
     """Every TP x PP x CP (x EP for MoE) split of `num_gpus` GPUs, sizes named in
-    `pinned` (tp, pp, cp, ep) held fixed."""
+    `pinned` (tp, pp, cp, ep) held fixed; layers that do not split evenly over the
+    stages are placed by `first_stage_layers`. TP above `max_tp` (a node's GPUs: its
+    all-reduces run in every layer) is left out unless pinned."""
     pinned = pinned or {}
     out = []
     sizes = _divisors(num_gpus)
     experts = base.model.num_experts
-    for tp in [pinned["tp"]] if "tp" in pinned else sizes:
+    tps = [tp for tp in sizes if max_tp is None or tp <= max_tp]
+    for tp in [pinned["tp"]] if "tp" in pinned else tps:
         for pp in [pinned["pp"]] if "pp" in pinned else sizes:
             for cp in [pinned["cp"]] if "cp" in pinned else sizes:
                 if num_gpus % (tp * pp * cp):
@@ -323,16 +347,18 @@ def candidate_layouts(base: Config, num_gpus: int,
                 eps = [pinned["ep"]] if "ep" in pinned else (sizes if experts else [1])
                 for ep in eps:
                     out.append(Layout(num_gpus, tp, pp, cp, ep,
-                                      base.parallel.expert_tensor_parallel_size))
+                                      base.parallel.expert_tensor_parallel_size,
+                                      first_stage_layers(base, pp)))
     return out
 
 
 def plan(base: Config, num_gpus: int, pinned: dict[str, int] | None = None,
-         device: str = "cuda") -> tuple[list[Candidate], list[tuple[Layout, str]]]:
+         device: str = "cuda", max_tp: int | None = None
+         ) -> tuple[list[Candidate], list[tuple[Layout, str]]]:
     """Memory of every layout the trainer would accept, and why the others are refused."""
     candidates, refused = [], []
     asked_recompute = base.model.recompute_granularity == "full"
-    layouts = candidate_layouts(base, num_gpus, pinned)
+    layouts = candidate_layouts(base, num_gpus, pinned, max_tp)
     if not layouts:  # pinned sizes that do not divide the GPUs: let validation say so
         sizes = {dim: (pinned or {}).get(dim, 1) for dim in ("tp", "pp", "cp", "ep")}
         layouts = [Layout(num_gpus, **sizes, etp=base.parallel.expert_tensor_parallel_size)]

@@ -25,6 +25,7 @@ from paratron.config import Config, resolve_vocab_size
 from paratron.data.sampler import build_pretraining_data_loader
 from paratron.model.gpt import (GPTModel, logged_moe_losses, moe_bookkeeping,
                                  moe_loss_sums)
+from paratron.model.mtp import logged_mtp_losses, mtp_loss_sums, set_mtp_backward_scale
 from paratron.options import ConfigError
 from paratron.parallel.config import rank_chunks
 from paratron.parallel.context_parallel import split_for_context_parallel
@@ -151,7 +152,8 @@ class Trainer:
         self.checkpoints.load()
         self.checkpoints.restore_rng()
         self._train_iter = None  # made at the first step, from the state as it is then
-        self.moe_losses: dict[str, float] = {}  # the last step's, as Megatron logs them
+        # The last step's MoE and MTP losses, as Megatron logs them.
+        self.moe_losses: dict[str, float] = {}
         self._moe_bookkeeping(stepped=False)  # the first step's aux-loss scale
 
     # ----------------------------------------------------------------- data
@@ -203,12 +205,14 @@ class Trainer:
         return self.pg.all_reduce(totals, "pp", "dp", "cp")
 
     def _moe_bookkeeping(self, stepped: bool) -> None:
-        """The MoE layers' part of a step; their aux losses get their gradient scaled like
-        the lm loss: mean over the micro-batches and data-parallel ranks of the step.
+        """The MoE layers' part of a step; their aux losses (and the MTP losses) get their
+        gradient scaled like the lm loss: mean over the micro-batches and data-parallel
+        ranks of the step.
         Under --moe-per-layer-logging the layers count their expert load (on the device;
         read at log steps)."""
         scale = self.optimizer.loss_scaler.scale / (self.num_microbatches * self.pg.dp.size)
         moe_bookkeeping([model.module for model in self.models], self.pg, scale, stepped)
+        set_mtp_backward_scale([model.module for model in self.models], scale)
         if self.cfg.logging.moe_per_layer_logging:
             count_expert_load(self.models)
 
@@ -233,15 +237,18 @@ class Trainer:
             totals = self._forward_backward(batches, scale.float(), forward_only=False)
         self.stage.finish_gradients()
         moe_sums = moe_loss_sums([model.module for model in self.models], self.pg)
+        mtp_sums = mtp_loss_sums([model.module for model in self.models], self.pg)
         # The step's one wait for the device: the optimizer reads its statistics with the
         # lm and MoE losses, once every micro-batch is queued and before the update is.
         with self.timers("optimizer"):
             report = self.optimizer.step(
-                also_read=torch.cat([(totals[0] / total_tokens).reshape(1), moe_sums]),
+                also_read=torch.cat([(totals[0] / total_tokens).reshape(1), moe_sums,
+                                     mtp_sums]),
                 count_zeros=self._counts_zeros())
-        loss, *moe = report.also_read
-        self.moe_losses = {name: moe[2 * i] / max(moe[2 * i + 1], 1.0) for i, name in
-                           enumerate(logged_moe_losses(self.cfg.model))}
+        loss, *sums = report.also_read
+        names = logged_moe_losses(self.cfg.model) + logged_mtp_losses(self.cfg.model)
+        self.moe_losses = {name: sums[2 * i] / max(sums[2 * i + 1], 1.0)
+                           for i, name in enumerate(names)}
         self._moe_bookkeeping(report.stepped)
         self.state.consumed_train_samples += self.cfg.training.global_batch_size
         return loss, report.stepped, report.grad_norm, report.num_zeros

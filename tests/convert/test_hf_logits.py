@@ -129,7 +129,7 @@ def test_unsupported_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 8}))
     one_line_error(tmp_path, "'bert'", ", ".join(SUPPORTED_MODEL_TYPES))
     assert SUPPORTED_MODEL_TYPES == ("gpt2", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe",
-                                     "deepseek_v2")
+                                     "deepseek_v2", "deepseek_v3", "kimi_k2")
 
 
 def test_unrepresentable_config_is_refused(llama_folder):
