@@ -346,7 +346,7 @@ def _qwen3_moe(hf: dict) -> dict[str, Any]:
 
 # The epsilon of DeepSeek-V2's latent norms (q_a_layernorm, kv_a_layernorm): the RMSNorm
 # default, not rms_norm_eps, in both transformers and DeepSeek's own code.
-_DEEPSEEK_LATENT_NORM_EPS = 1e-6
+DEEPSEEK_LATENT_NORM_EPS = 1e-6
 
 
 def _mla_model(hf: dict) -> dict[str, Any]:
@@ -358,9 +358,9 @@ def _mla_model(hf: dict) -> dict[str, Any]:
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         _refuse(hf, "attention_bias / mlp_bias in multi-latent attention and experts")
     eps = hf.get("rms_norm_eps", 1e-6)
-    if eps != _DEEPSEEK_LATENT_NORM_EPS:
-        _refuse(hf, f"rms_norm_eps {eps} (the latent norms use {_DEEPSEEK_LATENT_NORM_EPS}; "
-                    f"Paratron has one epsilon for all norms)")
+    # Set only where it differs (Moonlight's 1e-5), so V2/V3 configs read as before.
+    latent = {} if eps == DEEPSEEK_LATENT_NORM_EPS else {
+        "mla_latent_norm_epsilon": DEEPSEEK_LATENT_NORM_EPS}
     if hf.get("moe_layer_freq", 1) != 1:
         _refuse(hf, f"moe_layer_freq {hf['moe_layer_freq']}")
     hidden, heads = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
@@ -379,7 +379,8 @@ def _mla_model(hf: dict) -> dict[str, Any]:
         max_position_embeddings=_need(hf, "max_position_embeddings"),
         **_rope(hf, mla=True),
         normalization="RMSNorm", norm_epsilon=eps, swiglu=True, add_bias_linear=False,
-        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False))
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        **latent)
 
 
 def _deepseek_experts(hf: dict, fields: dict, renormalise: bool) -> bool:

@@ -23,7 +23,8 @@ from paratron.checkpoint.files import follow_umask
 from paratron.model.config import TransformerConfig, moe_layer_pattern
 from paratron.model.identity import model_identity
 from paratron.convert.errors import ConversionError
-from paratron.convert.hf_config import hf_to_paratron_fields, transformer_config
+from paratron.convert.hf_config import (DEEPSEEK_LATENT_NORM_EPS, hf_to_paratron_fields,
+                                        transformer_config)
 from paratron.convert.hf_loader import INDEX_FILE, SINGLE_FILE
 from paratron.convert.hf_mapping import PER_EXPERT
 from paratron.convert.hf_mtp import architecture
@@ -133,6 +134,11 @@ def _deepseek_model(c: TransformerConfig) -> dict:
     if dense != list(range(len(dense))):
         raise ConversionError(f"DeepSeek models have dense layers only before their MoE "
                               f"layers; this model's dense layers are {dense}")
+    latent = c.norm_epsilon if c.mla_latent_norm_epsilon is None else c.mla_latent_norm_epsilon
+    if latent != DEEPSEEK_LATENT_NORM_EPS:
+        raise ConversionError(f"the latent norms' epsilon is {latent:g}; Hugging Face's "
+                              f"DeepSeek models keep {DEEPSEEK_LATENT_NORM_EPS:g} there "
+                              f"(--mla-latent-norm-epsilon)")
     return dict(
             hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
             num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,

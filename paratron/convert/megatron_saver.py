@@ -131,6 +131,11 @@ def save_megatron_checkpoint(model: StreamedModel, save_dir: str | Path, target:
     if config.mtp_num_layers:
         raise ConversionError("multi-token prediction layers (--mtp-num-layers) are not "
                               "written in Megatron-LM's format; use --saver hf or paratron")
+    latent = config.mla_latent_norm_epsilon
+    if config.multi_latent_attention and latent not in (None, config.norm_epsilon):
+        raise ConversionError(f"the latent norms' epsilon {latent:g} is not --norm-epsilon "
+                              f"{config.norm_epsilon:g}; Megatron-LM has one epsilon for all "
+                              f"norms")
     if config.num_query_groups % target.tp:
         raise ConversionError(f"--target-tensor-parallel-size {target.tp} does not divide the "
                               f"{config.num_query_groups} key/value groups; Megatron-Core "

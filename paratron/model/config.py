@@ -205,6 +205,9 @@ class TransformerConfig:
                                      "does without --qk-layernorm (its latent norms are "
                                      "identities then).", flag="--no-mla-latent-layernorm",
                                      group="mla")
+    mla_latent_norm_epsilon: float | None = opt(
+        None, "Epsilon of the latent norms (default: --norm-epsilon); DeepSeek's models "
+        "keep 1e-6 there whatever their rms_norm_eps.", type=float, group="mla")
 
     # Set from the parallel layout by `finalize` (as Megatron's TransformerConfig
     # inherits ModelParallelConfig): the model builds sequence-parallel layers.

@@ -41,7 +41,7 @@ VOCABULARY_SETTINGS = frozenset({"vocab_size", "extra_vocab_size", "padded_vocab
                                  "make_vocab_size_divisible_by"})
 _FIELDS = {f.name: f for f in dataclasses.fields(TransformerConfig)}
 _MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
-        "mla_latent_layernorm"}
+        "mla_latent_layernorm", "mla_latent_norm_epsilon"}
 _ROTARY = {"rotary_base", "rotary_percent", "rotary_interleaved",
            "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor",
            "original_max_position_embeddings"}

@@ -61,7 +61,8 @@ def _replicated_norm(config, size: int) -> nn.Module:
     --no-mla-latent-layernorm the identity, as in Megatron's MLA without --qk-layernorm."""
     if not config.mla_latent_layernorm:
         return nn.Identity()
-    norm = build_norm(config.normalization, size, config.norm_epsilon)
+    eps = config.mla_latent_norm_epsilon
+    norm = build_norm(config.normalization, size, config.norm_epsilon if eps is None else eps)
     return replicated(norm, partial_grad=config.sequence_parallel)
 
 

@@ -9,6 +9,7 @@ chosen (checked), so a bias that is lost or added to the weights cannot go unnot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -19,9 +20,10 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from paratron.cli.args import parse_args  # noqa: E402
+from paratron.cli.convert import main as convert  # noqa: E402
 from paratron.convert.errors import ConversionError  # noqa: E402
 from paratron.convert.hf_config import hf_to_paratron_fields, transformer_config  # noqa: E402
-from paratron.convert.hf_export import save_hf_folder  # noqa: E402
+from paratron.convert.hf_export import hf_config_from_paratron, save_hf_folder  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
 from paratron.convert.hf_source import read_hf_folder  # noqa: E402
@@ -45,6 +47,10 @@ CASES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0,
                          "original_max_position_embeddings": 16, "beta_fast": 1.0,
                          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # Moonlight's rms_norm_eps 1e-5, which transformers uses everywhere but in the
+    # latent norms (1e-6): a wrong epsilon there moves the logits by more than 1e-5.
+    "moonlight_norm_epsilon": dict(MLA, q_lora_rank=None, num_experts_per_tok=3, n_group=1,
+                                   topk_group=1, rms_norm_eps=1e-5),
 }
 
 
@@ -115,6 +121,30 @@ def test_the_bias_changes_the_choice(saved):
         if name.endswith("router.expert_bias"):
             buffer.zero_()
     assert max_logit_diff(hf_model, model) > 1e-3
+
+
+def test_latent_norms_keep_their_own_epsilon(saved):
+    """Moonlight's norms: rms_norm_eps 1e-5, the latent norms 1e-6 as transformers has
+    them; the latent norms at 1e-5 would compute another model."""
+    hf_model, folder = saved("moonlight_norm_epsilon")
+    config, model = load_hf_model(folder)
+    assert (config.norm_epsilon, config.mla_latent_norm_epsilon) == (1e-5, 1e-6)
+    for name, module in model.named_modules():
+        if name.endswith("kv_layernorm"):
+            module.eps = 1e-5
+    assert max_logit_diff(hf_model, model) > 1e-5
+    with pytest.raises(ConversionError, match="Hugging Face's DeepSeek models keep 1e-06"):
+        hf_config_from_paratron(dataclasses.replace(config, mla_latent_norm_epsilon=1e-5),
+                                "deepseek_v3", VOCAB, torch.float32)
+
+
+def test_megatron_format_refuses_two_epsilons(saved, tmp_path, capsys):
+    _, folder = saved("moonlight_norm_epsilon")
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "megatron",
+                    "--load-dir", str(folder), "--save-dir", str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "one epsilon for all norms" in error
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -353,16 +383,10 @@ def test_presets_are_the_published_models(preset):
     """--model-size gives the model the published config.json describes (the aux-loss
     factor aside: the presets keep the DeepSeek-V3 paper's)."""
     hf = dict(PUBLISHED[preset])
-    if hf["rms_norm_eps"] != 1e-6:  # Moonlight: its latent norms keep 1e-6 (refused)
-        with pytest.raises(ConversionError, match="rms_norm_eps 1e-05"):
-            hf_to_paratron_fields(hf)
-        hf["rms_norm_eps"] = 1e-6
     model = parse_args(["--model-size", preset, "--lr", "1e-4", "--train-iters", "1"]).model
     fields = hf_to_paratron_fields(hf)
     assert moe_layer_pattern(model) == moe_layer_pattern(transformer_config(fields))
     for key, value in fields.items():
-        if key == "norm_epsilon":
-            value = PUBLISHED[preset]["rms_norm_eps"]
         if key == "position_embedding_type":
             assert model.uses_yarn() == (value == "yarn")
         elif key not in ("moe_aux_loss_coeff", "moe_layer_freq"):

@@ -180,7 +180,6 @@ def _copy(folder, tmp_path):
 @pytest.mark.parametrize("case, changes, fragment", [
     ("deepseek_v2_default_rope_tied", dict(norm_topk_prob=True), "norm_topk_prob"),
     ("deepseek_v2_default_rope_tied", dict(topk_method="noaux_tc"), "noaux_tc"),
-    ("deepseek_v2_default_rope_tied", dict(rms_norm_eps=1e-5), "rms_norm_eps"),
     ("deepseek_v2_default_rope_tied",
      dict(rope_parameters=dict(DEEPSEEK_YARN, mscale=None)), "mscale_all_dim"),
     ("deepseek_v2_default_rope_tied",
