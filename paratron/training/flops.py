@@ -6,7 +6,10 @@ data gradient, weight gradient) at 2 operations per multiply-add: 6 x parameters
 touched per token, written 12 x h x (...) where GEMMs come in in/out pairs. Causal
 attention counts half of the score matrix. MoE layers count the routed top-k experts
 and the shared experts; DeepSeek-V2-style models keep dense layers where
---moe-layer-freq says so; multi-latent attention counts its low-rank projections.
+--moe-layer-freq says so; multi-latent attention counts its low-rank projections. Each
+multi-token prediction module counts as Megatron counts it: one more layer of the
+model's last kind, its two norms and final norm (3h) and projection (2h x h), and one
+more pass through the output layer.
 """
 
 from __future__ import annotations
@@ -33,24 +36,34 @@ def _attention_per_token(m: TransformerConfig, seq_length: int) -> float:
         1 + m.num_query_groups / heads + seq_length / h / 2)
 
 
+def _mlp_of_layer(m: TransformerConfig, moe: bool) -> float:
+    """MLP or MoE FLOPs of one layer for one token."""
+    gated = 1.5 if m.swiglu else 1.0
+    if not moe:
+        return 12 * m.hidden_size * m.ffn_hidden_size * gated
+    routed = (m.moe_ffn_hidden_size or m.ffn_hidden_size) * m.moe_router_topk
+    shared = m.moe_shared_expert_intermediate_size or 0
+    return 12 * m.hidden_size * (routed + shared) * gated
+
+
 def _mlp_per_token(m: TransformerConfig) -> float:
     """MLP / MoE FLOPs of all layers for one token."""
-    layers, h = m.num_layers, m.hidden_size
-    gated = 1.5 if m.swiglu else 1.0
-    moe = sum(moe_layer_pattern(m))
-    dense = layers - moe
-    expert_ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
-    routed = expert_ffn * (m.moe_router_topk if m.num_experts else 0)
-    shared = m.moe_shared_expert_intermediate_size or 0
-    per_layer_avg = (m.ffn_hidden_size * gated * dense / layers
-                     + (routed + shared) * gated * moe / layers)
-    return 12 * layers * h * per_layer_avg
+    return sum(_mlp_of_layer(m, moe) for moe in moe_layer_pattern(m))
+
+
+def _mtp_per_token(m: TransformerConfig, seq_length: int) -> float:
+    """The multi-token prediction modules' FLOPs for one token, but their output layer."""
+    h = m.hidden_size
+    layer = (_attention_per_token(m, seq_length) / m.num_layers
+             + _mlp_of_layer(m, moe_layer_pattern(m)[-1]))
+    return (m.mtp_num_layers or 0) * (layer + 3 * 2 * (3 * h + 2 * h * h))
 
 
 def flops_per_iteration(model_config: TransformerConfig, seq_length: int,
                         global_batch_size: int) -> float:
     """Training FLOPs of one iteration of `global_batch_size` sequences."""
     m = model_config
-    logits = 3 * 2 * m.hidden_size * m.padded_vocab_size
-    per_token = _attention_per_token(m, seq_length) + _mlp_per_token(m) + logits
+    logits = 3 * 2 * m.hidden_size * m.padded_vocab_size * (1 + (m.mtp_num_layers or 0))
+    per_token = (_attention_per_token(m, seq_length) + _mlp_per_token(m)
+                 + _mtp_per_token(m, seq_length) + logits)
     return global_batch_size * seq_length * per_token

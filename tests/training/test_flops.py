@@ -49,3 +49,17 @@ def test_deepseek_v2_lite():
     mlp = 12 * h * (dense + 26 * moe)
     logits = 6 * h * V
     assert flops_per_iteration(m, s, 8) == pytest.approx(8 * s * (attention + mlp + logits))
+
+
+def test_multi_token_prediction_adds_megatrons_terms():
+    """Each MTP module: one more layer, its norms (3h) and projection (2h x h), one more
+    pass through the output layer, each GEMM 3 x 2 FLOPs per multiply-add."""
+    flags = ("--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+             "--ffn-hidden-size", "256", "--seq-length", "128",
+             "--max-position-embeddings", "128", "--padded-vocab-size", "1000")
+    h, s, V, ffn, depth = 64, 128, 1000, 256, 2
+    layer = 12 * h * h * (1 + 1 + s / h / 2) + 12 * h * ffn
+    extra = depth * (layer + 6 * (3 * h + 2 * h * h) + 6 * h * V)
+    plain = flops_per_iteration(_model(*flags), s, 8)
+    with_mtp = flops_per_iteration(_model(*flags, "--mtp-num-layers", str(depth)), s, 8)
+    assert with_mtp - plain == pytest.approx(8 * s * extra)
