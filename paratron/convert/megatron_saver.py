@@ -62,6 +62,9 @@ def megatron_args(model: TransformerConfig, target: TargetLayout,
         layernorm_epsilon=model.norm_epsilon, norm_epsilon=model.norm_epsilon,
         moe_layer_freq=1 if all(pattern) or not model.num_experts else [int(x) for x in pattern],
         group_query_attention=model.num_query_groups != model.num_attention_heads,
+        # Megatron's MLA normalises its latents under --qk-layernorm (identities without).
+        qk_layernorm=model.qk_layernorm or (model.multi_latent_attention
+                                            and model.mla_latent_layernorm),
         tensor_model_parallel_size=target.tp, pipeline_model_parallel_size=target.pp,
         expert_model_parallel_size=target.ep,
         expert_tensor_parallel_size=target.tp if model.num_experts else None,

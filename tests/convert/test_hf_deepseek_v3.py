@@ -147,6 +147,26 @@ def test_megatron_format_refuses_two_epsilons(saved, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case", ["q_lora_node_limited", "no_q_lora_one_group_yarn"])
+def test_megatron_format_round_trip(case, saved, tmp_path):
+    """Through Megatron-LM's format at TP2 and back: the latent norms travel as Megatron's
+    --qk-layernorm MLA norms, the expert bias as its buffer; every tensor comes back."""
+    _, folder = saved(case)
+    common = ["--model-type", "GPT"]
+    assert convert(common + ["--loader", "hf", "--saver", "megatron", "--load-dir",
+                             str(folder), "--save-dir", str(tmp_path / "megatron"),
+                             "--target-tensor-parallel-size", "2"]) == 0
+    assert convert(common + ["--loader", "megatron", "--saver", "hf", "--load-dir",
+                             str(tmp_path / "megatron"), "--save-dir", str(tmp_path / "hf")]) == 0
+    stored = load_file(folder / "model.safetensors")
+    back = {}
+    for path in (tmp_path / "hf").glob("*.safetensors"):
+        back.update(load_file(path))
+    assert back.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert torch.equal(back[name], tensor), name
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_reproduces_the_files(case, saved):
     _, folder = saved(case)
