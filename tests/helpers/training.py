@@ -29,6 +29,19 @@ class PatternData:
                 "position_ids": np.arange(self.seq_length)}
 
 
+def train_on_patterns(flags, pg=None, valid: bool = False):
+    """A Trainer for `flags` on PatternData(16, 120) (also as validation data with
+    `valid`), trained to the end, the distributed optimizer's last weights gathered;
+    returns (trainer, its final state)."""
+    data = PatternData(16, 120)
+    trainer = Trainer(parse_args(flags), (data, data if valid else None, None), pg=pg,
+                      log=lambda line: None)
+    state = trainer.train()
+    for model in trainer.models:
+        model.finish_param_gather()
+    return trainer, state
+
+
 def make_trainer(*flags):
     cfg = parse_args(BASE + list(flags))
     data = PatternData(cfg.data.seq_length)

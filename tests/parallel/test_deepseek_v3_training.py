@@ -17,7 +17,7 @@ from paratron.model.moe import moe_layers
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.training.trainer import Trainer
 from tests.helpers.dist_utils import run_distributed
-from tests.helpers.training import PatternData
+from tests.helpers.training import PatternData, train_on_patterns
 from tests.helpers.weights import full_weights
 
 V3 = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
@@ -55,11 +55,7 @@ def _expert_biases(trainer) -> dict:
 
 
 def _train(flags, pg=None):
-    trainer = Trainer(parse_args(flags), (PatternData(16, 120), None, None), pg=pg,
-                      log=lambda line: None)
-    state = trainer.train()
-    for model in trainer.models:
-        model.finish_param_gather()
+    trainer, state = train_on_patterns(flags, pg)
     return state.losses, trainer.moe_losses, full_weights(trainer), _expert_biases(trainer)
 
 

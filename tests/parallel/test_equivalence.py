@@ -6,10 +6,8 @@ import pytest
 import torch.distributed as dist
 
 from tests.helpers.dist_utils import run_distributed
-from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.training.trainer import Trainer
-from tests.helpers.training import PatternData
+from tests.helpers.training import train_on_patterns
 from tests.helpers.weights import full_weights
 from tests.helpers.flags import COMMON, LLAMA, GPT2
 
@@ -36,10 +34,7 @@ LAYOUTS = {
 
 
 def _train(flags, pg=None):
-    cfg = parse_args(flags)
-    trainer = Trainer(cfg, (PatternData(16, 120), None, None), pg=pg, log=lambda line: None)
-    state = trainer.train()
-    trainer.model.finish_param_gather()
+    trainer, state = train_on_patterns(flags, pg)
     return state.losses, full_weights(trainer)
 
 

@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.training.trainer import Trainer
 from tests.helpers.dist_utils import run_distributed
-from tests.helpers.training import PatternData
+from tests.helpers.training import train_on_patterns
 from tests.helpers.weights import full_weights
 
 FLAGS = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
@@ -38,9 +36,7 @@ LAYOUTS = {  # world, (tp, ep), flags, weights' atol
 
 
 def _train(flags, pg=None):
-    trainer = Trainer(parse_args(flags), (PatternData(16, 120), None, None), pg=pg,
-                      log=lambda line: None)
-    state = trainer.train()
+    trainer, state = train_on_patterns(flags, pg)
     return state.losses, full_weights(trainer)
 
 

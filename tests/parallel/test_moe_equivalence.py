@@ -7,10 +7,8 @@ import pytest
 import torch.distributed as dist
 
 from tests.helpers.dist_utils import run_distributed
-from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.training.trainer import Trainer
-from tests.helpers.training import PatternData
+from tests.helpers.training import train_on_patterns
 from tests.helpers.weights import full_weights
 
 COMMON = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
@@ -41,11 +39,7 @@ LAYOUTS = {  # world, (tp, pp, ep), flags
 
 
 def _train(flags, pg=None):
-    trainer = Trainer(parse_args(flags), (PatternData(16, 120), None, None), pg=pg,
-                      log=lambda line: None)
-    state = trainer.train()
-    for model in trainer.models:
-        model.finish_param_gather()
+    trainer, state = train_on_patterns(flags, pg)
     return state.losses, trainer.moe_losses, full_weights(trainer)
 
 

@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.sharding import gather_tensor, layout_of
-from paratron.training.trainer import Trainer
 from tests.helpers.dist_utils import run_distributed
-from tests.helpers.training import PatternData
+from tests.helpers.training import train_on_patterns
 from tests.helpers.weights import _all_gather, full_weights
 
 COMMON = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
@@ -46,11 +44,7 @@ EMBEDDING = "embedding.word_embeddings.weight"
 
 
 def _train(flags, pg=None):
-    trainer = Trainer(parse_args(flags), (PatternData(16, 120), None, None), pg=pg,
-                      log=lambda line: None)
-    state = trainer.train()
-    for model in trainer.models:
-        model.finish_param_gather()
+    trainer, state = train_on_patterns(flags, pg)
     copies = {}  # the last stage's copy of the embedding, TP shards gathered
     for model in trainer.models:
         for name, p in model.module.named_parameters():

@@ -7,11 +7,9 @@ import pytest
 import torch.distributed as dist
 
 from tests.helpers.dist_utils import run_distributed
-from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.training.trainer import Trainer
 from tests.helpers.flags import COMMON, LLAMA
-from tests.helpers.training import PatternData
+from tests.helpers.training import train_on_patterns
 from tests.helpers.weights import full_weights
 
 FLAGS = COMMON + LLAMA + ["--num-layers", "4", "--train-iters", "4"]
@@ -32,11 +30,8 @@ LAYOUTS = {
 
 
 def _train(flags, pg=None):
-    trainer = Trainer(parse_args(flags), (PatternData(16, 120), None, None), pg=pg,
-                      log=lambda line: None)
-    losses = trainer.train().losses
-    for model in trainer.models:
-        model.finish_param_gather()
+    trainer, state = train_on_patterns(flags, pg)
+    losses = state.losses
     packed = sum(m.module.decoder.activation_offload.packed for m in trainer.models)
     offloaded = len(trainer.optimizer.offloaded), len(trainer.optimizer.segments)
     return losses, full_weights(trainer), packed, offloaded

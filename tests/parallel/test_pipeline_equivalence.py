@@ -6,10 +6,8 @@ import pytest
 import torch.distributed as dist
 
 from tests.helpers.dist_utils import run_distributed
-from paratron.cli.args import parse_args
 from paratron.parallel.process_groups import ProcessGroups
-from paratron.training.trainer import Trainer
-from tests.helpers.training import PatternData
+from tests.helpers.training import train_on_patterns
 from tests.helpers.weights import full_weights
 
 COMMON = ("--hidden-size 32 --num-attention-heads 4 --seq-length 16 "
@@ -35,11 +33,7 @@ LAYOUTS = {
 
 
 def _train(flags, pg=None):
-    trainer = Trainer(parse_args(flags), (PatternData(16, 120), PatternData(16, 120), None),
-                      pg=pg, log=lambda line: None)
-    state = trainer.train()
-    for model in trainer.models:
-        model.finish_param_gather()
+    trainer, state = train_on_patterns(flags, pg, valid=True)
     return state.losses, full_weights(trainer)
 
 
