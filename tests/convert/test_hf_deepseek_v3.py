@@ -28,7 +28,8 @@ from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
 from paratron.convert.hf_source import read_hf_folder  # noqa: E402
 from paratron.model.config import moe_layer_pattern  # noqa: E402
-from tests.helpers.hf_utils import VOCAB, max_logit_diff, one_line_error, randomize
+from tests.helpers.hf_utils import (VOCAB, max_logit_diff, one_line_error, randomize,
+                                    saved_once)
 
 MLA = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
            max_position_embeddings=128, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -78,16 +79,7 @@ def _hf_model(overrides: dict):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """case -> (transformers model, folder), built once."""
-    cache = {}
-
-    def get(case):
-        if case not in cache:
-            model = _hf_model(CASES[case])
-            folder = tmp_path_factory.mktemp(case)
-            model.save_pretrained(folder)
-            cache[case] = model, folder
-        return cache[case]
-    return get
+    return saved_once(tmp_path_factory, lambda case: _hf_model(CASES[case]))
 
 
 def _edit_config(folder, **changes):

@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 from paratron.model.config import moe_layer_pattern  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
-from tests.helpers.hf_utils import VOCAB, max_logit_diff, one_line_error, randomize
+from tests.helpers.hf_utils import (VOCAB, max_logit_diff, one_line_error, randomize,
+                                    saved_once)
 
 TINY = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
@@ -97,16 +98,7 @@ def _hf_model(case: str):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """case -> (transformers model, folder with per-expert tensors), built once."""
-    cache = {}
-
-    def get(case):
-        if case not in cache:
-            model = _hf_model(case)
-            folder = tmp_path_factory.mktemp(case)
-            model.save_pretrained(folder)
-            cache[case] = model, folder
-        return cache[case]
-    return get
+    return saved_once(tmp_path_factory, _hf_model)
 
 
 @pytest.mark.parametrize("case", list(CASES))

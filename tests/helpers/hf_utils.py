@@ -39,3 +39,18 @@ def one_line_error(folder, *fragments) -> None:
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def saved_once(tmp_path_factory, build):
+    """case -> (model, the folder it was saved to): `build(case)` made and saved once per
+    case, for a module-scoped fixture."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            model = build(case)
+            folder = tmp_path_factory.mktemp(case)
+            model.save_pretrained(folder)
+            cache[case] = model, folder
+        return cache[case]
+    return get
