@@ -7,17 +7,20 @@
 
 Every rank calls both (they use collectives) with its model chunks and its
 `MixedPrecisionOptimizer` (None skips optimizer state). Each rank writes
-`model_optim_rank_NNNNN.safetensors` (whole logical tensors, named by `state.py`) and
-`rng_rank_NNNNN.safetensors`; `metadata.json` holds the config, the layout that wrote it,
-the train state, optimizer scalars, an index of every tensor (shape, dtype, file, key)
-and every file's size and SHA-256. Loading reads with `safetensors` only: nothing is
+`model_optim_rank_NNNNN.safetensors` (blocks of the logical tensors `state.py` names,
+whole or a share of each) and `rng_rank_NNNNN.safetensors`; `metadata.json` holds the
+config, the layout that wrote it, the train state, optimizer scalars, an index of every
+tensor (shape, dtype, and the file, key, offsets and shape of each of its chunks) and
+every file's size and SHA-256. Loading reads with `safetensors` only: nothing is
 unpickled.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -29,9 +32,11 @@ from safetensors.torch import save_file
 
 from paratron.checkpoint import files, rng
 from paratron.checkpoint.untrusted import inside, regular_file
-from paratron.checkpoint.state import (collect_tensors, distributed, load_model,
+from paratron.checkpoint.state import (Chunk, collect_chunks, distributed, load_model,
                                        load_optimizer, optimizer_state_keys,
                                        optimizer_step_count)
+
+WRITER_NICENESS = 10  # added to the background writer thread's niceness
 
 
 def layout_of(models, pg) -> dict:
@@ -88,7 +93,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, models, pg,
     for model in models:  # distributed optimizer: updated weights must have arrived
         if hasattr(model, "finish_param_gather"):
             model.finish_param_gather()
-    tensors = collect_tensors(models, pg, optimizer)
+    # With `background` the live weights change at the next step: write a snapshot.
+    chunks = collect_chunks(models, pg, optimizer, snapshot=background)
     rng_state = rng.capture(pg, device) if save_rng else None
     meta = {"format_version": files.FORMAT_VERSION, "iteration": iteration,
             "config": config, "train_state": train_state or {},
@@ -101,11 +107,10 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, models, pg,
             "state_keys": optimizer_state_keys(optimizer),
             "loss_scaler": optimizer.loss_scaler.state_dict()}
     pending = PendingSave(save_dir, iteration, rank, meta)
-    if background:  # the live weights change at the next step: write a snapshot
-        tensors = {k: v.clone() for k, v in tensors.items()}
-        pending.start(tensors, rng_state)
+    if background:
+        pending.start(chunks, rng_state)
         return pending
-    pending.run(tensors, rng_state)
+    pending.run(chunks, rng_state)
     return pending.finish()
 
 
@@ -127,31 +132,48 @@ class PendingSave:
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def write(self, tensors: dict[str, torch.Tensor], rng_state) -> None:
+    def write(self, chunks: list[Chunk], rng_state) -> None:
         """Write this rank's files into the temporary directory."""
-        if tensors:
+        if chunks:
             name = f"model_optim_rank_{self.rank:05d}.safetensors"
-            self.written[name] = _write(self.tmp / name, tensors)
-            for key, t in tensors.items():
-                self.index[key] = {"shape": list(t.shape),
-                                   "dtype": str(t.dtype).removeprefix("torch."),
-                                   "chunks": [{"file": name, "key": key,
-                                               "offsets": [0] * t.dim()}]}
+            self.written[name] = _write(self.tmp / name, {c.key: c.tensor for c in chunks})
+            for c in chunks:
+                entry = self.index.setdefault(c.name, {
+                    "shape": c.shape, "dtype": str(c.tensor.dtype).removeprefix("torch."),
+                    "chunks": []})
+                entry["chunks"].append({"file": name, "key": c.key, "offsets": c.offsets,
+                                        "shape": list(c.tensor.shape)})
         if rng_state is not None:
             name = f"rng_rank_{self.rank:05d}.safetensors"
             self.written[name] = _write(self.tmp / name, *rng_state)
 
-    def run(self, tensors, rng_state) -> None:
+    def run(self, chunks, rng_state) -> None:
         """`write`, keeping an error for `finish` to report on every rank together."""
         try:
-            self.write(tensors, rng_state)
+            self.write(chunks, rng_state)
         except Exception as error:  # noqa: BLE001 - reported by finish()
             self.error = error
 
-    def start(self, tensors, rng_state) -> None:
-        self._thread = threading.Thread(target=self.run, args=(tensors, rng_state),
-                                        name="paratron-async-save", daemon=True)
+    def start(self, chunks, rng_state) -> None:
+        self._thread = threading.Thread(target=self._run_behind_training,
+                                        args=(chunks, rng_state), name="paratron-async-save",
+                                        daemon=True)
         self._thread.start()
+
+    def _run_behind_training(self, chunks, rng_state) -> None:
+        """`run` at a lower CPU priority (this thread only; Linux nices threads one by
+        one), so that serialising, syncing and hashing take the cores training leaves
+        idle instead of slowing its steps when the host has none to spare."""
+        if sys.platform.startswith("linux"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+            except OSError:
+                pass  # not allowed here: write at the training thread's priority
+        self.run(chunks, rng_state)
+
+    def writing(self) -> bool:
+        """Whether the background thread is still writing this rank's files."""
+        return self._thread is not None and self._thread.is_alive()
 
     def finish(self) -> Path:
         """Wait for this rank's files, gather every rank's list, and (rank 0) write the
@@ -224,25 +246,49 @@ class TensorReader:
                                             f"({error})") from None
         return self._open[name]
 
-    def __call__(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> dict:
         entry = self.index.get(name)
         if entry is None:
             raise ValueError(f"{self.path}: no tensor {name} in the checkpoint "
                              f"(a checkpoint of another model?)")
-        chunks = entry["chunks"]
-        if len(chunks) != 1 or any(chunks[0]["offsets"]):
-            raise ValueError(f"{self.path}: {name} is stored in {len(chunks)} chunks; this "
-                             f"reader takes whole tensors only")
-        handle = self.open_file(chunks[0]["file"])
-        where = self.path / chunks[0]["file"]
-        if chunks[0]["key"] not in handle.keys():
-            raise files.CheckpointError(f"{where}: lacks tensor {chunks[0]['key']}, which "
+        return entry
+
+    def shape(self, name: str) -> list[int]:
+        return self._entry(name)["shape"]
+
+    def __call__(self, name: str) -> torch.Tensor:
+        """Logical tensor `name`, put together from its chunks."""
+        entry = self._entry(name)
+        if len(entry["chunks"]) == 1:  # written whole: the memory-mapped tensor itself
+            return self._chunk(entry, entry["chunks"][0])
+        return self.flat(name, 0, math.prod(entry["shape"])).view(entry["shape"])
+
+    def flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened logical tensor `name`, read from the
+        chunks that hold them only (`files.check_metadata` made sure that the chunks are
+        runs of elements covering each element once)."""
+        entry = self._entry(name)
+        parts = []
+        for chunk in sorted(entry["chunks"], key=lambda c: files.chunk_span(entry, c)):
+            begin, end = files.chunk_span(entry, chunk)
+            if begin < stop and end > start:
+                block = self._chunk(entry, chunk).reshape(-1)
+                parts.append(block[max(start, begin) - begin:min(stop, end) - begin])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _chunk(self, entry: dict, chunk: dict) -> torch.Tensor:
+        """One chunk of a tensor's index `entry`, checked against it."""
+        handle = self.open_file(chunk["file"])
+        where = self.path / chunk["file"]
+        if chunk["key"] not in handle.keys():
+            raise files.CheckpointError(f"{where}: lacks tensor {chunk['key']}, which "
                                         f"the index places there")
-        t = handle.get_tensor(chunks[0]["key"])
-        if list(t.shape) != entry["shape"] or str(t.dtype) != f"torch.{entry['dtype']}":
+        t = handle.get_tensor(chunk["key"])
+        shape = files.chunk_shape(entry, chunk)
+        if list(t.shape) != shape or str(t.dtype) != f"torch.{entry['dtype']}":
             raise files.CheckpointError(
-                f"{where}: {name} is {str(t.dtype).removeprefix('torch.')} "
-                f"{list(t.shape)}, the index says {entry['dtype']} {entry['shape']}")
+                f"{where}: {chunk['key']} is {str(t.dtype).removeprefix('torch.')} "
+                f"{list(t.shape)}, the index says {entry['dtype']} {shape}")
         return t
 
 
@@ -269,7 +315,7 @@ def load_checkpoint(path: str | os.PathLike, models, pg, optimizer=None, *,
         if opt_meta["kind"] != kind:
             raise ValueError(f"{path}: optimizer state of {opt_meta['kind']}, this run uses "
                              f"{kind}")
-        load_optimizer(models, pg, optimizer, read, read.has, opt_meta["state_keys"],
+        load_optimizer(models, pg, optimizer, read, opt_meta["state_keys"],
                        opt_meta["step_count"])
         optimizer.steps = opt_meta["steps"]
         for group in optimizer.optimizer.param_groups:

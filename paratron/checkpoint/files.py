@@ -250,8 +250,20 @@ def check_metadata(meta: dict, where: str) -> None:
                  and isinstance(chunk.get("key"), str)
                  and isinstance(chunk.get("offsets"), list)
                  and len(chunk["offsets"]) == len(entry["shape"])
-                 and all(_count(o, 1 << 48) for o in chunk["offsets"]),
-                 f"a chunk of tensor {key!r} does not name a listed file, a key and offsets")
+                 and all(_count(o, 1 << 48) for o in chunk["offsets"])
+                 and isinstance(chunk.get("shape", []), list)
+                 and len(chunk_shape(entry, chunk)) == len(entry["shape"])
+                 and all(_count(n, 1 << 48) for n in chunk_shape(entry, chunk)),
+                 f"a chunk of tensor {key!r} does not name a listed file, a key, offsets "
+                 f"and a shape")
+            need(all(o + n <= d for o, n, d in zip(chunk["offsets"], chunk_shape(entry, chunk),
+                                                  entry["shape"])),
+                 f"a chunk of tensor {key!r} reaches past its shape {entry['shape']}")
+        spans = sorted(chunk_span(entry, c) or (-1, -1) for c in entry["chunks"])
+        need(spans[0][0] == 0 and spans[-1][1] == math.prod(entry["shape"])
+             and all(a[1] == b[0] for a, b in zip(spans, spans[1:])),
+             f"the chunks of tensor {key!r} are not runs of its elements that cover each "
+             f"element once")
     state = meta.get("train_state")
     need(isinstance(state, dict) and all(_count(state[k]) for k in COUNTERS if k in state)
          and all(v is None or type(v) in (str, int, float, bool) for v in state.values()),
@@ -317,16 +329,30 @@ def verify_checkpoint(path: str | os.PathLike, checksums: bool = True) -> list[s
     return problems
 
 
+def chunk_shape(entry: dict, chunk: dict) -> list[int]:
+    """The shape of one chunk of a tensor's index entry (a chunk without one is the whole
+    tensor, as the converter and earlier saves write it)."""
+    return chunk.get("shape", entry["shape"])
+
+
+def chunk_span(entry: dict, chunk: dict) -> tuple[int, int] | None:
+    """The elements [begin, end) of the flattened tensor that a chunk holds, or None when
+    they are not consecutive (Paratron writes only runs: see `state.flat_blocks`)."""
+    shape, offsets, sizes = entry["shape"], chunk["offsets"], chunk_shape(entry, chunk)
+    first = next((i for i, n in enumerate(sizes) if n != 1), len(sizes))
+    if any(offsets[i] or sizes[i] != shape[i] for i in range(first + 1, len(shape))):
+        return None
+    begin = sum(o * math.prod(shape[i + 1:]) for i, o in enumerate(offsets))
+    return begin, begin + math.prod(sizes)
+
+
 def _expected_headers(meta: dict) -> dict[str, dict[str, tuple[str, list[int]]]]:
-    """{file: {key: (dtype, shape)}} that the index says each file holds (whole tensors
-    only: a chunk at non-zero offsets is refused)."""
+    """{file: {key: (dtype, shape)}} that the index says each file holds."""
     out: dict[str, dict] = {}
-    for name, entry in meta["tensors"].items():
+    for entry in meta["tensors"].values():
         for chunk in entry["chunks"]:
-            if len(entry["chunks"]) != 1 or any(chunk["offsets"]):
-                raise CheckpointError(f"tensor {name} is stored in {len(entry['chunks'])} "
-                                      f"chunks; Paratron reads whole tensors only")
-            out.setdefault(chunk["file"], {})[chunk["key"]] = (entry["dtype"], entry["shape"])
+            out.setdefault(chunk["file"], {})[chunk["key"]] = (entry["dtype"],
+                                                               chunk_shape(entry, chunk))
     return out
 
 

@@ -5,9 +5,14 @@ whatever layout holds it: `model/<name>` (model dtype), `optim/main/<name>` (fp3
 weights, when the model is not fp32), `optim/<key>/<name>` (AdamW `exp_avg`,
 `exp_avg_sq`, SGD `momentum_buffer`) and `buffer/<name>` (e.g. the MoE expert bias).
 
-Saving puts the distributed optimizer's segments back together by a sum over the group
-that shards them, then gathers TP and expert shards; one rank per tensor writes it, the
-writers spread over a stage's ranks; the tied output layer (`tied="copy"`) is not written.
+Saving moves nothing between ranks for a parameter that a rank holds whole (no TP or EP
+split): each data-parallel rank writes its share of it as blocks of the logical tensor
+(`Chunk`s at offsets) -- an even split of the weights and, under the distributed
+optimizer, the elements its segments own. A parameter split over TP or EP is put back
+together (optimizer segments by a sum over the group that shards them, then the TP and
+expert shards gathered) and written whole by one rank, the writers spread over a stage's
+ranks. The tied output layer (`tied="copy"`) is not written.
+
 Loading reads the logical tensors a rank's parameters need and keeps its part, so a
 checkpoint from any TP / PP / DP / EP / virtual-stage layout, distributed optimizer on or
 off, loads into any other.
@@ -15,6 +20,7 @@ off, loads into any other.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -182,32 +188,122 @@ def optimizer_step_count(optimizer) -> float | None:
     return None
 
 
-def collect_tensors(models, pg, optimizer=None) -> dict[str, torch.Tensor]:
-    """The logical tensors this rank writes (every rank must call it: collectives)."""
-    out: dict[str, torch.Tensor] = {}
+@dataclass
+class Chunk:
+    """A block of logical tensor `name` (of `shape`) at `offsets` that this rank writes."""
+    name: str
+    shape: list[int]
+    offsets: list[int]
+    tensor: torch.Tensor
+
+    @property
+    def key(self) -> str:
+        """Its key in the rank's file: the logical name when it is the whole tensor."""
+        if list(self.tensor.shape) == self.shape:
+            return self.name
+        return f"{self.name}@{'_'.join(map(str, self.offsets))}"
+
+
+def flat_blocks(shape: list[int], start: int, stop: int) -> list[tuple[int, list, list]]:
+    """Elements [start, stop) of a row-major tensor of `shape` as blocks (first flat
+    index, offsets, sizes): one per partial row at either end, one for the whole rows
+    between, recursively, so at most 2 x dims - 1 blocks, each contiguous in memory."""
+    if start >= stop:
+        return []
+    if not shape:
+        return [(start, [], [])]
+    row = math.prod(shape[1:])
+    first, last = -(-start // row), stop // row  # the whole rows are [first, last)
+
+    def within(r: int, lo: int, hi: int) -> list:
+        return [(r * row + b, [r, *o], [1, *z])
+                for b, o, z in flat_blocks(shape[1:], lo - r * row, hi - r * row)]
+
+    if first > last:  # start and stop inside one row
+        return within(last, start, stop)
+    out = within(first - 1, start, first * row) if start < first * row else []
+    if last > first:
+        out.append((first * row, [first] + [0] * (len(shape) - 1), [last - first, *shape[1:]]))
+    if stop > last * row:
+        out += within(last, last * row, stop)
+    return out
+
+
+def _host(t: torch.Tensor, snapshot: bool) -> torch.Tensor:
+    """`t` in host memory: a copy when it is elsewhere or when `snapshot` asks for one (a
+    background save writes while training changes the live tensors), else `t` itself."""
+    return t.to("cpu", copy=snapshot).contiguous()
+
+
+def _blocks(name: str, shape: list[int], flat: torch.Tensor, first: int, start: int,
+            stop: int, snapshot: bool) -> list[Chunk]:
+    """Chunks of elements [start, stop) of `name`, read from `flat`, which holds its
+    elements from `first` on."""
+    return [Chunk(name, shape, offsets, _host(
+                flat[begin - first:begin - first + math.prod(sizes)].view(sizes), snapshot))
+            for begin, offsets, sizes in flat_blocks(shape, start, stop)]
+
+
+def _whole_here(entry: ParamEntry, pg) -> bool:
+    """Whether this rank's parameter is the whole logical tensor (split over neither TP
+    nor EP): then its data-parallel ranks each write a share without communication."""
+    return not entry.expert and (pg.tp.size == 1 or layout_of(entry.param).dim is None)
+
+
+def _own_share(entry: ParamEntry, quantities, segments, pg, snapshot: bool) -> list[Chunk]:
+    """This data-parallel rank's share of a parameter held whole: an even split of the
+    weights, and of the optimizer state the elements of its segments (its own part under
+    the distributed optimizer, else the same even split)."""
+    p, shape, rank, size = entry.param, list(entry.param.shape), pg.dp_cp.rank, pg.dp_cp.size
+    lo, hi = p.numel() * rank // size, p.numel() * (rank + 1) // size
+    out = _blocks(f"model/{entry.name}", shape, p.detach().reshape(-1), 0, lo, hi, snapshot)
+    if _sharding_group(entry, pg)[1] > 1:
+        lo, hi = 0, p.numel()
+    for key, get in quantities:
+        for seg in segments:
+            value = get(seg)
+            start, stop = max(seg.offset, lo), min(seg.offset + value.numel(), hi)
+            out += _blocks(key, shape, value, seg.offset, start, stop, snapshot)
+    return out
+
+
+def _gathered(index: int, entry: ParamEntry, quantities, segments, pg,
+              snapshot: bool) -> list[Chunk]:
+    """A parameter split over TP or EP, put together whole (collectives: every rank
+    calls it); one rank of those holding it writes it."""
+    mine = _writes(index, entry.expert, pg)
+    out = []
+    for key, get in [(f"model/{entry.name}", None), *quantities]:
+        local = entry.param.detach() if get is None else _flat_state(entry, segments, get, pg)
+        full = gather_logical(local, entry.param, pg)
+        if mine:
+            out.append(Chunk(key, list(full.shape), [0] * full.dim(), _host(full, snapshot)))
+    return out
+
+
+def collect_chunks(models, pg, optimizer=None, *, snapshot: bool = False) -> list[Chunk]:
+    """The blocks of logical tensors this rank writes, in host memory (copies of the live
+    tensors with `snapshot`). Every rank must call it: a parameter split over TP or EP is
+    gathered."""
+    out: list[Chunk] = []
     entries = [e for e in param_entries(models) if not e.is_copy]
     segs = segments_by_param(optimizer) if optimizer is not None else {}
     keys = optimizer_state_keys(optimizer) if optimizer is not None else []
     state = optimizer.optimizer.state if optimizer is not None else {}
     for index, e in enumerate(entries):
-        mine = _writes(index, e.expert, pg)
-        full = gather_logical(e.param.detach(), e.param, pg)
-        if mine:
-            out[f"model/{e.name}"] = full.cpu().contiguous()
-        if optimizer is None:
-            continue
         quantities = [(f"optim/{k}/{e.name}", lambda s, k=k: state[s.main][k].view(-1))
                       for k in keys]
-        if e.param.dtype != torch.float32:
+        if optimizer is not None and e.param.dtype != torch.float32:
             quantities.insert(0, (f"optim/main/{e.name}", lambda s: s.main.view(-1)))
-        for key, get in quantities:
-            local = _flat_state(e, segs.get(id(e.param), []), get, pg)
-            full = gather_logical(local, e.param, pg)
-            if mine:
-                out[key] = full.cpu().contiguous()
+        segments = segs.get(id(e.param), [])
+        if not _whole_here(e, pg):
+            out += _gathered(index, e, quantities, segments, pg, snapshot)
+        elif index % pg.tp.size == pg.tp.rank:
+            out += _own_share(e, quantities, segments, pg, snapshot)
     if pg.dp_cp.rank == 0 and pg.tp.rank == 0:
         for name, t in buffer_entries(models):
-            out[f"buffer/{name}"] = t.detach().cpu().contiguous()
+            out.append(Chunk(f"buffer/{name}", list(t.shape), [0] * t.dim(),
+                             _host(t.detach(), snapshot)))
     return out
 
 
@@ -234,9 +330,10 @@ def load_model(models, pg, read) -> None:
 
 
 @torch.no_grad()
-def load_optimizer(models, pg, optimizer, read, has, keys: list[str],
+def load_optimizer(models, pg, optimizer, read, keys: list[str],
                    step_count: float | None) -> None:
-    """Set main weights and per-element optimizer state of this rank's segments."""
+    """Set main weights and per-element optimizer state of this rank's segments from the
+    checkpoint's `read` (a `TensorReader`)."""
     segs = segments_by_param(optimizer)
     state = optimizer.optimizer.state
     for e in param_entries(models):
@@ -244,20 +341,26 @@ def load_optimizer(models, pg, optimizer, read, has, keys: list[str],
         if not segments:
             continue
 
-        def local_flat(name):
+        def per_segment(name: str) -> list[torch.Tensor]:
+            """`name`'s elements for each of the segments. A parameter held whole with
+            the stored shape reads only those (a share of the checkpoint under the
+            distributed optimizer); others read the logical tensor and reshard it."""
+            if _whole_here(e, pg) and read.shape(name) == list(e.param.shape):
+                return [read.flat(name, s.offset, s.offset + s.main.numel()).float()
+                        .to(e.param.device) for s in segments]
             full = fit_vocab_rows(e.source, read(name).float(), e.param, pg)
             local = shard_logical(full, e.param, pg)
             _check_shape(name, local, e.param.shape)
-            return local.reshape(-1).to(e.param.device)
+            flat = local.reshape(-1).to(e.param.device)
+            return [flat[s.offset:s.offset + s.main.numel()] for s in segments]
 
         main_name = f"optim/main/{e.source}"
-        main = local_flat(main_name if has(main_name) else f"model/{e.source}")
-        for seg in segments:
-            seg.main.copy_(main[seg.offset:seg.offset + seg.main.numel()])
+        mains = per_segment(main_name if read.has(main_name) else f"model/{e.source}")
+        for seg, main in zip(segments, mains):
+            seg.main.copy_(main)
         for key in keys:
-            values = local_flat(f"optim/{key}/{e.source}")
-            for seg in segments:
+            for seg, values in zip(segments, per_segment(f"optim/{key}/{e.source}")):
                 st = state[seg.main]
-                st[key] = values[seg.offset:seg.offset + seg.main.numel()].clone()
+                st[key] = values.clone()
                 if step_count is not None:
                     st["step"] = torch.tensor(step_count, dtype=torch.float32)

@@ -22,7 +22,7 @@ import torch
 
 from paratron.checkpoint.checkpointing import TensorReader
 from paratron.checkpoint.safe_pickle import load_torch
-from paratron.checkpoint.state import collect_tensors
+from paratron.checkpoint.state import collect_chunks
 from paratron.cli.args import parse_args
 from paratron.cli.convert import main as convert
 from paratron.parallel.process_groups import ProcessGroups
@@ -33,6 +33,21 @@ ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "megatron" / "optimize
 LAYOUTS = ROOT.parent / "optimizer_layouts"
 RECORD = json.loads((ROOT / "RECORD.json").read_text())
 FORMATS = ("torch_dist", "torch")
+
+
+def collect_tensors(models, pg, optimizer) -> dict[str, torch.Tensor]:
+    """The logical tensors the ranks write, each put together whole from its chunks."""
+    chunks = [(c.name, c.shape, c.offsets, c.tensor)
+              for c in collect_chunks(models, pg, optimizer)]
+    if torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, chunks)
+        chunks = [chunk for part in everyone for chunk in part]
+    out = {}
+    for name, shape, offsets, t in chunks:
+        full = out.setdefault(name, t.new_empty(shape))
+        full[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
+    return out
 
 
 @pytest.fixture(scope="module")
