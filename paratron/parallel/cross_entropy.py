@@ -84,8 +84,11 @@ def _whole_vocabulary(logits, local, hit, grad, chunk_tokens: int) -> torch.Tens
         index = local[..., part].unsqueeze(-1)
         loss[..., part] = -log_probs.gather(-1, index).squeeze(-1)
         if grad is not None:
-            softmax = log_probs.exp_()
-            grad[..., part, :] = softmax.scatter_add_(-1, index, -hit[..., part].unsqueeze(-1))
+            minus_hit = -hit[..., part].unsqueeze(-1)
+            if grad.dtype == log_probs.dtype:  # fp32 logits: exponentiate into the buffer
+                torch.exp(log_probs, out=grad[..., part, :]).scatter_add_(-1, index, minus_hit)
+            else:  # rounded to the buffer's dtype once, after the target's -1
+                grad[..., part, :] = log_probs.exp_().scatter_add_(-1, index, minus_hit)
     return loss
 
 
