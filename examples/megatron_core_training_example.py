@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from paratron.config import config_from_dict  # noqa: E402
 from paratron.options import ConfigError  # noqa: E402
 from paratron.parallel.launch import PeerFailure  # noqa: E402
-from paratron.training.pretrain import setup_process_groups  # noqa: E402
+from paratron.training.pretrain import leave_distributed, setup_process_groups  # noqa: E402
 from paratron.training.trainer import Trainer  # noqa: E402
 
 PROG = "megatron_core_training_example.py"
@@ -243,6 +243,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
+        leave_distributed()
     except (ConfigError, PeerFailure) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2

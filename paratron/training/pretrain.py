@@ -115,12 +115,19 @@ def pretrain(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     # died or was stopped instead of its own error.
     with failures_explained(pg.rank):
         state = _build_and_train(cfg, tokenizer, vocab, log, pg)
-        # Leave together: a rank tearing its process group down while a peer still talks
-        # to it would abort the peer.
-        torch.distributed.barrier()
+        leave_distributed()
+    return state
+
+
+def leave_distributed() -> None:
+    """End this process's part in the job, every rank together: a rank that tears its
+    process group down (or simply exits) while a peer still talks to it aborts the peer
+    ('terminate called without an active exception')."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
     stop_heartbeat()
     torch.distributed.destroy_process_group()
-    return state
 
 
 def _build_and_train(cfg: Config, tokenizer, vocab: int | None, log, pg) -> TrainState:
