@@ -223,6 +223,7 @@ class TensorReader:
     def __init__(self, path: Path, meta: dict):
         self.path, self.index, self.listed = path, meta["tensors"], meta["files"]
         self._open: dict[str, object] = {}
+        self._keys: dict[str, set[str]] = {}  # each open file's tensor names
 
     def has(self, name: str) -> bool:
         return name in self.index
@@ -241,6 +242,7 @@ class TensorReader:
             files.check_header(file, {})
             try:
                 self._open[name] = safe_open(str(file), framework="pt")
+                self._keys[name] = set(self._open[name].keys())
             except SafetensorError as error:
                 raise files.CheckpointError(f"{file}: not a readable safetensors file "
                                             f"({error})") from None
@@ -280,7 +282,7 @@ class TensorReader:
         """One chunk of a tensor's index `entry`, checked against it."""
         handle = self.open_file(chunk["file"])
         where = self.path / chunk["file"]
-        if chunk["key"] not in handle.keys():
+        if chunk["key"] not in self._keys[chunk["file"]]:
             raise files.CheckpointError(f"{where}: lacks tensor {chunk['key']}, which "
                                         f"the index places there")
         t = handle.get_tensor(chunk["key"])
