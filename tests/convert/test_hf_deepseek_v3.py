@@ -29,7 +29,7 @@ from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
 from paratron.convert.hf_source import read_hf_folder  # noqa: E402
 from paratron.model.config import moe_layer_pattern  # noqa: E402
 from tests.helpers.hf_utils import (VOCAB, max_logit_diff, one_line_error, randomize,
-                                    saved_once)
+                                    saved_once, few_threads)  # noqa: F401 - an autouse fixture
 
 MLA = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
            max_position_embeddings=128, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -54,13 +54,6 @@ CASES = {
                                    topk_group=1, rms_norm_eps=1e-5),
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 4))
-    yield
-    torch.set_num_threads(threads)
 
 
 def _hf_model(overrides: dict):

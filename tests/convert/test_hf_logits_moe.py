@@ -22,7 +22,7 @@ from paratron.model.config import moe_layer_pattern  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
 from tests.helpers.hf_utils import (VOCAB, max_logit_diff, one_line_error, randomize,
-                                    saved_once)
+                                    saved_once, few_threads)  # noqa: F401 - an autouse fixture
 
 TINY = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
@@ -74,14 +74,6 @@ MOE_LAYERS = {
     "qwen3_moe_unnormalised_dense_first_yarn": [False, True, True],
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    # Tiny matrices: thread start-up costs more than the work on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 4))
-    yield
-    torch.set_num_threads(threads)
 
 
 

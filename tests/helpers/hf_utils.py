@@ -54,3 +54,13 @@ def saved_once(tmp_path_factory, build):
             cache[case] = model, folder
         return cache[case]
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def few_threads():
+    """Tiny matrices: thread start-up costs more than the work on a shared machine.
+    Imported by a test module, it applies to every test there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 4))
+    yield
+    torch.set_num_threads(threads)
