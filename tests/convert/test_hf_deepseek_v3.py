@@ -60,12 +60,7 @@ def _hf_model(overrides: dict):
     config = transformers.AutoConfig.for_model("deepseek_v3", **overrides)
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", experts_implementation="eager")
-    randomize(model)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(0.3 * torch.randn(buffer.shape, generator=gen))
+    randomize(model)  # the router bias too
     return model.eval()
 
 

@@ -11,7 +11,8 @@ VOCAB = 256
 
 def randomize(model: torch.nn.Module) -> None:
     """Weights far from their initial values (norms away from 1, biases from 0), so a
-    swapped or mis-laid-out tensor shows in the logits."""
+    swapped or mis-laid-out tensor shows in the logits; DeepSeek-V3's router bias (a
+    buffer, zero at first) large enough to change which experts are chosen."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -19,6 +20,9 @@ def randomize(model: torch.nn.Module) -> None:
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.normal_(0.0, 0.1, generator=gen)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.3 * torch.randn(buffer.shape, generator=gen))
 
 
 def max_logit_diff(hf_model, paratron_model) -> float:

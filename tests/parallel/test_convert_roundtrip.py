@@ -1,7 +1,8 @@
 """Hugging Face -> `paratron convert` -> TP2 x PP2 (x EP2) -> save_checkpoint ->
 `paratron convert` -> Hugging Face gives back every tensor bit for bit, for the seven
-architectures; in between, the model run at TP2 x PP2 gives the logits `transformers`
-gives (fp32, < 1e-5).
+architectures and DeepSeek-V3 (with and without a low-rank query; the routers' expert
+biases included); in between, the model run at TP2 x PP2 gives the logits
+`transformers` gives (fp32, < 1e-5).
 
 All seven go through one spawn of four gloo ranks. Dense models run at TP2 x PP2; the
 mixtures of experts at TP2 x PP2 with EP2 (expert TP 1), which four ranks allow. The
@@ -47,6 +48,13 @@ CASES = {  # name: (model_type, vocabulary, overrides)
         q_lora_rank=None, intermediate_size=96, moe_intermediate_size=24, n_routed_experts=4,
         num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1)),
 }
+V3 = dict(num_hidden_layers=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+          qk_rope_head_dim=16, v_head_dim=16, intermediate_size=96, moe_intermediate_size=24,
+          n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
+          n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+          num_mtp_layers=0)
+CASES.update({"deepseek_v3": ("deepseek_v3", 256, dict(V3, q_lora_rank=48)),
+              "deepseek_v3_no_q_lora": ("deepseek_v3", 256, dict(V3, q_lora_rank=None))})
 IDS = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
@@ -99,7 +107,7 @@ def _convert(*flags) -> None:
 
 
 @pytest.mark.slow
-def test_seven_architectures_round_trip_through_tp2_pp2(tmp_path):
+def test_architectures_round_trip_through_tp2_pp2(tmp_path):
     originals, hf_models, cases = {}, {}, {}
     for name, (model_type, vocab, overrides) in CASES.items():
         hf_models[name] = _hf_model(model_type, vocab, overrides)
