@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from paratron.convert.errors import ConversionError
-from paratron.convert.hf_mtp import mtp_fields
 from paratron.model.config import (TransformerConfig, check_moe_config, derive_model,
                                    moe_layer_pattern)
 from paratron.model.rotary import yarn_mscale
@@ -482,6 +481,15 @@ def check_model_type(hf: dict) -> str:
         raise ConversionError(f"unsupported Hugging Face model_type {model_type!r}; "
                               f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return model_type
+
+
+def mtp_fields(hf: dict) -> dict:
+    """The TransformerConfig fields of a config.json's MTP layers (none without them)."""
+    depth = hf.get("num_nextn_predict_layers") or 0
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise ConversionError(f"config.json ({hf.get('model_type')}): "
+                              f"num_nextn_predict_layers {depth!r} must be a whole number")
+    return {"mtp_num_layers": depth} if depth else {}
 
 
 def hf_to_paratron_fields(hf: dict) -> dict[str, Any]:

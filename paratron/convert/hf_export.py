@@ -26,8 +26,7 @@ from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import (DEEPSEEK_LATENT_NORM_EPS, hf_to_paratron_fields,
                                         transformer_config)
 from paratron.convert.hf_loader import INDEX_FILE, SINGLE_FILE
-from paratron.convert.hf_mapping import PER_EXPERT
-from paratron.convert.hf_mtp import architecture
+from paratron.convert.hf_mapping import PER_EXPERT, architecture
 from paratron.convert.streaming import StreamedModel, progress, resize_vocab, staged_output
 from paratron.convert.tokenizer_files import TokenizerFiles, copy_into
 

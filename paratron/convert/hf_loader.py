@@ -22,8 +22,7 @@ from paratron.checkpoint.untrusted import FLOAT_DTYPES, inside, read_json, safet
 from paratron.model.config import TransformerConfig
 from paratron.convert.errors import ConversionError
 from paratron.convert.hf_config import config_from_hf, fp8_block_size, read_hf_config
-from paratron.convert.hf_mapping import EMBEDDING, OUTPUT, Architecture
-from paratron.convert.hf_mtp import architecture
+from paratron.convert.hf_mapping import EMBEDDING, OUTPUT, Architecture, architecture
 from paratron.model.gpt import GPTModel
 
 SINGLE_FILE = "model.safetensors"

@@ -15,8 +15,7 @@ from paratron.convert.hf_config import (check_model_type, config_from_hf, fp8_bl
                                         read_hf_config)
 from paratron.convert.hf_loader import (SafetensorsFolder, check_all_used, check_tied_copy,
                                         plan_sources)
-from paratron.convert.hf_mapping import EMBEDDING
-from paratron.convert.hf_mtp import architecture
+from paratron.convert.hf_mapping import EMBEDDING, architecture
 from paratron.convert.streaming import StreamedModel, model_layout
 from paratron.convert.tokenizer_files import describe
 
