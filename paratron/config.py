@@ -205,6 +205,24 @@ class Config:
 
 
 SECTIONS = ("model", "parallel", "training", "optimizer", "data", "checkpoint", "logging")
+# The sections of a recorded Config that say where and how a run ran (its layout, where it
+# saved and logged), not what it computed: a run rebuilt elsewhere from its checkpoint
+# (generation, replay) takes their defaults.
+PLACEMENT_SECTIONS = ("parallel", "checkpoint", "logging")
+
+
+def recorded_settings(saved: dict, where) -> dict[str, Any]:
+    """A checkpoint's record of its run (`Config.to_dict()`) as one table by dest name,
+    without the placement sections. A section that is not a table is refused in one line
+    (the folder may be hostile)."""
+    flat: dict[str, Any] = {}
+    for section in SECTIONS:
+        recorded = saved.get(section) or {}
+        if not isinstance(recorded, dict):
+            raise ConfigError(f"{where}: the recorded settings' {section!r} is not a table")
+        if section not in PLACEMENT_SECTIONS:
+            flat.update(recorded)
+    return flat
 
 
 def config_of(values: dict[str, Any], model_size: str | None = None) -> Config:

@@ -25,18 +25,15 @@ from paratron.checkpoint import files
 from paratron.checkpoint.checkpointing import load_checkpoint
 from paratron.checkpoint.megatron_folder import megatron_load_problem
 from paratron.cli.args import config_to_yaml, parse_args
-from paratron.config import SECTIONS, Config, config_of
+from paratron.config import SECTIONS, Config, config_of, recorded_settings
 from paratron.debug.probe import StepProbe, non_finite_parameters
 from paratron.inference.loading import checkpoint_tokenizer
-from paratron.options import fields_with_flags
+from paratron.options import ConfigError, fields_with_flags
 from paratron.training.moe_logging import (count_expert_load, format_expert_load,
                                            layer_expert_load)
 from paratron.training.pretrain import build_datasets
 from paratron.training.trainer import Trainer
 
-# Settings of the run that do not shape its batches or its numbers at one process: the
-# layout, where it saved and logged. Replay runs with their defaults.
-_RESET_SECTIONS = ("parallel", "checkpoint", "logging")
 # Replay runs eagerly on the CPU: a compiled layer would hide its ops from the watch.
 _REPLAY_SETTINGS = {"device": "cpu", "torch_compile": False}
 # The settings that say where a run's samples come from; a checkpoint imported from
@@ -78,14 +75,14 @@ def replay_config(saved: dict, overrides: dict, where: Path,
                   log: Callable[[str], None]) -> Config:
     """The run's Config from the checkpoint's record, at one process on the CPU, with the
     flags given on the command line (`overrides`, by Megatron dest name) on top."""
-    flat, defaults = {}, Config()
-    for section in SECTIONS:
-        recorded = saved.get(section) or {}
-        if not isinstance(recorded, dict):
-            raise ReplayError(f"{where}: the recorded settings' {section!r} is not a table")
-        known = {f.name for f in fields_with_flags(type(getattr(defaults, section)))}
-        if section not in _RESET_SECTIONS:
-            flat.update({k: v for k, v in recorded.items() if k in known})
+    defaults = Config()
+    try:
+        recorded = recorded_settings(saved, where)
+    except ConfigError as error:
+        raise ReplayError(str(error)) from None
+    known = {f.name for section in SECTIONS
+             for f in fields_with_flags(type(getattr(defaults, section)))}
+    flat = {k: v for k, v in recorded.items() if k in known}
     data = saved.get("data") or {}
     if not any(data.get(key) for key in DATA_SOURCES):
         absent = (f"{where}: the checkpoint records no data settings (imported from "

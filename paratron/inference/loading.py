@@ -19,15 +19,12 @@ from paratron.checkpoint import find_latest_valid, load_checkpoint, read_metadat
 from paratron.checkpoint.files import TOKENIZER_DIR, read_tokenizer_info
 from paratron.checkpoint.megatron_folder import megatron_load_problem
 from paratron.checkpoint.state import load_model
-from paratron.config import SECTIONS, Config, config_from_dict
+from paratron.config import Config, config_from_dict, recorded_settings
 from paratron.data.errors import DataError
 from paratron.data.tokenizer import Tokenizer, build_tokenizer
 from paratron.model.gpt import GPTModel
 
 EMBEDDING = "model/embedding.word_embeddings.weight"
-# Settings of the training run that do not concern the model and would only be
-# refused or misread when rebuilding it for generation.
-_RESET_SECTIONS = ("parallel", "checkpoint", "logging")
 # Generation runs eagerly: a compiled layer would recompile as the cached length grows.
 _GENERATION_SETTINGS = {"torch_compile": False, "rampup_batch_size": None}
 
@@ -56,12 +53,7 @@ def config_for_generation(saved: dict, tp: int, padded_vocab_size: int | None) -
     """The run's Config from its `to_dict()`, laid out for generation at TP `tp`. Only
     the model is checked: a checkpoint written by `paratron convert` records no
     iterations or learning rate, and generation needs none."""
-    flat: dict = {}
-    for section in SECTIONS:
-        flat.update(saved.get(section) or {})
-    defaults = Config().to_dict()
-    for section in _RESET_SECTIONS:
-        flat.update(defaults[section])
+    flat = recorded_settings(saved, "the checkpoint")
     flat.update({k: v for k, v in _GENERATION_SETTINGS.items() if k in flat})
     flat.update(tensor_model_parallel_size=tp, world_size=tp)
     if padded_vocab_size is not None:
