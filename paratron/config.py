@@ -60,6 +60,10 @@ class TrainingConfig:
                      group="mixed precision")
     fp16: bool = opt(False, "fp16 weights and compute with dynamic loss scaling.",
                      group="mixed precision")
+    fp64: bool = opt(False, "float64 weights, gradients and compute with fp32 main weights "
+                     "and optimizer state, for numerics checks: sums split over ranks then "
+                     "agree with whole ones to ~1e-16, so every layout (FP8 included) "
+                     "trains bit for bit like one process.", group="mixed precision")
     loss_scale: float | None = opt(None, "Static loss scale (dynamic when unset).",
                                    type=float, group="mixed precision", positive=True)
     initial_loss_scale: float = opt(2.0 ** 32, "Initial dynamic loss scale.", type=float,
@@ -308,6 +312,9 @@ def validate(cfg: Config, training: bool = True) -> None:
             raise ConfigError(f"{flag} is required (or pick a preset with --model-size)")
     if t.fp16 and t.bf16:
         raise ConfigError("--fp16 and --bf16 are both set; choose one")
+    if t.fp64 and (t.bf16 or t.fp16):
+        raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} and --fp64 are both set; "
+                          f"choose one")
     check_model(m, d.seq_length)
     if training:
         _validate_schedule(cfg)

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="iterations to compare (default 2)")
     parser.add_argument("--tolerance", type=float, default=None, metavar="T",
                         help="largest relative difference taken as equal (default by "
-                             "precision: fp32 5e-5, bf16 2e-2, fp16 5e-3)")
+                             "precision: fp64 1e-10, fp32 5e-5, bf16 2e-2, fp16 5e-3)")
     return parser
 
 

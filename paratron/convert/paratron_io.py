@@ -170,7 +170,9 @@ def save_paratron_checkpoint(model: StreamedModel, save_dir: str | Path, target:
     cfg = target_config(model.config, target, model.vocab_size)
     rows = cfg.model.padded_vocab_size
     if dtype is not None:
-        cfg.training.bf16, cfg.training.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+        t = cfg.training
+        t.bf16, t.fp16, t.fp64 = (dtype == d for d in (torch.bfloat16, torch.float16,
+                                                        torch.float64))
     final = Path(save_dir).resolve()
     if model.tokenizer is not None:
         cfg.data.tokenizer_type = model.tokenizer.tokenizer_type

@@ -27,7 +27,7 @@ from paratron.parallel.sharding import ParamLayout, gather_tensor
 
 # Summation order differs between layouts; Adam turns that noise in near-zero gradients
 # into somewhat larger noise in the update.
-DEFAULT_TOLERANCE = {"fp32": 5e-5, "bf16": 2e-2, "fp16": 5e-3}
+DEFAULT_TOLERANCE = {"fp64": 1e-10, "fp32": 5e-5, "bf16": 2e-2, "fp16": 5e-3}
 
 
 @dataclass

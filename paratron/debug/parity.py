@@ -115,7 +115,7 @@ def _layer_of(name: str) -> int:
 
 def precision_of(cfg: Config) -> str:
     t = cfg.training
-    return "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
+    return "bf16" if t.bf16 else "fp16" if t.fp16 else "fp64" if t.fp64 else "fp32"
 
 
 def _run_config(argv: list[str]) -> Config:

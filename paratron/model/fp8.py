@@ -17,7 +17,10 @@ Scales do not depend on the layout. A tensorwise scale belongs to the whole logi
 so its amax is reduced (max) over every group that splits that tensor: a TP-sharded
 weight over TP, a sequence-parallel or TP-split activation over TP, a context-parallel
 shard of the sequence over CP. A TP2 or CP2 FP8 run therefore casts exactly the values a
-one-process FP8 run casts. `enable_fp8(model, config, pg)` switches the layers on after the
+one-process FP8 run casts, up to the last bits of values that TP and CP sum in another
+order; one that lies on a rounding midpoint rounds the other way. Under --fp64 those sums
+agree to ~1e-16 (the float8 products are summed in fp64 too), and every layout trains
+bit for bit like one process. `enable_fp8(model, config, pg)` switches the layers on after the
 model is built, so the model code knows nothing of it (as torchao's module swap).
 """
 
@@ -79,7 +82,7 @@ class _Float8Linear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, weight)
         ctx.matmul, ctx.shape = matmul, x.shape
-        y = torch.mm(matmul.cast(x2, "input"), matmul.cast(weight.t(), "weight"))
+        y = _mm(matmul.cast(x2, "input"), matmul.cast(weight.t(), "weight"))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -87,9 +90,24 @@ class _Float8Linear(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         matmul = ctx.matmul
         g2 = grad.reshape(-1, grad.shape[-1])
-        grad_x = torch.mm(matmul.cast(g2, "grad"), matmul.cast(weight.t(), "weight_gi").t())
-        grad_w = torch.mm(matmul.cast(g2, "grad_gw").t(), matmul.cast(x2, "input_gw"))
+        grad_x = _mm(matmul.cast(g2, "grad"), matmul.cast(weight.t(), "weight_gi").t())
+        grad_w = _mm(matmul.cast(g2, "grad_gw").t(), matmul.cast(x2, "input_gw"))
         return grad_x.reshape(ctx.shape), grad_w.to(weight.dtype), None
+
+
+def _mm(a, b) -> torch.Tensor:
+    """The product of two casts: torchao's scaled matmul, or for an fp64 model (--fp64)
+    the float8 values multiplied in fp64, whose sums split over ranks agree with whole
+    ones to ~1e-16 (torchao's emulation would sum in fp32, and round each rank's part)."""
+    if a.dtype != torch.float64:
+        return torch.mm(a, b)
+    _, tensor, _ = _torchao()
+
+    def fp64(t):
+        if isinstance(t, tensor.Float8TrainingTensor):
+            return t._data.double() / t._scale.double()
+        return t
+    return torch.mm(fp64(a), fp64(b))
 
 
 # Each cast of torchao's linear: the tensor it casts (x [T, K], w^T [K, N] or the output

@@ -23,6 +23,7 @@ from torch import nn
 
 from paratron.model.config import check_moe_config
 from paratron.model.mlp import MLP, activate
+from paratron.parallel.comm import wide
 from paratron.parallel.expert_parallel import build_dispatcher
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import in_backward
@@ -68,7 +69,7 @@ def topk_routing(logits: torch.Tensor, topk: int, *, score_function: str = "soft
     * sigmoid scores: top-k, renormalised when k > 1; `expert_bias` is added for the
       choice only (aux-loss-free balancing, moved by `update_expert_bias`).
     """
-    logits = logits.float()
+    logits = wide(logits)
     if score_function == "softmax":
         group_score = "max"
         if pre_softmax:
@@ -120,8 +121,8 @@ def apply_capacity(probs: torch.Tensor, routing_map: torch.Tensor, topk: int, fa
 def routing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
     """Per-token scores over all experts that the load-balancing loss uses."""
     if score_function == "softmax":
-        return torch.softmax(logits.float(), dim=-1)
-    scores = torch.sigmoid(logits.float())
+        return torch.softmax(wide(logits), dim=-1)
+    scores = torch.sigmoid(wide(logits))
     return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
 
 
@@ -140,7 +141,7 @@ def switch_load_balancing_loss(scores: torch.Tensor, tokens_per_expert: torch.Te
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """mean_t logsumexp(logits_t)^2, without the coefficient (ST-MoE)."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(wide(logits), dim=-1).square().mean()
 
 
 class MoEAuxLossAutoScaler(torch.autograd.Function):
@@ -201,7 +202,7 @@ class TopKRouter(nn.Module):
             # and token counts need it.
             self.expert_bias.data = self.expert_bias.data.float()
             self.local_tokens_per_expert.data = self.local_tokens_per_expert.data.float()
-        logits = F.linear(tokens.float(), self.weight.float())
+        logits = F.linear(wide(tokens), wide(self.weight))
         training = self.training and torch.is_grad_enabled()
         losses: dict[str, torch.Tensor] = {}
         if training and c.moe_z_loss_coeff:

@@ -13,6 +13,12 @@ import torch
 import torch.distributed as dist
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the dtype its sums are taken in: fp32 for 16-bit and fp32 values, fp64 for
+    fp64 ones (the --fp64 check mode, which must not round anywhere to fp32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 

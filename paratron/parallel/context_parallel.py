@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from paratron.parallel.comm import all_gather, reduce_scatter
+from paratron.parallel.comm import all_gather, reduce_scatter, wide
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.random import get_rng_state, set_rng_state
 
@@ -180,8 +180,8 @@ class BlockAttention(torch.autograd.Function):
         b, n, s_q, d = q.shape
         g = k.shape[1]
         m = n // g
-        qf = q.float().reshape(b, g, m * s_q, d)
-        kf, vf = k.float(), v.float()
+        qf = wide(q).reshape(b, g, m * s_q, d)
+        kf, vf = wide(k), wide(v)
         scores = _scores(qf, kf, causal, scale, m)
         lse = torch.logsumexp(scores, dim=-1)
         p = torch.exp(scores - lse.unsqueeze(-1))
@@ -200,11 +200,11 @@ class BlockAttention(torch.autograd.Function):
         b, n, s_q, d = q.shape
         g = k.shape[1]
         m = n // g
-        qf = q.float().reshape(b, g, m * s_q, d)
-        kf, vf = k.float(), v.float()
+        qf = wide(q).reshape(b, g, m * s_q, d)
+        kf, vf = wide(k), wide(v)
         p = torch.exp(_scores(qf, kf, ctx.causal, ctx.scale, m) - lse.unsqueeze(-1))
-        dout = dout.float().reshape(b, g, m * s_q, -1)
-        dlse = dlse.float().reshape(b, g, m * s_q)
+        dout = wide(dout).reshape(b, g, m * s_q, -1)
+        dlse = wide(dlse).reshape(b, g, m * s_q)
         dp = torch.matmul(dout, vf.transpose(-1, -2))
         p_used = p
         if ctx.dropout_p > 0:

@@ -25,6 +25,7 @@ import functools
 import torch
 import torch.distributed as dist
 
+from paratron.parallel.comm import wide
 from paratron.parallel.process_groups import ProcessGroups
 
 
@@ -78,9 +79,10 @@ def _chunk_functions(compile_backend: str | None):
 def _whole_vocabulary(logits, local, hit, grad, chunk_tokens: int) -> torch.Tensor:
     """One rank holds the whole vocabulary: torch's log-softmax kernel does the max, shift,
     exp and sum of a chunk in one pass, and its exponential is the softmax."""
-    loss = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    loss = torch.empty(logits.shape[:-1], dtype=dtype, device=logits.device)
     for part in _chunks(logits, chunk_tokens):
-        log_probs = torch.log_softmax(logits[..., part, :], dim=-1, dtype=torch.float32)
+        log_probs = torch.log_softmax(logits[..., part, :], dim=-1, dtype=dtype)
         index = local[..., part].unsqueeze(-1)
         loss[..., part] = -log_probs.gather(-1, index).squeeze(-1)
         if grad is not None:
@@ -98,7 +100,7 @@ def _split_vocabulary(logits, local, outside, hit, grad, group, chunk_tokens: in
     the sum of exponentials are all-reduced over the group, one number per token each."""
     stats, softmax_minus_target = _chunk_functions(compile_backend)
     # The max of the converted values is the converted max: no fp32 copy needed.
-    logits_max = logits.max(dim=-1).values.float()
+    logits_max = wide(logits.max(dim=-1).values)
     dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
     target_logit = torch.empty_like(logits_max)
     sum_exp = torch.empty_like(logits_max)
@@ -125,7 +127,7 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         local = target - vocab_start
         outside = (local < 0) | (local >= logits.shape[-1]) | (target == ignore_index)
         local = local.masked_fill(outside, 0)
-        hit = (~outside).to(torch.float32)
+        hit = (~outside).to(torch.promote_types(logits.dtype, torch.float32))
         ignored = target == ignore_index
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         if group is None:
@@ -140,7 +142,7 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad, ignored = ctx.saved_tensors
-        grad.mul_((grad_loss * (~ignored).to(torch.float32)).unsqueeze(-1))
+        grad.mul_((grad_loss * ~ignored).unsqueeze(-1))
         return grad, None, None, None, None, None, None
 
 

@@ -1,7 +1,8 @@
 """Data parallelism: fp32 gradient buffers reduced in buckets across data-parallel ranks.
 
 Every parameter's gradient is added, as soon as autograd has it, into `param.main_grad`,
-a view of one contiguous fp32 buffer per dtype, and `param.grad` is released; at DP 1 too,
+a view of one contiguous fp32 buffer per dtype (fp64 for fp64 weights: --fp64 sums every
+gradient in fp64 before it is rounded once), and `param.grad` is released; at DP 1 too,
 so the optimizer always reads one place and accumulating micro-batches in fp32 is free.
 The buffer is cut into buckets (`--ddp-bucket-size`, parameters in reverse order, about
 the order backward produces them), each reduced across DP on the last micro-batch (all-
@@ -77,7 +78,8 @@ class GradBuffer:
         self.numel = offset
         for bucket in self.buckets:
             bucket.buffer = self  # the buffer (data, group) a bucket is a range of
-        self.data = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        self.data = torch.zeros(self.numel, device=device,
+                                dtype=torch.promote_types(params[0].dtype, torch.float32))
         self.param_data = None
         if keep_params_contiguous:
             self.param_data = torch.zeros(self.numel, dtype=params[0].dtype, device=device)

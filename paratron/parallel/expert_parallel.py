@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from paratron.parallel.comm import wide
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.sharding import gather_tensor, layout_of, shard_tensor
 from paratron.parallel.tensor_parallel import (GatherFromSequenceParallelRegion,
@@ -137,7 +138,7 @@ class Permutation:
         layout = rows.new_zeros((total, rows.shape[-1])).index_copy(
             0, self.dest[:rows.shape[0]], rows)
         weights = self.row_probs.new_zeros(total).index_copy(0, self.dest, self.row_probs)
-        weighted = (layout[:places].view(self.num_tokens, self.slots, -1).float()
+        weighted = (wide(layout[:places].view(self.num_tokens, self.slots, -1))
                     * weights[:places].view(self.num_tokens, self.slots, 1))
         return weighted.sum(1).to(rows.dtype)
 
@@ -155,7 +156,7 @@ def permute(x: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor, max
     expert, token = order // tokens, order % tokens
     slot = (routing_map.cumsum(1) - 1)[token, expert]
     dest = torch.where(routed, token * slots + slot, tokens * slots)
-    row_probs = torch.where(routed, probs.float()[token, expert], 0.0)
+    row_probs = torch.where(routed, wide(probs)[token, expert], 0.0)
     layout = torch.cat([x.unsqueeze(1).expand(tokens, slots, hidden).reshape(-1, hidden),
                         x.new_zeros((1, hidden))])
     rows = layout.index_select(0, dest)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from paratron.parallel.comm import all_gather, group_size, reduce_scatter
+from paratron.parallel.comm import all_gather, group_size, reduce_scatter, wide
 from paratron.parallel.data_parallel import accumulated_grad
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.sharding import layout_of, replicated, set_layout
@@ -339,7 +339,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, group, vocab_start, ignore_index):
-        logits = logits.float()
+        logits = wide(logits)
         logits_max = logits.max(dim=-1).values
         if group is not None:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)

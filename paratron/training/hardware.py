@@ -70,8 +70,8 @@ def peak_tflops(device: torch.device, dtype: torch.dtype,
     """--peak-tflops when given, else the table's figure for this GPU; None on a CPU."""
     if override is not None:
         return override
-    if device.type != "cuda":
-        return None
+    if device.type != "cuda" or dtype == torch.float64:
+        return None  # the table has no fp64 column
     return lookup_peak_tflops(device_name(device), matmul_precision(dtype))
 
 

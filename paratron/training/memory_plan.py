@@ -170,7 +170,7 @@ def state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0,
             out.optimizer_moments += moments * sum(s.grad.numel() for s in segments)
             for buf in [b for b in model.buffers if model.sharded and b.dp_size > 1]:
                 shards = [bucket.shard_size for bucket in buf.buckets]
-                out.reduce_scatter += sum(shards) * FP32
+                out.reduce_scatter += sum(shards) * buf.data.element_size()
                 gather = sum(shards) if model.overlap_param_gather else max(shards)
                 out.param_gather = max(out.param_gather,
                                        gather * buf.param_data.element_size())
@@ -252,7 +252,7 @@ def minimum_rank_bytes(cfg: Config, pp_rank: int = 0, device: str = "cuda") -> i
     state = moment_bytes(cfg.optimizer) + (FP32 if width != FP32 else 0)
     if cfg.parallel.use_distributed_optimizer:
         state /= pg.dp_cp.size
-    return int(elements * (width + FP32 + state) + activations * in_flight)
+    return int(elements * (width + max(width, FP32) + state) + activations * in_flight)
 
 
 def device_memory_bytes(device: str) -> int:

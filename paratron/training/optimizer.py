@@ -3,8 +3,8 @@
 It works on segments, the part of each parameter this rank updates: a whole parameter,
 or with the distributed optimizer (ZeRO-1) its intersection with this rank's shard of
 its gradient bucket, so fp32 main weights and Adam moments exist once across DP.
-bf16/fp16 weights get fp32 main copies; fp32 weights are updated in place; gradients are
-read from the fp32 buffers; weight decay skips 1-D parameters, as Megatron does. With
+bf16/fp16 (and --fp64) weights get fp32 main copies; fp32 weights are updated in place;
+gradients are read from the fp32 buffers (fp64 ones, under --fp64, through an fp32 copy); weight decay skips 1-D parameters, as Megatron does. With
 `--optimizer-cpu-offload` the first `--optimizer-offload-fraction` of the segments keep
 their main weights and state in pinned CPU memory and update there (one torch optimizer
 steps both parts, so a checkpoint sees one state). `--optimizer-implementation` picks
@@ -34,7 +34,8 @@ class Segment:
     grad: torch.Tensor        # fp32 slice of the gradient buffer
     decays: bool
     duplicate: torch.Tensor | None  # True where another TP rank counts this element
-    host_grad: torch.Tensor | None = None  # CPU copy of `grad` when the step is offloaded
+    host_grad: torch.Tensor | None = None  # fp32 copy of `grad` the step reads: on the CPU
+    #                                        when offloaded, beside it for fp64 gradients
 
     @property
     def expert(self) -> bool:
@@ -131,6 +132,10 @@ class MixedPrecisionOptimizer:
         self.segments = [s for model in self.models for s in build_segments(model)]
         if o.optimizer_cpu_offload:
             offload_segments(self.segments, o.optimizer_offload_fraction)
+        for s in self.segments:  # fp64 gradients (--fp64) step fp32 main weights
+            if s.host_grad is None and s.grad.dtype != torch.float32:
+                s.host_grad = torch.empty(s.grad.shape, dtype=torch.float32,
+                                          device=s.grad.device)
         self.offloaded = [s for s in self.segments if s.host_grad is not None]
         # From the config, not this rank's weights: every rank must join the same sums,
         # also a pipeline stage that happens to hold no MoE layer.

@@ -70,6 +70,8 @@ def params_dtype(training_config) -> torch.dtype:
         return torch.bfloat16
     if training_config.fp16:
         return torch.float16
+    if training_config.fp64:
+        return torch.float64
     return torch.float32
 
 

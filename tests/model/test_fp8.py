@@ -65,13 +65,15 @@ def _torchao_matmul(fp8_format):
     return matmul
 
 
-def _fake_float8(t, dtype, margin=0):
+def _fake_float8(t, dtype, margin=0, as_float8=False):
     """`t` rounded to float8 as a tensorwise cast does, by hand: scaled so its largest
-    magnitude meets the format's largest value (lowered by 2**margin), rounded, unscaled."""
+    magnitude meets the format's largest value (lowered by 2**margin), rounded, unscaled
+    (or, `as_float8`, the float8 values and their scale)."""
     from torchao.float8.float8_utils import amax_to_scale
     scale = amax_to_scale(t.abs().max().float(), dtype) / 2.0 ** margin
     limit = torch.finfo(dtype).max
-    return (t.float() * scale).clamp(-limit, limit).to(dtype).float() / scale
+    rounded = (t.float() * scale).clamp(-limit, limit).to(dtype)
+    return (rounded, scale) if as_float8 else rounded.float() / scale
 
 
 # ------------------------------------------------------------ 1: equal to torchao
@@ -89,6 +91,25 @@ def test_forward_and_backward_equal_torchao(fp8_format, dtype, tokens, bias):
         torch.testing.assert_close(a, t, rtol=1e-5, atol=0, msg=name)
     y = ours[0]
     assert not torch.equal(y, F.linear(x, w, b))  # really float8, not the plain product
+
+
+@pytest.mark.parametrize("fp8_format", FORMATS)
+def test_fp64_multiplies_torchaos_float8_values_in_fp64(fp8_format):
+    """--fp64: the same casts as torchao's fp32 layer (the values are fp32 ones), their
+    products summed in fp64 and returned in fp64: within rtol 1e-5 of torchao's, plus
+    the rounding of torchao's fp32 sums (1e-6 of the largest magnitude) where they cancel,
+    and the output is the hand-rounded float8 values' product in fp64 (no fp32 sums)."""
+    x, w, b, g = _tensors(torch.float32, (32,), True)
+    ours = _forward_backward(Float8Matmul(fp8_format, 0), *(t.double() for t in (x, w, b, g)))
+    theirs = _forward_backward(_torchao_matmul(fp8_format), x, w, b, g)
+    for name, a, t in zip(("output", "x.grad", "w.grad", "b.grad"), ours, theirs):
+        assert a.dtype == torch.float64, name
+        torch.testing.assert_close(a.float(), t, rtol=1e-5, atol=1e-6 * t.abs().max().item(),
+                                   msg=name)
+    assert not torch.equal(ours[0], F.linear(x, w, b).double())
+    x8, w8 = (_fake_float8(t, torch.float8_e4m3fn, as_float8=True) for t in (x, w))
+    exact = F.linear(*(q.double() / scale.double() for q, scale in (x8, w8)), b.double())
+    torch.testing.assert_close(ours[0], exact, rtol=1e-12, atol=0)
 
 
 def test_hybrid_output_gradient_is_e5m2():

@@ -7,8 +7,11 @@ expert-TP ranks is reduced over them, and after one step every weight is within 
 one process; but TP's partial sums add in another order (~1e-7), a value that close to an
 FP8 rounding boundary rounds the other way, and over 10 Adam steps single weights drift
 by up to ~3e-5 (losses stay within 1e-5). Without FP8 the same layout is within 1e-6
-(tests/parallel/test_moe_equivalence.py). `test_split_expert_matmuls_equal_whole_ones`
-checks the expert-TP reductions on identical inputs."""
+(tests/parallel/test_moe_equivalence.py). With --fp64 (float64 weights, gradients and
+compute, fp32 main weights) no partial sum differs beyond ~1e-16 and EP2 x TP2 + SP
+equals one --fp64 process within rtol 1e-5, atol 0 (measured: bit for bit).
+`test_split_expert_matmuls_equal_whole_ones` checks the expert-TP reductions on
+identical inputs."""
 
 import numpy as np
 import pytest
@@ -28,10 +31,12 @@ FLAGS = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 1
          "--num-query-groups 2 --untie-embeddings-and-output-weights --num-experts 4 "
          "--moe-ffn-hidden-size 32 --moe-router-topk 2 --moe-aux-loss-coeff 0.01 "
          "--moe-token-dispatcher-type alltoall --fp8-format hybrid").split()
+EP2_TP2_SP = ["--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+              "--sequence-parallel"]
 LAYOUTS = {  # world, (tp, ep), flags, weights' atol
     "ep2": (2, (1, 2), ["--expert-model-parallel-size", "2"], 1e-6),
-    "ep2_tp2_sp": (4, (2, 2), ["--expert-model-parallel-size", "2",
-                               "--tensor-model-parallel-size", "2", "--sequence-parallel"], 5e-5),
+    "ep2_tp2_sp": (4, (2, 2), EP2_TP2_SP, 5e-5),
+    "fp64_ep2_tp2_sp": (4, (2, 2), ["--fp64"] + EP2_TP2_SP, 0.0),
 }
 
 
@@ -46,20 +51,20 @@ def _rank(flags, tp, ep):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return _train(FLAGS)
+def references():
+    return {precision: _train(FLAGS + precision.split()) for precision in ("", "--fp64")}
 
 
-def test_fp8_reaches_the_experts(reference):
+def test_fp8_reaches_the_experts(references):
     plain, _ = _train([f for f in FLAGS if f not in ("--fp8-format", "hybrid")])
-    assert not np.allclose(reference[0], plain, rtol=1e-6)
+    assert not np.allclose(references[""][0], plain, rtol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fp8_moe_equals_single_process(reference, layout):
-    ref_losses, ref_weights = reference
+def test_fp8_moe_equals_single_process(references, layout):
     world, sizes, extra, atol = LAYOUTS[layout]
+    ref_losses, ref_weights = references["--fp64" if "--fp64" in extra else ""]
     weights = {}
     for losses, rank_weights in run_distributed(world, _rank, FLAGS + extra, *sizes,
                                                 timeout=300):

@@ -2,6 +2,12 @@
 sequence parallelism, PP2, CP2 and TP2 x CP2 casts with the one-process run's scales and
 trains like it over 10 iterations (fp32 main weights, CPU, gloo).
 
+With --fp64 (float64 weights, gradients and compute; fp32 main weights and Adam state)
+sums split over ranks agree with whole ones to ~1e-16, so no FP8 rounding can go another
+way: every layout's losses are within rtol 1e-5 and its final weights equal the
+one-process run's within rtol 1e-5, atol 0 (measured: bit for bit). In fp32, below,
+FP8's rounding amplifies float reordering:
+
 Every tensorwise amax of the first step equals the one-process one: exactly in the
 forward, within 1e-6 in the backward, whose gradients add TP partial sums and CP
 attention blocks in another order (~1e-7, as without FP8). Every iteration's loss is
@@ -36,12 +42,18 @@ ITERS = 10
 FLAGS = COMMON + LLAMA + ["--ffn-hidden-size", "64", "--micro-batch-size", "4",
                           "--train-iters", str(ITERS), "--fp8-format", "hybrid"]
 TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+FP64 = ["--fp64"]
 LAYOUTS = {  # world, (tp, pp, cp), flags, final weights' atol
     "tp2_sp": (2, (2, 1, 1), TP2_SP, 5e-5),
     "tp2_sp_e4m3": (2, (2, 1, 1), TP2_SP + ["--fp8-format", "e4m3"], 2e-4),
     "pp2": (2, (1, 2, 1), ["--pipeline-model-parallel-size", "2"], 1e-6),
     "cp2": (2, (1, 1, 2), ["--context-parallel-size", "2"], 5e-5),
     "tp2_sp_cp2": (4, (2, 1, 2), TP2_SP + ["--context-parallel-size", "2"], 5e-5),
+    "fp64_tp2_sp": (2, (2, 1, 1), FP64 + TP2_SP, 0.0),
+    "fp64_tp2_sp_e4m3": (2, (2, 1, 1), FP64 + TP2_SP + ["--fp8-format", "e4m3"], 0.0),
+    "fp64_pp2": (2, (1, 2, 1), FP64 + ["--pipeline-model-parallel-size", "2"], 0.0),
+    "fp64_cp2": (2, (1, 1, 2), FP64 + ["--context-parallel-size", "2"], 0.0),
+    "fp64_tp2_sp_cp2": (4, (2, 1, 2), FP64 + TP2_SP + ["--context-parallel-size", "2"], 0.0),
 }
 
 
@@ -74,20 +86,22 @@ def _rank(flags, sizes, local_amax=False):
 
 @pytest.fixture(scope="module")
 def references():
-    return {fmt: _train(FLAGS + ["--fp8-format", fmt]) for fmt in ("hybrid", "e4m3")}
+    return {(fmt, precision): _train(FLAGS + ["--fp8-format", fmt] + precision.split())
+            for fmt in ("hybrid", "e4m3") for precision in ("", "--fp64")}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fp8_equals_single_process(references, layout):
     world, sizes, extra, atol = LAYOUTS[layout]
-    ref_losses, ref_weights, ref_amaxes = references["e4m3" if "e4m3" in extra else "hybrid"]
+    ref_losses, ref_weights, ref_amaxes = references[
+        "e4m3" if "e4m3" in extra else "hybrid", "--fp64" if "--fp64" in extra else ""]
     first_step = len(ref_amaxes) // ITERS
     weights = {}
     for losses, rank_weights, amaxes in run_distributed(world, _rank, FLAGS + extra, sizes,
                                                         timeout=240):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-        if layout != "pp2":  # a stage casts its own layers' tensors, none of them split
+        if "pp2" not in layout:  # a stage casts its own layers' tensors, none split
             np.testing.assert_allclose(amaxes[:first_step], ref_amaxes[:first_step],
                                        rtol=1e-6)
         weights.update(rank_weights)
@@ -101,6 +115,6 @@ def test_local_amax_leaves_single_process(references):
     """Without the group reductions a weight shard's scale is its own, so TP2 + SP casts
     other values than one process and the losses part."""
     world, sizes, extra, _ = LAYOUTS["tp2_sp"]
-    ref_losses, _, _ = references["hybrid"]
+    ref_losses, _, _ = references["hybrid", ""]
     losses, _, _ = run_distributed(world, _rank, FLAGS + extra, sizes, True, timeout=240)[0]
     assert not np.allclose(losses, ref_losses, rtol=1e-5)
