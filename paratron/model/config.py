@@ -126,9 +126,10 @@ class TransformerConfig:
                           flag=("--fp8-format", "--fp8"), choices=["e4m3", "hybrid"],
                           group="mixed precision")
     fp8_recipe: str = opt("tensorwise", "FP8 scaling: tensorwise (dynamic, one scale per "
-                          "tensor) is implemented; Megatron's delayed, mxfp8 and blockwise "
-                          "are refused.",
-                          choices=["tensorwise", "delayed", "mxfp8", "blockwise"],
+                          "tensor), or rowwise (Paratron's extra: torchao's rowwise recipe, "
+                          "one scale per row of each operand, powers of 2); Megatron's "
+                          "delayed, mxfp8 and blockwise are refused.",
+                          choices=["tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"],
                           group="mixed precision")
     fp8_margin: int = opt(0, "Scale FP8 values down by 2**margin below the format's "
                           "largest value.", type=int, group="mixed precision")

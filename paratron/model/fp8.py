@@ -5,7 +5,8 @@ inside the transformer layers multiplies in float8 as torchao's `Float8Linear` d
 input and the weight are cast to e4m3 with a tensorwise scale (the largest magnitude
 mapped to e4m3's largest value, divided by 2**--fp8-margin), multiplied by
 `torch._scaled_mm`, and in the backward the output gradient is cast too (e5m2 with
-`hybrid`, e4m3 with `e4m3`). Routed experts multiply in FP8 too, with torchao's
+`hybrid`, e4m3 with `e4m3`); `--fp8-recipe rowwise` takes torchao's row-wise recipe
+instead (one power-of-2 scale per row of each operand). Routed experts multiply in FP8 too, with torchao's
 `rowwise_with_gw_hp` recipe: one scale per token row (the rows that meet at an expert come
 from several micro-batches under expert parallelism, and must not share a scale) and the
 weight gradient in the model dtype. Embeddings, the output layer, norms, the router and
@@ -37,7 +38,7 @@ from torch import nn
 
 from paratron.options import ConfigError
 
-RECIPES = ("tensorwise",)  # of Megatron's --fp8-recipe choices, those Paratron computes
+RECIPES = ("tensorwise", "rowwise")  # the --fp8-recipe choices Paratron computes
 INSTALL = "pip install 'paratron[fp8]' (torchao)"
 
 
@@ -47,7 +48,8 @@ def check_fp8(m) -> None:
         return
     if m.fp8_recipe not in RECIPES:
         raise ConfigError(f"--fp8-recipe {m.fp8_recipe} is not implemented in Paratron; "
-                          f"use {' or '.join(RECIPES)} (dynamic scaling of each tensor)")
+                          f"use tensorwise (one dynamic scale per tensor) or rowwise (one "
+                          f"per row)")
     if m.fp8_margin < 0:
         raise ConfigError(f"--fp8-margin must be 0 or more, got {m.fp8_margin}")
     if importlib.util.find_spec("torchao") is None:
@@ -125,7 +127,7 @@ _DIMS = {"x": "TK", "wt": "KN", "g": "TN"}
 @dataclasses.dataclass(frozen=True)
 class Float8Matmul:
     """`F.linear` in float8 for one layer: its format, margin and recipe (torchao's
-    `tensorwise`, or `rowwise_with_gw_hp` for routed experts), and the process groups
+    `tensorwise` or `rowwise`, and `rowwise_with_gw_hp` for routed experts), and the process groups
     that split its tokens, its contraction (input) dimension and its output dimension.
     `token_groups` None: the tokens come from several micro-batches (routed experts), so
     no scale may span them; the recipe never asks for one."""
@@ -241,6 +243,7 @@ def enable_fp8(layers: nn.ModuleList, config, pg) -> None:
     etp = (pg.etp.group,) if pg.etp.size > 1 else ()
     sp_tp = tp if config.sequence_parallel else ()
     fp8 = functools.partial(Float8Matmul, config.fp8, config.fp8_margin)
+    dense = functools.partial(fp8, recipe=config.fp8_recipe)
     chosen = set(fp8_layer_numbers(config))
     for layer in layers:
         if layer.layer_number not in chosen:
@@ -249,13 +252,13 @@ def enable_fp8(layers: nn.ModuleList, config, pg) -> None:
             where = f"decoder.layers.{layer.layer_number}.{name}"
             if isinstance(module, ColumnParallelLinear):  # output split over TP
                 _check_sizes(where, module.weight.shape)
-                module.matmul = fp8(token_groups=cp, out_groups=tp)
+                module.matmul = dense(token_groups=cp, out_groups=tp)
             elif isinstance(module, RowParallelLinear):  # input split over TP
                 _check_sizes(where, module.weight.shape)
-                module.matmul = fp8(token_groups=cp, in_groups=tp)
+                module.matmul = dense(token_groups=cp, in_groups=tp)
             elif isinstance(module, ReplicatedLinear):  # tokens split under SP
                 _check_sizes(where, module.weight.shape)
-                module.matmul = fp8(token_groups=sp_tp + cp)
+                module.matmul = dense(token_groups=sp_tp + cp)
             elif isinstance(module, Experts):
                 # Rows of several micro-batches (EP): one scale per row, never across
                 # them, and the weight gradient in the model dtype (torchao's recipe).

@@ -8,6 +8,7 @@ that FP8 cannot honour are refused in one line, and checkpoints carry no FP8 sta
 FP8 run resumes bit-identically, and checkpoints move in and out of FP8.
 """
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -52,14 +53,15 @@ def _forward_backward(matmul, x, w, b, g):
     return [y.detach()] + [t.grad for t in leaves if t is not None]
 
 
-def _torchao_matmul(fp8_format):
+def _torchao_matmul(fp8_format, recipe="tensorwise", emulate=False):
     """torchao's Float8Linear with Paratron's config, called with the given weight and
     bias as its parameters (so their gradients land on those leaves)."""
     from torchao.float8.float8_linear import Float8Linear
+    config = dataclasses.replace(torchao_config(fp8_format, recipe), emulate=emulate)
 
     def matmul(x, w, b=None):
         linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
-        module = Float8Linear.from_float(linear, torchao_config(fp8_format))
+        module = Float8Linear.from_float(linear, config)
         params = {"weight": w} if b is None else {"weight": w, "bias": b}
         return torch.func.functional_call(module, params, (x,))
     return matmul
@@ -81,10 +83,14 @@ def _fake_float8(t, dtype, margin=0, as_float8=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [(32,), (16, 2)], ids=["2d", "3d"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_forward_and_backward_equal_torchao(fp8_format, dtype, tokens, bias):
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_forward_and_backward_equal_torchao(fp8_format, dtype, tokens, bias, recipe):
+    """torch._scaled_mm gives row-wise products in bf16 only, so fp32 row-wise layers
+    multiply their float8 values in fp32, as torchao's emulation does."""
     x, w, b, g = _tensors(dtype, tokens, bias)
-    ours = _forward_backward(Float8Matmul(fp8_format, 0), x, w, b, g)
-    theirs = _forward_backward(_torchao_matmul(fp8_format), x, w, b, g)
+    ours = _forward_backward(Float8Matmul(fp8_format, 0, recipe=recipe), x, w, b, g)
+    emulate = recipe == "rowwise" and dtype == torch.float32
+    theirs = _forward_backward(_torchao_matmul(fp8_format, recipe, emulate), x, w, b, g)
     assert len(ours) == len(theirs) == 3 + bias
     for name, a, t in zip(("output", "x.grad", "w.grad", "b.grad"), ours, theirs):
         assert a.dtype == t.dtype == dtype and a.shape == t.shape, name
@@ -171,11 +177,14 @@ def _outside_the_layers_in_fp8(model) -> list[str]:
 
 
 @pytest.mark.parametrize("fp8_format", FORMATS)
-def test_tiny_model_trains_in_fp8(fp8_format):
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_tiny_model_trains_in_fp8(fp8_format, recipe):
     plain = make_trainer(*RUN).train().losses
-    trainer = make_trainer(*RUN, "--fp8-format", fp8_format)
+    trainer = make_trainer(*RUN, "--fp8-format", fp8_format, "--fp8-recipe", recipe)
     model = trainer.model.module
     assert _fp8_layers(model) == {0: True, 1: True}
+    assert {m.matmul.recipe for m in model.modules() if isinstance(m, LINEARS)
+            and isinstance(m.matmul, Float8Matmul)} == {recipe}
     assert model.output_layer.matmul is F.linear and not _outside_the_layers_in_fp8(model)
     losses = trainer.train().losses
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
@@ -227,7 +236,8 @@ def test_missing_torchao_names_the_install_command(monkeypatch):
 @pytest.mark.parametrize("recipe", ["delayed", "mxfp8", "blockwise"])
 def test_recipes_not_implemented_are_refused(recipe):
     message = _refused("--fp8-format", "hybrid", "--fp8-recipe", recipe)
-    assert f"--fp8-recipe {recipe} is not implemented" in message and "tensorwise" in message
+    assert f"--fp8-recipe {recipe} is not implemented" in message
+    assert "use tensorwise" in message and "or rowwise" in message
 
 
 def test_negative_margin_is_refused():

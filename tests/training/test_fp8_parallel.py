@@ -5,7 +5,8 @@ trains like it over 10 iterations (fp32 main weights, CPU, gloo).
 With --fp64 (float64 weights, gradients and compute; fp32 main weights and Adam state)
 sums split over ranks agree with whole ones to ~1e-16, so no FP8 rounding can go another
 way: every layout's losses are within rtol 1e-5 and its final weights equal the
-one-process run's within rtol 1e-5, atol 0 (measured: bit for bit). In fp32, below,
+one-process run's within rtol 1e-5, atol 0 (measured: bit for bit), with torchao's
+tensorwise recipe and with `--fp8-recipe rowwise`. In fp32, below,
 FP8's rounding amplifies float reordering:
 
 Every tensorwise amax of the first step equals the one-process one: exactly in the
@@ -42,18 +43,23 @@ ITERS = 10
 FLAGS = COMMON + LLAMA + ["--ffn-hidden-size", "64", "--micro-batch-size", "4",
                           "--train-iters", str(ITERS), "--fp8-format", "hybrid"]
 TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
-FP64 = ["--fp64"]
-LAYOUTS = {  # world, (tp, pp, cp), flags, final weights' atol
-    "tp2_sp": (2, (2, 1, 1), TP2_SP, 5e-5),
-    "tp2_sp_e4m3": (2, (2, 1, 1), TP2_SP + ["--fp8-format", "e4m3"], 2e-4),
-    "pp2": (2, (1, 2, 1), ["--pipeline-model-parallel-size", "2"], 1e-6),
-    "cp2": (2, (1, 1, 2), ["--context-parallel-size", "2"], 5e-5),
-    "tp2_sp_cp2": (4, (2, 1, 2), TP2_SP + ["--context-parallel-size", "2"], 5e-5),
-    "fp64_tp2_sp": (2, (2, 1, 1), FP64 + TP2_SP, 0.0),
-    "fp64_tp2_sp_e4m3": (2, (2, 1, 1), FP64 + TP2_SP + ["--fp8-format", "e4m3"], 0.0),
-    "fp64_pp2": (2, (1, 2, 1), FP64 + ["--pipeline-model-parallel-size", "2"], 0.0),
-    "fp64_cp2": (2, (1, 1, 2), FP64 + ["--context-parallel-size", "2"], 0.0),
-    "fp64_tp2_sp_cp2": (4, (2, 1, 2), FP64 + TP2_SP + ["--context-parallel-size", "2"], 0.0),
+PARALLEL = {  # world, (tp, pp, cp), flags
+    "tp2_sp": (2, (2, 1, 1), TP2_SP),
+    "pp2": (2, (1, 2, 1), ["--pipeline-model-parallel-size", "2"]),
+    "cp2": (2, (1, 1, 2), ["--context-parallel-size", "2"]),
+    "tp2_sp_cp2": (4, (2, 1, 2), TP2_SP + ["--context-parallel-size", "2"]),
+}
+E4M3, FP64, ROWWISE = ["--fp8-format", "e4m3"], ["--fp64"], ["--fp8-recipe", "rowwise"]
+RUNS = {  # name: parallel layout, flags of the run (and its reference), weights' atol
+    "tp2_sp": ("tp2_sp", [], 5e-5),
+    "tp2_sp_e4m3": ("tp2_sp", E4M3, 2e-4),
+    "pp2": ("pp2", [], 1e-6),
+    "cp2": ("cp2", [], 5e-5),
+    "tp2_sp_cp2": ("tp2_sp_cp2", [], 5e-5),
+    **{f"fp64_{name}": (name, FP64, 0.0) for name in PARALLEL},
+    "fp64_tp2_sp_e4m3": ("tp2_sp", FP64 + E4M3, 0.0),
+    "fp64_tp2_sp_rowwise": ("tp2_sp", FP64 + ROWWISE, 0.0),
+    "fp64_cp2_rowwise": ("cp2", FP64 + ROWWISE, 0.0),
 }
 
 
@@ -64,7 +70,7 @@ def _recording(amaxes: list, local: bool):
 
     def record(amax, groups):
         amax = amax if local else group_max(amax, groups)
-        amaxes.append(amax.item())
+        amaxes.append(amax.flatten().tolist())
         return amax
     return record
 
@@ -86,24 +92,32 @@ def _rank(flags, sizes, local_amax=False):
 
 @pytest.fixture(scope="module")
 def references():
-    return {(fmt, precision): _train(FLAGS + ["--fp8-format", fmt] + precision.split())
-            for fmt in ("hybrid", "e4m3") for precision in ("", "--fp64")}
+    """The one-process run of some flags, trained once."""
+    cache = {}
+
+    def reference(flags):
+        if tuple(flags) not in cache:
+            cache[tuple(flags)] = _train(FLAGS + flags)
+        return cache[tuple(flags)]
+    return reference
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fp8_equals_single_process(references, layout):
-    world, sizes, extra, atol = LAYOUTS[layout]
-    ref_losses, ref_weights, ref_amaxes = references[
-        "e4m3" if "e4m3" in extra else "hybrid", "--fp64" if "--fp64" in extra else ""]
+@pytest.mark.parametrize("run", list(RUNS))
+def test_fp8_equals_single_process(references, run):
+    layout, flags, atol = RUNS[run]
+    world, sizes, parallel = PARALLEL[layout]
+    ref_losses, ref_weights, ref_amaxes = references(flags)
     first_step = len(ref_amaxes) // ITERS
     weights = {}
-    for losses, rank_weights, amaxes in run_distributed(world, _rank, FLAGS + extra, sizes,
-                                                        timeout=240):
+    for losses, rank_weights, amaxes in run_distributed(world, _rank, FLAGS + flags + parallel,
+                                                        sizes, timeout=240):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-        if "pp2" not in layout:  # a stage casts its own layers' tensors, none split
-            np.testing.assert_allclose(amaxes[:first_step], ref_amaxes[:first_step],
-                                       rtol=1e-6)
+        # A pipeline stage casts its own layers' tensors, none split; row-wise scales
+        # belong to the rank's own rows.
+        if layout != "pp2" and ROWWISE != flags[-2:]:
+            for got, want in zip(amaxes[:first_step], ref_amaxes[:first_step]):
+                np.testing.assert_allclose(got, want, rtol=1e-6)
         weights.update(rank_weights)
     assert set(weights) == set(ref_weights)
     for name, ref in ref_weights.items():
@@ -114,7 +128,7 @@ def test_fp8_equals_single_process(references, layout):
 def test_local_amax_leaves_single_process(references):
     """Without the group reductions a weight shard's scale is its own, so TP2 + SP casts
     other values than one process and the losses part."""
-    world, sizes, extra, _ = LAYOUTS["tp2_sp"]
-    ref_losses, _, _ = references["hybrid", ""]
-    losses, _, _ = run_distributed(world, _rank, FLAGS + extra, sizes, True, timeout=240)[0]
+    world, sizes, parallel = PARALLEL["tp2_sp"]
+    ref_losses, _, _ = references([])
+    losses, _, _ = run_distributed(world, _rank, FLAGS + parallel, sizes, True, timeout=240)[0]
     assert not np.allclose(losses, ref_losses, rtol=1e-5)
