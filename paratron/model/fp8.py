@@ -21,8 +21,9 @@ shard of the sequence over CP. A TP2 or CP2 FP8 run therefore casts exactly the 
 one-process FP8 run casts, up to the last bits of values that TP and CP sum in another
 order; one that lies on a rounding midpoint rounds the other way. Under --fp64 those sums
 agree to ~1e-16 (the float8 products are summed in fp64 too), and every layout trains
-bit for bit like one process. `enable_fp8(model, config, pg)` switches the layers on after the
-model is built, so the model code knows nothing of it (as torchao's module swap).
+bit for bit like one process. `enable_fp8(layers, config, pg)` switches the layers on
+after the model is built, so the model code knows nothing of it (as torchao's module
+swap); a multi-token-prediction depth's transformer layer counts as the last layer.
 """
 
 from __future__ import annotations
@@ -227,10 +228,10 @@ def fp8_layer_numbers(config) -> range | list[int]:
     return [n for n in layers if start <= n < config.num_layers - end]
 
 
-def enable_fp8(layers: nn.ModuleList, config, pg) -> None:
-    """Switch the linear layers of `layers` (TransformerLayers, numbered by their
-    `layer_number`) to FP8 as the config says; each dimension an FP8 GEMM multiplies
-    must be a multiple of 16, and a layer that is not is named."""
+def enable_fp8(layers: list[tuple[str, nn.Module]], config, pg) -> None:
+    """Switch the linear layers of `layers` ((name, TransformerLayer) pairs, each layer
+    chosen by its `layer_number`) to FP8 as the config says; each dimension an FP8 GEMM
+    multiplies must be a multiple of 16, and a layer that is not is named."""
     from paratron.model.mla import ReplicatedLinear
     from paratron.model.moe import Experts
     from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -245,11 +246,11 @@ def enable_fp8(layers: nn.ModuleList, config, pg) -> None:
     fp8 = functools.partial(Float8Matmul, config.fp8, config.fp8_margin)
     dense = functools.partial(fp8, recipe=config.fp8_recipe)
     chosen = set(fp8_layer_numbers(config))
-    for layer in layers:
+    for prefix, layer in layers:
         if layer.layer_number not in chosen:
             continue
         for name, module in layer.named_modules():
-            where = f"decoder.layers.{layer.layer_number}.{name}"
+            where = f"{prefix}.{name}"
             if isinstance(module, ColumnParallelLinear):  # output split over TP
                 _check_sizes(where, module.weight.shape)
                 module.matmul = dense(token_groups=cp, out_groups=tp)

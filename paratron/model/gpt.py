@@ -92,8 +92,12 @@ class GPTModel(nn.Module):
         self.embedding = LanguageModelEmbedding(c, self.pg) if has_embedding else None
         self.rotary_pos_emb = build_rotary(c)
         self.decoder = TransformerBlock(c, layer_numbers, post_process, self.pg)
-        enable_fp8(self.decoder.layers, c, self.pg)
         self.mtp = MultiTokenPrediction(c, self.pg) if predicts_ahead else None
+        enable_fp8([(f"decoder.layers.{layer.layer_number}", layer)
+                    for layer in self.decoder.layers], c, self.pg)
+        if self.mtp is not None:  # each depth's layer is numbered as the last one
+            enable_fp8([(f"mtp.layers.{depth}.mtp_model_layer", layer.mtp_model_layer)
+                        for depth, layer in enumerate(self.mtp.layers)], c, self.pg)
         self.output_layer = None
         if post_process:
             # Tied embeddings on a single stage: the output layer borrows the embedding.

@@ -206,6 +206,21 @@ def test_mla_and_experts_in_fp8_router_not():
     assert all(map(torch.isfinite, torch.tensor(trainer.train().losses)))
 
 
+@pytest.mark.parametrize("last_in_bf16", [False, True])
+def test_multi_token_prediction_layer_in_fp8_as_the_last_layer(last_in_bf16):
+    """An MTP depth's transformer layer computes in FP8 unless the last layer is kept out;
+    its projection, like the output layer, keeps the model dtype."""
+    bf16 = ["--first-last-layers-bf16", "--num-layers-at-start-in-bf16", "0"]
+    trainer = make_trainer(*RUN, "--mtp-num-layers", "1", "--fp8-format", "hybrid",
+                           *(bf16 if last_in_bf16 else []))
+    depth = trainer.model.module.mtp.layers[0]
+    linears = [m for m in depth.mtp_model_layer.modules() if isinstance(m, LINEARS)]
+    assert len(linears) >= 4
+    assert {isinstance(m.matmul, Float8Matmul) for m in linears} == {not last_in_bf16}
+    assert depth.eh_proj.matmul is F.linear
+    assert all(map(torch.isfinite, torch.tensor(trainer.train().losses)))
+
+
 @pytest.mark.parametrize("start,end,chosen", [(1, 1, {1, 2}), (2, 1, {2}), (0, 2, {0, 1})])
 def test_first_and_last_layers_in_bf16(start, end, chosen):
     trainer = make_trainer(*RUN, "--num-layers", "4", "--fp8-format", "hybrid",
