@@ -6,13 +6,16 @@ input and the weight are cast to e4m3 with a tensorwise scale (the largest magni
 mapped to e4m3's largest value, divided by 2**--fp8-margin), multiplied by
 `torch._scaled_mm`, and in the backward the output gradient is cast too (e5m2 with
 `hybrid`, e4m3 with `e4m3`); `--fp8-recipe rowwise` takes torchao's row-wise recipe
-instead (one power-of-2 scale per row of each operand). Routed experts multiply in FP8 too, with torchao's
-`rowwise_with_gw_hp` recipe: one scale per token row (the rows that meet at an expert come
-from several micro-batches under expert parallelism, and must not share a scale) and the
-weight gradient in the model dtype. Embeddings, the output layer, norms, the router and
-attention itself keep the model dtype, as in Megatron. Weights, main weights, optimizer state and
-checkpoints do not change: FP8 is compute only, so any checkpoint resumes with or without
-it.
+instead (one power-of-2 scale per row of each operand).
+
+Routed experts multiply in FP8 too, with torchao's `rowwise_with_gw_hp` recipe: one scale
+per token row (the rows that meet at an expert come from several micro-batches under
+expert parallelism, and must not share a scale) and the weight gradient in the model
+dtype. Where torch has a grouped GEMM for the device they go through one per direction
+(`Float8Matmul.grouped`), bit for bit the per-expert loop. Embeddings, the output layer,
+norms, the router and attention itself keep the model dtype, as in Megatron. Weights,
+main weights, optimizer state and checkpoints do not change: FP8 is compute only, so any
+checkpoint resumes with or without it.
 
 Scales do not depend on the layout. A tensorwise scale belongs to the whole logical tensor,
 so its amax is reduced (max) over every group that splits that tensor: a TP-sharded
@@ -98,6 +101,46 @@ class _Float8Linear(torch.autograd.Function):
         return grad_x.reshape(ctx.shape), grad_w.to(weight.dtype), None
 
 
+class _Float8GroupedMM(torch.autograd.Function):
+    """rows [R, K] times the weight [E, N, K] of the expert whose rows they are (the first
+    offsets[0] rows expert 0's, ...), in float8 as the per-expert loop multiplies them,
+    with one grouped GEMM per direction and no host sync. The weight gradient stays in
+    the model dtype (the experts' recipe)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, offsets, matmul):
+        ctx.save_for_backward(rows, weight, offsets)
+        ctx.matmul = matmul
+        wt = weight.transpose(1, 2)
+        return _grouped_product(matmul.cast_values(rows, "input"),
+                                matmul.cast_values(wt, "weight"), offsets, rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from paratron.model.moe import grouped_mm_fn
+        rows, weight, offsets = ctx.saved_tensors
+        matmul = ctx.matmul
+        bits, scale = matmul.cast_values(weight.transpose(1, 2), "weight_gi")
+        grad_rows = _grouped_product(matmul.cast_values(grad, "grad"),
+                                     (bits.transpose(1, 2), scale.transpose(1, 2)), offsets,
+                                     grad.dtype)
+        grad_w = grouped_mm_fn()(grad.t(), rows, offs=offsets)
+        return grad_rows, grad_w.to(weight.dtype), None, None
+
+
+def _grouped_product(a, b, offsets, dtype) -> torch.Tensor:
+    """a [R, K] times b [E, K, N] by the groups of rows `offsets` bounds, both given as
+    (float8 values, scale): the values, exact in `dtype`, go through one grouped GEMM,
+    and the product is divided by the row's and the expert column's scales (powers of 2:
+    exactly, as a scaled GEMM does). Rows past the last offset belong to no expert."""
+    from paratron.model.moe import grouped_mm_fn
+    (qa, sa), (qb, sb) = a, b
+    y = grouped_mm_fn()(qa.to(dtype), qb.to(dtype), offs=offsets)
+    row = torch.arange(qa.shape[0], device=qa.device, dtype=offsets.dtype)
+    expert = torch.searchsorted(offsets, row, right=True).clamp_(max=qb.shape[0] - 1)
+    return (y.float() / (sa * sb[:, 0][expert])).to(dtype)
+
+
 def _mm(a, b) -> torch.Tensor:
     """The product of two casts: torchao's scaled matmul, or for an fp64 model (--fp64)
     the float8 values multiplied in fp64, whose sums split over ranks agree with whole
@@ -166,10 +209,11 @@ class Float8Matmul:
         return tuple(g for d in dims for g in by_dim[d])
 
     @torch.no_grad()
-    def _scale(self, t: torch.Tensor, role: str, cast, axis) -> torch.Tensor:
+    def _scale(self, t: torch.Tensor, role: str, cast, dims) -> torch.Tensor:
+        """The scale of `t` for `role`, over the given dims (None: all of them)."""
         _, _, utils = _torchao()
-        rowwise = axis is not None
-        amax = torch.amax(t.abs(), dim=axis, keepdim=True) if rowwise else t.abs().max()
+        rowwise = cast.scaling_granularity.value == "axiswise"
+        amax = t.abs().max() if dims is None else torch.amax(t.abs(), dim=dims, keepdim=True)
         amax = _group_max(amax.float(), self.groups(role, rowwise))
         scale = utils.amax_to_scale(amax, cast.target_dtype,
                                     self.config.round_scales_to_power_of_2)
@@ -190,10 +234,33 @@ class Float8Matmul:
             t, self._scale(t, role, cast, axis), cast.target_dtype, self.mm_config(t.dtype),
             gemm_role, axis)
 
+    @torch.no_grad()
+    def cast_values(self, t: torch.Tensor, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`t` (a matrix, or a stack [E, ...] of one per expert, each scaled on its own)
+        in float8 for `role`, as `cast` does: its float8 values and their scale."""
+        _, _, utils = _torchao()
+        _, axis, name = _CASTS[role]
+        cast = getattr(self.config, name)
+        if cast.scaling_granularity.value == "axiswise":
+            dims = axis if axis < 0 else axis - 2  # the matrix's axis, from the end
+        else:
+            dims = (-2, -1) if t.dim() > 2 else None
+        scale = self._scale(t, role, cast, dims)
+        return utils.to_fp8_saturated(t.float() * scale, cast.target_dtype), scale
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         y = _Float8Linear.apply(x, weight, self)
         return y if bias is None else y + bias.to(y.dtype)
+
+    def grouped(self, rows: torch.Tensor, weight: torch.Tensor,
+                offsets: torch.Tensor) -> torch.Tensor:
+        """Each expert's rows times its weight [E, N, K]^T in one grouped GEMM (the
+        experts' recipe only: it keeps the weight gradient in the model dtype)."""
+        if getattr(self.config, _CASTS["grad_gw"][2]).scaling_type.value != "disabled":
+            raise ValueError(f"a grouped FP8 GEMM needs a recipe with a precise weight "
+                             f"gradient, not {self.recipe}")
+        return _Float8GroupedMM.apply(rows, weight, offsets, self)
 
 
 @functools.cache

@@ -336,7 +336,8 @@ class Experts(nn.Module):
                                        init_std=c.init_method_std
                                        / math.sqrt(2.0 * c.num_layers), **common)
 
-    # FP8 experts (model/fp8.py) multiply one expert at a time through these.
+    # FP8 experts (model/fp8.py) multiply through these: one expert at a time when
+    # called, all at once through their `grouped`.
     matmul_fc1 = matmul_fc2 = staticmethod(F.linear)
 
     def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -344,13 +345,17 @@ class Experts(nn.Module):
         rows of no expert (their results are never used) -> [n, h], partial sums over
         the expert-TP slices when ETP > 1."""
         w1, w2 = self.linear_fc1.weight, self.linear_fc2.weight
-        fp8 = self.matmul_fc1 is not F.linear
-        if self.grouped_gemm and not fp8 and grouped_mm_supported(rows, w1, w2):
+        if self.grouped_gemm and grouped_mm_supported(rows, w1, w2):
             offsets = tokens_per_expert.cumsum(0).to(torch.int32)
-            grouped_mm = grouped_mm_fn()
-            h = activate(grouped_mm(rows, w1.transpose(1, 2), offs=offsets), self.activation)
-            return grouped_mm(h, w2.transpose(1, 2), offs=offsets)
+            h = activate(self._grouped(self.matmul_fc1, rows, w1, offsets), self.activation)
+            return self._grouped(self.matmul_fc2, h, w2, offsets)
         return self._sequential(rows, tokens_per_expert.tolist(), w1, w2)
+
+    @staticmethod
+    def _grouped(matmul, rows, weight, offsets):
+        if matmul is F.linear:
+            return grouped_mm_fn()(rows, weight.transpose(1, 2), offs=offsets)
+        return matmul.grouped(rows, weight, offsets)
 
     def _sequential(self, rows, sizes: list[int], w1, w2):
         groups = rows.split(sizes + [rows.shape[0] - sum(sizes)])

@@ -4,7 +4,8 @@ It works on segments, the part of each parameter this rank updates: a whole para
 or with the distributed optimizer (ZeRO-1) its intersection with this rank's shard of
 its gradient bucket, so fp32 main weights and Adam moments exist once across DP.
 bf16/fp16 (and --fp64) weights get fp32 main copies; fp32 weights are updated in place;
-gradients are read from the fp32 buffers (fp64 ones, under --fp64, through an fp32 copy); weight decay skips 1-D parameters, as Megatron does. With
+gradients are read from the fp32 buffers (fp64 ones, under --fp64, through an fp32
+copy); weight decay skips 1-D parameters, as Megatron does. With
 `--optimizer-cpu-offload` the first `--optimizer-offload-fraction` of the segments keep
 their main weights and state in pinned CPU memory and update there (one torch optimizer
 steps both parts, so a checkpoint sees one state). `--optimizer-implementation` picks

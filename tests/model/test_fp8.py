@@ -22,6 +22,7 @@ from paratron.model.fp8 import Float8Matmul, torchao_config
 from paratron.model.mla import ReplicatedLinear
 from paratron.options import ConfigError
 from paratron.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from tests.helpers.sync_guard import HostSyncGuard, report
 from tests.helpers.training import BASE, make_trainer
 
 FORMATS = ("e4m3", "hybrid")
@@ -204,6 +205,45 @@ def test_mla_and_experts_in_fp8_router_not():
                     if any(isinstance(v, Float8Matmul) for v in vars(m).values())]
     assert not _outside_the_layers_in_fp8(model)
     assert all(map(torch.isfinite, torch.tensor(trainer.train().losses)))
+
+
+def _experts_run(experts, grouped: bool, dtype):
+    """Output, row gradients and weight gradients of `experts` on fixed rows: 36 rows for
+    4 experts (one of them without rows), then 4 rows of no expert."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(40, 32, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(36, 32, generator=gen).to(dtype)
+    weights = (experts.linear_fc1.weight, experts.linear_fc2.weight)
+    for w in weights:
+        w.main_grad.zero_()
+    experts.grouped_gemm = grouped
+    y = experts(rows, torch.tensor([10, 0, 20, 6]))[:36]
+    (y * g).sum().backward()
+    return [y.detach(), rows.grad[:36]] + [w.main_grad.clone() for w in weights]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_fp8_experts_equal_the_expert_loop(dtype):
+    """One grouped GEMM per direction computes what the loop over experts (each equal to
+    torchao's row-wise Float8Linear) computes, bit for bit: the float8 values are exact in
+    the model dtype and the power-of-2 scales divide exactly."""
+    precision = ["--bf16"] if dtype == torch.bfloat16 else []
+    experts = make_trainer(*RUN, *MLA_MOE, *precision, "--fp8-format",
+                           "hybrid").model.module.decoder.layers[0].mlp.experts
+    loop, grouped = (_experts_run(experts, g, dtype) for g in (False, True))
+    for name, a, b in zip(("output", "rows.grad", "fc1 grad", "fc2 grad"), loop, grouped):
+        assert torch.equal(a, b), name
+    plain = make_trainer(*RUN, *MLA_MOE, *precision).model.module.decoder.layers[0].mlp.experts
+    assert not torch.equal(_experts_run(plain, True, dtype)[0], grouped[0])
+
+
+def test_grouped_fp8_experts_make_no_host_sync():
+    experts = make_trainer(*RUN, *MLA_MOE, "--fp8-format",
+                           "hybrid").model.module.decoder.layers[0].mlp.experts
+    for grouped in (True, False):
+        with HostSyncGuard() as guard:
+            _experts_run(experts, grouped, torch.float32)
+        assert bool(guard.records) == (not grouped), report(guard.records)
 
 
 @pytest.mark.parametrize("last_in_bf16", [False, True])
