@@ -74,7 +74,20 @@ NO_EFFECT_FLAGS = [
     ("--check-for-nan-in-loss-and-grad", False),  # the default; --no-... turns it off
     ("--moe-grouped-gemm", False),  # the default; --no-... turns it off
     ("--cross-entropy-loss-fusion", False),  # the default; --no-... turns it off
+    ("--fp8-interval", True),  # deprecated and ignored by Megatron too
 ]
+# Megatron flags of what Paratron does not have: refused in one line that says so and
+# what to do, rather than as unknown flags.
+_DELAYED = ("configures Megatron's delayed FP8 scaling, which Paratron does not "
+            "implement: each tensor is scaled by its current amax (--fp8-recipe "
+            "tensorwise or rowwise); drop the flag")
+NOT_IMPLEMENTED_FLAGS = {
+    "--fp8-amax-history-len": _DELAYED,
+    "--fp8-amax-compute-algo": _DELAYED,
+    "--fp8-param-gather": ("keeps weights in FP8 for the distributed optimizer's "
+                           "all-gather; in Paratron FP8 is compute only and weights stay "
+                           "in the model dtype; drop the flag"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +139,8 @@ def _reject_unknown(unknown: list[str], parser) -> None:
     for token in unknown:
         if token.startswith("-"):
             name = token.split("=", 1)[0]
+            if name in NOT_IMPLEMENTED_FLAGS:
+                raise ConfigError(f"{name} {NOT_IMPLEMENTED_FLAGS[name]}")
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]}?" if close else "; see 'paratron train --help'"
             raise ConfigError(f"unknown flag {name}{hint}")

@@ -133,6 +133,9 @@ class TransformerConfig:
                           group="mixed precision")
     fp8_margin: int = opt(0, "Scale FP8 values down by 2**margin below the format's "
                           "largest value.", type=int, group="mixed precision")
+    fp8_wgrad: bool = opt(True, "Compute the weight gradients of the FP8 layers in the "
+                          "model dtype, not FP8 (Megatron's --no-fp8-wgrad).",
+                          flag="--no-fp8-wgrad", group="mixed precision")
     first_last_layers_bf16: bool = opt(False, "Keep the first and last transformer layers "
                                        "out of FP8.", group="mixed precision")
     num_layers_at_start_in_bf16: int = opt(1, "Layers kept out of FP8 at the start, with "

@@ -182,11 +182,12 @@ class Float8Matmul:
     in_groups: tuple = ()
     out_groups: tuple = ()
     recipe: str = "tensorwise"
+    wgrad: bool = True  # False: the weight gradient in the model dtype (--no-fp8-wgrad)
     config: object = dataclasses.field(init=False, repr=False, compare=False)
     mm_configs: dict = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):  # made here, outside any torch.compile trace
-        config = torchao_config(self.fp8_format, self.recipe)
+        config = torchao_config(self.fp8_format, self.recipe, self.wgrad)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "mm_configs", {
             emulate: _mm_config(dataclasses.replace(config, emulate=emulate))
@@ -264,15 +265,21 @@ class Float8Matmul:
 
 
 @functools.cache
-def torchao_config(fp8_format: str, recipe: str = "tensorwise"):
+def torchao_config(fp8_format: str, recipe: str = "tensorwise", wgrad: bool = True):
     """torchao's Float8LinearConfig for a Megatron --fp8-format and a torchao recipe:
-    e4m3 everywhere, or e5m2 output gradients with `hybrid`."""
-    from torchao.float8 import Float8LinearConfig
+    e4m3 everywhere, or e5m2 output gradients with `hybrid`; without `wgrad` the weight
+    gradient's operands are not cast."""
+    from torchao.float8 import Float8LinearConfig, ScalingType
     config = Float8LinearConfig.from_recipe_name(recipe)
     grad = torch.float8_e5m2 if fp8_format == "hybrid" else torch.float8_e4m3fn
-    grads = {name: dataclasses.replace(getattr(config, name), target_dtype=grad)
+    casts = {name: dataclasses.replace(getattr(config, name), target_dtype=grad)
              for name in ("cast_config_grad_output", "cast_config_grad_output_for_grad_weight")}
-    return dataclasses.replace(config, **grads)
+    if not wgrad:
+        for name in ("cast_config_grad_output_for_grad_weight",
+                     "cast_config_input_for_grad_weight"):
+            casts[name] = dataclasses.replace(casts.get(name, getattr(config, name)),
+                                              scaling_type=ScalingType.DISABLED)
+    return dataclasses.replace(config, **casts)
 
 
 @functools.cache
@@ -311,7 +318,7 @@ def enable_fp8(layers: list[tuple[str, nn.Module]], config, pg) -> None:
     etp = (pg.etp.group,) if pg.etp.size > 1 else ()
     sp_tp = tp if config.sequence_parallel else ()
     fp8 = functools.partial(Float8Matmul, config.fp8, config.fp8_margin)
-    dense = functools.partial(fp8, recipe=config.fp8_recipe)
+    dense = functools.partial(fp8, recipe=config.fp8_recipe, wgrad=config.fp8_wgrad)
     chosen = set(fp8_layer_numbers(config))
     for prefix, layer in layers:
         if layer.layer_number not in chosen:

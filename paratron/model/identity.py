@@ -30,7 +30,7 @@ RUN_SETTINGS = frozenset({
     "moe_router_bias_update_rate", "moe_token_dispatcher_type", "moe_grouped_gemm",
     "mtp_loss_scaling_factor",
     "sequence_parallel", "cp_comm_type",
-    "fp8", "fp8_recipe", "fp8_margin", "first_last_layers_bf16",
+    "fp8", "fp8_recipe", "fp8_margin", "fp8_wgrad", "first_last_layers_bf16",
     "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
     # Spellings whose effect is compared instead: the query groups, the position
     # embedding type and the MoE layer pattern.

@@ -54,11 +54,11 @@ def _forward_backward(matmul, x, w, b, g):
     return [y.detach()] + [t.grad for t in leaves if t is not None]
 
 
-def _torchao_matmul(fp8_format, recipe="tensorwise", emulate=False):
+def _torchao_matmul(fp8_format, recipe="tensorwise", emulate=False, wgrad=True):
     """torchao's Float8Linear with Paratron's config, called with the given weight and
     bias as its parameters (so their gradients land on those leaves)."""
     from torchao.float8.float8_linear import Float8Linear
-    config = dataclasses.replace(torchao_config(fp8_format, recipe), emulate=emulate)
+    config = dataclasses.replace(torchao_config(fp8_format, recipe, wgrad), emulate=emulate)
 
     def matmul(x, w, b=None):
         linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
@@ -98,6 +98,21 @@ def test_forward_and_backward_equal_torchao(fp8_format, dtype, tokens, bias, rec
         torch.testing.assert_close(a, t, rtol=1e-5, atol=0, msg=name)
     y = ours[0]
     assert not torch.equal(y, F.linear(x, w, b))  # really float8, not the plain product
+
+
+@pytest.mark.parametrize("fp8_format", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_fp8_wgrad_keeps_the_weight_gradient_precise(fp8_format, dtype):
+    """--no-fp8-wgrad: torchao's layer with the weight gradient's casts disabled, whose
+    weight gradient is the plain product g^T x; the rest stays float8."""
+    x, w, b, g = _tensors(dtype, (32,), True)
+    ours = _forward_backward(Float8Matmul(fp8_format, 0, wgrad=False), x, w, b, g)
+    theirs = _forward_backward(_torchao_matmul(fp8_format, wgrad=False), x, w, b, g)
+    for name, a, t in zip(("output", "x.grad", "w.grad", "b.grad"), ours, theirs):
+        torch.testing.assert_close(a, t, rtol=1e-5, atol=0, msg=name)
+    assert torch.equal(ours[2], g.t() @ x)
+    fp8_wgrad = _forward_backward(Float8Matmul(fp8_format, 0), x, w, b, g)
+    assert torch.equal(ours[1], fp8_wgrad[1]) and not torch.equal(ours[2], fp8_wgrad[2])
 
 
 @pytest.mark.parametrize("fp8_format", FORMATS)
@@ -186,6 +201,8 @@ def test_tiny_model_trains_in_fp8(fp8_format, recipe):
     assert _fp8_layers(model) == {0: True, 1: True}
     assert {m.matmul.recipe for m in model.modules() if isinstance(m, LINEARS)
             and isinstance(m.matmul, Float8Matmul)} == {recipe}
+    assert all(m.matmul.wgrad for m in model.modules() if isinstance(m, LINEARS)
+               and isinstance(m.matmul, Float8Matmul))
     assert model.output_layer.matmul is F.linear and not _outside_the_layers_in_fp8(model)
     losses = trainer.train().losses
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
@@ -246,6 +263,13 @@ def test_grouped_fp8_experts_make_no_host_sync():
         assert bool(guard.records) == (not grouped), report(guard.records)
 
 
+def test_no_fp8_wgrad_reaches_every_dense_layer():
+    model = make_trainer(*RUN, "--fp8-format", "hybrid", "--no-fp8-wgrad").model.module
+    matmuls = [m.matmul for m in model.modules() if isinstance(m, LINEARS)
+               and isinstance(m.matmul, Float8Matmul)]
+    assert len(matmuls) >= 8 and not any(m.wgrad for m in matmuls)
+
+
 @pytest.mark.parametrize("last_in_bf16", [False, True])
 def test_multi_token_prediction_layer_in_fp8_as_the_last_layer(last_in_bf16):
     """An MTP depth's transformer layer computes in FP8 unless the last layer is kept out;
@@ -279,6 +303,19 @@ def _refused(*flags) -> str:
     message = str(info.value)
     assert "\n" not in message
     return message
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--fp8-amax-history-len", "1024"], "delayed FP8 scaling"),
+    (["--fp8-amax-compute-algo", "max"], "delayed FP8 scaling"),
+    (["--fp8-param-gather"], "FP8 is compute only")])
+def test_megatron_fp8_flags_paratron_lacks_are_refused(flags, says):
+    message = _refused("--fp8-format", "hybrid", *flags)
+    assert message.startswith(flags[0]) and says in message and "drop the flag" in message
+
+
+def test_deprecated_fp8_interval_is_accepted():
+    parse_args(BASE + RUN + ["--fp8-format", "hybrid", "--fp8-interval", "1"])
 
 
 def test_missing_torchao_names_the_install_command(monkeypatch):
