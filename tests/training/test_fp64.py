@@ -3,7 +3,8 @@
 The model and its gradient buffers are float64 and the optimizer steps fp32 main weights
 and fp32 Adam moments, as it does for bf16; nothing on the way rounds to fp32 (the loss
 and its gradient stay fp64). A run trains like the fp32 one, resumes bit-identically, and
-checkpoints move between fp64 and fp32 runs. The multi-process proof that layouts then
+checkpoints move between fp64 and fp32 runs; an fp64 checkpoint exports to Hugging Face
+in float64, which transformers reads. The multi-process proof that layouts then
 agree bit for bit, FP8 included, is in tests/training/test_fp8_parallel.py and
 tests/parallel/test_fp8_moe.py.
 """
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from paratron.cli.args import parse_args
+from paratron.cli.convert import main as convert
 from paratron.options import ConfigError
 from paratron.parallel.cross_entropy import chunked_vocab_parallel_cross_entropy
 from tests.helpers.training import make_trainer
@@ -92,3 +94,24 @@ def test_checkpoints_move_in_and_out_of_fp64(tmp_path, saved, loaded):
         assert torch.equal(weight.float(), want[name].float()), name
     losses = second.train().losses
     assert len(losses) == 3 and all(map(np.isfinite, losses))
+
+
+def test_fp64_checkpoint_exports_to_hugging_face_in_float64(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    llama = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+             "--disable-bias-linear", "--untie-embeddings-and-output-weights"]
+    trainer = make_trainer(*RUN, *llama, "--fp64", "--save", str(tmp_path / "run"),
+                           "--save-interval", "6")
+    trainer.train()
+    export = tmp_path / "hf"
+    assert convert(["--model-type", "GPT", "--loader", "paratron", "--saver", "hf",
+                    "--load-dir", str(tmp_path / "run"), "--save-dir", str(export)]) == 0
+    config = (export / "config.json").read_text()
+    assert '"torch_dtype": "float64"' in config
+    tensors = {k: v for f in export.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert {t.dtype for t in tensors.values()} == {torch.float64}
+    ours = trainer.model.module.embedding.word_embeddings.weight.detach()
+    assert torch.equal(tensors["model.embed_tokens.weight"], ours[:100])
+    model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float64)
+    assert next(model.parameters()).dtype == torch.float64
