@@ -133,11 +133,12 @@ class MixedPrecisionOptimizer:
         self.segments = [s for model in self.models for s in build_segments(model)]
         if o.optimizer_cpu_offload:
             offload_segments(self.segments, o.optimizer_offload_fraction)
+        self.offloaded = [s for s in self.segments if s.host_grad is not None]
         for s in self.segments:  # fp64 gradients (--fp64) step fp32 main weights
             if s.host_grad is None and s.grad.dtype != torch.float32:
                 s.host_grad = torch.empty(s.grad.shape, dtype=torch.float32,
                                           device=s.grad.device)
-        self.offloaded = [s for s in self.segments if s.host_grad is not None]
+        self.staged = [s for s in self.segments if s.host_grad is not None]
         # From the config, not this rank's weights: every rank must join the same sums,
         # also a pipeline stage that happens to hold no MoE layer.
         self.has_experts = bool(self.models[0].module.config.num_experts)
@@ -215,7 +216,7 @@ class MixedPrecisionOptimizer:
             return StepReport(False, None, None, values)
         if self.config.clip_grad > 0 and norm > self.config.clip_grad:
             torch._foreach_mul_(grads, self.config.clip_grad / (norm + 1e-6))
-        self._stage_offloaded_grads()
+        self._stage_grads()
         for s in self.segments:
             s.main.grad = s.grad if s.host_grad is None else s.host_grad
         self.optimizer.step()
@@ -231,14 +232,13 @@ class MixedPrecisionOptimizer:
             group["lr"] = self.schedule.lr_at(self.steps)
         return StepReport(True, norm, int(zeros) if count_zeros else None, values)
 
-    def _stage_offloaded_grads(self) -> None:
-        """Copy the offloaded segments' (unscaled, clipped) gradients to the CPU and make
+    def _stage_grads(self) -> None:
+        """Fill the fp32 gradient copies the step reads (an offloaded segment's on the
+        CPU, an fp64 gradient's beside it) with the unscaled, clipped gradients, and make
         every state tensor live where its main weights do."""
         if self.offloaded or self.fused:
             self._place_state()
-        if not self.offloaded:
-            return
-        for s in self.offloaded:
+        for s in self.staged:
             s.host_grad.copy_(s.grad, non_blocking=s.host_grad.is_pinned())
         if any(s.grad.is_cuda for s in self.offloaded):
             torch.cuda.current_stream(self.offloaded[0].grad.device).synchronize()
