@@ -29,14 +29,21 @@ def core_attention(q, k, v, attention_mask, dropout_p: float, scale: float) -> t
 
     attention_mask, when given, is boolean [b, 1, s, s] with True where attention is
     allowed (packed documents, --reset-attention-mask); it already includes causality.
+    A value head narrower than the query's (MLA) is padded with zeros to its width, as
+    Hugging Face's DeepSeek does for flash attention: the fused kernels take one head
+    width (torch's inductor also mis-fuses the unfused form), and the padding's output
+    columns, zeros, are dropped.
     """
+    width = v.shape[-1]
+    if width < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - width))
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attention_mask, dropout_p=dropout_p,
         is_causal=attention_mask is None, scale=scale,
         enable_gqa=k.shape[1] != q.shape[1])
     s, b = out.shape[2], out.shape[0]
-    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+    return out[..., :width].permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
 def attend(module: nn.Module, q, k, v, attention_mask) -> torch.Tensor:

@@ -60,12 +60,18 @@ def check_fp8(m) -> None:
         raise ConfigError(f"--fp8-format needs torchao: {INSTALL}")
 
 
-def _torchao():
-    """torchao's float8 pieces. Three harmless warnings are silenced: torchao's optional
-    CUDA kernels that do not load here, torch's note on torchao's enum, and inductor's
-    compile cache, which cannot hash torchao's float8 tensors (it compiles uncached)."""
+def _import_torchao() -> None:
+    """Import torchao outside any torch.compile trace, where `_torchao` then only looks
+    it up. Three harmless warnings are silenced: torchao's optional CUDA kernels that do
+    not load here, torch's note on torchao's enum, and inductor's compile cache, which
+    cannot hash torchao's float8 tensors (it compiles uncached)."""
     for name in ("torchao", "torch.utils._pytree", "torch._inductor.codecache"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    _torchao()
+
+
+def _torchao():
+    """torchao's float8 pieces (imported by `_import_torchao`)."""
     from torchao.float8 import float8_linear, float8_training_tensor, float8_utils
     return float8_linear, float8_training_tensor, float8_utils
 
@@ -187,6 +193,7 @@ class Float8Matmul:
     mm_configs: dict = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):  # made here, outside any torch.compile trace
+        _import_torchao()
         config = torchao_config(self.fp8_format, self.recipe, self.wgrad)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "mm_configs", {
@@ -312,7 +319,7 @@ def enable_fp8(layers: list[tuple[str, nn.Module]], config, pg) -> None:
 
     if config.fp8 is None:
         return
-    _torchao()  # imported here, never first inside a torch.compile trace
+    _import_torchao()
     tp = (pg.tp.group,) if pg.tp.size > 1 else ()
     cp = (pg.cp.group,) if pg.cp.size > 1 else ()
     etp = (pg.etp.group,) if pg.etp.size > 1 else ()

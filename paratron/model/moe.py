@@ -292,14 +292,17 @@ def grouped_mm_supported(rows: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM runs `rows` against `weights` [experts, out, in] with
     its own kernel: on CUDA for bf16 on Hopper and Blackwell (elsewhere torch loops over
     the groups after copying the offsets to the host, a sync), on the CPU for fp32 and
-    bf16; in both with every row stride a multiple of 16 bytes."""
+    bf16 (only bf16 inside a torch.compile trace: its shape function takes no other
+    dtype); in both with every row stride a multiple of 16 bytes."""
     if grouped_mm_fn() is None:
         return False
     if rows.device.type == "cuda":
         native = (rows.dtype == torch.bfloat16
                   and torch.cuda.get_device_capability(rows.device)[0] in (9, 10))
     else:
-        native = rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.bfloat16)
+        dtypes = (torch.bfloat16,) if torch.compiler.is_compiling() else (torch.float32,
+                                                                           torch.bfloat16)
+        native = rows.device.type == "cpu" and rows.dtype in dtypes
     align = 16 // rows.element_size()
     return native and all(w.shape[1] % align == 0 and w.shape[2] % align == 0
                           for w in weights)

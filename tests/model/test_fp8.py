@@ -11,6 +11,7 @@ FP8 run resumes bit-identically, and checkpoints move in and out of FP8.
 import dataclasses
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,6 +284,25 @@ def test_multi_token_prediction_layer_in_fp8_as_the_last_layer(last_in_bf16):
     assert {isinstance(m.matmul, Float8Matmul) for m in linears} == {not last_in_bf16}
     assert depth.eh_proj.matmul is F.linear
     assert all(map(torch.isfinite, torch.tensor(trainer.train().losses)))
+
+
+NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0"]  # compiled RNG differs
+RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform",
+             "--recompute-num-layers", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [[], MLA_MOE], ids=["dense", "mla_moe"])
+def test_fp8_compiles_and_recomputes(model):
+    """FP8 layers under --torch-compile (inductor, whole layers) train within rtol 1e-5 of
+    eager, and under full recompute exactly like it (the recomputed inputs cast alike).
+    The MLA + MoE model also compiles its attention (a value head narrower than the
+    query's) and its experts."""
+    flags = [*RUN, *NO_DROPOUT, *model, "--fp8-format", "hybrid", "--num-layers", "1"]
+    eager = make_trainer(*flags).train().losses
+    assert make_trainer(*flags, *RECOMPUTE).train().losses == eager
+    compiled = make_trainer(*flags, "--torch-compile").train().losses
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5)
 
 
 @pytest.mark.parametrize("start,end,chosen", [(1, 1, {1, 2}), (2, 1, {2}), (0, 2, {0, 1})])
