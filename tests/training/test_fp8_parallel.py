@@ -1,6 +1,7 @@
 """FP8 scales do not depend on the layout: a dense Llama trained in FP8 at TP2 with
 sequence parallelism, PP2, CP2 and TP2 x CP2 casts with the one-process run's scales and
-trains like it over 10 iterations (fp32 main weights, CPU, gloo).
+trains like it over 10 iterations (fp32 main weights, CPU, gloo); so do PP2 with virtual
+stages and DP2 with the distributed optimizer and full recompute.
 
 With --fp64 (float64 weights, gradients and compute; fp32 main weights and Adam state)
 sums split over ranks agree with whole ones to ~1e-16, so no FP8 rounding can go another
@@ -48,7 +49,15 @@ PARALLEL = {  # world, (tp, pp, cp), flags
     "pp2": (2, (1, 2, 1), ["--pipeline-model-parallel-size", "2"]),
     "cp2": (2, (1, 1, 2), ["--context-parallel-size", "2"]),
     "tp2_sp_cp2": (4, (2, 1, 2), TP2_SP + ["--context-parallel-size", "2"]),
+    "pp2_vpp2": (2, (1, 2, 1), ["--pipeline-model-parallel-size", "2",
+                                "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "dp2_distopt_recompute": (2, (1, 1, 1), [
+        "--use-distributed-optimizer", "--recompute-granularity", "full",
+        "--recompute-method", "uniform", "--recompute-num-layers", "1"]),
 }
+# Where each rank casts tensors of the one-process run's micro-batches (split or whole),
+# so its first step's amaxes are the one-process ones.
+SAME_CASTS = {"tp2_sp", "cp2", "tp2_sp_cp2"}
 E4M3, FP64, ROWWISE = ["--fp8-format", "e4m3"], ["--fp64"], ["--fp8-recipe", "rowwise"]
 RUNS = {  # name: parallel layout, flags of the run (and its reference), weights' atol
     "tp2_sp": ("tp2_sp", [], 5e-5),
@@ -56,7 +65,9 @@ RUNS = {  # name: parallel layout, flags of the run (and its reference), weights
     "pp2": ("pp2", [], 1e-6),
     "cp2": ("cp2", [], 5e-5),
     "tp2_sp_cp2": ("tp2_sp_cp2", [], 5e-5),
-    **{f"fp64_{name}": (name, FP64, 0.0) for name in PARALLEL},
+    **{f"fp64_{name}": (name, FP64, 0.0) for name in ("tp2_sp", "pp2", "cp2", "tp2_sp_cp2",
+                                                      "dp2_distopt_recompute")},
+    "fp64_pp2_vpp2": ("pp2_vpp2", FP64 + ["--num-layers", "4"], 0.0),
     "fp64_tp2_sp_e4m3": ("tp2_sp", FP64 + E4M3, 0.0),
     "fp64_tp2_sp_rowwise": ("tp2_sp", FP64 + ROWWISE, 0.0),
     "fp64_cp2_rowwise": ("cp2", FP64 + ROWWISE, 0.0),
@@ -113,9 +124,8 @@ def test_fp8_equals_single_process(references, run):
     for losses, rank_weights, amaxes in run_distributed(world, _rank, FLAGS + flags + parallel,
                                                         sizes, timeout=240):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-        # A pipeline stage casts its own layers' tensors, none split; row-wise scales
-        # belong to the rank's own rows.
-        if layout != "pp2" and ROWWISE != flags[-2:]:
+        # Row-wise scales belong to the rank's own rows.
+        if layout in SAME_CASTS and ROWWISE != flags[-2:]:
             for got, want in zip(amaxes[:first_step], ref_amaxes[:first_step]):
                 np.testing.assert_allclose(got, want, rtol=1e-6)
         weights.update(rank_weights)
