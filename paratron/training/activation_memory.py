@@ -125,6 +125,10 @@ def _attention_saved(m, pg: ProcessGroups, a: ActivationShape, core_recomputed: 
         kv_heads, k_dim = heads, q_dim
         q = k = w * T * heads * q_dim                       # [nope, rope] concatenated
         v = w * T * heads * (m.qk_head_dim + v_dim)         # the kv up-projection
+        if v_dim < q_dim and pg.cp.size == 1:
+            # SDPA pads v to the query's width (a copy; the up-projection is freed)
+            # and keeps its padded output beside linear_proj's narrower input.
+            v = 2 * w * T * heads * q_dim
     else:
         d, g = m.kv_channels, m.num_query_groups
         kv_heads = 1 if g < t else g // t

@@ -165,6 +165,8 @@ def state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0,
                 out.weights += sum(p.nbytes for p in model.module.parameters())
             out.grads += sum(buf.data.nbytes for buf in model.buffers)
             segments = build_segments(model)
+            out.grads += sum(s.grad.numel() * FP32 for s in segments  # --fp64's fp32 copy
+                             if s.grad.dtype != torch.float32)
             out.main_weights += sum(s.main.nbytes for s in segments
                                     if s.main is not s.model_view)
             out.optimizer_moments += moments * sum(s.grad.numel() for s in segments)
@@ -252,7 +254,8 @@ def minimum_rank_bytes(cfg: Config, pp_rank: int = 0, device: str = "cuda") -> i
     state = moment_bytes(cfg.optimizer) + (FP32 if width != FP32 else 0)
     if cfg.parallel.use_distributed_optimizer:
         state /= pg.dp_cp.size
-    return int(elements * (width + max(width, FP32) + state) + activations * in_flight)
+    grads = max(width, FP32) + (FP32 if width > FP32 else 0)  # --fp64: an fp32 copy too
+    return int(elements * (width + grads + state) + activations * in_flight)
 
 
 def device_memory_bytes(device: str) -> int:

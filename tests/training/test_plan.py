@@ -32,6 +32,9 @@ MLA_MOE = LLAMA[:6] + ("--hidden-dropout 0 --multi-latent-attention --kv-lora-ra
                        "--moe-ffn-hidden-size 32 --moe-shared-expert-intermediate-size 48 "
                        "--moe-layer-freq ([0]+[1]*1) --moe-router-pre-softmax "
                        "--moe-aux-loss-coeff 0.01").split()
+# MLA whose value head is narrower than its query head (as DeepSeek's): padded for SDPA.
+NARROW_V = [("8" if prev == "--v-head-dim" else flag)
+            for prev, flag in zip([None] + MLA_MOE, MLA_MOE)]
 FULL_RECOMPUTE = ("--recompute-granularity full --recompute-method uniform "
                   "--recompute-num-layers 1").split()
 
@@ -61,9 +64,10 @@ def test_fp32_has_no_main_weight_copies():
 
 
 @pytest.mark.parametrize("flags", [LLAMA, LLAMA + FULL_RECOMPUTE, GPT2, GPT2 + FULL_RECOMPUTE,
-                                   MLA_MOE, MLA_MOE + FULL_RECOMPUTE],
+                                   MLA_MOE, MLA_MOE + FULL_RECOMPUTE, NARROW_V],
                          ids=["llama", "llama-full-recompute", "gpt2-dropout",
-                              "gpt2-full-recompute", "mla-moe", "mla-moe-full-recompute"])
+                              "gpt2-full-recompute", "mla-moe", "mla-moe-full-recompute",
+                              "mla-narrow-v"])
 def test_saved_activation_estimate(flags):
     trainer = _trainer(*flags)
     measured = measured_saved_bytes(trainer)
