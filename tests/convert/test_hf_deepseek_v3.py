@@ -28,8 +28,9 @@ from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
 from paratron.convert.hf_source import read_hf_folder  # noqa: E402
 from paratron.model.config import moe_layer_pattern  # noqa: E402
-from tests.helpers.hf_utils import (VOCAB, max_logit_diff, one_line_error, randomize,
-                                    saved_once, few_threads)  # noqa: F401 - an autouse fixture
+from tests.helpers.hf_utils import (VOCAB, copy_model, edit_config, max_logit_diff,
+                                    one_line_error, randomize, saved_once,
+                                    few_threads)  # noqa: F401 - an autouse fixture
 
 MLA = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
            max_position_embeddings=128, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -68,20 +69,6 @@ def _hf_model(overrides: dict):
 def saved(tmp_path_factory):
     """case -> (transformers model, folder), built once."""
     return saved_once(tmp_path_factory, lambda case: _hf_model(CASES[case]))
-
-
-def _edit_config(folder, **changes):
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
-def _copy(folder, tmp_path):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        (tmp_path / name).write_bytes((folder / name).read_bytes())
-    return tmp_path
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -174,8 +161,8 @@ def test_kimi_k2_model_type(saved, tmp_path):
     """Kimi-K2's config.json calls DeepSeek-V3's architecture kimi_k2; written back, it
     keeps the name."""
     hf_model, folder = saved("no_q_lora_one_group_yarn")
-    folder = _copy(folder, tmp_path / "in")
-    _edit_config(folder, model_type="kimi_k2")
+    folder = copy_model(folder, tmp_path / "in")
+    edit_config(folder, model_type="kimi_k2")
     _, model = load_hf_model(folder)
     assert max_logit_diff(hf_model, model) < 1e-5
     source = read_hf_folder(folder)
@@ -220,8 +207,8 @@ def test_saver_writes_deepseek_v3(saved, tmp_path):
      "weight_block_size"),
 ])
 def test_unrepresentable_config_is_refused(changes, fragment, saved, tmp_path):
-    folder = _copy(saved("q_lora_node_limited")[1], tmp_path)
-    _edit_config(folder, **changes)
+    folder = copy_model(saved("q_lora_node_limited")[1], tmp_path)
+    edit_config(folder, **changes)
     one_line_error(folder, fragment)
 
 
@@ -321,7 +308,7 @@ def test_fp8_checkpoint_saves_without_quantization(fp8_folders, tmp_path):
 
 
 def test_fp8_scale_of_wrong_shape_is_refused(fp8_folders, tmp_path):
-    folder = _copy(fp8_folders[0], tmp_path)
+    folder = copy_model(fp8_folders[0], tmp_path)
     tensors = load_file(folder / "model.safetensors")
     name = "model.layers.1.mlp.shared_experts.up_proj.weight_scale_inv"
     tensors[name] = tensors[name][:, :1].contiguous()
@@ -330,7 +317,7 @@ def test_fp8_scale_of_wrong_shape_is_refused(fp8_folders, tmp_path):
 
 
 def test_fp8_without_quantization_config_is_refused(fp8_folders, tmp_path):
-    folder = _copy(fp8_folders[0], tmp_path)
+    folder = copy_model(fp8_folders[0], tmp_path)
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]
     (folder / "config.json").write_text(json.dumps(config))

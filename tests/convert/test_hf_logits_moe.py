@@ -10,7 +10,6 @@ initial values so that a swapped expert, gate/up half or norm cannot go unnotice
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -21,8 +20,9 @@ transformers = pytest.importorskip("transformers")
 from paratron.model.config import moe_layer_pattern  # noqa: E402
 from paratron.convert.hf_loader import load_hf_model  # noqa: E402
 from paratron.convert.hf_mapping import to_hf_state_dict  # noqa: E402
-from tests.helpers.hf_utils import (VOCAB, max_logit_diff, one_line_error, randomize,
-                                    saved_once, few_threads)  # noqa: F401 - an autouse fixture
+from tests.helpers.hf_utils import (VOCAB, copy_model, edit_config, max_logit_diff,
+                                    one_line_error, randomize, saved_once,
+                                    few_threads)  # noqa: F401 - an autouse fixture
 
 TINY = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)
 MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
@@ -148,19 +148,6 @@ def test_deepseek_config_fields(saved):
     assert (config.moe_router_num_groups, config.moe_router_group_topk) == (4, 2)
 
 
-def _edit_config(folder, **changes):
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
-def _copy(folder, tmp_path):
-    for name in ("config.json", "model.safetensors"):
-        (tmp_path / name).write_bytes((folder / name).read_bytes())
-    return tmp_path
-
-
 @pytest.mark.parametrize("case, changes, fragment", [
     ("deepseek_v2_default_rope_tied", dict(norm_topk_prob=True), "norm_topk_prob"),
     ("deepseek_v2_default_rope_tied", dict(topk_method="noaux_tc"), "noaux_tc"),
@@ -175,13 +162,13 @@ def _copy(folder, tmp_path):
     ("qwen3_moe_renormalised_sparse_step", dict(use_sliding_window=True), "sliding"),
 ])
 def test_unrepresentable_config_is_refused(case, changes, fragment, saved, tmp_path):
-    folder = _copy(saved(case)[1], tmp_path)
-    _edit_config(folder, **changes)
+    folder = copy_model(saved(case)[1], tmp_path)
+    edit_config(folder, **changes)
     one_line_error(folder, fragment)
 
 
 def test_missing_expert_names_it(saved, tmp_path):
-    folder = _copy(saved("qwen3_moe_renormalised_sparse_step")[1], tmp_path)
+    folder = copy_model(saved("qwen3_moe_renormalised_sparse_step")[1], tmp_path)
     path = folder / "model.safetensors"
     tensors = load_file(path)
     del tensors["model.layers.3.mlp.experts.5.up_proj.weight"]
@@ -191,14 +178,14 @@ def test_missing_expert_names_it(saved, tmp_path):
 
 
 def test_expert_count_mismatch_names_it(saved, tmp_path):
-    folder = _copy(saved("mixtral")[1], tmp_path)
-    _edit_config(folder, num_local_experts=3)
+    folder = copy_model(saved("mixtral")[1], tmp_path)
+    edit_config(folder, num_local_experts=3)
     one_line_error(folder, "model.safetensors:", "block_sparse_moe.gate.weight", "[4, 64]",
                     "[3, 64]")
 
 
 def test_leftover_expert_names_it(saved, tmp_path):
-    folder = _copy(saved("mixtral")[1], tmp_path)
+    folder = copy_model(saved("mixtral")[1], tmp_path)
     path = folder / "model.safetensors"
     tensors = load_file(path)
     for w in ("w1", "w2", "w3"):

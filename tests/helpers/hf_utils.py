@@ -1,5 +1,7 @@
 """Tiny random Hugging Face models and logit comparison, shared by the conversion tests."""
 
+import json
+
 import pytest
 import torch
 
@@ -68,3 +70,19 @@ def few_threads():
     torch.set_num_threads(min(threads, 4))
     yield
     torch.set_num_threads(threads)
+
+
+def copy_model(folder, dest):
+    """A copy of a saved model's config.json and model.safetensors in `dest` (made)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        (dest / name).write_bytes((folder / name).read_bytes())
+    return dest
+
+
+def edit_config(folder, **changes):
+    """Set keys of a saved model's config.json."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
