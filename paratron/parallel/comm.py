@@ -13,10 +13,15 @@ import torch
 import torch.distributed as dist
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of `dtype` values are taken in: fp32 for 16-bit and fp32 values,
+    fp64 for fp64 ones (the --fp64 check mode, which must not round anywhere to fp32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def wide(t: torch.Tensor) -> torch.Tensor:
-    """`t` in the dtype its sums are taken in: fp32 for 16-bit and fp32 values, fp64 for
-    fp64 ones (the --fp64 check mode, which must not round anywhere to fp32)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    """`t` in its `wide_dtype`."""
+    return t.to(wide_dtype(t.dtype))
 
 
 def group_size(group) -> int:

@@ -25,7 +25,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from paratron.parallel.comm import wide
+from paratron.parallel.comm import wide, wide_dtype
 from paratron.parallel.process_groups import ProcessGroups
 
 
@@ -79,7 +79,7 @@ def _chunk_functions(compile_backend: str | None):
 def _whole_vocabulary(logits, local, hit, grad, chunk_tokens: int) -> torch.Tensor:
     """One rank holds the whole vocabulary: torch's log-softmax kernel does the max, shift,
     exp and sum of a chunk in one pass, and its exponential is the softmax."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
+    dtype = wide_dtype(logits.dtype)
     loss = torch.empty(logits.shape[:-1], dtype=dtype, device=logits.device)
     for part in _chunks(logits, chunk_tokens):
         log_probs = torch.log_softmax(logits[..., part, :], dim=-1, dtype=dtype)
@@ -127,7 +127,7 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         local = target - vocab_start
         outside = (local < 0) | (local >= logits.shape[-1]) | (target == ignore_index)
         local = local.masked_fill(outside, 0)
-        hit = (~outside).to(torch.promote_types(logits.dtype, torch.float32))
+        hit = (~outside).to(wide_dtype(logits.dtype))
         ignored = target == ignore_index
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         if group is None:

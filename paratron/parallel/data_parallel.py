@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from paratron.parallel.comm import all_gather_into, reduce_scatter_into
+from paratron.parallel.comm import all_gather_into, reduce_scatter_into, wide_dtype
 from paratron.parallel.process_groups import ProcessGroups
 from paratron.parallel.sharding import layout_of
 
@@ -78,8 +78,7 @@ class GradBuffer:
         self.numel = offset
         for bucket in self.buckets:
             bucket.buffer = self  # the buffer (data, group) a bucket is a range of
-        self.data = torch.zeros(self.numel, device=device,
-                                dtype=torch.promote_types(params[0].dtype, torch.float32))
+        self.data = torch.zeros(self.numel, dtype=wide_dtype(params[0].dtype), device=device)
         self.param_data = None
         if keep_params_contiguous:
             self.param_data = torch.zeros(self.numel, dtype=params[0].dtype, device=device)
